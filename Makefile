@@ -1,0 +1,99 @@
+# walbust — build, test, demo.  `make V=1` shows the full commands.
+
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+BUILD   ?= build
+PKGS     = libpq hiredis libcjson
+WARN     = -std=c11 -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror
+CPPFLAGS += -D_GNU_SOURCE -Icdc -I$(BUILD)/gen $(shell pkg-config --cflags $(PKGS))
+LDLIBS  += $(shell pkg-config --libs $(PKGS)) -lm
+CMOCKA_LIBS = $(shell pkg-config --libs cmocka)
+
+ifeq ($(V),1)
+Q =
+else
+Q = @
+endif
+
+VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
+
+# Pure modules: no I/O, unit-tested with cmocka.
+PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
+# Modules that talk to servers or the OS.
+IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
+            cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c
+MAIN_SRC  = cdc/main.c
+GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
+
+LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
+            $(BUILD)/obj/redis_scripts.o
+MAIN_OBJ  = $(BUILD)/obj/main.o
+
+UNIT_TESTS = pgo rules redisurl change lsn
+UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
+
+.PHONY: all deps test unit e2e sqltest asan demo clean format bench
+all: $(BUILD)/walbust
+
+deps:
+	$(Q)scripts/deps
+
+$(BUILD)/walbust: $(LIB_OBJS) $(MAIN_OBJ)
+	@echo "  LD      $@"
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/obj/%.o: cdc/%.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CPPFLAGS) -DWALBUST_VERSION='"$(VERSION)"' $(CFLAGS) $(WARN) -MMD -MP -c -o $@ $<
+
+# Redis-side Lua scripts are shipped under redis/ and embedded as C strings.
+$(BUILD)/gen/redis_scripts.c: redis/tag_invalidate.lua scripts/embed
+	@mkdir -p $(dir $@)
+	@echo "  GEN     $@"
+	$(Q)scripts/embed $@ redis/tag_invalidate.lua:redis_tag_invalidate_lua
+
+$(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $<"
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) -c -o $@ $<
+
+# One cmocka binary per pure module, linked against the same objects.
+$(BUILD)/tests/test_pgo: $(BUILD)/obj/pgo.o
+$(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/jsonpos.o
+$(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
+$(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
+$(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
+$(BUILD)/tests/test_%: tests/unit/test_%.c
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	$(Q)$(CC) $(CPPFLAGS) -DSOURCE_DIR='"$(CURDIR)"' $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
+
+unit: $(UNIT_BINS)
+	$(Q)set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+
+# Everything: unit tests, then pgTAP and end-to-end tests on a local stack.
+test: deps $(BUILD)/walbust unit
+	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust tests/run
+
+e2e sqltest: deps $(BUILD)/walbust
+	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust tests/run $@
+
+ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+asan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/asan CFLAGS="$(ASAN_FLAGS)" \
+	    LDFLAGS="-fsanitize=address,undefined" test
+
+demo: deps $(BUILD)/walbust
+	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust scripts/demo
+
+bench: deps $(BUILD)/walbust
+	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust bench/run
+
+format:
+	clang-format -i cdc/*.c cdc/*.h tests/unit/*.c
+
+clean:
+	rm -rf build
+
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/tests/*.d)

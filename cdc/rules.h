@@ -1,0 +1,167 @@
+/*
+ * rules.h — the rules engine: compiled invalidation rules and rendering.
+ *
+ * A rules file (JSON, see rules/walbust.schema.json and docs/rules.md) is
+ * parsed once into compiled rules; cJSON is only the parser. For each row
+ * change the engine finds the rules for the table and event, applies the
+ * `changed` filter, renders key/pattern/tag/version templates from the right
+ * row image(s) and emits invalidations through a callback. Pure: no I/O, no
+ * logging, no exit. Errors are collected as RulesProblem entries with line
+ * and column where the file has them.
+ *
+ * Rendering (SPEC §1.7, §1.8, §3):
+ *  - `{col}` renders from the new row on insert, the old row on delete and
+ *    from both images on update (duplicates merged); `{new.col}`/`{old.col}`
+ *    pick one image; a template whose image does not exist for the event
+ *    (`{old.x}` on insert, `{new.x}` on delete) yields nothing.
+ *    `{{` and `}}` are literal braces.
+ *  - a SQL NULL value suppresses that rendering (no key).
+ *  - a value the change does not carry (RULES_VAL_MISSING) becomes `*` and
+ *    the key is emitted as a pattern with every other value and literal text
+ *    glob-escaped; RulesEvalStats.widened counts these.
+ *  - values inside pattern templates are glob-escaped (`*?[]\`).
+ *  - truncate: keys, patterns and tags widened in full and emitted as
+ *    patterns (tags as patterns over tag set names, RULES_INV_TAG_PATTERN);
+ *    versions as RULES_INV_VERSION_PATTERN; one publish per channel.
+ */
+#ifndef WALBUST_RULES_H
+#define WALBUST_RULES_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum RulesOp {
+    RULES_INSERT = 1 << 0,
+    RULES_UPDATE = 1 << 1,
+    RULES_DELETE = 1 << 2,
+    RULES_TRUNCATE = 1 << 3,
+} RulesOp;
+
+/* What the sink must do with one rendered string. */
+typedef enum RulesInvAction {
+    RULES_INV_KEY,             /* UNLINK (or DEL) the key */
+    RULES_INV_PATTERN,         /* SCAN MATCH pattern + UNLINK every match */
+    RULES_INV_TAG,             /* delete members of set `s` and the set */
+    RULES_INV_TAG_PATTERN,     /* every tag set matching `s`: as RULES_INV_TAG */
+    RULES_INV_VERSION,         /* INCR the key */
+    RULES_INV_VERSION_PATTERN, /* INCR every existing key matching `s` */
+    RULES_INV_PUBLISH,         /* PUBLISH channel `s` the payload */
+} RulesInvAction;
+
+typedef enum RulesValKind {
+    RULES_VAL_TEXT,    /* data/len hold PostgreSQL's text output */
+    RULES_VAL_NULL,    /* SQL NULL */
+    RULES_VAL_MISSING, /* not carried by the change (no old image, TOAST) */
+} RulesValKind;
+
+typedef struct RulesValue {
+    RulesValKind kind;
+    const char *data; /* borrowed; not NUL-terminated */
+    size_t len;
+} RulesValue;
+
+/* One row change as the rules engine sees it. All pointers are borrowed for
+ * the duration of rules_eval(). */
+typedef struct RulesChange {
+    const char *table;          /* "schema.table" */
+    RulesOp op;
+    size_t ncols;
+    const char *const *colnames; /* ncols names, in column order */
+    const RulesValue *old_vals;  /* ncols values, or NULL: no old image */
+    const RulesValue *new_vals;  /* ncols values, or NULL (delete) */
+    /* Publish payload fields. */
+    const char *lsn;             /* commit LSN as "X/X" */
+    uint32_t xid;
+    const char *commit_time;     /* RFC 3339 UTC */
+} RulesChange;
+
+/* Receives each invalidation. `s` is NUL-terminated and valid only during the
+ * call; for RULES_INV_PUBLISH, payload/payload_len is the JSON message, else
+ * NULL/0. */
+typedef void (*RulesEmitFn)(void *arg, RulesInvAction action, const char *s, size_t len,
+                            const char *payload, size_t payload_len);
+
+typedef struct RulesEvalStats {
+    unsigned matched;  /* rules that fired */
+    unsigned widened;  /* renderings widened to a pattern (SPEC §1.8) */
+    unsigned emitted;  /* invalidations emitted */
+} RulesEvalStats;
+
+/* One problem found while loading or checking rules. */
+typedef struct RulesProblem {
+    int line;   /* 1-based; 0 when not tied to a place in the file */
+    int column; /* 1-based; 0 when unknown */
+    char path[128];   /* JSON path, e.g. "rules[2].keys[0]"; "" when none */
+    char msg[384];
+} RulesProblem;
+
+typedef struct RulesProblems {
+    size_t count;
+    RulesProblem *items; /* owned; free with rules_problems_release() */
+} RulesProblems;
+
+void rules_problems_release(RulesProblems *p);
+
+typedef struct Rules Rules;
+
+/* Compile rules from JSON text (len bytes, need not be NUL-terminated).
+ * On success returns the rules and leaves *problems empty. On any problem
+ * returns NULL and fills *problems (all problems found, not just the
+ * first), each with line/column where known. Caller frees with rules_free()
+ * and rules_problems_release(). */
+Rules *rules_parse(const char *json, size_t len, RulesProblems *problems)
+    __attribute__((warn_unused_result));
+
+/* Free compiled rules. Accepts NULL. */
+void rules_free(Rules *r);
+
+/* Evaluate one change: emit every invalidation the rules produce for it.
+ * Returns the number of rules that matched. stats may be NULL. Never fails:
+ * out of memory aborts. Emits in rule order, keys before patterns, tags,
+ * versions, then publishes. Duplicate strings within one change are merged. */
+unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, void *arg,
+                    RulesEvalStats *stats);
+
+/* Does any rule name this table ("schema.table")? */
+bool rules_has_table(const Rules *r, const char *table);
+
+/* Number of distinct tables named, and the i-th ("schema.table"). */
+size_t rules_table_count(const Rules *r);
+const char *rules_table(const Rules *r, size_t i);
+
+/* defaults.delete: true when "del" was chosen instead of "unlink". */
+bool rules_use_del(const Rules *r);
+
+/* defaults.tag_prefix ("tag:" when not set). */
+const char *rules_tag_prefix(const Rules *r);
+
+/* What the database says about one table, for rules_check_catalog(). */
+typedef struct RulesTableInfo {
+    const char *table;            /* "schema.table" */
+    bool exists;
+    char replident;               /* 'd', 'n', 'f', 'i' */
+    size_t ncols;
+    const char *const *colnames;
+    const bool *identity;         /* ncols flags: column is in the replica identity */
+    bool in_publication;
+} RulesTableInfo;
+
+/* Check the rules against the live schema: tables and columns that do not
+ * exist, tables missing from the publication (named in the message), and
+ * `{col}`/`{old.col}` placeholders in rules firing on update or delete that
+ * need a non-identity column's old value (SPEC §1.7; the message names the
+ * table, the template and both fixes: `ALTER TABLE <t> REPLICA IDENTITY FULL`
+ * or `{new.col}`). lookup returns NULL for a table the caller knows nothing
+ * about (treated as not existing). Appends to *problems; returns the number
+ * of problems added. */
+typedef const RulesTableInfo *(*RulesLookupFn)(void *arg, const char *table);
+size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupFn lookup,
+                           void *arg, RulesProblems *problems);
+
+/* Append the glob-escaped form of s (each of `*?[]\` preceded by `\`) to
+ * out, which must have room for 2*len+1 bytes. Returns bytes written
+ * (excluding the NUL, which is written). */
+size_t rules_glob_escape(const char *s, size_t len, char *out);
+
+#endif

@@ -1,0 +1,93 @@
+/*
+ * sink.h — the Redis sink: batches invalidations and applies them.
+ *
+ * Invalidations are queued with sink_add() in commit order; sink_flush()
+ * applies the whole batch to Redis in one pipelined round trip (plus SCAN
+ * loops for patterns) and reports success only when every reply arrived and
+ * none was an error. A failed flush keeps the batch intact so the caller can
+ * retry it later (after sink_reconnect()); nothing is dropped.
+ *
+ * Within a batch, keys, patterns, tags and versions are deduplicated (each
+ * distinct string is applied once); publishes are never merged. Memory is
+ * bounded by the batch: the caller flushes when sink_full() says so, which
+ * is how a transaction of millions of rows is applied in chunks.
+ *
+ * Commands: keys → UNLINK (or DEL); patterns → SCAN MATCH + UNLINK;
+ * tags → EVAL of redis/tag_invalidate.lua (members and set, atomically);
+ * tag patterns → SCAN MATCH over set names, then as tags; versions → INCR;
+ * version patterns → SCAN MATCH + INCR each; publish → PUBLISH.
+ *
+ * The sink does not log; errors go to sink_errstr().
+ */
+#ifndef WALBUST_SINK_H
+#define WALBUST_SINK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "redisurl.h"
+#include "rules.h"
+
+typedef struct SinkConfig {
+    RedisUrl url;
+    int connect_timeout_ms;  /* default 2000 when 0 */
+    int command_timeout_ms;  /* default 5000 when 0; SCAN loops per call */
+    bool use_del;            /* DEL instead of UNLINK */
+    size_t max_ops;          /* sink_full() threshold; default 10000 */
+    size_t max_bytes;        /* sink_full() threshold; default 8 MiB */
+} SinkConfig;
+
+typedef struct SinkStats {
+    uint64_t keys, patterns, tags, versions, publishes; /* applied, cumulative */
+    uint64_t errors;         /* failed flushes */
+} SinkStats;
+
+typedef struct Sink Sink;
+
+/* Create a sink (not connected). Aborts on out of memory. cfg is copied. */
+Sink *sink_new(const SinkConfig *cfg);
+
+/* Free the sink, closing its connection. Accepts NULL. */
+void sink_free(Sink *s);
+
+/* (Re)connect: connect with the timeout, AUTH, SELECT db, PING.
+ * Returns 0 or -1 (sink_errstr() says why, never with the password). */
+int sink_connect(Sink *s) __attribute__((warn_unused_result));
+
+/* Is there a live connection? */
+bool sink_connected(const Sink *s);
+
+/* Queue one invalidation (see RulesEmitFn). Copies s and payload. */
+void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len,
+              const char *payload, size_t payload_len);
+
+/* Queue `SET key value` to run first in the next flush (the confirmed-LSN
+ * watermark, SPEC §7). Replaces a previously queued watermark. */
+void sink_set_watermark(Sink *s, const char *key, const char *value);
+
+/* Queued invalidations (after deduplication), not counting the watermark. */
+size_t sink_pending(const Sink *s);
+
+/* True when anything (invalidations or a watermark) waits for a flush. */
+bool sink_dirty(const Sink *s);
+
+/* Should the caller flush now to keep memory bounded? */
+bool sink_full(const Sink *s);
+
+/* Apply every queued command. Returns 0 when Redis acknowledged all of them
+ * (the batch is then cleared), -1 otherwise (batch kept; connection closed
+ * if it is unusable; sink_errstr() says what failed). Connects first when
+ * not connected. */
+int sink_flush(Sink *s) __attribute__((warn_unused_result));
+
+/* Change DEL/UNLINK choice (after a rules reload). */
+void sink_set_use_del(Sink *s, bool use_del);
+
+/* PING with the command timeout: 0 when Redis answers. */
+int sink_ping(Sink *s);
+
+const char *sink_errstr(const Sink *s);
+const SinkStats *sink_stats(const Sink *s);
+
+#endif
