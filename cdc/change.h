@@ -1,0 +1,53 @@
+/*
+ * change.h — turn decoded pgoutput row changes into rules-engine changes.
+ *
+ * This is where PostgreSQL's replica identity rules are interpreted (pure):
+ *  - an old tuple of kind 'K' carries only identity columns; the others are
+ *    sent as 'n' but are NOT NULL in the row: they become RULES_VAL_MISSING;
+ *  - an update without an old tuple did not change its identity columns, so
+ *    their old values equal the new ones; every other old value is missing
+ *    (this is why SPEC §1.7 refuses `{col}` on non-identity columns);
+ *  - an unchanged TOASTed value ('u') in the new tuple takes the old image's
+ *    value when the old image carries it (REPLICA IDENTITY FULL), else it is
+ *    missing (SPEC §1.8 widens it).
+ */
+#ifndef WALBUST_CHANGE_H
+#define WALBUST_CHANGE_H
+
+#include <stdint.h>
+
+#include "lsn.h"
+#include "pgo.h"
+#include "rules.h"
+
+/* Transaction facts from the Begin message, formatted once per transaction. */
+typedef struct ChangeTxn {
+    uint64_t final_lsn;
+    uint32_t xid;
+    int64_t commit_time;
+    char lsn_text[LSN_TEXT_MAX];
+    char time_text[PGTIME_TEXT_MAX];
+} ChangeTxn;
+
+/* Reusable value arrays (no allocation per change once grown). */
+typedef struct ChangeBuf {
+    RulesValue *old_vals;
+    RulesValue *new_vals;
+    size_t cap;
+} ChangeBuf;
+
+/* Fill txn from a Begin message. */
+void change_txn_begin(ChangeTxn *txn, const PgoMsg *begin);
+
+/* Build *out from an Insert, Update or Delete message. Values borrow the
+ * message's bytes; *out is valid until the next call with the same buf or
+ * until the message is released. Aborts on out of memory. */
+void change_from_pgo(ChangeBuf *buf, const ChangeTxn *txn, const PgoMsg *msg, RulesChange *out);
+
+/* Build *out for a truncate of rel (no images). */
+void change_truncate(const ChangeTxn *txn, const PgoRelation *rel, RulesChange *out);
+
+/* Free the arrays. */
+void change_buf_release(ChangeBuf *buf);
+
+#endif

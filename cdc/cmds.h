@@ -1,0 +1,24 @@
+/*
+ * cmds.h — the subcommands. Only main.c calls these; each returns the
+ * process exit code (0 ok, 1 runtime or configuration error, 2 usage).
+ */
+#ifndef WALBUST_CMDS_H
+#define WALBUST_CMDS_H
+
+#include <stdio.h>
+
+#include "opts.h"
+#include "rules.h"
+
+int cmd_run(const Config *cfg);
+int cmd_decode(const Config *cfg);
+int cmd_check(const Config *cfg);
+int cmd_setup(const Config *cfg);
+int cmd_status(const Config *cfg);
+
+/* Read and compile a rules file. On failure prints every problem as
+ * "FILE:LINE:COLUMN: message" (or "FILE: message") to report and returns
+ * NULL. (check_cmd.c) */
+Rules *cmd_load_rules(const char *path, FILE *report);
+
+#endif

@@ -1,0 +1,56 @@
+/*
+ * opts.h — command line and environment options (SPEC §2).
+ *
+ * Options are described by one table (opts.c): long name, environment
+ * variable, argument, default, the subcommands that accept it and the help
+ * text. `walbust --help` is generated from the same table, so usage and
+ * parsing cannot drift apart. A flag wins over its environment variable.
+ */
+#ifndef WALBUST_OPTS_H
+#define WALBUST_OPTS_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#define OPTS_MAX_REDIS 8
+
+typedef enum OptsCommand {
+    CMD_NONE,
+    CMD_RUN,
+    CMD_CHECK,
+    CMD_DECODE,
+    CMD_SETUP,
+    CMD_STATUS,
+    CMD_HELP,
+    CMD_VERSION,
+} OptsCommand;
+
+typedef struct Config {
+    OptsCommand command;
+    const char *pg;                     /* conninfo or URI; "" = libpq defaults */
+    const char *redis[OPTS_MAX_REDIS];  /* at least one after opts_parse() */
+    int nredis;
+    const char *rules;
+    const char *slot;
+    bool slot_given;                    /* --slot/WALBUST_SLOT set explicitly */
+    const char *publication;
+    bool create_slot;
+    const char *metrics;
+    const char *log_format;
+    const char *log_level;
+    const char *until;                  /* decode: stop at this LSN */
+    long max_changes;                   /* decode: stop after N changes; 0 = no limit */
+    bool json;                          /* status --json */
+    bool replica_identity_full;         /* setup */
+    const char *on_slot_lost;           /* run: fail (default) */
+} Config;
+
+/* Parse argv and the environment into *cfg. Returns 0 on success, 2 on a
+ * usage error (message already printed to stderr with a hint). Strings in
+ * cfg point into argv or the environment (no allocation). */
+int opts_parse(int argc, char **argv, Config *cfg) __attribute__((warn_unused_result));
+
+/* Print usage for the whole program (or one command when cmd != CMD_NONE). */
+void opts_usage(FILE *out, OptsCommand cmd);
+
+#endif

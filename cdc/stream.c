@@ -1,0 +1,658 @@
+/*
+ * stream.c — logical replication client over libpq (see stream.h).
+ *
+ * Wire details (PostgreSQL "Streaming Replication Protocol"): inside
+ * COPY BOTH, the server sends 'w' XLogData (start, end, send time, payload)
+ * and 'k' keepalives (end, send time, reply-requested); the client sends 'r'
+ * standby status updates (write, flush, apply, send time, reply-requested).
+ * All integers are big-endian.
+ */
+#include "stream.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "lsn.h"
+
+struct Stream {
+    StreamConfig cfg;
+    PGconn *conn;
+    bool streaming;
+    bool idle;
+    char *copybuf;          /* last PQgetCopyData buffer */
+    uint64_t confirmed;     /* flush position we report */
+    uint64_t received;
+    uint64_t server_end;
+    int64_t last_status_us; /* monotonic time of the last status update */
+    int server_version;
+    char desc[256];
+    char errstr[1024];
+};
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (p == NULL) {
+        fprintf(stderr, "walbust: out of memory\n");
+        abort();
+    }
+    return p;
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static uint64_t get_u64(const char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | (unsigned char)p[i];
+    return v;
+}
+
+static void put_u64(char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+Stream *stream_new(const StreamConfig *cfg)
+{
+    Stream *s = xcalloc(1, sizeof *s);
+    s->cfg = *cfg;
+    if (s->cfg.status_interval_ms <= 0)
+        s->cfg.status_interval_ms = 10000;
+    if (s->cfg.conninfo == NULL)
+        s->cfg.conninfo = "";
+    snprintf(s->desc, sizeof s->desc, "(not connected)");
+    return s;
+}
+
+void stream_close(Stream *s)
+{
+    if (s == NULL)
+        return;
+    if (s->copybuf != NULL) {
+        PQfreemem(s->copybuf);
+        s->copybuf = NULL;
+    }
+    if (s->conn != NULL) {
+        PQfinish(s->conn);
+        s->conn = NULL;
+    }
+    s->streaming = false;
+}
+
+void stream_free(Stream *s)
+{
+    if (s == NULL)
+        return;
+    stream_close(s);
+    free(s);
+}
+
+const char *stream_errstr(const Stream *s)
+{
+    return s->errstr;
+}
+
+PGconn *stream_conn(Stream *s)
+{
+    return s->conn;
+}
+
+uint64_t stream_confirmed(const Stream *s)
+{
+    return s->confirmed;
+}
+
+uint64_t stream_received(const Stream *s)
+{
+    return s->received;
+}
+
+uint64_t stream_server_end(const Stream *s)
+{
+    return s->server_end;
+}
+
+int stream_server_version(const Stream *s)
+{
+    return s->server_version;
+}
+
+const char *stream_describe(const Stream *s)
+{
+    return s->desc;
+}
+
+void stream_set_idle(Stream *s, bool idle)
+{
+    s->idle = idle;
+}
+
+void stream_describe_conn(PGconn *conn, char *buf, size_t len)
+{
+    const char *host = PQhost(conn);
+    const char *port = PQport(conn);
+    const char *db = PQdb(conn);
+    const char *user = PQuser(conn);
+
+    snprintf(buf, len, "%s:%s/%s as %s", host ? host : "?", port ? port : "?", db ? db : "?",
+             user ? user : "?");
+}
+
+/* Copy a libpq message, dropping the trailing newline. */
+static void pq_message(PGconn *conn, char *buf, size_t len)
+{
+    size_t n;
+    snprintf(buf, len, "%s", conn ? PQerrorMessage(conn) : "out of memory");
+    n = strlen(buf);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        buf[--n] = '\0';
+}
+
+static PGconn *open_conn(const char *conninfo, bool replication)
+{
+    const char *keys[] = {"dbname", "replication", "fallback_application_name", NULL};
+    const char *vals[] = {conninfo, replication ? "database" : NULL, "walbust", NULL};
+
+    if (!replication) {
+        keys[1] = "fallback_application_name";
+        vals[1] = "walbust";
+        keys[2] = NULL;
+    }
+    return PQconnectdbParams(keys, vals, /* expand_dbname= */ 1);
+}
+
+/* Where a failed connection was headed, without the password. */
+static void describe_target(const char *conninfo, char *buf, size_t len)
+{
+    PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+    const char *host = NULL, *port = NULL, *db = NULL;
+
+    if (opts != NULL) {
+        for (PQconninfoOption *o = opts; o->keyword != NULL; o++) {
+            if (o->val == NULL)
+                continue;
+            if (strcmp(o->keyword, "host") == 0 || (host == NULL && strcmp(o->keyword, "hostaddr") == 0))
+                host = o->val;
+            else if (strcmp(o->keyword, "port") == 0)
+                port = o->val;
+            else if (strcmp(o->keyword, "dbname") == 0)
+                db = o->val;
+        }
+    }
+    if (host == NULL)
+        host = getenv("PGHOST");
+    if (port == NULL)
+        port = getenv("PGPORT");
+    snprintf(buf, len, "%s:%s%s%s", host ? host : "(default socket)", port ? port : "5432",
+             db ? "/" : "", db ? db : "");
+    PQconninfoFree(opts);
+}
+
+PGconn *stream_plain_connect(const char *conninfo, char *err, size_t errlen)
+{
+    PGconn *conn = open_conn(conninfo ? conninfo : "", false);
+    char where[256], msg[768];
+
+    if (conn != NULL && PQstatus(conn) == CONNECTION_OK)
+        return conn;
+    describe_target(conninfo ? conninfo : "", where, sizeof where);
+    pq_message(conn, msg, sizeof msg);
+    snprintf(err, errlen, "could not connect to postgresql at %s: %s", where, msg);
+    PQfinish(conn);
+    return NULL;
+}
+
+/* Run a simple query expecting tuples (or a command); NULL on error with
+ * s->errstr set. */
+static PGresult *simple_query(Stream *s, const char *sql, ExecStatusType want)
+{
+    PGresult *res = PQexec(s->conn, sql);
+    char msg[768];
+
+    if (PQresultStatus(res) != want) {
+        pq_message(s->conn, msg, sizeof msg);
+        snprintf(s->errstr, sizeof s->errstr, "query failed on %s: %s (%s)", s->desc, msg, sql);
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* Identifiers go into replication commands, whose grammar has no E''
+ * strings: accept only what PostgreSQL itself accepts for slot names and
+ * plain lower-case identifiers for publications. */
+static bool valid_name(const char *name)
+{
+    if (name == NULL || *name == '\0' || strlen(name) > 63)
+        return false;
+    for (const char *p = name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_'))
+            return false;
+    return true;
+}
+
+static StreamStatus classify_connect_error(const char *msg)
+{
+    static const char *const fatal[] = {
+        "must be superuser or replication role",
+        "permission denied to start WAL sender",
+        "password authentication failed",
+        "no pg_hba.conf entry",
+        "does not exist", /* role or database */
+    };
+    for (size_t i = 0; i < sizeof fatal / sizeof fatal[0]; i++)
+        if (strstr(msg, fatal[i]) != NULL)
+            return STREAM_FATAL;
+    return STREAM_RETRY;
+}
+
+static StreamStatus check_wal_level(Stream *s)
+{
+    PGresult *res = simple_query(s, "SHOW wal_level", PGRES_TUPLES_OK);
+    const char *level;
+
+    if (res == NULL)
+        return STREAM_RETRY;
+    level = PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "";
+    if (strcmp(level, "logical") != 0) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "wal_level is \"%s\" on %s; logical replication needs wal_level=logical in "
+                 "postgresql.conf and a restart",
+                 level, s->desc);
+        PQclear(res);
+        return STREAM_FATAL;
+    }
+    PQclear(res);
+    return STREAM_OK;
+}
+
+static StreamStatus check_publication(Stream *s)
+{
+    char sql[256];
+    PGresult *res;
+    bool found;
+
+    snprintf(sql, sizeof sql, "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = '%s'",
+             s->cfg.publication);
+    res = simple_query(s, sql, PGRES_TUPLES_OK);
+    if (res == NULL)
+        return STREAM_RETRY;
+    found = PQntuples(res) == 1;
+    PQclear(res);
+    if (!found) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "publication \"%s\" does not exist in %s; create it with CREATE PUBLICATION %s "
+                 "FOR TABLE <tables in your rules>, or run walbust setup --rules FILE",
+                 s->cfg.publication, s->desc, s->cfg.publication);
+        return STREAM_FATAL;
+    }
+    return STREAM_OK;
+}
+
+static StreamStatus create_slot(Stream *s)
+{
+    char sql[256];
+    PGresult *res;
+
+    snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\" %sLOGICAL pgoutput NOEXPORT_SNAPSHOT",
+             s->cfg.slot, s->cfg.temporary_slot ? "TEMPORARY " : "");
+    res = simple_query(s, sql, PGRES_TUPLES_OK);
+    if (res == NULL)
+        return STREAM_FATAL;
+    PQclear(res);
+    return STREAM_OK;
+}
+
+static StreamStatus lost_slot_error(Stream *s)
+{
+    snprintf(s->errstr, sizeof s->errstr,
+             "replication slot \"%s\" is lost (wal_status=lost): PostgreSQL removed WAL the slot "
+             "still needed (max_slot_wal_keep_size), so changes since its confirmed position can "
+             "no longer be read and caches may hold stale entries; drop it (SELECT "
+             "pg_drop_replication_slot('%s')), start walbust with --create-slot, and flush the "
+             "caches the rules cover",
+             s->cfg.slot, s->cfg.slot);
+    return STREAM_FATAL;
+}
+
+static StreamStatus check_slot(Stream *s)
+{
+    char sql[512];
+    PGresult *res;
+    const char *plugin, *dbname, *wal_status;
+    StreamStatus st = STREAM_OK;
+
+    if (s->cfg.temporary_slot)
+        return create_slot(s);
+    snprintf(sql, sizeof sql,
+             "SELECT plugin, slot_type, coalesce(database::text, ''), "
+             "coalesce(wal_status, ''), current_database() "
+             "FROM pg_catalog.pg_replication_slots WHERE slot_name = '%s'",
+             s->cfg.slot);
+    res = simple_query(s, sql, PGRES_TUPLES_OK);
+    if (res == NULL)
+        return STREAM_RETRY;
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        if (s->cfg.create_slot)
+            return create_slot(s);
+        snprintf(s->errstr, sizeof s->errstr,
+                 "replication slot \"%s\" does not exist in %s; start walbust with --create-slot, "
+                 "run walbust setup, or SELECT pg_create_logical_replication_slot('%s', "
+                 "'pgoutput')",
+                 s->cfg.slot, s->desc, s->cfg.slot);
+        return STREAM_FATAL;
+    }
+    plugin = PQgetvalue(res, 0, 0);
+    dbname = PQgetvalue(res, 0, 2);
+    wal_status = PQgetvalue(res, 0, 3);
+    if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 || strcmp(plugin, "pgoutput") != 0) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "replication slot \"%s\" uses plugin \"%s\"; walbust needs a logical slot with "
+                 "pgoutput (choose another --slot or recreate it)",
+                 s->cfg.slot, plugin);
+        st = STREAM_FATAL;
+    } else if (strcmp(dbname, PQgetvalue(res, 0, 4)) != 0) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "replication slot \"%s\" belongs to database \"%s\", not \"%s\"; connect to "
+                 "that database or use another --slot",
+                 s->cfg.slot, dbname, PQgetvalue(res, 0, 4));
+        st = STREAM_FATAL;
+    } else if (strcmp(wal_status, "lost") == 0) {
+        st = lost_slot_error(s);
+    }
+    PQclear(res);
+    return st;
+}
+
+StreamStatus stream_connect(Stream *s)
+{
+    char msg[768], where[256];
+    PGresult *res;
+    StreamStatus st;
+
+    stream_close(s);
+    s->errstr[0] = '\0';
+    if (!valid_name(s->cfg.slot) || !valid_name(s->cfg.publication)) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "slot \"%s\" and publication \"%s\" must be 1-63 characters of a-z, 0-9 and _",
+                 s->cfg.slot, s->cfg.publication);
+        return STREAM_FATAL;
+    }
+    s->conn = open_conn(s->cfg.conninfo, true);
+    if (s->conn == NULL || PQstatus(s->conn) != CONNECTION_OK) {
+        describe_target(s->cfg.conninfo, where, sizeof where);
+        pq_message(s->conn, msg, sizeof msg);
+        snprintf(s->errstr, sizeof s->errstr, "could not connect to postgresql at %s: %s", where,
+                 msg);
+        st = classify_connect_error(msg);
+        if (st == STREAM_FATAL && strstr(msg, "replication") != NULL)
+            snprintf(s->errstr + strlen(s->errstr), sizeof s->errstr - strlen(s->errstr),
+                     "; grant it with ALTER ROLE <user> REPLICATION");
+        stream_close(s);
+        return st;
+    }
+    stream_describe_conn(s->conn, s->desc, sizeof s->desc);
+    s->server_version = PQserverVersion(s->conn);
+
+    res = simple_query(s, "IDENTIFY_SYSTEM", PGRES_TUPLES_OK);
+    if (res == NULL) {
+        stream_close(s);
+        return STREAM_RETRY;
+    }
+    if (PQntuples(res) != 1 || PQnfields(res) < 4 || PQgetisnull(res, 0, 3)) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "IDENTIFY_SYSTEM on %s returned no database; the connection must name a database",
+                 s->desc);
+        PQclear(res);
+        stream_close(s);
+        return STREAM_FATAL;
+    }
+    PQclear(res);
+
+    if ((st = check_wal_level(s)) != STREAM_OK || (st = check_publication(s)) != STREAM_OK ||
+        (st = check_slot(s)) != STREAM_OK) {
+        stream_close(s);
+        return st;
+    }
+    return STREAM_OK;
+}
+
+StreamStatus stream_start(Stream *s, uint64_t start_lsn)
+{
+    char sql[512], lsn[LSN_TEXT_MAX], msg[768];
+    PGresult *res;
+    const char *state;
+
+    if (s->server_version >= 140000)
+        snprintf(sql, sizeof sql,
+                 "START_REPLICATION SLOT \"%s\" LOGICAL %s (proto_version '2', "
+                 "publication_names '\"%s\"', messages 'true')",
+                 s->cfg.slot, lsn_format(start_lsn, lsn), s->cfg.publication);
+    else
+        snprintf(sql, sizeof sql,
+                 "START_REPLICATION SLOT \"%s\" LOGICAL %s (proto_version '1', "
+                 "publication_names '\"%s\"')",
+                 s->cfg.slot, lsn_format(start_lsn, lsn), s->cfg.publication);
+    res = PQexec(s->conn, sql);
+    if (PQresultStatus(res) == PGRES_COPY_BOTH) {
+        PQclear(res);
+        s->streaming = true;
+        s->last_status_us = mono_us();
+        if (s->confirmed < start_lsn)
+            s->confirmed = start_lsn;
+        return STREAM_OK;
+    }
+    pq_message(s->conn, msg, sizeof msg);
+    state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (state != NULL && strcmp(state, "55006") == 0) {
+        snprintf(s->errstr, sizeof s->errstr, "%s", msg);
+        PQclear(res);
+        stream_close(s);
+        return STREAM_BUSY;
+    }
+    snprintf(s->errstr, sizeof s->errstr, "could not start replication on %s: %s", s->desc, msg);
+    PQclear(res);
+    stream_close(s);
+    if (strstr(msg, "can no longer get changes") != NULL || strstr(msg, "has been invalidated") != NULL)
+        return lost_slot_error(s);
+    return STREAM_RETRY;
+}
+
+static int send_status(Stream *s, bool reply_requested)
+{
+    char buf[1 + 8 * 4 + 1];
+    uint64_t flush = s->cfg.confirm ? s->confirmed : 0;
+    char msg[768];
+
+    buf[0] = 'r';
+    put_u64(buf + 1, s->received > flush ? s->received : flush); /* written */
+    put_u64(buf + 9, flush);                                     /* flushed */
+    put_u64(buf + 17, flush);                                    /* applied */
+    put_u64(buf + 25, (uint64_t)pgtime_now());
+    buf[33] = reply_requested ? 1 : 0;
+    if (PQputCopyData(s->conn, buf, sizeof buf) <= 0 || PQflush(s->conn) != 0) {
+        pq_message(s->conn, msg, sizeof msg);
+        snprintf(s->errstr, sizeof s->errstr, "could not send status update to %s: %s", s->desc,
+                 msg);
+        return -1;
+    }
+    s->last_status_us = mono_us();
+    return 0;
+}
+
+int stream_confirm(Stream *s, uint64_t flush_lsn, bool force)
+{
+    if (flush_lsn > s->confirmed)
+        s->confirmed = flush_lsn;
+    if (s->conn == NULL || !s->streaming)
+        return 0;
+    if (force || mono_us() - s->last_status_us >= (int64_t)s->cfg.status_interval_ms * 1000)
+        return send_status(s, false);
+    return 0;
+}
+
+static int handle_keepalive(Stream *s, const char *buf, int len)
+{
+    uint64_t end;
+
+    if (len < 1 + 8 + 8 + 1) {
+        snprintf(s->errstr, sizeof s->errstr, "malformed keepalive message (%d bytes) from %s",
+                 len, s->desc);
+        return -1;
+    }
+    end = get_u64(buf + 1);
+    if (end > s->server_end)
+        s->server_end = end;
+    /* Nothing decoded is waiting for Redis: every change before this point
+     * has been acknowledged, so the position can be confirmed. */
+    if (s->idle && end > s->confirmed)
+        s->confirmed = end;
+    if (buf[17])
+        return send_status(s, false);
+    return 0;
+}
+
+static int wait_readable(Stream *s, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
+    int rc;
+
+    if (pfd.fd < 0) {
+        snprintf(s->errstr, sizeof s->errstr, "connection to %s has no socket", s->desc);
+        return -1;
+    }
+    rc = poll(&pfd, 1, timeout_ms);
+    if (rc < 0 && errno != EINTR) {
+        snprintf(s->errstr, sizeof s->errstr, "poll failed: %s", strerror(errno));
+        return -1;
+    }
+    return rc > 0 ? 1 : 0;
+}
+
+/* Time until the next status update is due, in ms (at least 0). */
+static int status_due_ms(const Stream *s)
+{
+    int64_t due = s->last_status_us + (int64_t)s->cfg.status_interval_ms * 1000 - mono_us();
+    return due <= 0 ? 0 : (int)(due / 1000);
+}
+
+/* Handle one CopyData message of len bytes in s->copybuf. Returns 1 for
+ * XLogData (out filled), 0 for a handled keepalive, -1 on error. */
+static int dispatch(Stream *s, int len, StreamData *out)
+{
+    const char *b = s->copybuf;
+    int rc;
+
+    if (b[0] == 'w') {
+        if (len < 25) {
+            snprintf(s->errstr, sizeof s->errstr, "malformed XLogData message (%d bytes) from %s",
+                     len, s->desc);
+            return -1;
+        }
+        out->wal_start = get_u64(b + 1);
+        if (get_u64(b + 9) > s->server_end)
+            s->server_end = get_u64(b + 9);
+        if (out->wal_start > s->received)
+            s->received = out->wal_start;
+        out->buf = b + 25;
+        out->len = (size_t)len - 25;
+        return 1;
+    }
+    if (b[0] == 'k') {
+        rc = handle_keepalive(s, b, len);
+        PQfreemem(s->copybuf);
+        s->copybuf = NULL;
+        return rc < 0 ? -1 : 0;
+    }
+    snprintf(s->errstr, sizeof s->errstr, "unexpected replication message type 0x%02x from %s",
+             (unsigned char)b[0], s->desc);
+    return -1;
+}
+
+static int stream_ended(Stream *s)
+{
+    PGresult *res = PQgetResult(s->conn);
+    char msg[768];
+
+    pq_message(s->conn, msg, sizeof msg);
+    if (res != NULL && PQresultErrorMessage(res)[0] != '\0')
+        snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(res));
+    snprintf(s->errstr, sizeof s->errstr, "replication stream from %s ended: %s", s->desc,
+             msg[0] ? msg : "server closed the stream");
+    PQclear(res);
+    s->streaming = false;
+    return -1;
+}
+
+static int conn_failed(Stream *s)
+{
+    char msg[768];
+
+    pq_message(s->conn, msg, sizeof msg);
+    snprintf(s->errstr, sizeof s->errstr, "lost connection to %s: %s", s->desc, msg);
+    s->streaming = false;
+    return -1;
+}
+
+int stream_next(Stream *s, int timeout_ms, StreamData *out)
+{
+    int64_t deadline = mono_us() + (int64_t)timeout_ms * 1000;
+    bool drained = false;
+
+    if (s->copybuf != NULL) {
+        PQfreemem(s->copybuf);
+        s->copybuf = NULL;
+    }
+    if (s->conn == NULL || !s->streaming) {
+        snprintf(s->errstr, sizeof s->errstr, "not streaming");
+        return -1;
+    }
+    for (;;) {
+        int len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
+        int64_t left_ms;
+        int wait;
+
+        if (len > 0) {
+            int rc = dispatch(s, len, out);
+            if (rc != 0)
+                return rc;
+            continue;
+        }
+        if (len < 0)
+            return stream_ended(s);
+        /* Nothing complete is buffered. */
+        if (status_due_ms(s) == 0 && send_status(s, false) < 0)
+            return -1;
+        left_ms = (deadline - mono_us()) / 1000;
+        if (left_ms <= 0) {
+            /* Past the deadline: still pick up bytes the kernel already has,
+             * once, so a zero timeout means "whatever is ready". */
+            if (drained)
+                return 0;
+            drained = true;
+            if (PQconsumeInput(s->conn) == 0)
+                return conn_failed(s);
+            continue;
+        }
+        wait = left_ms > status_due_ms(s) ? status_due_ms(s) : (int)left_ms;
+        if (wait_readable(s, wait) < 0)
+            return -1;
+        if (PQconsumeInput(s->conn) == 0)
+            return conn_failed(s);
+    }
+}

@@ -1,0 +1,111 @@
+/*
+ * stream.h — the logical replication client (libpq, pgoutput).
+ *
+ * Lifecycle: stream_new() → stream_connect() (connect in replication mode,
+ * IDENTIFY_SYSTEM, check wal_level, publication and slot; create the slot
+ * when asked) → optional catalog queries on stream_conn() →
+ * stream_start() (START_REPLICATION ... LOGICAL) → stream_next() in a loop,
+ * stream_confirm() after Redis acknowledged → stream_close() on error and
+ * stream_connect() again to reconnect; stream_free() at the end.
+ *
+ * Keepalives are handled inside stream_next(): a reply request is answered
+ * at once; a status update is sent at least every status interval. When the
+ * caller declares itself idle (stream_set_idle: nothing decoded but not yet
+ * acknowledged), keepalive positions are confirmed so an idle or unpublished
+ * workload does not pin WAL (SPEC §1.5).
+ *
+ * The module logs nothing; errors go to stream_errstr() and are classified
+ * so the caller can decide to retry, stand by or stop.
+ */
+#ifndef WALBUST_STREAM_H
+#define WALBUST_STREAM_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum StreamStatus {
+    STREAM_OK = 0,
+    STREAM_RETRY, /* transient: server unreachable, connection lost */
+    STREAM_BUSY,  /* slot is active for another process: stand by */
+    STREAM_FATAL, /* configuration problem: retrying will not help */
+} StreamStatus;
+
+typedef struct StreamConfig {
+    const char *conninfo;     /* conninfo string or URI; "" for libpq defaults */
+    const char *slot;
+    const char *publication;
+    bool create_slot;         /* create the slot when missing */
+    bool temporary_slot;      /* create a TEMPORARY slot named `slot` */
+    bool confirm;             /* false: never confirm anything (decode --slot) */
+    int status_interval_ms;   /* default 10000 */
+} StreamConfig;
+
+/* One XLogData payload. buf is valid until the next stream_next(),
+ * stream_close() or stream_free(). */
+typedef struct StreamData {
+    const char *buf;
+    size_t len;
+    uint64_t wal_start;
+} StreamData;
+
+typedef struct Stream Stream;
+
+/* Create a stream (not connected). cfg strings are borrowed and must outlive
+ * the stream. Aborts on out of memory. */
+Stream *stream_new(const StreamConfig *cfg);
+
+/* Close and free. Accepts NULL. */
+void stream_free(Stream *s);
+
+/* Connect and run the start-up checks; creates the slot when configured.
+ * Returns STREAM_OK, or another status with stream_errstr() saying what
+ * failed and what to do. */
+StreamStatus stream_connect(Stream *s) __attribute__((warn_unused_result));
+
+/* The connection between stream_connect() and stream_start(), for simple
+ * queries (replication connections allow only the simple protocol). */
+PGconn *stream_conn(Stream *s);
+
+/* START_REPLICATION from start_lsn (0: the slot's confirmed position).
+ * STREAM_BUSY when the slot is active for another PID. */
+StreamStatus stream_start(Stream *s, uint64_t start_lsn) __attribute__((warn_unused_result));
+
+/* Wait up to timeout_ms (0: do not wait) for the next XLogData message.
+ * Returns 1 with *out filled, 0 when none arrived in time, -1 when the
+ * connection failed (stream_errstr() says why; call stream_close()). */
+int stream_next(Stream *s, int timeout_ms, StreamData *out) __attribute__((warn_unused_result));
+
+/* Record that everything up to flush_lsn is durably applied. Sends a status
+ * update when force is true or the status interval has elapsed (also with an
+ * unchanged position: this keeps the walsender from timing out while Redis
+ * is down). Returns 0, or -1 when the connection failed. */
+int stream_confirm(Stream *s, uint64_t flush_lsn, bool force);
+
+/* Declare whether everything decoded so far is acknowledged. */
+void stream_set_idle(Stream *s, bool idle);
+
+/* Positions: confirmed (flush) LSN, last received XLogData start, and the
+ * server's WAL end from the last message. */
+uint64_t stream_confirmed(const Stream *s);
+uint64_t stream_received(const Stream *s);
+uint64_t stream_server_end(const Stream *s);
+
+/* Server facts from the last stream_connect(). */
+int stream_server_version(const Stream *s);
+const char *stream_describe(const Stream *s); /* "host:port/db", no password */
+
+/* Drop the connection (keeps configuration and positions). */
+void stream_close(Stream *s);
+
+const char *stream_errstr(const Stream *s);
+
+/* Open a plain (non-replication) connection to conninfo. Returns NULL with
+ * a message in err (no password) on failure. Caller PQfinish()es. */
+PGconn *stream_plain_connect(const char *conninfo, char *err, size_t errlen);
+
+/* "host:port/dbname as user" of a connection, never the password. */
+void stream_describe_conn(PGconn *conn, char *buf, size_t len);
+
+#endif
