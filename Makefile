@@ -49,10 +49,11 @@ $(BUILD)/obj/%.o: cdc/%.c
 	$(Q)$(CC) $(CPPFLAGS) -DWALBUST_VERSION='"$(VERSION)"' $(CFLAGS) $(WARN) -MMD -MP -c -o $@ $<
 
 # Redis-side Lua scripts are shipped under redis/ and embedded as C strings.
-$(BUILD)/gen/redis_scripts.c: redis/tag_invalidate.lua scripts/embed
+# sql/walbust.sql is embedded too, so `walbust setup` needs no files.
+$(BUILD)/gen/redis_scripts.c: redis/tag_invalidate.lua sql/walbust.sql scripts/embed
 	@mkdir -p $(dir $@)
 	@echo "  GEN     $@"
-	$(Q)scripts/embed $@ redis/tag_invalidate.lua:redis_tag_invalidate_lua
+	$(Q)scripts/embed $@ redis/tag_invalidate.lua:redis_tag_invalidate_lua sql/walbust.sql:walbust_sql
 
 $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 	@mkdir -p $(dir $@)
