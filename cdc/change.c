@@ -3,6 +3,7 @@
  */
 #include "change.h"
 
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,4 +134,74 @@ void change_truncate(const ChangeTxn *txn, const PgoRelation *rel, RulesChange *
     memset(out, 0, sizeof *out);
     fill_common(txn, rel, out);
     out->op = RULES_TRUNCATE;
+}
+
+int change_walbust_message(const char *content, size_t len, const char *tag_prefix,
+                           RulesEmitFn emit, void *arg, char *err, size_t errlen)
+{
+    static const struct {
+        const char *op;
+        const char *field;
+        RulesInvAction action;
+    } ops[] = {
+        {"invalidate", "keys", RULES_INV_KEY},
+        {"invalidate_pattern", "patterns", RULES_INV_PATTERN},
+        {"invalidate_tag", "tags", RULES_INV_TAG},
+    };
+    cJSON *root = cJSON_ParseWithLength(content, len);
+    const cJSON *op, *items, *item;
+    size_t plen = strlen(tag_prefix);
+    int n = -1;
+
+    if (root == NULL || !cJSON_IsObject(root)) {
+        snprintf(err, errlen, "walbust message is not a JSON object");
+        goto cleanup;
+    }
+    op = cJSON_GetObjectItemCaseSensitive(root, "op");
+    if (!cJSON_IsString(op)) {
+        snprintf(err, errlen, "walbust message has no \"op\"");
+        goto cleanup;
+    }
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
+        if (strcmp(op->valuestring, ops[i].op) != 0)
+            continue;
+        items = cJSON_GetObjectItemCaseSensitive(root, ops[i].field);
+        if (!cJSON_IsArray(items)) {
+            snprintf(err, errlen, "walbust message \"%s\" has no \"%s\" array", ops[i].op,
+                     ops[i].field);
+            goto cleanup;
+        }
+        cJSON_ArrayForEach(item, items)
+        {
+            if (!cJSON_IsString(item)) {
+                snprintf(err, errlen, "walbust message \"%s\" has a non-string in \"%s\"",
+                         ops[i].op, ops[i].field);
+                goto cleanup;
+            }
+        }
+        n = 0;
+        cJSON_ArrayForEach(item, items)
+        {
+            const char *v = item->valuestring;
+            size_t vlen = strlen(v);
+
+            if (ops[i].action == RULES_INV_TAG) {
+                char *full = malloc(plen + vlen + 1);
+                if (full == NULL)
+                    abort();
+                memcpy(full, tag_prefix, plen);
+                memcpy(full + plen, v, vlen + 1);
+                emit(arg, RULES_INV_TAG, full, plen + vlen, NULL, 0);
+                free(full);
+            } else {
+                emit(arg, ops[i].action, v, vlen, NULL, 0);
+            }
+            n++;
+        }
+        goto cleanup;
+    }
+    snprintf(err, errlen, "walbust message has unknown op \"%s\"", op->valuestring);
+cleanup:
+    cJSON_Delete(root);
+    return n;
 }

@@ -50,4 +50,14 @@ void change_truncate(const ChangeTxn *txn, const PgoRelation *rel, RulesChange *
 /* Free the arrays. */
 void change_buf_release(ChangeBuf *buf);
 
+/* Apply an explicit invalidation message (prefix "walbust", emitted by
+ * sql/walbust.sql): {"v":1,"op":"invalidate","keys":[...]}, "invalidate_pattern"
+ * with "patterns", "invalidate_tag" with "tags". Emits RULES_INV_KEY,
+ * RULES_INV_PATTERN (patterns are the caller's globs, used as written) or
+ * RULES_INV_TAG (tag_prefix + tag). Returns the number emitted, or -1 with
+ * a message in err for content that is not such a message (nothing is
+ * emitted then). */
+int change_walbust_message(const char *content, size_t len, const char *tag_prefix,
+                           RulesEmitFn emit, void *arg, char *err, size_t errlen);
+
 #endif

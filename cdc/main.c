@@ -27,7 +27,7 @@ int main(int argc, char **argv)
     }
     switch (cfg.command) {
     case CMD_HELP:
-        opts_usage(stdout, CMD_NONE);
+        opts_usage(stdout, cfg.help_for);
         return 0;
     case CMD_VERSION:
         printf("walbust %s\n", WALBUST_VERSION);

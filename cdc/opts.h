@@ -27,6 +27,7 @@ typedef enum OptsCommand {
 
 typedef struct Config {
     OptsCommand command;
+    OptsCommand help_for;               /* CMD_HELP: usage of this command */
     const char *pg;                     /* conninfo or URI; "" = libpq defaults */
     const char *redis[OPTS_MAX_REDIS];  /* at least one after opts_parse() */
     int nredis;

@@ -1,0 +1,333 @@
+/*
+ * decode_cmd.c — `walbust decode`: committed changes as JSON lines.
+ *
+ * Reads an existing slot without ever confirming (so a second run shows the
+ * same changes), or, without --slot, a temporary slot that starts now. With
+ * --rules each line also lists the invalidations the rules would produce: a
+ * dry run, nothing is written to Redis.
+ */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "change.h"
+#include "cmds.h"
+#include "log.h"
+#include "lsn.h"
+#include "pgo.h"
+#include "runtime.h"
+
+typedef struct Decode {
+    const Config *cfg;
+    Rules *rules;
+    PgoDecoder *dec;
+    ChangeBuf cbuf;
+    ChangeTxn txn;
+    bool in_txn;
+    long changes;
+    uint64_t until;
+    bool done;
+    cJSON *inv; /* invalidations of the current line, with --rules */
+} Decode;
+
+static void *check_alloc(void *p)
+{
+    if (p == NULL) {
+        fprintf(stderr, "walbust: out of memory\n");
+        abort();
+    }
+    return p;
+}
+
+static void print_line(cJSON *o)
+{
+    char *text = check_alloc(cJSON_PrintUnformatted(o));
+    fputs(text, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    cJSON_free(text);
+    cJSON_Delete(o);
+}
+
+static cJSON *line_header(const Decode *d, const char *op)
+{
+    cJSON *o = check_alloc(cJSON_CreateObject());
+    cJSON_AddStringToObject(o, "lsn", d->txn.lsn_text);
+    cJSON_AddNumberToObject(o, "xid", d->txn.xid);
+    cJSON_AddStringToObject(o, "commit_time", d->txn.time_text);
+    cJSON_AddStringToObject(o, "op", op);
+    return o;
+}
+
+static cJSON *value_json(const PgoValue *v)
+{
+    if (v->kind == PGO_VAL_NULL)
+        return cJSON_CreateNull();
+    {
+        char *s = check_alloc(malloc((size_t)v->len + 1));
+        cJSON *j;
+        memcpy(s, v->data, v->len);
+        s[v->len] = '\0';
+        j = cJSON_CreateString(s);
+        free(s);
+        return check_alloc(j);
+    }
+}
+
+/* Images as objects: an old 'K' tuple carries identity columns only. */
+static cJSON *tuple_json(const PgoRelation *rel, const PgoTuple *t, char old_kind, cJSON *unchanged)
+{
+    cJSON *o = check_alloc(cJSON_CreateObject());
+
+    for (uint16_t i = 0; i < rel->ncols; i++) {
+        const PgoValue *v = &t->values[i];
+        if (old_kind == 'K' && !rel->cols[i].key)
+            continue;
+        if (v->kind == PGO_VAL_UNCHANGED) {
+            if (unchanged != NULL)
+                cJSON_AddItemToArray(unchanged, cJSON_CreateString(rel->cols[i].name));
+            continue;
+        }
+        cJSON_AddItemToObject(o, rel->cols[i].name, value_json(v));
+    }
+    return o;
+}
+
+static const char *const action_names[] = {
+    [RULES_INV_KEY] = "keys",
+    [RULES_INV_PATTERN] = "patterns",
+    [RULES_INV_TAG] = "tags",
+    [RULES_INV_TAG_PATTERN] = "tag_patterns",
+    [RULES_INV_VERSION] = "versions",
+    [RULES_INV_VERSION_PATTERN] = "version_patterns",
+    [RULES_INV_PUBLISH] = "publish",
+};
+
+static void collect(void *arg, RulesInvAction action, const char *s, size_t len,
+                    const char *payload, size_t payload_len)
+{
+    Decode *d = arg;
+    cJSON *arr = cJSON_GetObjectItemCaseSensitive(d->inv, action_names[action]);
+    char *copy;
+
+    (void)len;
+    if (arr == NULL)
+        arr = cJSON_AddArrayToObject(d->inv, action_names[action]);
+    if (action == RULES_INV_PUBLISH) {
+        cJSON *p = check_alloc(cJSON_CreateObject());
+        copy = check_alloc(strndup(payload, payload_len));
+        cJSON_AddStringToObject(p, "channel", s);
+        cJSON_AddStringToObject(p, "payload", copy);
+        free(copy);
+        cJSON_AddItemToArray(arr, p);
+        return;
+    }
+    cJSON_AddItemToArray(arr, cJSON_CreateString(s));
+}
+
+static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
+{
+    RulesEvalStats st = {0};
+
+    if (d->rules == NULL)
+        return;
+    d->inv = check_alloc(cJSON_CreateObject());
+    rules_eval(d->rules, chg, collect, d, &st);
+    if (st.widened > 0)
+        cJSON_AddNumberToObject(d->inv, "widened", st.widened);
+    cJSON_AddItemToObject(line, "invalidations", d->inv);
+    d->inv = NULL;
+}
+
+static void on_change(Decode *d, const PgoMsg *m)
+{
+    static const char *const ops[] = {[PGO_INSERT] = "insert", [PGO_UPDATE] = "update",
+                                      [PGO_DELETE] = "delete"};
+    const PgoRelation *rel = m->u.change.rel;
+    cJSON *o = line_header(d, ops[m->kind]);
+    cJSON *unchanged = check_alloc(cJSON_CreateArray());
+    RulesChange chg;
+
+    cJSON_AddStringToObject(o, "table", rel->qualname);
+    if (m->u.change.old_kind != 0)
+        cJSON_AddItemToObject(o, "old",
+                              tuple_json(rel, &m->u.change.old_tuple, m->u.change.old_kind, NULL));
+    if (m->kind != PGO_DELETE)
+        cJSON_AddItemToObject(o, "new", tuple_json(rel, &m->u.change.new_tuple, 0, unchanged));
+    cJSON_AddItemToObject(o, "unchanged", unchanged);
+    change_from_pgo(&d->cbuf, &d->txn, m, &chg);
+    add_invalidations(d, o, &chg);
+    print_line(o);
+    d->changes++;
+    if (d->cfg->max_changes > 0 && d->changes >= d->cfg->max_changes)
+        d->done = true;
+}
+
+static void on_truncate(Decode *d, const PgoMsg *m)
+{
+    cJSON *o = line_header(d, "truncate");
+    cJSON *tables = cJSON_AddArrayToObject(o, "tables");
+
+    for (uint32_t i = 0; i < m->u.truncate.nrels; i++)
+        cJSON_AddItemToArray(tables, cJSON_CreateString(m->u.truncate.rels[i]->qualname));
+    cJSON_AddBoolToObject(o, "cascade", (m->u.truncate.options & PGO_TRUNCATE_CASCADE) != 0);
+    cJSON_AddBoolToObject(o, "restart_identity",
+                          (m->u.truncate.options & PGO_TRUNCATE_RESTART_IDENTITY) != 0);
+    if (d->rules != NULL) {
+        d->inv = check_alloc(cJSON_CreateObject());
+        for (uint32_t i = 0; i < m->u.truncate.nrels; i++) {
+            RulesChange chg;
+            change_truncate(&d->txn, m->u.truncate.rels[i], &chg);
+            rules_eval(d->rules, &chg, collect, d, NULL);
+        }
+        cJSON_AddItemToObject(o, "invalidations", d->inv);
+        d->inv = NULL;
+    }
+    print_line(o);
+}
+
+static void on_message(Decode *d, const PgoMsg *m)
+{
+    cJSON *o, *content;
+    char *text;
+    char err[256];
+
+    if (strcmp(m->u.message.prefix, "walbust") != 0)
+        return;
+    o = line_header(d, "message");
+    if (!m->u.message.transactional) {
+        /* Not part of a transaction: no commit facts. */
+        cJSON_ReplaceItemInObject(o, "lsn", cJSON_CreateString(lsn_format(m->u.message.lsn, err)));
+        cJSON_DeleteItemFromObject(o, "xid");
+        cJSON_DeleteItemFromObject(o, "commit_time");
+    }
+    cJSON_AddStringToObject(o, "prefix", m->u.message.prefix);
+    cJSON_AddBoolToObject(o, "transactional", m->u.message.transactional);
+    content = cJSON_ParseWithLength(m->u.message.content, m->u.message.len);
+    if (content == NULL) {
+        text = check_alloc(strndup(m->u.message.content, m->u.message.len));
+        content = cJSON_CreateString(text);
+        free(text);
+    }
+    cJSON_AddItemToObject(o, "content", content);
+    if (d->rules != NULL) {
+        d->inv = check_alloc(cJSON_CreateObject());
+        if (change_walbust_message(m->u.message.content, m->u.message.len,
+                                   rules_tag_prefix(d->rules), collect, d, err, sizeof err) < 0)
+            cJSON_AddStringToObject(d->inv, "error", err);
+        cJSON_AddItemToObject(o, "invalidations", d->inv);
+        d->inv = NULL;
+    }
+    print_line(o);
+}
+
+/* Returns 0, or -1 on undecodable input (logged). */
+static int on_data(Decode *d, const StreamData *data)
+{
+    PgoMsg m;
+    char lsn[LSN_TEXT_MAX];
+
+    if (pgo_decode(d->dec, data->buf, data->len, &m) != 0) {
+        log_event(LOG_LEVEL_ERROR, lsn_format(data->wal_start, lsn), NULL,
+                  "could not decode pgoutput message: %s", pgo_errstr(d->dec));
+        return -1;
+    }
+    switch (m.kind) {
+    case PGO_BEGIN:
+        change_txn_begin(&d->txn, &m);
+        d->in_txn = true;
+        break;
+    case PGO_COMMIT:
+        d->in_txn = false;
+        if (d->until != 0 && m.u.commit.end_lsn >= d->until)
+            d->done = true;
+        break;
+    case PGO_INSERT:
+    case PGO_UPDATE:
+    case PGO_DELETE:
+        on_change(d, &m);
+        break;
+    case PGO_TRUNCATE:
+        on_truncate(d, &m);
+        break;
+    case PGO_MESSAGE:
+        on_message(d, &m);
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+static int decode_loop(Decode *d, Stream *s)
+{
+    while (!runtime_stop && !d->done) {
+        StreamData data;
+        int rc = stream_next(s, 500, &data);
+
+        if (rc < 0) {
+            log_error("%s", stream_errstr(s));
+            return -1;
+        }
+        if (rc == 0) {
+            if (d->until != 0 && !d->in_txn && stream_server_end(s) >= d->until)
+                d->done = true;
+            continue;
+        }
+        if (on_data(d, &data) != 0)
+            return -2; /* replaying would fail the same way */
+    }
+    return 0;
+}
+
+int cmd_decode(const Config *cfg)
+{
+    Decode d = {.cfg = cfg};
+    char tmpslot[64];
+    StreamConfig sc = {.conninfo = cfg->pg, .slot = cfg->slot, .publication = cfg->publication,
+                       .confirm = false};
+    Stream *s;
+    int rc = 1;
+
+    if (cfg->until != NULL && !lsn_parse(cfg->until, &d.until)) {
+        fprintf(stderr, "walbust decode: --until needs an LSN like 0/16B3748, got \"%s\"\n",
+                cfg->until);
+        return 2;
+    }
+    if (cfg->rules != NULL && (d.rules = cmd_load_rules(cfg->rules, stderr)) == NULL)
+        return 1;
+    if (!cfg->slot_given) {
+        snprintf(tmpslot, sizeof tmpslot, "walbust_decode_%d", (int)getpid());
+        sc.slot = tmpslot;
+        sc.temporary_slot = true;
+    }
+    runtime_signals();
+    d.dec = pgo_new();
+    s = stream_new(&sc);
+    for (;;) {
+        int lr;
+        if (runtime_open_stream(s, 0, NULL, NULL) != 0)
+            break;
+        lr = decode_loop(&d, s);
+        if (lr == 0) {
+            rc = 0;
+            break;
+        }
+        if (lr == -2)
+            break;
+        /* A temporary slot dies with its connection: nothing to resume. */
+        if (sc.temporary_slot)
+            break;
+        stream_close(s);
+        pgo_reset(d.dec);
+    }
+    if (runtime_stop && rc != 0 && !d.done)
+        rc = 0;
+    stream_free(s);
+    pgo_free(d.dec);
+    change_buf_release(&d.cbuf);
+    rules_free(d.rules);
+    return rc;
+}

@@ -1,0 +1,449 @@
+/*
+ * run_cmd.c — `walbust run`: the daemon.
+ *
+ * Data flows one way: stream → decoder → rules → sinks → confirm. The loop
+ * reads whatever the replication connection has ready, decodes it, renders
+ * invalidations into every sink's batch, and flushes when the connection has
+ * nothing more ready (adaptive batching: a burst becomes one pipelined round
+ * trip, a lone commit is applied at once) or when a batch is full (a huge
+ * transaction is applied in chunks). Only after every target acknowledged a
+ * batch does the flush LSN advance, to the end of the newest transaction
+ * whose COMMIT was decoded before the flush (SPEC §1.2).
+ *
+ * pgoutput without streaming sends a transaction only after it committed,
+ * so applying the chunks of a large transaction before its COMMIT message
+ * arrives never invalidates for aborted work (SPEC §1.1); confirmation still
+ * waits for the COMMIT.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "catalog.h"
+#include "change.h"
+#include "cmds.h"
+#include "log.h"
+#include "lsn.h"
+#include "pgo.h"
+#include "redisurl.h"
+#include "runtime.h"
+#include "sink.h"
+
+typedef struct RunStats {
+    uint64_t transactions, changes, messages, widened, retries, redis_errors;
+} RunStats;
+
+typedef struct Run {
+    const Config *cfg;
+    Rules *rules;
+    Sink *sinks[OPTS_MAX_REDIS];
+    char targets[OPTS_MAX_REDIS][300]; /* redacted descriptions */
+    int nsinks;
+    Stream *stream;
+    PgoDecoder *dec;
+    ChangeBuf cbuf;
+    ChangeTxn txn;
+    bool in_txn;
+    uint64_t pending_lsn; /* end of the newest decoded commit */
+    uint64_t acked_lsn;   /* end of the newest acknowledged commit */
+    uint64_t watermark_lsn;
+    char watermark_key[128];
+    bool pg_lost;
+    RunStats stats;
+    int64_t last_report_us;
+} Run;
+
+static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_t len,
+                          const char *payload, size_t payload_len)
+{
+    Run *r = arg;
+    for (int i = 0; i < r->nsinks; i++)
+        sink_add(r->sinks[i], action, s, len, payload, payload_len);
+}
+
+static bool sinks_have_ops(const Run *r)
+{
+    for (int i = 0; i < r->nsinks; i++)
+        if (sink_pending(r->sinks[i]) > 0)
+            return true;
+    return false;
+}
+
+static bool sinks_dirty(const Run *r)
+{
+    for (int i = 0; i < r->nsinks; i++)
+        if (sink_dirty(r->sinks[i]))
+            return true;
+    return false;
+}
+
+static bool sinks_full(const Run *r)
+{
+    for (int i = 0; i < r->nsinks; i++)
+        if (sink_full(r->sinks[i]))
+            return true;
+    return false;
+}
+
+/* While Redis is retried, keep the replication connection alive with status
+ * updates (at the old position) so the walsender does not time out. */
+static void keepalive_tick(void *arg)
+{
+    Run *r = arg;
+
+    if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, false) < 0) {
+        log_warn("%s; will reconnect once redis is back", stream_errstr(r->stream));
+        r->pg_lost = true;
+    }
+}
+
+/* Flush every sink until all acknowledged, retrying with backoff. Returns 0,
+ * or -1 when asked to stop before Redis acknowledged. */
+static int flush_batch(Run *r)
+{
+    Backoff b = {0, 100, 30000};
+    char lsn[LSN_TEXT_MAX];
+    uint64_t target = r->pending_lsn;
+
+    for (;;) {
+        int failed = 0;
+
+        for (int i = 0; i < r->nsinks; i++) {
+            if (!sink_dirty(r->sinks[i]) || sink_flush(r->sinks[i]) == 0)
+                continue;
+            failed++;
+            r->stats.redis_errors++;
+            log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+                      "redis target %s failed: %s", r->targets[i], sink_errstr(r->sinks[i]));
+        }
+        if (failed == 0)
+            break;
+        if (runtime_stop)
+            return -1;
+        r->stats.retries++;
+        {
+            int ms = backoff_next(&b);
+            log_warn("retrying in %d ms; reading from postgresql is paused until redis "
+                     "acknowledges (WAL is retained by the slot)",
+                     ms);
+            runtime_sleep(ms, keepalive_tick, r);
+        }
+    }
+    if (b.attempt > 0)
+        log_info("redis acknowledged after %d retries; resuming", b.attempt);
+    if (target > r->acked_lsn)
+        r->acked_lsn = target;
+    if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0) {
+        log_warn("%s", stream_errstr(r->stream));
+        r->pg_lost = true;
+    }
+    return 0;
+}
+
+/* Record the confirmed position in Redis for readers (SPEC §7); it rides
+ * with the next flush. */
+static void maybe_watermark(Run *r)
+{
+    uint64_t confirmed = stream_confirmed(r->stream);
+    char lsn[LSN_TEXT_MAX];
+
+    if (confirmed < r->acked_lsn)
+        confirmed = r->acked_lsn;
+    if (confirmed <= r->watermark_lsn)
+        return;
+    lsn_format(confirmed, lsn);
+    for (int i = 0; i < r->nsinks; i++)
+        sink_set_watermark(r->sinks[i], r->watermark_key, lsn);
+    r->watermark_lsn = confirmed;
+}
+
+static void apply_change(Run *r, const PgoMsg *m)
+{
+    RulesChange chg;
+    RulesEvalStats st = {0};
+
+    change_from_pgo(&r->cbuf, &r->txn, m, &chg);
+    rules_eval(r->rules, &chg, emit_to_sinks, r, &st);
+    r->stats.changes++;
+    if (st.widened > 0) {
+        r->stats.widened += st.widened;
+        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg.table,
+                  "%u invalidation(s) widened to patterns: the change does not carry a value "
+                  "a template needs (replica identity changed, or an unchanged TOASTed value "
+                  "without old image)",
+                  st.widened);
+    }
+}
+
+static void apply_truncate(Run *r, const PgoMsg *m)
+{
+    for (uint32_t i = 0; i < m->u.truncate.nrels; i++) {
+        RulesChange chg;
+        change_truncate(&r->txn, m->u.truncate.rels[i], &chg);
+        rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
+        r->stats.changes++;
+    }
+}
+
+static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
+{
+    char err[256], lsn[LSN_TEXT_MAX];
+
+    if (strcmp(m->u.message.prefix, "walbust") != 0)
+        return;
+    r->stats.messages++;
+    if (change_walbust_message(m->u.message.content, m->u.message.len,
+                               rules_tag_prefix(r->rules), emit_to_sinks, r, err, sizeof err) < 0)
+        log_event(LOG_LEVEL_ERROR, lsn_format(wal_start, lsn), NULL,
+                  "ignored malformed walbust message (not emitted by sql/walbust.sql?): %s", err);
+}
+
+/* Returns 0, or -1 when the message could not be decoded (reconnect and
+ * replay: nothing is confirmed past it). */
+static int on_data(Run *r, const StreamData *data)
+{
+    PgoMsg m;
+    char lsn[LSN_TEXT_MAX];
+
+    if (pgo_decode(r->dec, data->buf, data->len, &m) != 0) {
+        log_event(LOG_LEVEL_ERROR, lsn_format(data->wal_start, lsn), NULL,
+                  "could not decode pgoutput message (%zu bytes): %s; reconnecting to replay "
+                  "from the confirmed position",
+                  data->len, pgo_errstr(r->dec));
+        return -1;
+    }
+    switch (m.kind) {
+    case PGO_BEGIN:
+        change_txn_begin(&r->txn, &m);
+        r->in_txn = true;
+        break;
+    case PGO_COMMIT:
+        r->in_txn = false;
+        r->pending_lsn = m.u.commit.end_lsn;
+        r->stats.transactions++;
+        break;
+    case PGO_INSERT:
+    case PGO_UPDATE:
+    case PGO_DELETE:
+        apply_change(r, &m);
+        break;
+    case PGO_TRUNCATE:
+        apply_truncate(r, &m);
+        break;
+    case PGO_MESSAGE:
+        apply_message(r, &m, data->wal_start);
+        break;
+    default:
+        break;
+    }
+    if (sinks_full(r))
+        return flush_batch(r) == 0 ? 0 : 0;
+    return 0;
+}
+
+static int check_catalog(Run *r, PGconn *conn, const Rules *rules)
+{
+    char err[512];
+    RulesProblems problems = {0};
+    Catalog *cat = catalog_load(conn, rules, r->cfg->publication, err, sizeof err);
+    int rc = 0;
+
+    if (cat == NULL) {
+        log_error("%s", err);
+        return -1;
+    }
+    if (rules_check_catalog(rules, r->cfg->publication, catalog_lookup, cat, &problems) > 0) {
+        for (size_t i = 0; i < problems.count; i++)
+            log_error("%s:%d:%d: %s", r->cfg->rules, problems.items[i].line,
+                      problems.items[i].column, problems.items[i].msg);
+        log_error("refusing to start: the rules above would miss invalidations; fix them, "
+                  "then restart (walbust check --rules %s --pg ... shows the same)",
+                  r->cfg->rules);
+        rc = -1;
+    }
+    rules_problems_release(&problems);
+    catalog_free(cat);
+    return rc;
+}
+
+static int startup_check(void *arg, PGconn *conn)
+{
+    Run *r = arg;
+    static bool checked = false;
+
+    if (checked)
+        return 0;
+    if (check_catalog(r, conn, r->rules) != 0)
+        return -1;
+    checked = true;
+    return 0;
+}
+
+static void reload_rules(Run *r)
+{
+    Rules *fresh;
+    PGconn *conn;
+    char err[512];
+
+    runtime_reload = 0;
+    log_info("SIGHUP: reloading rules from %s", r->cfg->rules);
+    fresh = cmd_load_rules(r->cfg->rules, stderr);
+    if (fresh == NULL) {
+        log_error("rules reload failed (problems above); keeping the previous rules");
+        return;
+    }
+    conn = stream_plain_connect(r->cfg->pg, err, sizeof err);
+    if (conn == NULL) {
+        log_error("rules reload: %s; keeping the previous rules", err);
+        rules_free(fresh);
+        return;
+    }
+    if (check_catalog(r, conn, fresh) != 0) {
+        log_error("rules reload refused; keeping the previous rules");
+        rules_free(fresh);
+        PQfinish(conn);
+        return;
+    }
+    PQfinish(conn);
+    rules_free(r->rules);
+    r->rules = fresh;
+    for (int i = 0; i < r->nsinks; i++)
+        sink_set_use_del(r->sinks[i], rules_use_del(fresh));
+    log_info("rules reloaded: %zu tables", rules_table_count(fresh));
+}
+
+static void report(Run *r, bool force)
+{
+    int64_t now = runtime_now_us();
+    char lsn[LSN_TEXT_MAX];
+
+    if (!force && now - r->last_report_us < 60 * 1000000LL)
+        return;
+    r->last_report_us = now;
+    log_info("transactions=%llu changes=%llu messages=%llu widened=%llu retries=%llu "
+             "confirmed=%s",
+             (unsigned long long)r->stats.transactions, (unsigned long long)r->stats.changes,
+             (unsigned long long)r->stats.messages, (unsigned long long)r->stats.widened,
+             (unsigned long long)r->stats.retries,
+             lsn_format(stream_confirmed(r->stream), lsn));
+}
+
+/* Stream until stopped or the connection fails. */
+static void stream_loop(Run *r)
+{
+    while (!runtime_stop && !r->pg_lost) {
+        StreamData data;
+        bool dirty = sinks_dirty(r);
+        int rc;
+
+        if (runtime_reload)
+            reload_rules(r);
+        stream_set_idle(r->stream,
+                        !r->in_txn && !sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn);
+        rc = stream_next(r->stream, dirty ? 0 : 1000, &data);
+        if (rc > 0) {
+            if (on_data(r, &data) != 0)
+                break;
+            continue;
+        }
+        if (rc < 0) {
+            log_warn("%s", stream_errstr(r->stream));
+            break;
+        }
+        /* Nothing more is ready: apply what was gathered. */
+        if (dirty) {
+            if (flush_batch(r) != 0)
+                return;
+        }
+        maybe_watermark(r);
+        report(r, false);
+    }
+}
+
+static int setup_sinks(Run *r)
+{
+    for (int i = 0; i < r->cfg->nredis; i++) {
+        SinkConfig sc = {0};
+        char err[512];
+
+        if (redisurl_parse(r->cfg->redis[i], &sc.url, err, sizeof err) != 0) {
+            log_error("%s", err);
+            return -1;
+        }
+        redisurl_describe(&sc.url, r->targets[i], sizeof r->targets[i]);
+        sc.use_del = rules_use_del(r->rules);
+        r->sinks[i] = sink_new(&sc);
+        r->nsinks++;
+        if (sink_connect(r->sinks[i]) != 0)
+            log_warn("redis target %s: %s; will retry before the first batch", r->targets[i],
+                     sink_errstr(r->sinks[i]));
+        else
+            log_info("connected to redis at %s", r->targets[i]);
+    }
+    return 0;
+}
+
+static void run_free(Run *r)
+{
+    for (int i = 0; i < r->nsinks; i++)
+        sink_free(r->sinks[i]);
+    stream_free(r->stream);
+    pgo_free(r->dec);
+    change_buf_release(&r->cbuf);
+    rules_free(r->rules);
+}
+
+int cmd_run(const Config *cfg)
+{
+    Run r = {.cfg = cfg};
+    StreamConfig sc = {.conninfo = cfg->pg, .slot = cfg->slot, .publication = cfg->publication,
+                       .create_slot = cfg->create_slot, .confirm = true};
+    int rc = 1;
+
+    r.rules = cmd_load_rules(cfg->rules, stderr);
+    if (r.rules == NULL)
+        return 1;
+    snprintf(r.watermark_key, sizeof r.watermark_key, "walbust:confirmed:%s", cfg->slot);
+    runtime_signals();
+    if (setup_sinks(&r) != 0)
+        goto done;
+    r.dec = pgo_new();
+    r.stream = stream_new(&sc);
+    r.last_report_us = runtime_now_us();
+    while (!runtime_stop) {
+        uint64_t start = stream_confirmed(r.stream);
+
+        if (r.acked_lsn > start)
+            start = r.acked_lsn;
+        if (runtime_open_stream(r.stream, start, startup_check, &r) != 0)
+            break;
+        r.pg_lost = false;
+        stream_loop(&r);
+        if (runtime_stop)
+            break;
+        /* Connection lost or undecodable data: apply what was gathered
+         * (harmless if repeated), then replay from the confirmed position. */
+        if (sinks_dirty(&r))
+            (void)flush_batch(&r);
+        stream_close(r.stream);
+        pgo_reset(r.dec);
+        r.in_txn = false;
+        r.pending_lsn = r.acked_lsn;
+    }
+    if (runtime_stop) {
+        char lsn[LSN_TEXT_MAX];
+        /* Drain: finish the in-flight batch, confirm, exit cleanly. */
+        if (sinks_dirty(&r) && flush_batch(&r) != 0)
+            log_warn("stopping before redis acknowledged the last batch; it will be replayed "
+                     "from %s on restart",
+                     lsn_format(r.acked_lsn, lsn));
+        else if (!r.pg_lost)
+            (void)stream_confirm(r.stream, r.acked_lsn, true);
+        report(&r, true);
+        log_info("stopped");
+        rc = 0;
+    }
+done:
+    run_free(&r);
+    return rc;
+}

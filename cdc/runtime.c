@@ -1,0 +1,133 @@
+/*
+ * runtime.c — signals, backoff and stream (re)connection (see runtime.h).
+ */
+#include "runtime.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+volatile sig_atomic_t runtime_stop = 0;
+volatile sig_atomic_t runtime_reload = 0;
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    runtime_stop = 1;
+}
+
+static void on_hup(int sig)
+{
+    (void)sig;
+    runtime_reload = 1;
+}
+
+void runtime_signals(void)
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = on_stop;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_hup;
+    sigaction(SIGHUP, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+}
+
+int64_t runtime_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int backoff_next(Backoff *b)
+{
+    int base = b->base_ms > 0 ? b->base_ms : 100;
+    int cap = b->cap_ms > 0 ? b->cap_ms : 30000;
+    long d = base;
+    static unsigned seed;
+
+    if (seed == 0)
+        seed = (unsigned)getpid() ^ (unsigned)runtime_now_us();
+    for (int i = 0; i < b->attempt && d < cap; i++)
+        d *= 2;
+    if (d > cap)
+        d = cap;
+    if (b->attempt < 30)
+        b->attempt++;
+    /* Jitter keeps several instances from retrying in lock step. */
+    return (int)(d / 2 + rand_r(&seed) % (d / 2 + 1));
+}
+
+void backoff_reset(Backoff *b)
+{
+    b->attempt = 0;
+}
+
+void runtime_sleep(int ms, void (*tick)(void *), void *arg)
+{
+    int64_t end = runtime_now_us() + (int64_t)ms * 1000;
+
+    while (!runtime_stop) {
+        int64_t left = (end - runtime_now_us()) / 1000;
+        struct timespec ts;
+
+        if (left <= 0)
+            break;
+        if (left > 200)
+            left = 200;
+        ts.tv_sec = 0;
+        ts.tv_nsec = (long)left * 1000000;
+        nanosleep(&ts, NULL);
+        if (tick != NULL)
+            tick(arg);
+    }
+}
+
+int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, void *arg)
+{
+    Backoff b = {0, 200, 10000};
+    bool standby_logged = false;
+    char lsn[LSN_TEXT_MAX];
+
+    while (!runtime_stop) {
+        StreamStatus st = stream_connect(s);
+
+        if (st == STREAM_OK && check != NULL && check(arg, stream_conn(s)) != 0) {
+            stream_close(s);
+            return -1;
+        }
+        if (st == STREAM_OK)
+            st = stream_start(s, start_lsn);
+        switch (st) {
+        case STREAM_OK:
+            log_info("streaming from %s (slot position %s)", stream_describe(s),
+                     lsn_format(start_lsn, lsn));
+            return 0;
+        case STREAM_FATAL:
+            log_error("%s", stream_errstr(s));
+            return -1;
+        case STREAM_BUSY:
+            if (!standby_logged)
+                log_info("standing by: %s; taking over when it is released",
+                         stream_errstr(s));
+            standby_logged = true;
+            runtime_sleep(1000, NULL, NULL);
+            break;
+        case STREAM_RETRY: {
+            int ms = backoff_next(&b);
+            log_error("%s; retrying in %d ms", stream_errstr(s), ms);
+            runtime_sleep(ms, NULL, NULL);
+            break;
+        }
+        }
+    }
+    return -1;
+}

@@ -1,0 +1,50 @@
+/*
+ * runtime.h — what the long-running commands share: signal flags, capped
+ * exponential backoff with jitter, and connecting the replication stream
+ * with retries (unreachable server: retry; slot busy: stand by).
+ */
+#ifndef WALBUST_RUNTIME_H
+#define WALBUST_RUNTIME_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "lsn.h"
+#include "stream.h"
+
+extern volatile sig_atomic_t runtime_stop;   /* SIGTERM / SIGINT */
+extern volatile sig_atomic_t runtime_reload; /* SIGHUP */
+
+/* Install handlers that only set the flags above; ignore SIGPIPE. */
+void runtime_signals(void);
+
+typedef struct Backoff {
+    int attempt;
+    int base_ms; /* first delay; default 100 */
+    int cap_ms;  /* largest delay; default 30000 */
+} Backoff;
+
+/* The next delay: min(cap, base * 2^attempt), jittered to [d/2, d]. */
+int backoff_next(Backoff *b);
+void backoff_reset(Backoff *b);
+
+/* Sleep ms in slices, returning early when runtime_stop is set. Between
+ * slices, calls tick(arg) when not NULL. */
+void runtime_sleep(int ms, void (*tick)(void *), void *arg);
+
+/* Hook run on the connection after the start-up checks and before
+ * START_REPLICATION (e.g. the rules' catalog check). Returns 0 to go on,
+ * -1 to stop with a fatal error (already logged). */
+typedef int (*RuntimeCheckFn)(void *arg, PGconn *conn);
+
+/* Connect and start streaming from start_lsn, retrying transient errors
+ * with backoff and standing by while the slot is active elsewhere.
+ * Returns 0 when streaming, -1 on a fatal error (logged) or when
+ * runtime_stop was set. */
+int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, void *arg);
+
+/* Monotonic clock in microseconds. */
+int64_t runtime_now_us(void);
+
+#endif
