@@ -29,7 +29,7 @@ struct PgoDecoder {
     PgoRelation **rels; /* sorted by relid, owned */
     size_t nrels;
     size_t rels_cap;
-    uint32_t generation;  /* last generation handed out; unique per decoder */
+    uint32_t generation; /* last generation handed out; unique per decoder */
     PgoScratch old_vals;
     PgoScratch new_vals;
     const PgoRelation **trunc_rels;
@@ -110,8 +110,8 @@ static size_t rd_left(const Reader *r)
 static int rd_need(Reader *r, size_t n)
 {
     if (rd_left(r) < n)
-        return fail(r->dec, "truncated %s message: need %zu bytes at offset %zu, have %zu",
-                    r->what, n, r->off, rd_left(r));
+        return fail(r->dec, "truncated %s message: need %zu bytes at offset %zu, have %zu", r->what,
+                    n, r->off, rd_left(r));
     return 0;
 }
 
@@ -348,7 +348,8 @@ static int read_columns(Reader *r, PgoRelation *rel)
         if (rd_u8(r, &flags) < 0)
             return -1;
         if (flags & ~1u)
-            return fail(r->dec, "invalid flags 0x%02x for column %u of relation %s in Relation message",
+            return fail(r->dec,
+                        "invalid flags 0x%02x for column %u of relation %s in Relation message",
                         flags, i + 1, rel->qualname);
         if (rd_str(r, "column name", &name) < 0 || rd_u32(r, &col->type_oid) < 0 ||
             rd_u32(r, &typmod) < 0)
@@ -375,8 +376,8 @@ static int read_relation(Reader *r, PgoMsg *out)
     rel->relname = xstrdup(name);
     rel->qualname = make_qualname(nsp, name);
     if (!valid_replident(ident)) {
-        fail(r->dec, "invalid replica identity 0x%02x for relation %s in Relation message",
-             ident, rel->qualname);
+        fail(r->dec, "invalid replica identity 0x%02x for relation %s in Relation message", ident,
+             rel->qualname);
         goto fail;
     }
     rel->replident = (char)ident;
@@ -422,7 +423,8 @@ static int read_value(Reader *r, uint16_t col, PgoValue *v)
     case PGO_VAL_BINARY:
         return rd_bytes(r, "column value", &v->len, &v->data);
     default:
-        return fail(r->dec, "unknown tuple value kind 0x%02x for column %u at offset %zu in %s message",
+        return fail(r->dec,
+                    "unknown tuple value kind 0x%02x for column %u at offset %zu in %s message",
                     kind, col + 1, at, r->what);
     }
 }
@@ -510,8 +512,10 @@ static int read_truncate(Reader *r, PgoMsg *out)
         return fail(dec, "invalid Truncate options 0x%02x", out->u.truncate.options);
     /* Check the count against the bytes left before allocating for it. */
     if (nrels > rd_left(r) / 4)
-        return fail(dec, "truncated Truncate message: %u relation ids need %zu bytes at offset %zu, have %zu",
-                    nrels, (size_t)nrels * 4, r->off, rd_left(r));
+        return fail(
+            dec,
+            "truncated Truncate message: %u relation ids need %zu bytes at offset %zu, have %zu",
+            nrels, (size_t)nrels * 4, r->off, rd_left(r));
     dec->trunc_rels = grow(dec->trunc_rels, &dec->trunc_cap, nrels, sizeof *dec->trunc_rels);
     for (uint32_t i = 0; i < nrels; i++) {
         if (rd_relid(r, &dec->trunc_rels[i]) < 0)
