@@ -157,6 +157,12 @@ int change_walbust_message(const char *content, size_t len, const char *tag_pref
         snprintf(err, errlen, "walbust message is not a JSON object");
         goto cleanup;
     }
+    op = cJSON_GetObjectItemCaseSensitive(root, "v");
+    if (op != NULL && !(cJSON_IsNumber(op) && op->valuedouble == 1)) {
+        snprintf(err, errlen, "walbust message has format version %s; this walbust reads 1 "
+                 "(upgrade walbust before sql/walbust.sql)", cJSON_IsNumber(op) ? "newer" : "invalid");
+        goto cleanup;
+    }
     op = cJSON_GetObjectItemCaseSensitive(root, "op");
     if (!cJSON_IsString(op)) {
         snprintf(err, errlen, "walbust message has no \"op\"");

@@ -520,8 +520,10 @@ static int handle_keepalive(Stream *s, const char *buf, int len)
         s->server_end = end;
     /* Nothing decoded is waiting for Redis: every change before this point
      * has been acknowledged, so the position can be confirmed. */
-    if (s->idle && end > s->confirmed)
+    if (s->idle && end > s->confirmed && s->cfg.confirm) {
         s->confirmed = end;
+        return send_status(s, false);
+    }
     if (buf[17])
         return send_status(s, false);
     return 0;
