@@ -21,4 +21,9 @@ int cmd_status(const Config *cfg);
  * NULL. (check_cmd.c) */
 Rules *cmd_load_rules(const char *path, FILE *report);
 
+/* Print each problem on its own line as "PREFIXFILE:LINE:COLUMN: message
+ * (at json.path)", dropping the parts that are unknown. (check_cmd.c) */
+void cmd_print_problems(FILE *out, const char *prefix, const char *path,
+                        const RulesProblems *problems);
+
 #endif

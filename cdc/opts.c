@@ -42,8 +42,9 @@ static const OptSpec opt_table[] = {
     {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN, "URL",
      "Redis target: redis://[user:pass@]host:port[/db] or unix:///path.sock; repeat for "
      "several targets"},
-    {"rules", "WALBUST_RULES", OPT_STRING, OFF(rules), NULL, F_RUN | F_CHECK | F_DECODE | F_SETUP,
-     "FILE", "rules file (JSON); required for run, check and setup"},
+    {"rules", "WALBUST_RULES", OPT_STRING, OFF(rules), NULL,
+     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
+     "rules file (JSON); required for run, check and setup"},
     {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust", F_RUN | F_DECODE | F_SETUP | F_STATUS,
      "NAME", "logical replication slot (default: walbust; decode: a temporary slot)"},
     {"publication", "WALBUST_PUBLICATION", OPT_STRING, OFF(publication), "walbust",

@@ -1,0 +1,244 @@
+/*
+ * check_cmd.c — `walbust check` and the shared rules loader.
+ *
+ * cmd_load_rules() reads a rules file and compiles it, printing every
+ * problem in the compiler-style form editors understand
+ * ("FILE:LINE:COLUMN: message (at rules[2].keys[0])"); run, decode, setup
+ * and check all load rules through it. `walbust check` adds, when a
+ * database is configured (--pg or WALBUST_PG), the checks against the live
+ * schema: the publication exists, every rules table and column exists and is
+ * published, and every placeholder that needs an old value can get one under
+ * the table's replica identity (SPEC §1.7). It prints "FILE: ok (N rules, M
+ * tables)" and exits 0 only when nothing is wrong; otherwise it exits 1.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "catalog.h"
+#include "cmds.h"
+#include "stream.h"
+
+static void *xmalloc(size_t size)
+{
+    void *p = malloc(size ? size : 1);
+    if (p == NULL) {
+        fprintf(stderr, "walbust: out of memory\n");
+        abort();
+    }
+    return p;
+}
+
+/* Read the whole file into a NUL-terminated buffer the caller frees.
+ * Returns NULL with errno set on failure. */
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    size_t cap = 8192, n = 0;
+    char *buf;
+    int saved;
+
+    if (f == NULL)
+        return NULL;
+    buf = xmalloc(cap);
+    for (;;) {
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0)
+            break;
+        if (n + 1 == cap) {
+            char *bigger = realloc(buf, cap * 2);
+            if (bigger == NULL) {
+                fprintf(stderr, "walbust: out of memory\n");
+                abort();
+            }
+            buf = bigger;
+            cap *= 2;
+        }
+    }
+    if (ferror(f)) {
+        saved = errno ? errno : EIO;
+        fclose(f);
+        free(buf);
+        errno = saved;
+        return NULL;
+    }
+    fclose(f);
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+void cmd_print_problems(FILE *out, const char *prefix, const char *path,
+                        const RulesProblems *problems)
+{
+    for (size_t i = 0; i < problems->count; i++) {
+        const RulesProblem *p = &problems->items[i];
+
+        fputs(prefix, out);
+        if (p->line > 0 && p->column > 0)
+            fprintf(out, "%s:%d:%d: %s", path, p->line, p->column, p->msg);
+        else if (p->line > 0)
+            fprintf(out, "%s:%d: %s", path, p->line, p->msg);
+        else
+            fprintf(out, "%s: %s", path, p->msg);
+        if (p->path[0] != '\0')
+            fprintf(out, " (at %s)", p->path);
+        fputc('\n', out);
+    }
+}
+
+/* Load and compile; on success *text (caller frees) holds the file. */
+static Rules *load_rules_text(const char *path, FILE *report, char **text, size_t *len)
+{
+    RulesProblems problems = {0};
+    Rules *rules;
+
+    *text = read_file(path, len);
+    if (*text == NULL) {
+        fprintf(report, "walbust: could not read rules file %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    rules = rules_parse(*text, *len, &problems);
+    if (rules == NULL) {
+        cmd_print_problems(report, "", path, &problems);
+        if (problems.count == 0)
+            fprintf(report, "%s: the rules file could not be compiled\n", path);
+        rules_problems_release(&problems);
+        free(*text);
+        *text = NULL;
+        return NULL;
+    }
+    rules_problems_release(&problems);
+    return rules;
+}
+
+Rules *cmd_load_rules(const char *path, FILE *report)
+{
+    char *text = NULL;
+    size_t len = 0;
+    Rules *rules = load_rules_text(path, report, &text, &len);
+
+    free(text);
+    return rules;
+}
+
+/* Number of entries in the top-level "rules" array (the file is valid). */
+static int count_rules(const char *text, size_t len)
+{
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    int n = cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(root, "rules"));
+
+    cJSON_Delete(root);
+    return n;
+}
+
+/* The catalog as rules_check_catalog() should see it. When the publication
+ * is missing, that is reported once on its own, so tables are presented as
+ * published instead of repeating "not in the publication" for each one. */
+typedef struct CheckView {
+    size_t n;
+    RulesTableInfo *tables;
+} CheckView;
+
+static const RulesTableInfo *check_view_lookup(void *arg, const char *table)
+{
+    const CheckView *v = arg;
+
+    for (size_t i = 0; i < v->n; i++)
+        if (strcmp(v->tables[i].table, table) == 0)
+            return &v->tables[i];
+    return NULL;
+}
+
+static void check_view_init(CheckView *v, const Rules *rules, Catalog *cat)
+{
+    size_t n = rules_table_count(rules);
+
+    v->n = 0;
+    v->tables = xmalloc(n * sizeof *v->tables);
+    for (size_t i = 0; i < n; i++) {
+        const RulesTableInfo *info = catalog_lookup(cat, rules_table(rules, i));
+        if (info == NULL)
+            continue;
+        v->tables[v->n] = *info;
+        v->tables[v->n].in_publication = true;
+        v->n++;
+    }
+}
+
+/* "public.a, public.b" into buf: the rules' tables, for the fix hint. */
+static void table_list(const Rules *rules, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < rules_table_count(rules) && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "",
+                                 rules_table(rules, i));
+}
+
+/* Check rules against the database and print what is wrong. Returns the
+ * number of problems, or -1 when the database could not be consulted
+ * (message already printed to stderr). */
+static long check_live(const Config *cfg, const Rules *rules)
+{
+    RulesProblems problems = {0};
+    char err[1024], tables[512];
+    PGconn *conn = stream_plain_connect(cfg->pg, err, sizeof err);
+    Catalog *cat;
+    long n = 0;
+
+    if (conn == NULL) {
+        fprintf(stderr, "walbust check: %s\n", err);
+        return -1;
+    }
+    cat = catalog_load(conn, rules, cfg->publication, err, sizeof err);
+    PQfinish(conn);
+    if (cat == NULL) {
+        fprintf(stderr, "walbust check: %s\n", err);
+        return -1;
+    }
+    if (catalog_publication(cat) == 0) {
+        CheckView view;
+
+        table_list(rules, tables, sizeof tables);
+        printf("%s: publication \"%s\" does not exist; create it with "
+               "CREATE PUBLICATION %s FOR TABLE %s; or run walbust setup --rules %s\n",
+               cfg->rules, cfg->publication, cfg->publication, tables, cfg->rules);
+        n++;
+        check_view_init(&view, rules, cat);
+        (void)rules_check_catalog(rules, cfg->publication, check_view_lookup, &view, &problems);
+        free(view.tables);
+    } else {
+        (void)rules_check_catalog(rules, cfg->publication, catalog_lookup, cat, &problems);
+    }
+    n += (long)problems.count;
+    cmd_print_problems(stdout, "", cfg->rules, &problems);
+    rules_problems_release(&problems);
+    catalog_free(cat);
+    return n;
+}
+
+int cmd_check(const Config *cfg)
+{
+    char *text = NULL;
+    size_t len = 0;
+    Rules *rules = load_rules_text(cfg->rules, stdout, &text, &len);
+    long problems = 0;
+
+    if (rules == NULL)
+        return 1;
+    if (cfg->pg != NULL && cfg->pg[0] != '\0')
+        problems = check_live(cfg, rules);
+    if (problems == 0)
+        printf("%s: ok (%d rules, %zu tables)\n", cfg->rules, count_rules(text, len),
+               rules_table_count(rules));
+    rules_free(rules);
+    free(text);
+    return problems == 0 ? 0 : 1;
+}
