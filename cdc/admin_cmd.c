@@ -160,8 +160,8 @@ typedef struct Setup {
     PGconn *conn;
     Rules *rules;
     Catalog *cat;
-    char where[256];     /* "host:port/db as user" */
-    char *need_full;     /* tables that need REPLICA IDENTITY FULL, ", "-joined */
+    char where[256]; /* "host:port/db as user" */
+    char *need_full; /* tables that need REPLICA IDENTITY FULL, ", "-joined */
 } Setup;
 
 static int setup_load_catalog(Setup *s)
@@ -495,6 +495,8 @@ static int setup_report(Setup *s)
     return 0;
 }
 
+/* `walbust setup`: see the file comment. Exit 0 when everything is in
+ * place, 1 on the first failure (message on stderr). */
 int cmd_setup(const Config *cfg)
 {
     Setup s = {.cfg = cfg};
@@ -726,6 +728,8 @@ static int status_verdict(const Config *cfg, const cJSON *obj, const char *where
     return rc;
 }
 
+/* `walbust status`: report on stdout, hints on stderr; exit 0 when healthy,
+ * 1 when the operator must act or the server could not be asked. */
 int cmd_status(const Config *cfg)
 {
     char where[256];

@@ -73,6 +73,7 @@ static char *read_file(const char *path, size_t *len)
     return buf;
 }
 
+/* See cmds.h. */
 void cmd_print_problems(FILE *out, const char *prefix, const char *path,
                         const RulesProblems *problems)
 {
@@ -117,6 +118,7 @@ static Rules *load_rules_text(const char *path, FILE *report, char **text, size_
     return rules;
 }
 
+/* See cmds.h: the loader run, decode, setup and status share. */
 Rules *cmd_load_rules(const char *path, FILE *report)
 {
     char *text = NULL;
@@ -178,8 +180,8 @@ static void table_list(const Rules *rules, char *buf, size_t len)
 
     buf[0] = '\0';
     for (size_t i = 0; i < rules_table_count(rules) && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "",
-                                 rules_table(rules, i));
+        used +=
+            (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "", rules_table(rules, i));
 }
 
 /* Check rules against the database and print what is wrong. Returns the
@@ -224,6 +226,8 @@ static long check_live(const Config *cfg, const Rules *rules)
     return n;
 }
 
+/* `walbust check`: problems on stdout; exit 0 and the "ok" line only when
+ * there are none, 1 otherwise (also when the database cannot be reached). */
 int cmd_check(const Config *cfg)
 {
     char *text = NULL;
