@@ -1,0 +1,903 @@
+/*
+ * sink.c — the Redis sink (see sink.h for the contract).
+ *
+ * A batch is an arena of bytes (every queued string and payload, each
+ * NUL-terminated, addressed by offset so the arena may move when it grows)
+ * plus an array of SinkOp in queue order. An open-addressing hash set of op
+ * indices, keyed by (action, string), drops duplicates within the batch;
+ * publishes bypass it because every message counts.
+ *
+ * sink_flush() walks the ops in order and appends commands to hiredis'
+ * output buffer (one pipeline): the watermark SET first, SCRIPT LOAD when
+ * the batch has tags, then UNLINK/DEL (consecutive keys grouped, at most
+ * SINK_KEYS_PER_CMD per command), EVALSHA of the tag script, INCR and
+ * PUBLISH. Every appended command is remembered in a pending list so each
+ * reply can be checked and any error named. A pattern op first drains the
+ * pipeline (everything before it is applied), then runs a SCAN loop in which
+ * the commands for one page of matches travel with the request for the next
+ * page, so each page costs one round trip. Success means every reply arrived
+ * and none was an error; then the batch is cleared and counted.
+ *
+ * The tag script is sent with SCRIPT LOAD in the same pipeline as its
+ * EVALSHA calls, so a SCRIPT FLUSH or a Redis restart between flushes cannot
+ * leave the sink calling a missing script. Its SHA1 is learnt from Redis
+ * once per sink (the first flush with tags).
+ *
+ * Any I/O error (including a command timeout) frees the hiredis context so
+ * the next flush reconnects; an error reply keeps the connection, because
+ * every reply was still read and the stream is in sync.
+ */
+#include "sink.h"
+
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+extern const char redis_tag_invalidate_lua[];
+
+#define SINK_DEFAULT_CONNECT_MS 2000
+#define SINK_DEFAULT_COMMAND_MS 5000
+#define SINK_DEFAULT_MAX_OPS 10000
+#define SINK_DEFAULT_MAX_BYTES (8u << 20)
+#define SINK_KEYS_PER_CMD 512  /* keys per UNLINK/DEL command */
+#define SINK_SCAN_COUNT "1000" /* SCAN COUNT hint */
+#define SINK_NO_OP ((size_t)-1)
+
+/* One queued invalidation; strings live in the arena. */
+typedef struct SinkOp {
+    RulesInvAction action;
+    size_t off, len;                 /* the key, pattern, tag or channel */
+    size_t payload_off, payload_len; /* publish only */
+} SinkOp;
+
+/* What reply a pipelined command expects. */
+typedef enum PendKind {
+    PEND_OK,   /* +OK (SET) */
+    PEND_INT,  /* an integer (UNLINK, DEL, INCR, EVALSHA, PUBLISH) */
+    PEND_SHA,  /* the script's SHA1 (SCRIPT LOAD) */
+    PEND_SCAN, /* [cursor, [keys...]] */
+} PendKind;
+
+/* A command whose reply is outstanding, with enough to name it in errors. */
+typedef struct Pending {
+    PendKind kind;
+    const char *cmd; /* "UNLINK", "INCR", ... */
+    size_t op;       /* the op it came from, or SINK_NO_OP (watermark, script) */
+    size_t nkeys;    /* keys in a grouped UNLINK/DEL */
+    bool scan_match; /* issued for a key found by the op's pattern */
+} Pending;
+
+struct Sink {
+    SinkConfig cfg;
+    redisContext *c;
+    char errstr[512];
+    SinkStats stats;
+
+    char *arena;
+    size_t arena_len, arena_cap;
+    SinkOp *ops;
+    size_t nops, ops_cap;
+    uint32_t *set;  /* op index + 1; 0 = empty slot */
+    size_t set_cap; /* power of two, or 0 */
+    size_t set_used;
+    char *wm_key, *wm_value;
+
+    Pending *pend;
+    size_t npend, pend_cap;
+    const char **argv;
+    size_t *argvlen;
+    size_t argv_cap;
+    char sha[41]; /* tag script SHA1, "" until learnt */
+};
+
+/* ---- memory ---------------------------------------------------------- */
+
+static void oom(void)
+{
+    fputs("walbust: out of memory in the redis sink\n", stderr);
+    abort();
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL)
+        oom();
+    return q;
+}
+
+static char *xstrdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    return memcpy(xrealloc(NULL, n), s, n);
+}
+
+/* Grow *cap (in elements) until it holds need; reallocate *p. */
+static void grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+    size_t c = *cap ? *cap : 16;
+
+    if (need <= *cap)
+        return;
+    while (c < need) {
+        if (c > ((size_t)-1) / 4 / elem)
+            oom();
+        c *= 2;
+    }
+    *p = xrealloc(*p, c * elem);
+    *cap = c;
+}
+
+static void set_err(Sink *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void set_err(Sink *s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->errstr, sizeof s->errstr, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- lifecycle ------------------------------------------------------- */
+
+Sink *sink_new(const SinkConfig *cfg)
+{
+    Sink *s = xrealloc(NULL, sizeof *s);
+
+    memset(s, 0, sizeof *s);
+    s->cfg = *cfg;
+    if (s->cfg.connect_timeout_ms <= 0)
+        s->cfg.connect_timeout_ms = SINK_DEFAULT_CONNECT_MS;
+    if (s->cfg.command_timeout_ms <= 0)
+        s->cfg.command_timeout_ms = SINK_DEFAULT_COMMAND_MS;
+    if (s->cfg.max_ops == 0)
+        s->cfg.max_ops = SINK_DEFAULT_MAX_OPS;
+    if (s->cfg.max_bytes == 0)
+        s->cfg.max_bytes = SINK_DEFAULT_MAX_BYTES;
+    return s;
+}
+
+static void disconnect(Sink *s)
+{
+    if (s->c != NULL)
+        redisFree(s->c);
+    s->c = NULL;
+    s->npend = 0;
+}
+
+void sink_free(Sink *s)
+{
+    if (s == NULL)
+        return;
+    disconnect(s);
+    free(s->arena);
+    free(s->ops);
+    free(s->set);
+    free(s->wm_key);
+    free(s->wm_value);
+    free(s->pend);
+    free(s->argv);
+    free(s->argvlen);
+    free(s);
+}
+
+bool sink_connected(const Sink *s)
+{
+    return s->c != NULL;
+}
+
+const char *sink_errstr(const Sink *s)
+{
+    return s->errstr;
+}
+
+const SinkStats *sink_stats(const Sink *s)
+{
+    return &s->stats;
+}
+
+void sink_set_use_del(Sink *s, bool use_del)
+{
+    s->cfg.use_del = use_del;
+}
+
+/* ---- batch ----------------------------------------------------------- */
+
+static uint64_t op_hash(RulesInvAction action, const char *p, size_t n)
+{
+    uint64_t h = UINT64_C(1469598103934665603) ^ (uint64_t)action;
+
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)p[i];
+        h *= UINT64_C(1099511628211);
+    }
+    return h;
+}
+
+/* Insert op index i into the set (the caller ensured room). */
+static void set_insert(Sink *s, size_t i)
+{
+    const SinkOp *op = &s->ops[i];
+    size_t mask = s->set_cap - 1;
+    size_t j = (size_t)op_hash(op->action, s->arena + op->off, op->len) & mask;
+
+    while (s->set[j] != 0)
+        j = (j + 1) & mask;
+    s->set[j] = (uint32_t)(i + 1);
+    s->set_used++;
+}
+
+/* Keep the load factor under 1/2, rehashing every deduplicated op. */
+static void set_reserve(Sink *s)
+{
+    size_t cap = s->set_cap ? s->set_cap : 64;
+
+    if ((s->set_used + 1) * 2 <= s->set_cap)
+        return;
+    while ((s->set_used + 1) * 2 > cap)
+        cap *= 2;
+    free(s->set);
+    s->set = xrealloc(NULL, cap * sizeof *s->set);
+    memset(s->set, 0, cap * sizeof *s->set);
+    s->set_cap = cap;
+    s->set_used = 0;
+    for (size_t i = 0; i < s->nops; i++)
+        if (s->ops[i].action != RULES_INV_PUBLISH)
+            set_insert(s, i);
+}
+
+static bool set_contains(const Sink *s, RulesInvAction action, const char *p, size_t n)
+{
+    size_t mask, j;
+
+    if (s->set_cap == 0)
+        return false;
+    mask = s->set_cap - 1;
+    j = (size_t)op_hash(action, p, n) & mask;
+    for (; s->set[j] != 0; j = (j + 1) & mask) {
+        const SinkOp *op = &s->ops[s->set[j] - 1];
+        if (op->action == action && op->len == n && memcmp(s->arena + op->off, p, n) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Copy n bytes plus a NUL into the arena; returns their offset. */
+static size_t arena_put(Sink *s, const char *p, size_t n)
+{
+    size_t off = s->arena_len;
+
+    grow((void **)&s->arena, &s->arena_cap, off + n + 1, 1);
+    if (n > 0)
+        memcpy(s->arena + off, p, n);
+    s->arena[off + n] = '\0';
+    s->arena_len = off + n + 1;
+    return off;
+}
+
+void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const char *payload,
+              size_t payload_len)
+{
+    SinkOp op = {.action = action};
+
+    if (action != RULES_INV_PUBLISH) {
+        if (set_contains(s, action, str, len))
+            return;
+        set_reserve(s); /* before the op is pushed: a rehash must not see it */
+    }
+    op.off = arena_put(s, str, len);
+    op.len = len;
+    if (action == RULES_INV_PUBLISH) {
+        op.payload_off = arena_put(s, payload, payload_len);
+        op.payload_len = payload_len;
+    }
+    grow((void **)&s->ops, &s->ops_cap, s->nops + 1, sizeof *s->ops);
+    s->ops[s->nops++] = op;
+    if (action != RULES_INV_PUBLISH)
+        set_insert(s, s->nops - 1);
+}
+
+void sink_set_watermark(Sink *s, const char *key, const char *value)
+{
+    free(s->wm_key);
+    free(s->wm_value);
+    s->wm_key = xstrdup(key);
+    s->wm_value = xstrdup(value);
+}
+
+size_t sink_pending(const Sink *s)
+{
+    return s->nops;
+}
+
+bool sink_dirty(const Sink *s)
+{
+    return s->nops > 0 || s->wm_key != NULL;
+}
+
+bool sink_full(const Sink *s)
+{
+    size_t bytes = s->arena_len + s->nops * sizeof *s->ops + s->set_cap * sizeof *s->set;
+    return s->nops >= s->cfg.max_ops || bytes >= s->cfg.max_bytes;
+}
+
+/* Forget the batch after it was applied; give back oversized buffers. */
+static void batch_clear(Sink *s)
+{
+    s->nops = 0;
+    s->arena_len = 0;
+    s->set_used = 0;
+    if (s->set_cap > 0)
+        memset(s->set, 0, s->set_cap * sizeof *s->set);
+    if (s->arena_cap > s->cfg.max_bytes) {
+        free(s->arena);
+        s->arena = NULL;
+        s->arena_cap = 0;
+    }
+    free(s->wm_key);
+    free(s->wm_value);
+    s->wm_key = s->wm_value = NULL;
+}
+
+static void count_applied(Sink *s)
+{
+    for (size_t i = 0; i < s->nops; i++) {
+        switch (s->ops[i].action) {
+        case RULES_INV_KEY:
+            s->stats.keys++;
+            break;
+        case RULES_INV_PATTERN:
+            s->stats.patterns++;
+            break;
+        case RULES_INV_TAG:
+        case RULES_INV_TAG_PATTERN:
+            s->stats.tags++;
+            break;
+        case RULES_INV_VERSION:
+        case RULES_INV_VERSION_PATTERN:
+            s->stats.versions++;
+            break;
+        case RULES_INV_PUBLISH:
+            s->stats.publishes++;
+            break;
+        }
+    }
+}
+
+/* ---- connection ------------------------------------------------------ */
+
+static struct timeval ms_to_tv(int ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    return tv;
+}
+
+static const char *target(const Sink *s, char *buf, size_t len)
+{
+    return redisurl_describe(&s->cfg.url, buf, len);
+}
+
+/* Record an I/O failure of the current context (during `what`) and drop the
+ * connection so the next flush reconnects. Returns -1. */
+static int io_fail(Sink *s, const char *what)
+{
+    char t[300];
+    int saved = errno;
+    bool timeout = s->c->err == REDIS_ERR_IO && (saved == EAGAIN || saved == EWOULDBLOCK ||
+                                                 strcmp(s->c->errstr, strerror(EAGAIN)) == 0);
+
+    target(s, t, sizeof t);
+    if (timeout)
+        set_err(s,
+                "redis at %s did not answer %s within %d ms (command timeout); "
+                "the connection was closed",
+                t, what, s->cfg.command_timeout_ms);
+    else
+        set_err(s, "redis I/O error at %s during %s: %s", t, what,
+                s->c->errstr[0] ? s->c->errstr : "connection lost");
+    disconnect(s);
+    return -1;
+}
+
+/* Run one command synchronously (no pipeline may be pending). On success
+ * *out holds the reply (caller frees); an error reply is still a success
+ * here. I/O errors drop the connection and return -1. */
+static int command(Sink *s, const char *what, int argc, const char **argv, const size_t *lens,
+                   redisReply **out)
+{
+    void *r = NULL;
+
+    if (redisAppendCommandArgv(s->c, argc, argv, lens) != REDIS_OK)
+        oom();
+    if (redisGetReply(s->c, &r) != REDIS_OK || r == NULL)
+        return io_fail(s, what);
+    *out = r;
+    return 0;
+}
+
+static int connect_auth(Sink *s, const char *t)
+{
+    const RedisUrl *u = &s->cfg.url;
+    const char *argv[3] = {"AUTH"};
+    size_t lens[3] = {4};
+    int argc = 1;
+    redisReply *r;
+
+    if (u->user[0] != '\0') {
+        argv[argc] = u->user;
+        lens[argc++] = strlen(u->user);
+    }
+    argv[argc] = u->password;
+    lens[argc++] = strlen(u->password);
+    if (command(s, "AUTH", argc, argv, lens, &r) < 0)
+        return -1;
+    if (r->type != REDIS_REPLY_STATUS) {
+        /* Redis' AUTH errors never echo the password. */
+        set_err(s, "redis AUTH failed at %s%s%s: %s", t, u->user[0] ? " as user " : "", u->user,
+                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        disconnect(s);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+static int connect_select(Sink *s, const char *t)
+{
+    char db[16];
+    const char *argv[2] = {"SELECT", db};
+    size_t lens[2] = {6, 0};
+    redisReply *r;
+
+    lens[1] = (size_t)snprintf(db, sizeof db, "%d", s->cfg.url.db);
+    if (command(s, "SELECT", 2, argv, lens, &r) < 0)
+        return -1;
+    if (r->type != REDIS_REPLY_STATUS) {
+        set_err(s, "redis SELECT %d failed at %s: %s", s->cfg.url.db, t,
+                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        disconnect(s);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+/* PING on the open connection; NOAUTH gets a hint about the URL. */
+static int ping(Sink *s)
+{
+    const char *argv[1] = {"PING"};
+    size_t lens[1] = {4};
+    redisReply *r;
+    char t[300];
+
+    if (command(s, "PING", 1, argv, lens, &r) < 0)
+        return -1;
+    target(s, t, sizeof t);
+    if (r->type == REDIS_REPLY_ERROR) {
+        bool noauth = strncmp(r->str, "NOAUTH", 6) == 0;
+        set_err(s, "redis PING failed at %s: %s%s", t, r->str,
+                noauth ? " (put the password in the URL: redis://[user]:password@host:port)" : "");
+        freeReplyObject(r);
+        disconnect(s);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+int sink_connect(Sink *s)
+{
+    const RedisUrl *u = &s->cfg.url;
+    char t[300];
+
+    disconnect(s);
+    target(s, t, sizeof t);
+    if (u->kind == REDISURL_CLUSTER) {
+        set_err(s,
+                "redis+cluster:// targets are not supported yet (%s); "
+                "point walbust at a standalone master with redis://host:port",
+                t);
+        return -1;
+    }
+    if (u->kind == REDISURL_UNIX)
+        s->c = redisConnectUnixWithTimeout(u->path, ms_to_tv(s->cfg.connect_timeout_ms));
+    else
+        s->c = redisConnectWithTimeout(u->host, u->port, ms_to_tv(s->cfg.connect_timeout_ms));
+    if (s->c == NULL)
+        oom();
+    if (s->c->err) {
+        set_err(s, "could not connect to redis at %s: %s", t, s->c->errstr);
+        disconnect(s);
+        return -1;
+    }
+    if (redisSetTimeout(s->c, ms_to_tv(s->cfg.command_timeout_ms)) != REDIS_OK) {
+        set_err(s, "could not set the command timeout on the redis connection to %s: %s", t,
+                s->c->errstr);
+        disconnect(s);
+        return -1;
+    }
+    if (u->has_password && connect_auth(s, t) < 0)
+        return -1;
+    if (u->db != 0 && connect_select(s, t) < 0)
+        return -1;
+    return ping(s);
+}
+
+int sink_ping(Sink *s)
+{
+    if (s->c == NULL)
+        return sink_connect(s);
+    return ping(s);
+}
+
+/* ---- pipeline -------------------------------------------------------- */
+
+static void argv_reserve(Sink *s, size_t n)
+{
+    size_t cap = s->argv_cap;
+
+    grow((void **)&s->argv, &cap, n, sizeof *s->argv);
+    grow((void **)&s->argvlen, &s->argv_cap, n, sizeof *s->argvlen);
+}
+
+/* Append the command in s->argv[0..argc) and remember its reply. */
+static void pipe_cmd(Sink *s, size_t argc, PendKind kind, size_t op, size_t nkeys, bool scan_match)
+{
+    if (redisAppendCommandArgv(s->c, (int)argc, s->argv, s->argvlen) != REDIS_OK)
+        oom();
+    grow((void **)&s->pend, &s->pend_cap, s->npend + 1, sizeof *s->pend);
+    s->pend[s->npend++] = (Pending){kind, s->argv[0], op, nkeys, scan_match};
+}
+
+static void arg(Sink *s, size_t i, const char *p, size_t n)
+{
+    s->argv[i] = p;
+    s->argvlen[i] = n;
+}
+
+static void arg_str(Sink *s, size_t i, const char *p)
+{
+    arg(s, i, p, strlen(p));
+}
+
+/* Name a pending command for an error message: `UNLINK "user:1" (and 3 more
+ * keys)` or `INCR of a key matching "user:*"`. Non-printable bytes become
+ * '?' and long strings are cut. */
+static void describe(const Sink *s, const Pending *p, char *buf, size_t len)
+{
+    char str[72];
+    size_t n = 0;
+
+    if (p->op == SINK_NO_OP) {
+        snprintf(buf, len, "%s", p->cmd);
+        return;
+    }
+    const SinkOp *op = &s->ops[p->op];
+    for (; n < op->len && n < 64; n++) {
+        unsigned char c = (unsigned char)s->arena[op->off + n];
+        str[n] = c >= 0x20 && c < 0x7f ? (char)c : '?';
+    }
+    if (n < op->len)
+        str[n++] = '~';
+    str[n] = '\0';
+    if (p->scan_match)
+        snprintf(buf, len, "%s of a key matching \"%s\"", p->cmd, str);
+    else if (p->nkeys > 1)
+        snprintf(buf, len, "%s \"%s\" (and %zu more keys)", p->cmd, str, p->nkeys - 1);
+    else
+        snprintf(buf, len, "%s \"%s\"", p->cmd, str);
+}
+
+/* Is r the reply that p expects? Writes a reason when not. */
+static bool reply_ok(const Sink *s, const Pending *p, const redisReply *r, const char **why)
+{
+    *why = "unexpected reply type";
+    if (r->type == REDIS_REPLY_ERROR) {
+        *why = r->str;
+        return false;
+    }
+    switch (p->kind) {
+    case PEND_OK:
+        return r->type == REDIS_REPLY_STATUS;
+    case PEND_INT:
+        return r->type == REDIS_REPLY_INTEGER;
+    case PEND_SHA:
+        *why = "SCRIPT LOAD returned an unexpected SHA1";
+        return r->type == REDIS_REPLY_STRING && strcmp(r->str, s->sha) == 0;
+    case PEND_SCAN:
+        return r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+               r->element[0]->type == REDIS_REPLY_STRING &&
+               r->element[1]->type == REDIS_REPLY_ARRAY;
+    }
+    return false;
+}
+
+/* Read every outstanding reply. The last SCAN reply is handed to *scan
+ * (caller frees) when scan is not NULL. Returns 0 when all replies were
+ * as expected; -1 on the first bad one (the rest are still read, so the
+ * connection stays usable) or on an I/O error (connection dropped). */
+static int drain(Sink *s, redisReply **scan)
+{
+    int rc = 0;
+    char what[160];
+
+    for (size_t k = 0; k < s->npend; k++) {
+        const Pending *p = &s->pend[k];
+        const char *why;
+        void *v = NULL;
+        if (redisGetReply(s->c, &v) != REDIS_OK || v == NULL) {
+            describe(s, p, what, sizeof what);
+            if (scan != NULL && *scan != NULL) {
+                freeReplyObject(*scan);
+                *scan = NULL;
+            }
+            return io_fail(s, what);
+        }
+        redisReply *r = v;
+        if (!reply_ok(s, p, r, &why)) {
+            if (rc == 0) {
+                char t[300];
+                describe(s, p, what, sizeof what);
+                set_err(s, "redis at %s refused %s: %s", target(s, t, sizeof t), what, why);
+            }
+            rc = -1;
+        } else if (p->kind == PEND_SCAN && scan != NULL) {
+            *scan = r;
+            continue;
+        }
+        freeReplyObject(r);
+    }
+    s->npend = 0;
+    if (rc < 0 && scan != NULL && *scan != NULL) {
+        freeReplyObject(*scan);
+        *scan = NULL;
+    }
+    return rc;
+}
+
+/* Append UNLINK/DEL for keys[0..n) in commands of SINK_KEYS_PER_CMD. */
+static void pipe_delete(Sink *s, const char *const *keys, const size_t *lens, size_t n, size_t op,
+                        bool scan_match)
+{
+    const char *cmd = s->cfg.use_del ? "DEL" : "UNLINK";
+
+    argv_reserve(s, SINK_KEYS_PER_CMD + 1);
+    for (size_t i = 0; i < n; i += SINK_KEYS_PER_CMD) {
+        size_t m = n - i < SINK_KEYS_PER_CMD ? n - i : SINK_KEYS_PER_CMD;
+        arg_str(s, 0, cmd);
+        for (size_t k = 0; k < m; k++)
+            arg(s, 1 + k, keys[i + k], lens[i + k]);
+        pipe_cmd(s, m + 1, PEND_INT, op, m, scan_match);
+    }
+}
+
+static void pipe_tag(Sink *s, const char *tag, size_t len, size_t op, bool scan_match)
+{
+    argv_reserve(s, 5);
+    arg_str(s, 0, "EVALSHA");
+    arg_str(s, 1, s->sha);
+    arg_str(s, 2, "1");
+    arg(s, 3, tag, len);
+    arg_str(s, 4, s->cfg.use_del ? "del" : "unlink");
+    pipe_cmd(s, 5, PEND_INT, op, 1, scan_match);
+}
+
+static void pipe_incr(Sink *s, const char *key, size_t len, size_t op, bool scan_match)
+{
+    argv_reserve(s, 2);
+    arg_str(s, 0, "INCR");
+    arg(s, 1, key, len);
+    pipe_cmd(s, 2, PEND_INT, op, 1, scan_match);
+}
+
+/* Append one grouped delete for the run of KEY ops starting at i (at most
+ * SINK_KEYS_PER_CMD of them). Returns the index after the run. */
+static size_t pipe_key_run(Sink *s, size_t i)
+{
+    size_t n = 0;
+
+    argv_reserve(s, SINK_KEYS_PER_CMD + 1);
+    arg_str(s, 0, s->cfg.use_del ? "DEL" : "UNLINK");
+    while (i + n < s->nops && n < SINK_KEYS_PER_CMD && s->ops[i + n].action == RULES_INV_KEY) {
+        const SinkOp *op = &s->ops[i + n];
+        arg(s, 1 + n, s->arena + op->off, op->len);
+        n++;
+    }
+    pipe_cmd(s, n + 1, PEND_INT, i, n, false);
+    return i + n;
+}
+
+/* ---- SCAN loops ------------------------------------------------------ */
+
+static void pipe_scan(Sink *s, const char *cursor, size_t op)
+{
+    const SinkOp *o = &s->ops[op];
+
+    argv_reserve(s, 6);
+    arg_str(s, 0, "SCAN");
+    arg_str(s, 1, cursor);
+    arg_str(s, 2, "MATCH");
+    arg(s, 3, s->arena + o->off, o->len);
+    arg_str(s, 4, "COUNT");
+    arg_str(s, 5, SINK_SCAN_COUNT);
+    pipe_cmd(s, 6, PEND_SCAN, op, 0, false);
+}
+
+/* Queue the pattern op's action for one page of matched keys. */
+static void pipe_matches(Sink *s, size_t op, const redisReply *keys)
+{
+    size_t n = keys->elements;
+    const char **kp = xrealloc(NULL, (n ? n : 1) * sizeof *kp);
+    size_t *kl = xrealloc(NULL, (n ? n : 1) * sizeof *kl);
+
+    for (size_t i = 0; i < n; i++) {
+        kp[i] = keys->element[i]->str;
+        kl[i] = keys->element[i]->len;
+    }
+    switch (s->ops[op].action) {
+    case RULES_INV_TAG_PATTERN:
+        for (size_t i = 0; i < n; i++)
+            pipe_tag(s, kp[i], kl[i], op, true);
+        break;
+    case RULES_INV_VERSION_PATTERN:
+        for (size_t i = 0; i < n; i++)
+            pipe_incr(s, kp[i], kl[i], op, true);
+        break;
+    default:
+        pipe_delete(s, kp, kl, n, op, true);
+        break;
+    }
+    free(kp);
+    free(kl);
+}
+
+/* Apply pattern op `op`: SCAN the whole keyspace for its pattern. The
+ * actions for each page are sent together with the next SCAN request. The
+ * pipeline must be empty on entry. */
+static int run_scan(Sink *s, size_t op)
+{
+    char cursor[32] = "0";
+
+    pipe_scan(s, cursor, op);
+    for (;;) {
+        redisReply *page = NULL;
+        if (drain(s, &page) < 0)
+            return -1;
+        if (page == NULL)
+            return 0; /* the last page's actions were acknowledged */
+        const redisReply *next = page->element[0];
+        for (size_t i = 0; i < page->element[1]->elements; i++)
+            if (page->element[1]->element[i]->type != REDIS_REPLY_STRING) {
+                set_err(s, "redis SCAN returned a non-string key");
+                freeReplyObject(page);
+                return -1;
+            }
+        pipe_matches(s, op, page->element[1]);
+        snprintf(cursor, sizeof cursor, "%s", next->str);
+        freeReplyObject(page);
+        if (strcmp(cursor, "0") != 0)
+            pipe_scan(s, cursor, op);
+    }
+}
+
+/* ---- flush ----------------------------------------------------------- */
+
+static bool batch_has_tags(const Sink *s)
+{
+    for (size_t i = 0; i < s->nops; i++)
+        if (s->ops[i].action == RULES_INV_TAG || s->ops[i].action == RULES_INV_TAG_PATTERN)
+            return true;
+    return false;
+}
+
+/* Learn the tag script's SHA1 (once per sink) with a synchronous SCRIPT LOAD. */
+static int learn_sha(Sink *s)
+{
+    const char *argv[3] = {"SCRIPT", "LOAD", redis_tag_invalidate_lua};
+    size_t lens[3] = {6, 4, strlen(redis_tag_invalidate_lua)};
+    redisReply *r;
+    char t[300];
+
+    if (s->sha[0] != '\0')
+        return 0;
+    if (command(s, "SCRIPT LOAD", 3, argv, lens, &r) < 0)
+        return -1;
+    if (r->type != REDIS_REPLY_STRING || r->len != 40) {
+        set_err(s, "redis at %s refused SCRIPT LOAD of the tag script: %s", target(s, t, sizeof t),
+                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        return -1;
+    }
+    memcpy(s->sha, r->str, 41);
+    freeReplyObject(r);
+    return 0;
+}
+
+/* Send the watermark and, when tags are queued, the script (so EVALSHA
+ * cannot meet NOSCRIPT after a SCRIPT FLUSH or restart). */
+static void pipe_prologue(Sink *s, bool tags)
+{
+    argv_reserve(s, 3);
+    if (s->wm_key != NULL) {
+        arg_str(s, 0, "SET");
+        arg_str(s, 1, s->wm_key);
+        arg_str(s, 2, s->wm_value);
+        pipe_cmd(s, 3, PEND_OK, SINK_NO_OP, 0, false);
+        s->pend[s->npend - 1].cmd = "the watermark SET";
+    }
+    if (tags) {
+        arg_str(s, 0, "SCRIPT");
+        arg_str(s, 1, "LOAD");
+        arg_str(s, 2, redis_tag_invalidate_lua);
+        pipe_cmd(s, 3, PEND_SHA, SINK_NO_OP, 0, false);
+        s->pend[s->npend - 1].cmd = "SCRIPT LOAD";
+    }
+}
+
+static int flush_batch(Sink *s)
+{
+    bool tags = batch_has_tags(s);
+    size_t i = 0;
+
+    if (tags && learn_sha(s) < 0)
+        return -1;
+    s->npend = 0;
+    pipe_prologue(s, tags);
+    while (i < s->nops) {
+        const SinkOp *op = &s->ops[i];
+        const char *str = s->arena + op->off;
+        switch (op->action) {
+        case RULES_INV_KEY:
+            i = pipe_key_run(s, i);
+            continue;
+        case RULES_INV_TAG:
+            pipe_tag(s, str, op->len, i, false);
+            break;
+        case RULES_INV_VERSION:
+            pipe_incr(s, str, op->len, i, false);
+            break;
+        case RULES_INV_PUBLISH:
+            argv_reserve(s, 3);
+            arg_str(s, 0, "PUBLISH");
+            arg(s, 1, str, op->len);
+            arg(s, 2, s->arena + op->payload_off, op->payload_len);
+            pipe_cmd(s, 3, PEND_INT, i, 1, false);
+            break;
+        case RULES_INV_PATTERN:
+        case RULES_INV_TAG_PATTERN:
+        case RULES_INV_VERSION_PATTERN:
+            if (drain(s, NULL) < 0 || run_scan(s, i) < 0)
+                return -1;
+            break;
+        }
+        i++;
+    }
+    return drain(s, NULL);
+}
+
+int sink_flush(Sink *s)
+{
+    if (!sink_dirty(s))
+        return 0;
+    if (s->c == NULL && sink_connect(s) < 0)
+        goto fail;
+    if (flush_batch(s) < 0) {
+        /* After an error reply the stream is in sync, but a half-drained
+         * pipeline (error in an earlier drain) is not: start afresh. */
+        if (s->c != NULL && s->npend > 0)
+            disconnect(s);
+        goto fail;
+    }
+    count_applied(s);
+    batch_clear(s);
+    return 0;
+fail:
+    s->stats.errors++;
+    return -1;
+}
