@@ -74,6 +74,13 @@ $(BUILD)/tests/test_%: tests/unit/test_%.c
 unit: $(UNIT_BINS)
 	$(Q)set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
+# The Redis sink against a real Redis named by WALBUST_REDIS (scripts/stack).
+$(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/redisurl.o \
+                          $(BUILD)/obj/redis_scripts.o
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
+
 # Everything: unit tests, then pgTAP and end-to-end tests on a local stack.
 test: deps $(BUILD)/walbust unit
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust tests/run
