@@ -216,7 +216,7 @@ int opts_parse(int argc, char **argv, Config *cfg)
         int rc;
 
         if (c == 'h') {
-            opts_usage(stdout, cmd);
+            cfg->help_for = cmd;
             cfg->command = CMD_HELP;
             return 0;
         }
