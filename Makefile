@@ -3,7 +3,7 @@
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 BUILD   ?= build
-PKGS     = libpq hiredis libcjson
+PKGS     = libpq hiredis libcjson libmicrohttpd libsystemd
 # Messages are deliberately cut to their buffers, so truncation is not an error.
 WARN     = -std=c11 -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror -Wno-format-truncation
 CPPFLAGS += -D_GNU_SOURCE -Icdc -I$(BUILD)/gen $(shell pkg-config --cflags $(PKGS))
@@ -22,7 +22,8 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
-            cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c
+            cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
+            cdc/metrics.c cdc/notify.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -30,7 +31,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench
@@ -66,6 +67,8 @@ $(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
+$(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o
+$(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_%: tests/unit/test_%.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"

@@ -1,0 +1,660 @@
+/*
+ * metrics.c — Prometheus metrics and health endpoints (see metrics.h).
+ *
+ * Two threads share a Metrics: the daemon's loop records events, and
+ * libmicrohttpd's internal polling thread renders them on request. Plain
+ * counters and gauges are C11 atomics (relaxed: each value is independent,
+ * a scrape needs no cross-metric snapshot). The labelled counters
+ * (changes{table,op}, widened{table}), the per-target Redis state and the
+ * histogram sit behind one mutex, held only for a lookup-and-add or while
+ * rendering copies them into text.
+ *
+ * A labelled counter map is an array of entries in first-seen order (so the
+ * output is stable from scrape to scrape) plus an open-addressing index of
+ * entry positions keyed by a hash of the label values, so recording a change
+ * costs one hash and usually one comparison however many tables there are.
+ *
+ * The listening socket is created here rather than by libmicrohttpd so a
+ * bind failure can name the address and the errno ("address in use"), and
+ * so ":PORT" can mean every interface, IPv6 and IPv4 alike.
+ */
+#include "metrics.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef WALBUST_VERSION
+#define WALBUST_VERSION "0.0.0"
+#endif
+
+#define METRICS_MAX_TARGETS 8
+
+/* Upper bounds (seconds) of walbust_commit_to_ack_seconds; +Inf is implied. */
+static const double ack_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                     0.5,   1,      2.5,   5,    10,    30,    60,  300};
+#define ACK_NBUCKETS (sizeof ack_buckets / sizeof ack_buckets[0])
+
+static const char *const action_names[METRICS_ACTION_COUNT] = {"key", "pattern", "tag",
+                                                               "version", "publish"};
+
+typedef struct LabelEntry {
+    char *a;        /* first label value */
+    char *b;        /* second label value, or NULL for a one-label metric */
+    uint32_t hash;
+    uint64_t value;
+} LabelEntry;
+
+typedef struct LabelMap {
+    LabelEntry *entries;    /* in first-seen order */
+    size_t n, cap;
+    uint32_t *index;        /* entry position + 1; 0 = empty slot */
+    size_t index_cap;       /* power of two, kept at most half full */
+} LabelMap;
+
+typedef struct RedisTarget {
+    char *name;             /* NULL: index never reported */
+    bool up;
+} RedisTarget;
+
+struct Metrics {
+    atomic_uint_fast64_t counters[METRICS_COUNTER_COUNT];
+    atomic_uint_fast64_t actions[METRICS_ACTION_COUNT];
+    atomic_uint_fast64_t confirmed, received, server_end;
+    atomic_bool postgres_up;
+
+    pthread_mutex_t lock;   /* guards everything below */
+    LabelMap changes;       /* table, op */
+    LabelMap widened;       /* table */
+    RedisTarget targets[METRICS_MAX_TARGETS];
+    uint64_t ack_counts[ACK_NBUCKETS + 1];  /* per bucket, not cumulative; last = +Inf */
+    double ack_sum;
+    uint64_t ack_count;
+
+    struct MHD_Daemon *daemon;
+};
+
+/* ---- memory ------------------------------------------------------------ */
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL) {
+        fprintf(stderr, "walbust: out of memory (metrics, %zu bytes)\n", n);
+        abort();
+    }
+    return p;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL) {
+        fprintf(stderr, "walbust: out of memory (metrics, %zu bytes)\n", n);
+        abort();
+    }
+    return q;
+}
+
+static char *xstrdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    return memcpy(xmalloc(n), s, n);
+}
+
+/* ---- labelled counter maps ---------------------------------------------- */
+
+static uint32_t label_hash(const char *a, const char *b)
+{
+    uint32_t h = 2166136261u; /* FNV-1a over a, a NUL, then b */
+    for (const unsigned char *p = (const unsigned char *)a; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    h = (h ^ 0xff) * 16777619u;
+    if (b != NULL)
+        for (const unsigned char *p = (const unsigned char *)b; *p; p++)
+            h = (h ^ *p) * 16777619u;
+    return h;
+}
+
+static void labelmap_reindex(LabelMap *map, size_t cap)
+{
+    free(map->index);
+    map->index = xmalloc(cap * sizeof *map->index);
+    memset(map->index, 0, cap * sizeof *map->index);
+    map->index_cap = cap;
+    for (size_t i = 0; i < map->n; i++) {
+        size_t slot = map->entries[i].hash & (cap - 1);
+        while (map->index[slot] != 0)
+            slot = (slot + 1) & (cap - 1);
+        map->index[slot] = (uint32_t)(i + 1);
+    }
+}
+
+/* Add n to the entry (a, b), creating it at 0 first if it is new. */
+static void labelmap_add(LabelMap *map, const char *a, const char *b, uint64_t n)
+{
+    uint32_t h = label_hash(a, b);
+    size_t slot;
+
+    if (map->index_cap == 0 || (map->n + 1) * 2 > map->index_cap)
+        labelmap_reindex(map, map->index_cap ? map->index_cap * 2 : 16);
+    slot = h & (map->index_cap - 1);
+    for (; map->index[slot] != 0; slot = (slot + 1) & (map->index_cap - 1)) {
+        LabelEntry *e = &map->entries[map->index[slot] - 1];
+        if (e->hash == h && strcmp(e->a, a) == 0 &&
+            (b == NULL ? e->b == NULL : e->b != NULL && strcmp(e->b, b) == 0)) {
+            e->value += n;
+            return;
+        }
+    }
+    if (map->n == map->cap) {
+        map->cap = map->cap ? map->cap * 2 : 16;
+        map->entries = xrealloc(map->entries, map->cap * sizeof *map->entries);
+    }
+    map->entries[map->n] = (LabelEntry){xstrdup(a), b ? xstrdup(b) : NULL, h, n};
+    map->index[slot] = (uint32_t)(++map->n);
+}
+
+static void labelmap_release(LabelMap *map)
+{
+    for (size_t i = 0; i < map->n; i++) {
+        free(map->entries[i].a);
+        free(map->entries[i].b);
+    }
+    free(map->entries);
+    free(map->index);
+    memset(map, 0, sizeof *map);
+}
+
+/* ---- lifecycle and recording ------------------------------------------- */
+
+Metrics *metrics_new(void)
+{
+    Metrics *m = xmalloc(sizeof *m);
+
+    memset(m, 0, sizeof *m);
+    for (int i = 0; i < METRICS_COUNTER_COUNT; i++)
+        atomic_init(&m->counters[i], 0);
+    for (int i = 0; i < METRICS_ACTION_COUNT; i++)
+        atomic_init(&m->actions[i], 0);
+    atomic_init(&m->confirmed, 0);
+    atomic_init(&m->received, 0);
+    atomic_init(&m->server_end, 0);
+    atomic_init(&m->postgres_up, false);
+    if (pthread_mutex_init(&m->lock, NULL) != 0) {
+        fprintf(stderr, "walbust: could not initialise the metrics mutex\n");
+        abort();
+    }
+    return m;
+}
+
+void metrics_free(Metrics *m)
+{
+    if (m == NULL)
+        return;
+    if (m->daemon != NULL)
+        MHD_stop_daemon(m->daemon); /* joins the HTTP thread, closes the socket */
+    labelmap_release(&m->changes);
+    labelmap_release(&m->widened);
+    for (int i = 0; i < METRICS_MAX_TARGETS; i++)
+        free(m->targets[i].name);
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+}
+
+void metrics_inc(Metrics *m, MetricsCounter c, uint64_t n)
+{
+    if (m == NULL || (int)c < 0 || c >= METRICS_COUNTER_COUNT)
+        return;
+    atomic_fetch_add_explicit(&m->counters[c], n, memory_order_relaxed);
+}
+
+void metrics_invalidations(Metrics *m, MetricsAction a, uint64_t n)
+{
+    if (m == NULL || (int)a < 0 || a >= METRICS_ACTION_COUNT)
+        return;
+    atomic_fetch_add_explicit(&m->actions[a], n, memory_order_relaxed);
+}
+
+void metrics_change(Metrics *m, const char *table, const char *op)
+{
+    if (m == NULL || table == NULL || op == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    labelmap_add(&m->changes, table, op, 1);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_widened(Metrics *m, const char *table, uint64_t n)
+{
+    if (m == NULL || table == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    labelmap_add(&m->widened, table, NULL, n);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64_t server_end)
+{
+    if (m == NULL)
+        return;
+    atomic_store_explicit(&m->confirmed, confirmed, memory_order_relaxed);
+    atomic_store_explicit(&m->received, received, memory_order_relaxed);
+    atomic_store_explicit(&m->server_end, server_end, memory_order_relaxed);
+}
+
+void metrics_commit_to_ack(Metrics *m, double seconds)
+{
+    size_t b = 0;
+
+    if (m == NULL || isnan(seconds))
+        return;
+    /* A commit stamped ahead of our clock (skew between hosts) counts as 0:
+     * a negative observation would make _sum decrease, which Prometheus
+     * reads as a counter reset. */
+    if (seconds < 0)
+        seconds = 0;
+    while (b < ACK_NBUCKETS && seconds > ack_buckets[b])
+        b++;
+    pthread_mutex_lock(&m->lock);
+    m->ack_counts[b]++;
+    m->ack_sum += isinf(seconds) ? 0 : seconds;
+    m->ack_count++;
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_postgres_up(Metrics *m, bool up)
+{
+    if (m == NULL)
+        return;
+    atomic_store_explicit(&m->postgres_up, up, memory_order_relaxed);
+}
+
+void metrics_redis_up(Metrics *m, int index, const char *target, bool up)
+{
+    if (m == NULL || index < 0 || index >= METRICS_MAX_TARGETS)
+        return;
+    pthread_mutex_lock(&m->lock);
+    RedisTarget *t = &m->targets[index];
+    if (target != NULL && (t->name == NULL || strcmp(t->name, target) != 0)) {
+        free(t->name);
+        t->name = xstrdup(target);
+    } else if (t->name == NULL) {
+        t->name = xstrdup("");
+    }
+    t->up = up;
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* Every reported target up and at least one reported. Caller holds lock.
+ * On false, writes the reason into why (when why != NULL). */
+static bool redis_all_up_locked(const Metrics *m, char *why, size_t whylen)
+{
+    int seen = 0;
+
+    for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
+        if (m->targets[i].name == NULL)
+            continue;
+        seen++;
+        if (!m->targets[i].up) {
+            if (why != NULL)
+                snprintf(why, whylen, "redis target %s is down", m->targets[i].name);
+            return false;
+        }
+    }
+    if (seen == 0 && why != NULL)
+        snprintf(why, whylen, "no redis target has answered yet");
+    return seen > 0;
+}
+
+/* Readiness with the reason it is not ready. */
+static bool metrics_ready_why(Metrics *m, char *why, size_t whylen)
+{
+    bool ok;
+
+    if (!atomic_load_explicit(&m->postgres_up, memory_order_relaxed)) {
+        snprintf(why, whylen, "not streaming from postgresql");
+        return false;
+    }
+    pthread_mutex_lock(&m->lock);
+    ok = redis_all_up_locked(m, why, whylen);
+    pthread_mutex_unlock(&m->lock);
+    return ok;
+}
+
+bool metrics_ready(Metrics *m)
+{
+    char why[256];
+    return m != NULL && metrics_ready_why(m, why, sizeof why);
+}
+
+/* ---- rendering ---------------------------------------------------------- */
+
+typedef struct StrBuf {
+    char *data;
+    size_t len, cap;
+} StrBuf;
+
+static void sb_printf(StrBuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void sb_printf(StrBuf *sb, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    for (;;) {
+        va_start(ap, fmt);
+        n = vsnprintf(sb->data + sb->len, sb->cap - sb->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            fprintf(stderr, "walbust: metrics formatting failed\n");
+            abort();
+        }
+        if ((size_t)n < sb->cap - sb->len)
+            break;
+        sb->cap = (sb->cap + (size_t)n + 1) * 2;
+        sb->data = xrealloc(sb->data, sb->cap);
+    }
+    sb->len += (size_t)n;
+}
+
+/* A label value escaped per the text format: \\, \" and \n. */
+static void sb_label(StrBuf *sb, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\\')
+            sb_printf(sb, "\\\\");
+        else if (*v == '"')
+            sb_printf(sb, "\\\"");
+        else if (*v == '\n')
+            sb_printf(sb, "\\n");
+        else
+            sb_printf(sb, "%c", *v);
+    }
+}
+
+static void sb_header(StrBuf *sb, const char *name, const char *type, const char *help)
+{
+    sb_printf(sb, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void sb_scalar(StrBuf *sb, const char *name, const char *type, const char *help,
+                      uint64_t v)
+{
+    sb_header(sb, name, type, help);
+    sb_printf(sb, "%s %llu\n", name, (unsigned long long)v);
+}
+
+static void render_labelmap(StrBuf *sb, const char *name, const LabelMap *map,
+                            const char *la, const char *lb)
+{
+    for (size_t i = 0; i < map->n; i++) {
+        const LabelEntry *e = &map->entries[i];
+        sb_printf(sb, "%s{%s=\"", name, la);
+        sb_label(sb, e->a);
+        if (lb != NULL && e->b != NULL) {
+            sb_printf(sb, "\",%s=\"", lb);
+            sb_label(sb, e->b);
+        }
+        sb_printf(sb, "\"} %llu\n", (unsigned long long)e->value);
+    }
+}
+
+static void render_counters(StrBuf *sb, Metrics *m)
+{
+    sb_header(sb, "walbust_changes_total", "counter",
+              "Row changes decoded from committed transactions, by table and operation.");
+    render_labelmap(sb, "walbust_changes_total", &m->changes, "table", "op");
+    sb_scalar(sb, "walbust_transactions_total", "counter",
+              "Committed transactions decoded.",
+              atomic_load_explicit(&m->counters[METRICS_TRANSACTIONS], memory_order_relaxed));
+    sb_header(sb, "walbust_invalidations_total", "counter",
+              "Invalidations applied to Redis, by action.");
+    for (int a = 0; a < METRICS_ACTION_COUNT; a++)
+        sb_printf(sb, "walbust_invalidations_total{action=\"%s\"} %llu\n", action_names[a],
+                  (unsigned long long)atomic_load_explicit(&m->actions[a],
+                                                           memory_order_relaxed));
+    sb_header(sb, "walbust_widened_total", "counter",
+              "Keys widened to patterns because a needed value was missing, by table.");
+    render_labelmap(sb, "walbust_widened_total", &m->widened, "table", NULL);
+    sb_scalar(sb, "walbust_redis_errors_total", "counter", "Failed Redis batches.",
+              atomic_load_explicit(&m->counters[METRICS_REDIS_ERRORS], memory_order_relaxed));
+    sb_scalar(sb, "walbust_retries_total", "counter", "Redis batch retries after a failure.",
+              atomic_load_explicit(&m->counters[METRICS_RETRIES], memory_order_relaxed));
+}
+
+static void render_positions(StrBuf *sb, Metrics *m)
+{
+    uint64_t confirmed = atomic_load_explicit(&m->confirmed, memory_order_relaxed);
+    uint64_t received = atomic_load_explicit(&m->received, memory_order_relaxed);
+    uint64_t server_end = atomic_load_explicit(&m->server_end, memory_order_relaxed);
+    /* The server's WAL end is only learnt from keepalives; what we have
+     * received is a lower bound for it. */
+    uint64_t end = server_end > received ? server_end : received;
+
+    sb_scalar(sb, "walbust_confirmed_lsn", "gauge",
+              "LSN (as bytes) confirmed to PostgreSQL: every invalidation before it is in Redis.",
+              confirmed);
+    sb_scalar(sb, "walbust_received_lsn", "gauge", "LSN (as bytes) received from PostgreSQL.",
+              received);
+    sb_scalar(sb, "walbust_server_lsn", "gauge",
+              "PostgreSQL's WAL end (as bytes) as last reported by the server.", end);
+    sb_scalar(sb, "walbust_lag_bytes", "gauge",
+              "Bytes of WAL between the server's WAL end and the confirmed LSN.",
+              end > confirmed ? end - confirmed : 0);
+}
+
+static void render_histogram(StrBuf *sb, Metrics *m)
+{
+    uint64_t cum = 0;
+
+    sb_header(sb, "walbust_commit_to_ack_seconds", "histogram",
+              "Seconds from a transaction's commit timestamp to Redis acknowledging it.");
+    for (size_t b = 0; b < ACK_NBUCKETS; b++) {
+        cum += m->ack_counts[b];
+        sb_printf(sb, "walbust_commit_to_ack_seconds_bucket{le=\"%g\"} %llu\n", ack_buckets[b],
+                  (unsigned long long)cum);
+    }
+    cum += m->ack_counts[ACK_NBUCKETS];
+    sb_printf(sb, "walbust_commit_to_ack_seconds_bucket{le=\"+Inf\"} %llu\n",
+              (unsigned long long)cum);
+    sb_printf(sb, "walbust_commit_to_ack_seconds_sum %.9g\n", m->ack_sum);
+    sb_printf(sb, "walbust_commit_to_ack_seconds_count %llu\n", (unsigned long long)m->ack_count);
+}
+
+static void render_health(StrBuf *sb, Metrics *m)
+{
+    sb_scalar(sb, "walbust_postgres_up", "gauge",
+              "1 while streaming from PostgreSQL, else 0.",
+              atomic_load_explicit(&m->postgres_up, memory_order_relaxed) ? 1 : 0);
+    sb_scalar(sb, "walbust_redis_up", "gauge",
+              "1 while every Redis target answers, else 0.",
+              redis_all_up_locked(m, NULL, 0) ? 1 : 0);
+    sb_header(sb, "walbust_redis_target_up", "gauge", "1 while this Redis target answers.");
+    for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
+        if (m->targets[i].name == NULL)
+            continue;
+        sb_printf(sb, "walbust_redis_target_up{target=\"");
+        sb_label(sb, m->targets[i].name);
+        sb_printf(sb, "\"} %d\n", m->targets[i].up ? 1 : 0);
+    }
+}
+
+char *metrics_render(Metrics *m)
+{
+    StrBuf sb = {xmalloc(4096), 0, 4096};
+
+    sb.data[0] = '\0';
+    sb_header(&sb, "walbust_build_info", "gauge", "walbust version.");
+    sb_printf(&sb, "walbust_build_info{version=\"%s\"} 1\n", WALBUST_VERSION);
+    pthread_mutex_lock(&m->lock);
+    render_counters(&sb, m);
+    render_positions(&sb, m);
+    render_histogram(&sb, m);
+    render_health(&sb, m);
+    pthread_mutex_unlock(&m->lock);
+    return sb.data;
+}
+
+/* ---- HTTP --------------------------------------------------------------- */
+
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned int status, char *body,
+                             const char *ctype)
+{
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    enum MHD_Result ret;
+
+    if (r == NULL) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    ret = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
+                              const char *method, const char *version, const char *upload_data,
+                              size_t *upload_data_size, void **con_cls)
+{
+    static const char text[] = "text/plain; charset=utf-8";
+    Metrics *m = cls;
+    char why[300];
+
+    (void)version;
+    (void)upload_data;
+    (void)upload_data_size;
+    (void)con_cls;
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
+        return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, xstrdup("method not allowed\n"), text);
+    if (strcmp(url, "/metrics") == 0)
+        return reply(conn, MHD_HTTP_OK, metrics_render(m), "text/plain; version=0.0.4; charset=utf-8");
+    if (strcmp(url, "/healthz") == 0)
+        return reply(conn, MHD_HTTP_OK, xstrdup("ok\n"), text);
+    if (strcmp(url, "/readyz") == 0) {
+        if (metrics_ready_why(m, why, sizeof why - 1))
+            return reply(conn, MHD_HTTP_OK, xstrdup("ready\n"), text);
+        strcat(why, "\n");
+        return reply(conn, MHD_HTTP_SERVICE_UNAVAILABLE, xstrdup(why), text);
+    }
+    return reply(conn, MHD_HTTP_NOT_FOUND,
+                 xstrdup("not found: try /metrics, /healthz or /readyz\n"), text);
+}
+
+/* Split "host:port", "[v6]:port" or ":port" into host (empty = any) and port. */
+static int split_addr(const char *addr, char *host, size_t hostlen, char *port, size_t portlen)
+{
+    const char *colon;
+    size_t hl;
+
+    if (addr[0] == '[') {
+        const char *close = strchr(addr, ']');
+        if (close == NULL || close[1] != ':')
+            return -1;
+        hl = (size_t)(close - addr - 1);
+        addr++;
+        colon = close + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (colon == NULL)
+            return -1;
+        hl = (size_t)(colon - addr);
+    }
+    if (hl >= hostlen || strlen(colon + 1) >= portlen || colon[1] == '\0' ||
+        strspn(colon + 1, "0123456789") != strlen(colon + 1))
+        return -1;
+    memcpy(host, addr, hl);
+    host[hl] = '\0';
+    strcpy(port, colon + 1);
+    return 0;
+}
+
+/* Resolve, create, bind and listen. Returns the socket or -1 with err set. */
+static int open_listener(const char *addr, char *err, size_t errlen)
+{
+    char host[256], port[16];
+    struct addrinfo hints = {0}, *res = NULL;
+    int fd = -1, rc, one = 1, zero = 0;
+
+    if (split_addr(addr, host, sizeof host, port, sizeof port) != 0) {
+        snprintf(err, errlen,
+                 "invalid metrics address \"%s\": use HOST:PORT, [IPV6]:PORT, :PORT or off", addr);
+        return -1;
+    }
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    hints.ai_family = host[0] == '\0' ? AF_INET6 : AF_UNSPEC;
+    rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+    if (rc != 0 && host[0] == '\0') { /* no IPv6 on this machine: IPv4 only */
+        hints.ai_family = AF_INET;
+        rc = getaddrinfo(NULL, port, &hints, &res);
+    }
+    if (rc != 0) {
+        snprintf(err, errlen, "could not resolve metrics address \"%s\": %s", addr,
+                 gai_strerror(rc));
+        return -1;
+    }
+    fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (res->ai_family == AF_INET6 && host[0] == '\0') /* ":port": IPv4 too */
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+        if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+            int e = errno;
+            close(fd);
+            fd = -1;
+            errno = e;
+        }
+    }
+    if (fd < 0)
+        snprintf(err, errlen,
+                 "could not listen for metrics on %s: %s (choose another --metrics "
+                 "address, or --metrics off)",
+                 addr, strerror(errno));
+    freeaddrinfo(res);
+    return fd;
+}
+
+int metrics_listen(Metrics *m, const char *addr, char *err, size_t errlen)
+{
+    int fd;
+
+    if (addr == NULL || strcmp(addr, "off") == 0)
+        return 0;
+    if (m->daemon != NULL) {
+        snprintf(err, errlen, "metrics server already listening");
+        return -1;
+    }
+    fd = open_listener(addr, err, errlen);
+    if (fd < 0)
+        return -1;
+    m->daemon = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, NULL, NULL, handle, m,
+                                 MHD_OPTION_LISTEN_SOCKET, fd,
+                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10,
+                                 MHD_OPTION_END);
+    if (m->daemon == NULL) {
+        /* Whether libmicrohttpd closed the socket on failure depends on its
+         * version; at start-up no other thread opens descriptors, so close
+         * it only if it is still open. */
+        if (fcntl(fd, F_GETFD) != -1)
+            close(fd);
+        snprintf(err, errlen, "could not start the metrics server on %s", addr);
+        return -1;
+    }
+    return 0;
+}
