@@ -19,7 +19,7 @@ endif
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
-PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
+PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
@@ -63,7 +63,7 @@ $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 
 # One cmocka binary per pure module, linked against the same objects.
 $(BUILD)/tests/test_pgo: $(BUILD)/obj/pgo.o
-$(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/jsonpos.o
+$(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o

@@ -1,0 +1,623 @@
+/*
+ * rules_eval.c — evaluating compiled rules against row changes, and checking
+ * them against the live catalog (see rules.h, SPEC §1.7, §1.8, §3).
+ *
+ * For each change the rules for its table are found through the table hash;
+ * each rule resolves its column names to the change's column indexes once
+ * per relation shape (cached by colnames pointer and ncols, and verified by
+ * name so a recycled pointer is re-resolved; a stale miss can only widen).
+ * Renderings are collected into scratch memory owned by the Rules (no
+ * allocation per change once warm), deduplicated, and emitted keys →
+ * patterns → tags → versions → publishes. Because of that scratch memory and
+ * the cache, rules_eval() must not run on the same Rules from two threads at
+ * once.
+ */
+#include "rules.h"
+
+#include "rules_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- evaluation: column resolution and the changed filter ---------------------- */
+
+static long find_col(const RulesChange *chg, const char *name)
+{
+    for (size_t i = 0; i < chg->ncols; i++)
+        if (chg->colnames[i] != NULL && strcmp(chg->colnames[i], name) == 0)
+            return (long)i;
+    return -1;
+}
+
+/* Map the rule's column names to the change's column indexes, reusing the
+ * last mapping while the relation shape (colnames pointer, ncols) is the same
+ * and every column it found still has the same name. */
+static void resolve_cols(const Rule *rule, const RulesChange *chg)
+{
+    ColCache *cc = rule->cache;
+    bool same = cc->valid && cc->names == chg->colnames && cc->ncols == chg->ncols;
+
+    for (size_t k = 0; same && k < rule->ncols; k++)
+        same = cc->idx[k] < 0 || strcmp(chg->colnames[cc->idx[k]], rule->cols[k]) == 0;
+    if (same)
+        return;
+    for (size_t k = 0; k < rule->ncols; k++)
+        cc->idx[k] = chg->colnames != NULL ? find_col(chg, rule->cols[k]) : -1;
+    cc->names = chg->colnames;
+    cc->ncols = chg->ncols;
+    cc->valid = true;
+}
+
+static const RulesValue missing_value = {RULES_VAL_MISSING, NULL, 0};
+
+/* The value of rule column k in one image (old when use_old). */
+static const RulesValue *col_value(const Rule *rule, const RulesChange *chg, size_t k, bool use_old)
+{
+    const RulesValue *vals = use_old ? chg->old_vals : chg->new_vals;
+    long i = rule->cache->idx[k];
+
+    if (vals == NULL || i < 0)
+        return &missing_value;
+    return &vals[i];
+}
+
+/* The `changed` filter for an update: did any listed column change? A value
+ * not carried (MISSING) counts as changed; a column the table lacks, not. */
+static bool changed_hit(const Rule *rule, const RulesChange *chg)
+{
+    for (size_t i = 0; i < rule->nchanged; i++) {
+        size_t k = rule->changed[i];
+        const RulesValue *o = col_value(rule, chg, k, true);
+        const RulesValue *n = col_value(rule, chg, k, false);
+        if (rule->cache->idx[k] < 0)
+            continue;
+        if (o->kind == RULES_VAL_MISSING || o->kind != n->kind)
+            return true;
+        if (o->kind == RULES_VAL_TEXT &&
+            (o->len != n->len || (o->len > 0 && memcmp(o->data, n->data, o->len) != 0)))
+            return true;
+    }
+    return false;
+}
+
+/* ---- evaluation: rendering -------------------------------------------------------- */
+
+typedef struct Eval {
+    const Rules *r;
+    const RulesChange *chg;
+    Scratch *sc;
+} Eval;
+
+static const RulesValue *seg_value(const Eval *ev, const Rule *rule, const Seg *s, bool any_old)
+{
+    bool use_old = s->kind == SEG_OLD || (s->kind == SEG_ANY && any_old);
+    return col_value(rule, ev->chg, s->col, use_old);
+}
+
+static void push_item(Eval *ev, RulesInvAction action, size_t rule, size_t off, size_t skip,
+                      bool widened)
+{
+    static const unsigned phase_of[] = {
+        [RULES_INV_KEY] = 0,         [RULES_INV_PATTERN] = 1, [RULES_INV_TAG] = 2,
+        [RULES_INV_TAG_PATTERN] = 2, [RULES_INV_VERSION] = 3, [RULES_INV_VERSION_PATTERN] = 3,
+        [RULES_INV_PUBLISH] = 4,
+    };
+    Scratch *sc = ev->sc;
+
+    sc->items = grow(sc->items, &sc->itemcap, sc->nitems + 1, sizeof *sc->items);
+    sc->items[sc->nitems++] =
+        (Item){action, phase_of[action], rule, off, sc->strs.len - off, skip, widened};
+    buf_put(&sc->strs, "", 0); /* keep the NUL; next string starts after it */
+    sc->strs.len++;
+}
+
+static RulesInvAction action_for(int kind, bool pattern)
+{
+    switch (kind) {
+    case TPL_KEY:
+        return pattern ? RULES_INV_PATTERN : RULES_INV_KEY;
+    case TPL_PATTERN:
+        return RULES_INV_PATTERN;
+    case TPL_TAG:
+        return pattern ? RULES_INV_TAG_PATTERN : RULES_INV_TAG;
+    default:
+        return pattern ? RULES_INV_VERSION_PATTERN : RULES_INV_VERSION;
+    }
+}
+
+/* Render one template once. any_old: {col} reads the old image. On truncate
+ * every placeholder is `*`. A NULL value suppresses the rendering; a MISSING
+ * value becomes `*` and turns the whole rendering into an escaped pattern. */
+static void render_one(Eval *ev, size_t ri, const Template *t, int kind, bool any_old)
+{
+    const Rule *rule = &ev->r->rules[ri];
+    bool trunc = ev->chg->op == RULES_TRUNCATE, wide = trunc && t->nph > 0;
+    Buf *b = &ev->sc->strs;
+    size_t off = b->len, skip = 0;
+
+    for (size_t i = 0; !trunc && i < t->nsegs; i++) {
+        if (t->segs[i].kind == SEG_LIT)
+            continue;
+        RulesValKind vk = seg_value(ev, rule, &t->segs[i], any_old)->kind;
+        if (vk == RULES_VAL_NULL)
+            return; /* no entity, no key */
+        wide = wide || vk == RULES_VAL_MISSING;
+    }
+    if (kind == TPL_TAG) {
+        if (wide)
+            buf_put_escaped(b, ev->r->tag_prefix, strlen(ev->r->tag_prefix));
+        else
+            buf_puts(b, ev->r->tag_prefix);
+        skip = b->len - off;
+    }
+    for (size_t i = 0; i < t->nsegs; i++) {
+        const Seg *s = &t->segs[i];
+        const RulesValue *v = s->kind == SEG_LIT || trunc ? NULL : seg_value(ev, rule, s, any_old);
+        if (s->kind == SEG_LIT && (kind == TPL_PATTERN || !wide))
+            buf_put(b, s->text, s->len); /* a pattern's literal text is the author's glob */
+        else if (s->kind == SEG_LIT)
+            buf_put_escaped(b, s->text, s->len);
+        else if (v == NULL || v->kind == RULES_VAL_MISSING)
+            buf_puts(b, "*");
+        else if (kind == TPL_PATTERN || wide)
+            buf_put_escaped(b, v->data, v->len);
+        else
+            buf_put(b, v->data, v->len);
+    }
+    push_item(ev, action_for(kind, wide), ri, off, skip, wide && !trunc);
+}
+
+/* Render a template for the change's event: from the images it has. */
+static void render_template(Eval *ev, size_t ri, const Template *t, int kind)
+{
+    switch (ev->chg->op) {
+    case RULES_INSERT:
+        if (!(t->uses & USES_OLD))
+            render_one(ev, ri, t, kind, /* any_old= */ false);
+        break;
+    case RULES_DELETE:
+        if (!(t->uses & USES_NEW))
+            render_one(ev, ri, t, kind, /* any_old= */ true);
+        break;
+    case RULES_UPDATE:
+        if (t->uses & USES_ANY)
+            render_one(ev, ri, t, kind, /* any_old= */ true);
+        render_one(ev, ri, t, kind, /* any_old= */ false);
+        break;
+    default:
+        render_one(ev, ri, t, kind, /* any_old= */ false);
+        break;
+    }
+}
+
+/* ---- evaluation: dedup set over items --------------------------------------------- */
+
+static void set_clear(Scratch *sc)
+{
+    size_t need = 16;
+
+    while (need < sc->nitems * 2)
+        need *= 2;
+    if (need > sc->setcap) {
+        free(sc->set);
+        sc->set = xcalloc(need, sizeof *sc->set);
+        sc->setcap = need;
+        sc->gen = 0;
+    }
+    if (++sc->gen == 0) { /* wrapped: really clear */
+        memset(sc->set, 0, sc->setcap * sizeof *sc->set);
+        sc->gen = 1;
+    }
+}
+
+/* Add item i; false when an equal (action, string) is already in. */
+static bool set_add(Scratch *sc, size_t i)
+{
+    const Item *it = &sc->items[i];
+    const char *s = sc->strs.data + it->off;
+    size_t mask = sc->setcap - 1;
+    size_t h = (size_t)hash_bytes(s, it->len, HASH_SEED ^ (uint64_t)it->action) & mask;
+
+    for (;; h = (h + 1) & mask) {
+        Slot *sl = &sc->set[h];
+        if (sl->gen != sc->gen) {
+            sl->gen = sc->gen;
+            sl->item = i;
+            return true;
+        }
+        const Item *o = &sc->items[sl->item];
+        if (o->action == it->action && o->len == it->len &&
+            memcmp(sc->strs.data + o->off, s, it->len) == 0)
+            return false;
+    }
+}
+
+/* ---- evaluation: publish payloads ------------------------------------------------ */
+
+/* Length of the UTF-8 sequence that lead byte c starts; 0 if c cannot
+ * start one. */
+static size_t utf8_seq_len(unsigned char c)
+{
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xC2 && c < 0xE0)
+        return 2;
+    if (c >= 0xE0 && c < 0xF0)
+        return 3;
+    if (c >= 0xF0 && c < 0xF5)
+        return 4;
+    return 0;
+}
+
+/* Append s as a JSON string: quotes, backslashes and control characters
+ * escaped; bytes that are not valid UTF-8 become U+FFFD so the payload is
+ * always valid JSON (values are the database's text, normally UTF-8). */
+static void json_str(Buf *b, const char *s, size_t n)
+{
+    buf_puts(b, "\"");
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t need = utf8_seq_len(c), k = 1;
+        while (k < need && i + k < n && ((unsigned char)s[i + k] & 0xC0) == 0x80)
+            k++;
+        if (need == 0 || k < need) {
+            buf_puts(b, "\\ufffd");
+            i += k;
+        } else if (c == '"' || c == '\\') {
+            char esc[2] = {'\\', (char)c};
+            buf_put(b, esc, 2);
+            i++;
+        } else if (c < 0x20) {
+            char esc[8];
+            snprintf(esc, sizeof esc, "\\u%04x", c);
+            buf_puts(b, esc);
+            i++;
+        } else {
+            buf_put(b, s + i, need);
+            i += need;
+        }
+    }
+    buf_puts(b, "\"");
+}
+
+static bool rule_publishes(const Rule *rule, size_t ch)
+{
+    for (size_t i = 0; i < rule->nchannels; i++)
+        if (rule->channels[i] == ch)
+            return true;
+    return false;
+}
+
+/* Append ,"name":[...] with the distinct items of one action from rules
+ * publishing to ch. When omit_empty, nothing is appended for no items. */
+static void payload_list(Eval *ev, size_t ch, const char *name, RulesInvAction action,
+                         bool omit_empty)
+{
+    Scratch *sc = ev->sc;
+    Buf *b = &sc->payload;
+    size_t mark = b->len, count = 0;
+
+    set_clear(sc);
+    buf_puts(b, ",\"");
+    buf_puts(b, name);
+    buf_puts(b, "\":[");
+    for (size_t i = 0; i < sc->nitems; i++) {
+        const Item *it = &sc->items[i];
+        if (it->action != action || !rule_publishes(&ev->r->rules[it->rule], ch) || !set_add(sc, i))
+            continue;
+        if (count++ > 0)
+            buf_puts(b, ",");
+        json_str(b, sc->strs.data + it->off + it->skip, it->len - it->skip);
+    }
+    buf_puts(b, "]");
+    if (omit_empty && count == 0) {
+        b->len = mark;
+        b->data[mark] = '\0';
+    }
+}
+
+static void opt_str(Buf *b, const char *s)
+{
+    if (s == NULL)
+        buf_puts(b, "null");
+    else
+        json_str(b, s, strlen(s));
+}
+
+static void build_payload(Eval *ev, size_t ch)
+{
+    static const char *const opname[] = {"insert", "update", "delete", "truncate"};
+    const RulesChange *chg = ev->chg;
+    Buf *b = &ev->sc->payload;
+    char xid[32];
+    int op = chg->op == RULES_INSERT   ? 0
+             : chg->op == RULES_UPDATE ? 1
+             : chg->op == RULES_DELETE ? 2
+                                       : 3;
+
+    b->len = 0;
+    buf_puts(b, "{\"table\":");
+    json_str(b, chg->table, strlen(chg->table));
+    buf_puts(b, ",\"op\":\"");
+    buf_puts(b, opname[op]);
+    buf_puts(b, "\"");
+    payload_list(ev, ch, "keys", RULES_INV_KEY, /* omit_empty= */ false);
+    payload_list(ev, ch, "patterns", RULES_INV_PATTERN, /* omit_empty= */ false);
+    payload_list(ev, ch, "tags", RULES_INV_TAG, /* omit_empty= */ false);
+    payload_list(ev, ch, "tag_patterns", RULES_INV_TAG_PATTERN, /* omit_empty= */ true);
+    buf_puts(b, ",\"lsn\":");
+    opt_str(b, chg->lsn);
+    snprintf(xid, sizeof xid, ",\"xid\":%lu", (unsigned long)chg->xid);
+    buf_puts(b, xid);
+    buf_puts(b, ",\"commit_time\":");
+    opt_str(b, chg->commit_time);
+    buf_puts(b, "}");
+}
+
+/* ---- evaluation: entry point ----------------------------------------------------- */
+
+static void emit_items(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st)
+{
+    Scratch *sc = ev->sc;
+
+    set_clear(sc);
+    for (unsigned phase = 0; phase < 4; phase++) {
+        for (size_t i = 0; i < sc->nitems; i++) {
+            const Item *it = &sc->items[i];
+            if (it->phase != phase || !set_add(sc, i))
+                continue;
+            emit(arg, it->action, sc->strs.data + it->off, it->len, NULL, 0);
+            st->emitted++;
+            st->widened += it->widened;
+        }
+    }
+}
+
+static void emit_publishes(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st)
+{
+    Scratch *sc = ev->sc;
+
+    sc->nchans = 0;
+    for (size_t f = 0; f < sc->nfired; f++) {
+        const Rule *rule = &ev->r->rules[sc->fired[f]];
+        for (size_t c = 0; c < rule->nchannels; c++) {
+            size_t k = 0;
+            while (k < sc->nchans && sc->chans[k] != rule->channels[c])
+                k++;
+            if (k == sc->nchans)
+                sc->chans[sc->nchans++] = rule->channels[c];
+        }
+    }
+    for (size_t k = 0; k < sc->nchans; k++) {
+        const char *name = ev->r->channels[sc->chans[k]];
+        build_payload(ev, sc->chans[k]);
+        emit(arg, RULES_INV_PUBLISH, name, strlen(name), sc->payload.data, sc->payload.len);
+        st->emitted++;
+    }
+}
+
+static bool valid_op(RulesOp op)
+{
+    return op == RULES_INSERT || op == RULES_UPDATE || op == RULES_DELETE || op == RULES_TRUNCATE;
+}
+
+unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, void *arg,
+                    RulesEvalStats *stats)
+{
+    const TableEnt *te = rules_table_find(r, chg->table);
+    RulesEvalStats st = {0, 0, 0};
+    Eval ev = {r, chg, NULL};
+
+    if (te == NULL || !valid_op(chg->op))
+        return 0;
+    ev.sc = r->scratch;
+    ev.sc->strs.len = 0;
+    ev.sc->nitems = 0;
+    ev.sc->nfired = 0;
+    for (size_t i = 0; i < te->nrules; i++) {
+        size_t ri = te->rules[i];
+        const Rule *rule = &r->rules[ri];
+        if (!(rule->on & chg->op))
+            continue;
+        resolve_cols(rule, chg);
+        if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
+            continue;
+        ev.sc->fired[ev.sc->nfired++] = ri;
+        for (int k = 0; k < TPL_NKINDS; k++)
+            for (size_t t = 0; t < rule->ntpl[k]; t++)
+                render_template(&ev, ri, &rule->tpl[k][t], k);
+    }
+    emit_items(&ev, emit, arg, &st);
+    emit_publishes(&ev, emit, arg, &st);
+    st.matched = (unsigned)ev.sc->nfired;
+    if (stats != NULL) {
+        stats->matched += st.matched;
+        stats->widened += st.widened;
+        stats->emitted += st.emitted;
+    }
+    return st.matched;
+}
+
+/* ---- checking against the live catalog -------------------------------------------- */
+
+/* A table or publication name as SQL: quoted parts when not plain lowercase. */
+static void sql_name(char *out, size_t n, const char *name)
+{
+    size_t o = 0;
+    bool start = true;
+
+    for (const char *p = name; o + 1 < n; p++) {
+        const char *end = strchr(p, '.');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        bool plain = len > 0 && !(p[0] >= '0' && p[0] <= '9');
+        for (size_t i = 0; i < len; i++)
+            plain = plain && ((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9') ||
+                              p[i] == '_' || p[i] == '$');
+        if (!start && o + 1 < n)
+            out[o++] = '.';
+        start = false;
+        if (!plain && o + 1 < n)
+            out[o++] = '"';
+        for (size_t i = 0; i < len && o + 2 < n; i++) {
+            if (!plain && p[i] == '"')
+                out[o++] = '"';
+            out[o++] = p[i];
+        }
+        if (!plain && o + 1 < n)
+            out[o++] = '"';
+        if (end == NULL)
+            break;
+        p = end;
+    }
+    out[o] = '\0';
+}
+
+static long info_col(const RulesTableInfo *info, const char *name)
+{
+    for (size_t i = 0; i < info->ncols; i++)
+        if (info->colnames[i] != NULL && strcmp(info->colnames[i], name) == 0)
+            return (long)i;
+    return -1;
+}
+
+static bool old_value_sent(const RulesTableInfo *info, long col)
+{
+    if (info->replident == 'f')
+        return true;
+    if (info->replident == 'n')
+        return false;
+    return info->identity != NULL && info->identity[col];
+}
+
+/* Why the old value is not sent: the replica identity, in words. */
+static void identity_words(const RulesTableInfo *info, const char *t, char *out, size_t n)
+{
+    bool any = false;
+
+    for (size_t i = 0; info->identity != NULL && i < info->ncols; i++)
+        any = any || info->identity[i];
+    if (info->replident == 'n')
+        snprintf(out, n, "%s has REPLICA IDENTITY NOTHING, which sends no old values", t);
+    else if (info->replident == 'i')
+        snprintf(out, n,
+                 "%s has REPLICA IDENTITY USING INDEX, which only sends the index's "
+                 "columns",
+                 t);
+    else if (!any)
+        snprintf(out, n,
+                 "%s has REPLICA IDENTITY DEFAULT and no primary key, so no old values "
+                 "are sent",
+                 t);
+    else
+        snprintf(out, n, "%s has REPLICA IDENTITY DEFAULT, which only sends key columns", t);
+}
+
+static size_t identity_problem(const Rule *rule, const Template *t, const char *col,
+                               const RulesTableInfo *info, RulesProblems *problems)
+{
+    unsigned od = rule->on & (RULES_UPDATE | RULES_DELETE);
+    char why[192], sql[160], alt[160] = "";
+
+    identity_words(info, rule->table, why, sizeof why);
+    sql_name(sql, sizeof sql, rule->table);
+    if (rule->on & (RULES_INSERT | RULES_UPDATE))
+        snprintf(alt, sizeof alt, "; or write {new.%s} if only the new value matters", col);
+    rules_problem_at(problems, &t->loc,
+                     "rule for %s: template \"%s\" needs the old value of column \"%s\" on %s, but "
+                     "%s; run ALTER TABLE %s REPLICA IDENTITY FULL%s",
+                     rule->table, t->src, col,
+                     od == (RULES_UPDATE | RULES_DELETE) ? "update/delete"
+                     : od == RULES_UPDATE                ? "update"
+                                                         : "delete",
+                     why, sql, alt);
+    return 1;
+}
+
+/* Unknown columns and old values that will not arrive, for one template. */
+static size_t check_template(const Rule *rule, const Template *t, const RulesTableInfo *info,
+                             bool *done, RulesProblems *problems)
+{
+    bool needs_old = (rule->on & (RULES_UPDATE | RULES_DELETE)) != 0;
+    size_t added = 0;
+
+    memset(done, 0, rule->ncols * sizeof *done);
+    for (size_t i = 0; i < t->nsegs; i++) {
+        const Seg *s = &t->segs[i];
+        long col;
+        if (s->kind == SEG_LIT || done[s->col])
+            continue;
+        done[s->col] = true;
+        col = info_col(info, s->text);
+        if (col < 0) {
+            rules_problem_at(problems, &t->loc,
+                             "rule for %s: column \"%s\" in template \"%s\" does not exist in %s",
+                             rule->table, s->text, t->src, rule->table);
+            added++;
+        } else if (needs_old && s->kind != SEG_NEW && !old_value_sent(info, col)) {
+            added += identity_problem(rule, t, s->text, info, problems);
+        }
+    }
+    return added;
+}
+
+static size_t check_rule(const Rules *r, size_t ri, const char *publication,
+                         const RulesTableInfo *info, RulesProblems *problems)
+{
+    const Rule *rule = &r->rules[ri];
+    bool first = rules_table_find(r, rule->table)->rules[0] == ri;
+    bool *done = xcalloc(rule->ncols, sizeof *done);
+    size_t added = 0;
+    char sqlt[160], sqlp[160];
+
+    if (first && !info->in_publication) {
+        sql_name(sqlt, sizeof sqlt, rule->table);
+        sql_name(sqlp, sizeof sqlp, publication);
+        rules_problem_at(
+            problems, &rule->table_loc,
+            "table %s is not in publication \"%s\"; run ALTER PUBLICATION %s ADD TABLE "
+            "%s (or walbust setup)",
+            rule->table, publication, sqlp, sqlt);
+        added++;
+    }
+    for (size_t i = 0; i < rule->nchanged; i++) {
+        const char *col = rule->cols[rule->changed[i]];
+        if (info_col(info, col) >= 0)
+            continue;
+        rules_problem_at(problems, &rule->changed_loc[i],
+                         "rule for %s: column \"%s\" in \"changed\" does not exist in %s",
+                         rule->table, col, rule->table);
+        added++;
+    }
+    for (int k = 0; k < TPL_NKINDS; k++)
+        for (size_t i = 0; i < rule->ntpl[k]; i++)
+            added += check_template(rule, &rule->tpl[k][i], info, done, problems);
+    free(done);
+    return added;
+}
+
+size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupFn lookup, void *arg,
+                           RulesProblems *problems)
+{
+    size_t added = 0;
+
+    if (r == NULL)
+        return 0;
+    if (publication == NULL)
+        publication = "walbust";
+    for (size_t i = 0; i < r->nrules; i++) {
+        const Rule *rule = &r->rules[i];
+        const RulesTableInfo *info = lookup(arg, rule->table);
+        if (info == NULL || !info->exists) {
+            rules_problem_at(
+                problems, &rule->table_loc,
+                "table %s does not exist; check \"table\" (names must match the catalog "
+                "exactly, and unquoted SQL names are lowercase)",
+                rule->table);
+            added++;
+            continue;
+        }
+        added += check_rule(r, i, publication, info, problems);
+    }
+    return added;
+}

@@ -1,0 +1,212 @@
+/*
+ * rules_int.h — internals shared by rules.c (loading) and rules_eval.c
+ * (evaluation and catalog checks). Not part of the rules API: include only
+ * from those two files.
+ *
+ * A loaded Rules holds compiled rules (templates split into literal and
+ * placeholder segments), an index from table name to rules, the interned
+ * publish channels, and scratch memory that rules_eval() reuses.
+ */
+#ifndef WALBUST_RULES_INT_H
+#define WALBUST_RULES_INT_H
+
+#include "rules.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- memory: out of memory aborts (the engine never returns ENOMEM) ------- */
+static inline void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL) {
+        fprintf(stderr, "walbust: out of memory (rules, %zu bytes)\n", n);
+        abort();
+    }
+    return q;
+}
+
+static inline void *xcalloc(size_t count, size_t size)
+{
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (p == NULL) {
+        fprintf(stderr, "walbust: out of memory (rules, %zu bytes)\n", count * size);
+        abort();
+    }
+    return p;
+}
+
+static inline char *xstrndup(const char *s, size_t n)
+{
+    char *d = xrealloc(NULL, n + 1);
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+static inline char *xstrdup(const char *s)
+{
+    return xstrndup(s, strlen(s));
+}
+
+/* Grow arr (elem-sized items, *cap slots) to hold at least need items;
+ * returns the (possibly moved) array. */
+static inline void *grow(void *arr, size_t *cap, size_t need, size_t elem)
+{
+    size_t n = *cap ? *cap : 8;
+
+    if (need <= *cap)
+        return arr;
+    while (n < need)
+        n *= 2;
+    *cap = n;
+    return xrealloc(arr, n * elem);
+}
+
+typedef struct Buf {
+    char *data;
+    size_t len, cap;
+} Buf;
+
+static inline void buf_put(Buf *b, const char *s, size_t n)
+{
+    b->data = grow(b->data, &b->cap, b->len + n + 1, 1);
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+static inline void buf_puts(Buf *b, const char *s)
+{
+    buf_put(b, s, strlen(s));
+}
+
+static inline void buf_put_escaped(Buf *b, const char *s, size_t n)
+{
+    b->data = grow(b->data, &b->cap, b->len + 2 * n + 1, 1);
+    b->len += rules_glob_escape(s, n, b->data + b->len);
+}
+
+/* ---- compiled rules -------------------------------------------------------- */
+enum { TPL_KEY, TPL_PATTERN, TPL_TAG, TPL_VERSION, TPL_NKINDS };
+
+#define ALL_OPS (RULES_INSERT | RULES_UPDATE | RULES_DELETE | RULES_TRUNCATE)
+#define ROW_OPS (RULES_INSERT | RULES_UPDATE | RULES_DELETE)
+
+typedef enum SegKind { SEG_LIT, SEG_ANY, SEG_OLD, SEG_NEW } SegKind;
+
+/* Which images a template's placeholders use. */
+#define USES_ANY (1u << SEG_ANY)
+#define USES_OLD (1u << SEG_OLD)
+#define USES_NEW (1u << SEG_NEW)
+
+typedef struct Seg {
+    SegKind kind;
+    char *text; /* literal bytes (braces unescaped), or the column name */
+    size_t len;
+    size_t col; /* placeholders: index into Rule.cols */
+} Seg;
+
+/* Where a value sits in the rules file. */
+typedef struct SrcLoc {
+    int line, column;
+    char *path;
+} SrcLoc;
+
+typedef struct Template {
+    char *src; /* as written */
+    Seg *segs;
+    size_t nsegs, nph; /* segments, placeholders among them */
+    unsigned uses;     /* USES_* */
+    SrcLoc loc;
+} Template;
+
+/* Column resolution for the relation shape last seen (see file comment). */
+typedef struct ColCache {
+    bool valid;
+    const char *const *names;
+    size_t ncols;
+    long *idx; /* per Rule.cols entry: the change's column index or -1 */
+} ColCache;
+
+typedef struct Rule {
+    char *table;
+    unsigned on;               /* RulesOp bits */
+    size_t *changed, nchanged; /* indexes into cols */
+    SrcLoc *changed_loc;
+    Template *tpl[TPL_NKINDS];
+    size_t ntpl[TPL_NKINDS];
+    size_t *channels, nchannels; /* indexes into Rules.channels */
+    char **cols;                 /* distinct column names referenced */
+    size_t ncols;
+    SrcLoc loc, table_loc;
+    ColCache *cache; /* mutable even through a const Rules */
+} Rule;
+
+typedef struct TableEnt {
+    char *name;
+    size_t *rules, nrules;
+} TableEnt;
+
+/* One rendered invalidation waiting in the scratch area. */
+typedef struct Item {
+    RulesInvAction action;
+    unsigned phase; /* 0 keys, 1 patterns, 2 tags, 3 versions */
+    size_t rule;    /* index into Rules.rules */
+    size_t off, len;
+    size_t skip; /* bytes of tag prefix at the start (left out of payloads) */
+    bool widened;
+} Item;
+
+typedef struct Slot {
+    unsigned gen;
+    size_t item;
+} Slot;
+
+/* Per-eval working memory, reused across calls. */
+typedef struct Scratch {
+    Buf strs; /* rendered strings, each NUL-terminated */
+    Item *items;
+    size_t nitems, itemcap;
+    Slot *set; /* open-addressing dedup set over items; slot empty unless gen matches */
+    size_t setcap;
+    unsigned gen;
+    size_t *fired, nfired; /* rules that fired; capacity Rules.nrules */
+    size_t *chans, nchans; /* distinct channels to publish; capacity Rules.nchannels */
+    Buf payload;
+} Scratch;
+
+struct Rules {
+    Rule *rules;
+    size_t nrules, rulecap;
+    TableEnt *tables;
+    size_t ntables, tablecap;
+    size_t *thash; /* table index + 1, 0 = empty; thashcap is a power of two */
+    size_t thashcap;
+    char **channels;
+    size_t nchannels, chancap;
+    bool use_del;
+    char *tag_prefix;
+    Scratch *scratch;
+};
+
+static inline uint64_t hash_bytes(const char *s, size_t n, uint64_t h)
+{
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= UINT64_C(1099511628211);
+    }
+    return h;
+}
+
+#define HASH_SEED UINT64_C(14695981039346656037)
+
+/* The rules for table (exact "schema.table"), or NULL. */
+const TableEnt *rules_table_find(const Rules *r, const char *table);
+
+/* Append a problem at loc (line/column/path) to *p. */
+void rules_problem_at(RulesProblems *p, const SrcLoc *loc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif
