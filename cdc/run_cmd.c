@@ -24,6 +24,8 @@
 #include "cmds.h"
 #include "log.h"
 #include "lsn.h"
+#include "metrics.h"
+#include "notify.h"
 #include "pgo.h"
 #include "redisurl.h"
 #include "runtime.h"
@@ -51,7 +53,16 @@ typedef struct Run {
     bool pg_lost;
     RunStats stats;
     int64_t last_report_us;
+    Metrics *metrics;
+    SinkStats applied;       /* sink 0's totals at the last report to metrics */
+    int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
+    size_t ncommit_times;
+    unsigned since_tick;
 } Run;
+
+/* Enough commit timestamps to time every transaction of a normal batch; a
+ * batch with more transactions is timed on its first COMMIT_SAMPLES. */
+#define COMMIT_SAMPLES 4096
 
 static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_t len,
                           const char *payload, size_t payload_len)
@@ -91,10 +102,33 @@ static void keepalive_tick(void *arg)
 {
     Run *r = arg;
 
+    notify_watchdog();
     if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, false) < 0) {
         log_warn("%s; will reconnect once redis is back", stream_errstr(r->stream));
         r->pg_lost = true;
     }
+}
+
+/* Metrics after an acknowledged batch: applied invalidations (counted on
+ * the first target; every target applies the same), commit-to-ack times
+ * and positions. */
+static void record_ack(Run *r)
+{
+    const SinkStats *st = sink_stats(r->sinks[0]);
+    int64_t now = pgtime_now();
+
+    metrics_invalidations(r->metrics, METRICS_ACTION_KEY, st->keys - r->applied.keys);
+    metrics_invalidations(r->metrics, METRICS_ACTION_PATTERN, st->patterns - r->applied.patterns);
+    metrics_invalidations(r->metrics, METRICS_ACTION_TAG, st->tags - r->applied.tags);
+    metrics_invalidations(r->metrics, METRICS_ACTION_VERSION, st->versions - r->applied.versions);
+    metrics_invalidations(r->metrics, METRICS_ACTION_PUBLISH,
+                          st->publishes - r->applied.publishes);
+    r->applied = *st;
+    for (size_t i = 0; i < r->ncommit_times; i++)
+        metrics_commit_to_ack(r->metrics, (double)(now - r->commit_times[i]) / 1e6);
+    r->ncommit_times = 0;
+    metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
+                      stream_server_end(r->stream));
 }
 
 /* Flush every sink until all acknowledged, retrying with backoff. Returns 0,
@@ -116,11 +150,15 @@ static int flush_batch(Run *r)
             log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
                       "redis target %s failed: %s", r->targets[i], sink_errstr(r->sinks[i]));
         }
+        for (int i = 0; i < r->nsinks; i++)
+            metrics_redis_up(r->metrics, i, r->targets[i], sink_connected(r->sinks[i]));
         if (failed == 0)
             break;
+        metrics_inc(r->metrics, METRICS_REDIS_ERRORS, (uint64_t)failed);
         if (runtime_stop)
             return -1;
         r->stats.retries++;
+        metrics_inc(r->metrics, METRICS_RETRIES, 1);
         {
             int ms = backoff_next(&b);
             log_warn("retrying in %d ms; reading from postgresql is paused until redis "
@@ -137,6 +175,7 @@ static int flush_batch(Run *r)
         log_warn("%s", stream_errstr(r->stream));
         r->pg_lost = true;
     }
+    record_ack(r);
     return 0;
 }
 
@@ -165,8 +204,11 @@ static void apply_change(Run *r, const PgoMsg *m)
     change_from_pgo(&r->cbuf, &r->txn, m, &chg);
     rules_eval(r->rules, &chg, emit_to_sinks, r, &st);
     r->stats.changes++;
+    metrics_change(r->metrics, chg.table,
+                   chg.op == RULES_INSERT ? "insert" : chg.op == RULES_UPDATE ? "update" : "delete");
     if (st.widened > 0) {
         r->stats.widened += st.widened;
+        metrics_widened(r->metrics, chg.table, st.widened);
         log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg.table,
                   "%u invalidation(s) widened to patterns: the change does not carry a value "
                   "a template needs (replica identity changed, or an unchanged TOASTed value "
@@ -182,6 +224,7 @@ static void apply_truncate(Run *r, const PgoMsg *m)
         change_truncate(&r->txn, m->u.truncate.rels[i], &chg);
         rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
         r->stats.changes++;
+        metrics_change(r->metrics, chg.table, "truncate");
     }
 }
 
@@ -221,6 +264,9 @@ static int on_data(Run *r, const StreamData *data)
         r->in_txn = false;
         r->pending_lsn = m.u.commit.end_lsn;
         r->stats.transactions++;
+        metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
+        if (r->ncommit_times < COMMIT_SAMPLES)
+            r->commit_times[r->ncommit_times++] = m.u.commit.commit_time;
         break;
     case PGO_INSERT:
     case PGO_UPDATE:
@@ -333,7 +379,11 @@ static void stream_loop(Run *r)
 {
     while (!runtime_stop && !r->pg_lost) {
         StreamData data;
-        bool dirty = sinks_dirty(r);
+        /* A decoded commit not yet acknowledged also needs a flush, even
+         * when its changes were sent earlier (mid-transaction flush) or
+         * produced none: otherwise it stays unconfirmed until the next
+         * change arrives. */
+        bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
         int rc;
 
         if (runtime_reload)
@@ -344,6 +394,11 @@ static void stream_loop(Run *r)
         if (rc > 0) {
             if (on_data(r, &data) != 0)
                 break;
+            if (++r->since_tick >= 4096) {
+                /* A long burst: keep the watchdog fed and gauges fresh. */
+                r->since_tick = 0;
+                notify_watchdog();
+            }
             continue;
         }
         if (rc < 0) {
@@ -354,8 +409,12 @@ static void stream_loop(Run *r)
         if (dirty) {
             if (flush_batch(r) != 0)
                 return;
+        } else {
+            metrics_positions(r->metrics, stream_confirmed(r->stream),
+                              stream_received(r->stream), stream_server_end(r->stream));
         }
         maybe_watermark(r);
+        notify_watchdog();
         report(r, false);
     }
 }
@@ -385,6 +444,8 @@ static int setup_sinks(Run *r)
 
 static void run_free(Run *r)
 {
+    metrics_free(r->metrics);
+    free(r->commit_times);
     for (int i = 0; i < r->nsinks; i++)
         sink_free(r->sinks[i]);
     stream_free(r->stream);
@@ -405,8 +466,22 @@ int cmd_run(const Config *cfg)
         return 1;
     snprintf(r.watermark_key, sizeof r.watermark_key, "walbust:confirmed:%s", cfg->slot);
     runtime_signals();
+    r.metrics = metrics_new();
+    r.commit_times = malloc(COMMIT_SAMPLES * sizeof *r.commit_times);
+    if (r.commit_times == NULL)
+        abort();
+    {
+        char err[512];
+        if (metrics_listen(r.metrics, cfg->metrics, err, sizeof err) != 0) {
+            log_error("%s", err);
+            goto done;
+        }
+        if (strcmp(cfg->metrics, "off") != 0)
+            log_info("metrics on http://%s/metrics", cfg->metrics);
+    }
     if (setup_sinks(&r) != 0)
         goto done;
+    notify_ready("connecting to postgresql");
     r.dec = pgo_new();
     r.stream = stream_new(&sc);
     r.last_report_us = runtime_now_us();
@@ -415,10 +490,14 @@ int cmd_run(const Config *cfg)
 
         if (r.acked_lsn > start)
             start = r.acked_lsn;
+        metrics_postgres_up(r.metrics, false);
         if (runtime_open_stream(r.stream, start, startup_check, &r) != 0)
             break;
         r.pg_lost = false;
+        metrics_postgres_up(r.metrics, true);
+        notify_status("streaming");
         stream_loop(&r);
+        metrics_postgres_up(r.metrics, false);
         if (runtime_stop)
             break;
         /* Connection lost or undecodable data: apply what was gathered
@@ -432,6 +511,8 @@ int cmd_run(const Config *cfg)
     }
     if (runtime_stop) {
         char lsn[LSN_TEXT_MAX];
+
+        notify_stopping();
         /* Drain: finish the in-flight batch, confirm, exit cleanly. */
         if (sinks_dirty(&r) && flush_batch(&r) != 0)
             log_warn("stopping before redis acknowledged the last batch; it will be replayed "

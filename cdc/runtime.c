@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "notify.h"
 
 volatile sig_atomic_t runtime_stop = 0;
 volatile sig_atomic_t runtime_reload = 0;
@@ -86,6 +87,7 @@ void runtime_sleep(int ms, void (*tick)(void *), void *arg)
         ts.tv_sec = 0;
         ts.tv_nsec = (long)left * 1000000;
         nanosleep(&ts, NULL);
+        notify_watchdog(); /* waiting for a server is not hanging */
         if (tick != NULL)
             tick(arg);
     }

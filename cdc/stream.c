@@ -402,7 +402,8 @@ StreamStatus stream_connect(Stream *s)
         st = classify_connect_error(msg);
         if (st == STREAM_FATAL && strstr(msg, "replication") != NULL)
             snprintf(s->errstr + strlen(s->errstr), sizeof s->errstr - strlen(s->errstr),
-                     "; grant it with ALTER ROLE <user> REPLICATION");
+                     "; grant it with ALTER ROLE %s REPLICATION",
+                     s->conn != NULL && PQuser(s->conn) != NULL ? PQuser(s->conn) : "<user>");
         stream_close(s);
         return st;
     }
@@ -539,7 +540,9 @@ static int wait_readable(Stream *s, int timeout_ms)
         return -1;
     }
     rc = poll(&pfd, 1, timeout_ms);
-    if (rc < 0 && errno != EINTR) {
+    if (rc < 0 && errno == EINTR)
+        return 2; /* a signal: let the caller look at its flags */
+    if (rc < 0) {
         snprintf(s->errstr, sizeof s->errstr, "poll failed: %s", strerror(errno));
         return -1;
     }
@@ -652,8 +655,14 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
             continue;
         }
         wait = left_ms > status_due_ms(s) ? status_due_ms(s) : (int)left_ms;
-        if (wait_readable(s, wait) < 0)
+        switch (wait_readable(s, wait)) {
+        case -1:
             return -1;
+        case 2:
+            return 0;
+        default:
+            break;
+        }
         if (PQconsumeInput(s->conn) == 0)
             return conn_failed(s);
     }
