@@ -23,7 +23,7 @@ PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c 
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
-            cdc/metrics.c cdc/notify.c
+            cdc/metrics.c cdc/notify.c cdc/cluster.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -31,7 +31,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn metrics notify
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench
@@ -69,6 +69,7 @@ $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/ob
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o
 $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
+$(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o
 $(BUILD)/tests/test_%: tests/unit/test_%.c
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
@@ -79,7 +80,7 @@ unit: $(UNIT_BINS)
 
 # The Redis sink against a real Redis named by WALBUST_REDIS (scripts/stack).
 $(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/redisurl.o \
-                          $(BUILD)/obj/redis_scripts.o
+                          $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
