@@ -61,6 +61,10 @@ static const OptSpec opt_table[] = {
      "stop once the stream has passed this LSN (X/X)"},
     {"max-changes", NULL, OPT_LONG, OFF(max_changes), NULL, F_DECODE, "N",
      "stop after printing N changes"},
+    {"on-slot-lost", "WALBUST_ON_SLOT_LOST", OPT_STRING, OFF(on_slot_lost), "fail", F_RUN,
+     "fail|flush-rules",
+     "when the slot is lost: exit with a runbook message (fail, default), or recreate it and "
+     "invalidate everything the rules cover before streaming again (flush-rules)"},
     {"json", NULL, OPT_BOOL, OFF(json), NULL, F_STATUS, NULL, "print status as JSON"},
     {"replica-identity-full", NULL, OPT_BOOL, OFF(replica_identity_full), NULL, F_SETUP, NULL,
      "set REPLICA IDENTITY FULL on tables whose rules need old values"},
@@ -160,7 +164,6 @@ static void apply_defaults_and_env(Config *cfg)
             *(const char **)((char *)cfg + o->offset) = o->def;
     }
     cfg->slot_given = getenv("WALBUST_SLOT") != NULL && *getenv("WALBUST_SLOT") != '\0';
-    cfg->on_slot_lost = "fail";
 }
 
 static OptsCommand find_command(const char *name)
@@ -250,6 +253,11 @@ int opts_parse(int argc, char **argv, Config *cfg)
     if (cfg->nredis == 0) {
         cfg->redis[0] = "redis://127.0.0.1:6379";
         cfg->nredis = 1;
+    }
+    if (strcmp(cfg->on_slot_lost, "fail") != 0 && strcmp(cfg->on_slot_lost, "flush-rules") != 0) {
+        fprintf(stderr, "walbust %s: --on-slot-lost must be fail or flush-rules, got \"%s\"\n",
+                argv[1], cfg->on_slot_lost);
+        return 2;
     }
     if ((cmd == CMD_RUN || cmd == CMD_CHECK || cmd == CMD_SETUP) && cfg->rules == NULL) {
         fprintf(stderr, "walbust %s: --rules FILE is required (or set WALBUST_RULES)\n", argv[1]);

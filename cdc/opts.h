@@ -43,7 +43,7 @@ typedef struct Config {
     long max_changes;                   /* decode: stop after N changes; 0 = no limit */
     bool json;                          /* status --json */
     bool replica_identity_full;         /* setup */
-    const char *on_slot_lost;           /* run: fail (default) */
+    const char *on_slot_lost;           /* run: "fail" (default) or "flush-rules" */
 } Config;
 
 /* Parse argv and the environment into *cfg. Returns 0 on success, 2 on a

@@ -442,6 +442,60 @@ static int setup_sinks(Run *r)
     return 0;
 }
 
+/* --on-slot-lost=flush-rules: the slot's WAL is gone, so changes since its
+ * confirmed position cannot be replayed. Recreate the slot first (changes
+ * from now on are captured), then invalidate everything the rules cover,
+ * widened as for a truncate of every table, so nothing cached before can
+ * survive. Returns 0 when both are done. */
+static int recover_lost_slot(Run *r)
+{
+    char err[512], sql[256];
+    PGconn *conn = stream_plain_connect(r->cfg->pg, err, sizeof err);
+    PGresult *res;
+    ChangeTxn txn = {0};
+
+    if (conn == NULL) {
+        log_error("slot recovery: %s", err);
+        return -1;
+    }
+    snprintf(sql, sizeof sql,
+             "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM "
+             "pg_catalog.pg_replication_slots WHERE slot_name = '%s'",
+             r->cfg->slot);
+    res = PQexec(conn, sql);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+        PQclear(res);
+        snprintf(sql, sizeof sql,
+                 "SELECT pg_catalog.pg_create_logical_replication_slot('%s', 'pgoutput')",
+                 r->cfg->slot);
+        res = PQexec(conn, sql);
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_error("slot recovery: could not recreate slot \"%s\": %s", r->cfg->slot,
+                  PQerrorMessage(conn));
+        PQclear(res);
+        PQfinish(conn);
+        return -1;
+    }
+    PQclear(res);
+    PQfinish(conn);
+    log_warn("recreated lost slot \"%s\"; invalidating everything the rules cover",
+             r->cfg->slot);
+
+    snprintf(txn.lsn_text, sizeof txn.lsn_text, "0/0");
+    pgtime_format(pgtime_now(), txn.time_text);
+    for (size_t i = 0; i < rules_table_count(r->rules); i++) {
+        RulesChange chg = {.table = rules_table(r->rules, i), .op = RULES_TRUNCATE,
+                           .lsn = txn.lsn_text, .commit_time = txn.time_text};
+        rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
+    }
+    if (flush_batch(r) != 0)
+        return -1;
+    r->acked_lsn = r->pending_lsn = 0;
+    log_info("caches the rules cover are flushed; streaming from the new slot");
+    return 0;
+}
+
 static void run_free(Run *r)
 {
     metrics_free(r->metrics);
@@ -487,11 +541,20 @@ int cmd_run(const Config *cfg)
     r.last_report_us = runtime_now_us();
     while (!runtime_stop) {
         uint64_t start = stream_confirmed(r.stream);
+        int open_rc;
 
         if (r.acked_lsn > start)
             start = r.acked_lsn;
         metrics_postgres_up(r.metrics, false);
-        if (runtime_open_stream(r.stream, start, startup_check, &r) != 0)
+        open_rc = runtime_open_stream(r.stream, start, startup_check, &r);
+        if (open_rc == -2 && strcmp(cfg->on_slot_lost, "flush-rules") == 0) {
+            if (recover_lost_slot(&r) != 0)
+                break;
+            stream_free(r.stream);
+            r.stream = stream_new(&sc); /* forget the lost slot's positions */
+            continue;
+        }
+        if (open_rc != 0)
             break;
         r.pg_lost = false;
         metrics_postgres_up(r.metrics, true);

@@ -116,6 +116,9 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
         case STREAM_FATAL:
             log_error("%s", stream_errstr(s));
             return -1;
+        case STREAM_LOST:
+            log_error("%s", stream_errstr(s));
+            return -2;
         case STREAM_BUSY:
             if (!standby_logged)
                 log_info("standing by: %s; taking over when it is released",

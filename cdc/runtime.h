@@ -40,8 +40,8 @@ typedef int (*RuntimeCheckFn)(void *arg, PGconn *conn);
 
 /* Connect and start streaming from start_lsn, retrying transient errors
  * with backoff and standing by while the slot is active elsewhere.
- * Returns 0 when streaming, -1 on a fatal error (logged) or when
- * runtime_stop was set. */
+ * Returns 0 when streaming, -2 when the slot is lost (logged), -1 on another
+ * fatal error (logged) or when runtime_stop was set. */
 int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, void *arg);
 
 /* Monotonic clock in microseconds. */

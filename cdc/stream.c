@@ -326,7 +326,7 @@ static StreamStatus lost_slot_error(Stream *s)
              "pg_drop_replication_slot('%s')), start walbust with --create-slot, and flush the "
              "caches the rules cover",
              s->cfg.slot, s->cfg.slot);
-    return STREAM_FATAL;
+    return STREAM_LOST;
 }
 
 static StreamStatus check_slot(Stream *s)

@@ -30,6 +30,7 @@ typedef enum StreamStatus {
     STREAM_RETRY, /* transient: server unreachable, connection lost */
     STREAM_BUSY,  /* slot is active for another process: stand by */
     STREAM_FATAL, /* configuration problem: retrying will not help */
+    STREAM_LOST,  /* the slot is lost (wal_status=lost): its WAL was removed */
 } StreamStatus;
 
 typedef struct StreamConfig {
