@@ -86,10 +86,10 @@ $(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
 
 # Everything: unit tests, then pgTAP and end-to-end tests on a local stack.
-test: deps $(BUILD)/walbust unit
+test: deps $(BUILD)/walbust $(BUILD)/tests/sink_test unit
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust tests/run
 
-e2e sqltest: deps $(BUILD)/walbust
+e2e sqltest: deps $(BUILD)/walbust $(BUILD)/tests/sink_test
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust tests/run $@
 
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
