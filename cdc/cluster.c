@@ -35,6 +35,7 @@ typedef struct ClusterNode {
     char addr[300]; /* "host:port", IPv6 bracketed */
     redisContext *ctx;
     bool master;
+    unsigned replicas; /* for a master: replicas in the map */
 } ClusterNode;
 
 typedef struct ClusterCmd {
@@ -227,6 +228,7 @@ static bool parse_range(const redisReply *e, ClusterRange *out)
     else
         memcpy(out->host, m->element[0]->str, m->element[0]->len + 1);
     out->port = (int)m->element[1]->integer;
+    out->replicas = (unsigned)(e->elements - 3);
     return out->port > 0;
 }
 
@@ -487,6 +489,7 @@ static void adopt_map(Cluster *c, const ClusterRange *ranges, size_t n, int from
             c->slots[s] = id;
         if (!c->nodes[id].master) {
             c->nodes[id].master = true;
+            c->nodes[id].replicas = ranges[i].replicas;
             grow((void **)&c->masters, &c->masters_cap, c->nmasters + 1, sizeof *c->masters);
             c->masters[c->nmasters++] = id;
         }
@@ -627,6 +630,18 @@ size_t cluster_append_key(Cluster *c, size_t keyarg, int argc, const char **argv
 size_t cluster_append_node(Cluster *c, int id, int argc, const char **argv, const size_t *lens)
 {
     return append(c, -1, id, argc, argv, lens);
+}
+
+void cluster_append_wait(Cluster *c, int timeout_ms)
+{
+    char ms[16];
+    const char *argv[3] = {"WAIT", "1", ms};
+    size_t lens[3] = {4, 1, 0};
+
+    lens[2] = (size_t)snprintf(ms, sizeof ms, "%d", timeout_ms);
+    for (size_t i = 0; i < c->nmasters; i++)
+        if (c->nodes[c->masters[i]].replicas > 0)
+            (void)append(c, -1, c->masters[i], 3, argv, lens);
 }
 
 size_t cluster_queued(const Cluster *c)

@@ -65,6 +65,7 @@ typedef struct ClusterRange {
     unsigned first, last; /* inclusive */
     char host[256];       /* "" when the node did not know its address */
     int port;
+    unsigned replicas;    /* replicas listed for the range */
 } ClusterRange;
 
 /* Parse a CLUSTER SLOTS reply into ranges (a malloc'd array the caller
@@ -124,6 +125,13 @@ size_t cluster_append_key(Cluster *c, size_t keyarg, int argc, const char **argv
 /* Queue a command for node id (not redirected: SCAN, which walks one node's
  * keyspace). Returns the command's index. */
 size_t cluster_append_node(Cluster *c, int id, int argc, const char **argv, const size_t *lens);
+
+/* Queue `WAIT 1 timeout_ms` for every master that has a replica, so the
+ * exec returns only once a replica has the writes sent before it on that
+ * connection, or the timeout passed (WAIT then answers 0, which is not an
+ * error: replication is asynchronous, this narrows the window in which an
+ * acknowledged write can die with its master). */
+void cluster_append_wait(Cluster *c, int timeout_ms);
 
 /* Number of queued commands. */
 size_t cluster_queued(const Cluster *c);

@@ -29,6 +29,8 @@
  */
 #include "sink.h"
 
+#include "cluster.h"
+
 #include <errno.h>
 #include <hiredis/hiredis.h>
 #include <stdarg.h>
@@ -46,6 +48,7 @@ extern const char redis_tag_invalidate_lua[];
 #define SINK_KEYS_PER_CMD 512  /* keys per UNLINK/DEL command */
 #define SINK_SCAN_COUNT "1000" /* SCAN COUNT hint */
 #define SINK_NO_OP ((size_t)-1)
+#define SINK_CLUSTER_WAIT_MS 200 /* WAIT for a replica after a cluster batch */
 
 /* One queued invalidation; strings live in the arena. */
 typedef struct SinkOp {
@@ -74,6 +77,7 @@ typedef struct Pending {
 struct Sink {
     SinkConfig cfg;
     redisContext *c;
+    Cluster *cl; /* redis+cluster:// targets: routing by cluster.c, c unused */
     char errstr[512];
     SinkStats stats;
 
@@ -93,6 +97,11 @@ struct Sink {
     size_t argv_cap;
     char sha[41]; /* tag script SHA1, "" until learnt */
 };
+
+/* Cluster targets (the section at the end of this file). */
+static Cluster *cl_new(const SinkConfig *cfg);
+static int cl_connect(Sink *s);
+static int cl_flush(Sink *s);
 
 /* ---- memory ---------------------------------------------------------- */
 
@@ -158,6 +167,8 @@ Sink *sink_new(const SinkConfig *cfg)
         s->cfg.max_ops = SINK_DEFAULT_MAX_OPS;
     if (s->cfg.max_bytes == 0)
         s->cfg.max_bytes = SINK_DEFAULT_MAX_BYTES;
+    if (cfg->url.kind == REDISURL_CLUSTER)
+        s->cl = cl_new(&s->cfg);
     return s;
 }
 
@@ -174,6 +185,7 @@ void sink_free(Sink *s)
     if (s == NULL)
         return;
     disconnect(s);
+    cluster_free(s->cl);
     free(s->arena);
     free(s->ops);
     free(s->set);
@@ -187,6 +199,8 @@ void sink_free(Sink *s)
 
 bool sink_connected(const Sink *s)
 {
+    if (s->cl != NULL)
+        return cluster_connected(s->cl);
     return s->c != NULL;
 }
 
@@ -498,13 +512,8 @@ int sink_connect(Sink *s)
 
     disconnect(s);
     target(s, t, sizeof t);
-    if (u->kind == REDISURL_CLUSTER) {
-        set_err(s,
-                "redis+cluster:// targets are not supported yet (%s); "
-                "point walbust at a standalone master with redis://host:port",
-                t);
-        return -1;
-    }
+    if (s->cl != NULL)
+        return cl_connect(s);
     if (u->kind == REDISURL_UNIX)
         s->c = redisConnectUnixWithTimeout(u->path, ms_to_tv(s->cfg.connect_timeout_ms));
     else
@@ -531,7 +540,7 @@ int sink_connect(Sink *s)
 
 int sink_ping(Sink *s)
 {
-    if (s->c == NULL)
+    if (s->c == NULL || s->cl != NULL)
         return sink_connect(s);
     return ping(s);
 }
@@ -885,6 +894,11 @@ int sink_flush(Sink *s)
 {
     if (!sink_dirty(s))
         return 0;
+    if (s->cl != NULL) {
+        if (cl_flush(s) < 0)
+            goto fail;
+        goto done;
+    }
     if (s->c == NULL && sink_connect(s) < 0)
         goto fail;
     if (flush_batch(s) < 0) {
@@ -894,10 +908,285 @@ int sink_flush(Sink *s)
             disconnect(s);
         goto fail;
     }
+done:
     count_applied(s);
     batch_clear(s);
     return 0;
 fail:
     s->stats.errors++;
     return -1;
+}
+
+/* ---- cluster targets ------------------------------------------------- */
+
+/* A redis+cluster:// target sends the same commands through cluster.c,
+ * which routes each by its key's slot: keys, versions, publishes and the
+ * watermark in one pipelined exec across the masters; patterns as a SCAN
+ * loop on every master; tags without the script (a script may only touch
+ * keys of its own slot, and members live anywhere): TYPE, then SSCAN pages
+ * of the set on its node, UNLINK of each member routed by slot, and only
+ * after those are acknowledged SREM of the same members from the set
+ * (Redis removes a set when its last member goes). The batch ends with
+ * WAIT 1 on every master that has a replica (cluster_append_wait). Members
+ * first, so a
+ * failure part-way leaves the set to find them again on replay; SREM
+ * rather than UNLINK of the set so a member added during the walk stays
+ * indexed for the next invalidation of the tag. */
+
+static Cluster *cl_new(const SinkConfig *cfg)
+{
+    ClusterConfig cc = {.has_password = cfg->url.has_password,
+                        .connect_timeout_ms = cfg->connect_timeout_ms,
+                        .command_timeout_ms = cfg->command_timeout_ms};
+
+    snprintf(cc.seeds, sizeof cc.seeds, "%s", cfg->url.seeds);
+    snprintf(cc.user, sizeof cc.user, "%s", cfg->url.user);
+    snprintf(cc.password, sizeof cc.password, "%s", cfg->url.password);
+    return cluster_new(&cc);
+}
+
+static int cl_connect(Sink *s)
+{
+    if (cluster_connect(s->cl) == 0)
+        return 0;
+    set_err(s, "%s", cluster_errstr(s->cl));
+    return -1;
+}
+
+static int cl_exec(Sink *s)
+{
+    if (cluster_exec(s->cl) == 0)
+        return 0;
+    set_err(s, "%s", cluster_errstr(s->cl));
+    return -1;
+}
+
+/* Queue s->argv[0..argc), routed by argv[1]. */
+static void cl_cmd(Sink *s, size_t argc)
+{
+    (void)cluster_append_key(s->cl, 1, (int)argc, s->argv, s->argvlen);
+}
+
+static void cl_key_cmd(Sink *s, const char *cmd, const char *key, size_t len)
+{
+    argv_reserve(s, 2);
+    arg_str(s, 0, cmd);
+    arg(s, 1, key, len);
+    cl_cmd(s, 2);
+}
+
+static const char *cl_del(const Sink *s)
+{
+    return s->cfg.use_del ? "DEL" : "UNLINK";
+}
+
+/* Is r a [cursor, [strings...]] page? */
+static bool cl_page_ok(const redisReply *r)
+{
+    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
+        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY)
+        return false;
+    for (size_t i = 0; i < r->element[1]->elements; i++)
+        if (r->element[1]->element[i]->type != REDIS_REPLY_STRING)
+            return false;
+    return true;
+}
+
+/* Delete the members of one page of the tag set (routed by their slots),
+ * then, once acknowledged, remove them from the set. */
+static int cl_tag_page(Sink *s, const char *tag, size_t len, const redisReply *members)
+{
+    size_t n = members->elements;
+
+    if (n == 0)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        cl_key_cmd(s, cl_del(s), members->element[i]->str, members->element[i]->len);
+    if (cl_exec(s) < 0)
+        return -1;
+    argv_reserve(s, n + 2);
+    arg_str(s, 0, "SREM");
+    arg(s, 1, tag, len);
+    for (size_t i = 0; i < n; i++)
+        arg(s, 2 + i, members->element[i]->str, members->element[i]->len);
+    cl_cmd(s, n + 2);
+    return cl_exec(s);
+}
+
+/* Invalidate one tag (see the section comment). The queue must be empty. */
+static int cl_tag(Sink *s, const char *tag, size_t len)
+{
+    char cursor[32] = "0";
+    const redisReply *r;
+
+    cluster_reset(s->cl);
+    cl_key_cmd(s, "TYPE", tag, len);
+    if (cl_exec(s) < 0)
+        return -1;
+    r = cluster_reply(s->cl, 0);
+    if (r->type != REDIS_REPLY_STATUS) {
+        set_err(s, "redis cluster TYPE of a tag set returned an unexpected reply");
+        return -1;
+    }
+    if (strcmp(r->str, "none") == 0)
+        return 0;
+    if (strcmp(r->str, "set") != 0) { /* another type in the tag namespace */
+        cluster_reset(s->cl);
+        cl_key_cmd(s, cl_del(s), tag, len);
+        return cl_exec(s);
+    }
+    do {
+        cluster_reset(s->cl);
+        argv_reserve(s, 5);
+        arg_str(s, 0, "SSCAN");
+        arg(s, 1, tag, len);
+        arg_str(s, 2, cursor);
+        arg_str(s, 3, "COUNT");
+        arg_str(s, 4, SINK_SCAN_COUNT);
+        cl_cmd(s, 5);
+        if (cl_exec(s) < 0)
+            return -1;
+        r = cluster_reply(s->cl, 0);
+        if (!cl_page_ok(r)) {
+            set_err(s, "redis cluster SSCAN of a tag set returned an unexpected reply");
+            return -1;
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        if (cl_tag_page(s, tag, len, r->element[1]) < 0)
+            return -1;
+    } while (strcmp(cursor, "0") != 0);
+    cluster_reset(s->cl);
+    return 0;
+}
+
+/* Copy a page of tag-set names out of the cluster's reply (they are
+ * applied one by one with cl_tag(), which reuses the queue). */
+static int cl_tags_of_page(Sink *s, const redisReply *keys)
+{
+    size_t n = keys->elements, total = 0, off = 0;
+    char *buf;
+    size_t *lens = xrealloc(NULL, (n ? n : 1) * sizeof *lens);
+    int rc = 0;
+
+    for (size_t i = 0; i < n; i++)
+        total += (lens[i] = keys->element[i]->len);
+    buf = xrealloc(NULL, total ? total : 1);
+    for (size_t i = 0; i < n; i++) {
+        memcpy(buf + off, keys->element[i]->str, lens[i]);
+        off += lens[i];
+    }
+    off = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rc = cl_tag(s, buf + off, lens[i]);
+        off += lens[i];
+    }
+    free(buf);
+    free(lens);
+    return rc;
+}
+
+/* SCAN node id for pattern op `op` and apply it to every match. */
+static int cl_scan_node(Sink *s, size_t op, int id)
+{
+    const SinkOp *o = &s->ops[op];
+    char cursor[32] = "0";
+
+    do {
+        const redisReply *r;
+        cluster_reset(s->cl);
+        argv_reserve(s, 6);
+        arg_str(s, 0, "SCAN");
+        arg_str(s, 1, cursor);
+        arg_str(s, 2, "MATCH");
+        arg(s, 3, s->arena + o->off, o->len);
+        arg_str(s, 4, "COUNT");
+        arg_str(s, 5, SINK_SCAN_COUNT);
+        (void)cluster_append_node(s->cl, id, 6, s->argv, s->argvlen);
+        if (cl_exec(s) < 0)
+            return -1;
+        r = cluster_reply(s->cl, 0);
+        if (!cl_page_ok(r)) {
+            set_err(s, "redis cluster node %s: SCAN returned an unexpected reply",
+                    cluster_node_addr(s->cl, id));
+            return -1;
+        }
+        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
+        if (o->action == RULES_INV_TAG_PATTERN) {
+            if (cl_tags_of_page(s, r->element[1]) < 0)
+                return -1;
+            continue;
+        }
+        for (size_t i = 0; i < r->element[1]->elements; i++) {
+            const redisReply *k = r->element[1]->element[i];
+            cl_key_cmd(s, o->action == RULES_INV_VERSION_PATTERN ? "INCR" : cl_del(s), k->str,
+                       k->len);
+        }
+        if (cl_exec(s) < 0)
+            return -1;
+    } while (strcmp(cursor, "0") != 0);
+    cluster_reset(s->cl);
+    return 0;
+}
+
+/* Run pattern op `op` on every master of the current map (a copy of the
+ * list: a refresh during the walk may change it). */
+static int cl_scan(Sink *s, size_t op)
+{
+    size_t n = cluster_master_count(s->cl);
+    int *ids = xrealloc(NULL, (n ? n : 1) * sizeof *ids);
+    int rc = 0;
+
+    for (size_t i = 0; i < n; i++)
+        ids[i] = cluster_master_id(s->cl, i);
+    for (size_t i = 0; i < n && rc == 0; i++)
+        rc = cl_scan_node(s, op, ids[i]);
+    free(ids);
+    return rc;
+}
+
+/* Queue the watermark and every simple op; run tags and patterns in
+ * order, each after what precedes it was acknowledged. */
+static int cl_flush(Sink *s)
+{
+    if (!cluster_connected(s->cl) && cl_connect(s) < 0)
+        return -1;
+    cluster_reset(s->cl);
+    if (s->wm_key != NULL) {
+        argv_reserve(s, 3);
+        arg_str(s, 0, "SET");
+        arg_str(s, 1, s->wm_key);
+        arg_str(s, 2, s->wm_value);
+        cl_cmd(s, 3);
+    }
+    for (size_t i = 0; i < s->nops; i++) {
+        const SinkOp *op = &s->ops[i];
+        const char *str = s->arena + op->off;
+        switch (op->action) {
+        case RULES_INV_KEY:
+            cl_key_cmd(s, cl_del(s), str, op->len);
+            break;
+        case RULES_INV_VERSION:
+            cl_key_cmd(s, "INCR", str, op->len);
+            break;
+        case RULES_INV_PUBLISH:
+            argv_reserve(s, 3);
+            arg_str(s, 0, "PUBLISH");
+            arg(s, 1, str, op->len);
+            arg(s, 2, s->arena + op->payload_off, op->payload_len);
+            cl_cmd(s, 3);
+            break;
+        case RULES_INV_TAG:
+            if (cl_exec(s) < 0 || cl_tag(s, str, op->len) < 0)
+                return -1;
+            break;
+        case RULES_INV_PATTERN:
+        case RULES_INV_TAG_PATTERN:
+        case RULES_INV_VERSION_PATTERN:
+            if (cl_exec(s) < 0 || cl_scan(s, i) < 0)
+                return -1;
+            break;
+        }
+    }
+    cluster_append_wait(s->cl, SINK_CLUSTER_WAIT_MS);
+    return cl_exec(s);
 }

@@ -195,6 +195,8 @@ static void test_parse_slots(void **state)
     assert_int_equal(rg[0].last, 5460);
     assert_string_equal(rg[0].host, "127.0.0.1");
     assert_int_equal(rg[0].port, 7000); /* the master, not the replica */
+    assert_int_equal(rg[0].replicas, 1);
+    assert_int_equal(rg[2].replicas, 0);
     assert_int_equal(rg[1].port, 7001);
     assert_string_equal(rg[2].host, ""); /* "?" = unknown address */
     assert_int_equal(rg[2].port, 7002);
