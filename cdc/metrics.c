@@ -583,50 +583,65 @@ static int split_addr(const char *addr, char *host, size_t hostlen, char *port, 
     return 0;
 }
 
-/* Resolve, create, bind and listen. Returns the socket or -1 with err set. */
+/* A listening socket bound to ai, or -1 with errno set. dual: accept IPv4
+ * too on an IPv6 wildcard socket. */
+static int bind_listen(const struct addrinfo *ai, bool dual)
+{
+    int one = 1, zero = 0, e;
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+
+    if (fd < 0)
+        return -1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (dual && ai->ai_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 64) == 0)
+        return fd;
+    e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
+/* Resolve, create, bind and listen. ":PORT" tries the IPv6 wildcard (which
+ * takes IPv4 too) and falls back to IPv4 only where IPv6 is unavailable.
+ * Returns the socket or -1 with err set. */
 static int open_listener(const char *addr, char *err, size_t errlen)
 {
+    static const int any_families[] = {AF_INET6, AF_INET};
     char host[256], port[16];
-    struct addrinfo hints = {0}, *res = NULL;
-    int fd = -1, rc, one = 1, zero = 0;
+    int fd = -1, rc = 0, e = 0;
+    bool any;
 
     if (split_addr(addr, host, sizeof host, port, sizeof port) != 0) {
         snprintf(err, errlen,
                  "invalid metrics address \"%s\": use HOST:PORT, [IPV6]:PORT, :PORT or off", addr);
         return -1;
     }
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    hints.ai_family = host[0] == '\0' ? AF_INET6 : AF_UNSPEC;
-    rc = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
-    if (rc != 0 && host[0] == '\0') { /* no IPv6 on this machine: IPv4 only */
-        hints.ai_family = AF_INET;
-        rc = getaddrinfo(NULL, port, &hints, &res);
+    any = host[0] == '\0';
+    for (int i = 0; i < (any ? 2 : 1) && fd < 0; i++) {
+        struct addrinfo hints = {0}, *res = NULL;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+        hints.ai_family = any ? any_families[i] : AF_UNSPEC;
+        rc = getaddrinfo(any ? NULL : host, port, &hints, &res);
+        if (rc != 0)
+            continue;
+        fd = bind_listen(res, any);
+        e = errno;
+        freeaddrinfo(res);
     }
-    if (rc != 0) {
+    if (fd >= 0)
+        return fd;
+    if (rc != 0)
         snprintf(err, errlen, "could not resolve metrics address \"%s\": %s", addr,
                  gai_strerror(rc));
-        return -1;
-    }
-    fd = socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC, res->ai_protocol);
-    if (fd >= 0) {
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (res->ai_family == AF_INET6 && host[0] == '\0') /* ":port": IPv4 too */
-            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-        if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, 64) != 0) {
-            int e = errno;
-            close(fd);
-            fd = -1;
-            errno = e;
-        }
-    }
-    if (fd < 0)
+    else
         snprintf(err, errlen,
                  "could not listen for metrics on %s: %s (choose another --metrics "
                  "address, or --metrics off)",
-                 addr, strerror(errno));
-    freeaddrinfo(res);
-    return fd;
+                 addr, strerror(e));
+    return -1;
 }
 
 int metrics_listen(Metrics *m, const char *addr, char *err, size_t errlen)
