@@ -101,7 +101,7 @@ void log_event(LogLevel level, const char *lsn, const char *table, const char *f
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
         msg[--n] = '\0';
     for (char *p = msg; *p; p++)
-        if (*p == '\n')
+        if (*p == '\n' || *p == '\t' || *p == '\r')
             *p = ' ';
     timestamp(ts, sizeof ts);
     if (log_json) {

@@ -164,11 +164,14 @@ static int flush_batch(Run *r)
             log_warn("retrying in %d ms; reading from postgresql is paused until redis "
                      "acknowledges (WAL is retained by the slot)",
                      ms);
+            notify_status("waiting for redis; reading from postgresql is paused");
             runtime_sleep(ms, keepalive_tick, r);
         }
     }
-    if (b.attempt > 0)
+    if (b.attempt > 0) {
         log_info("redis acknowledged after %d retries; resuming", b.attempt);
+        notify_status("streaming");
+    }
     if (target > r->acked_lsn)
         r->acked_lsn = target;
     if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0) {

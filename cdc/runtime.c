@@ -120,15 +120,18 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
             log_error("%s", stream_errstr(s));
             return -2;
         case STREAM_BUSY:
-            if (!standby_logged)
+            if (!standby_logged) {
                 log_info("standing by: %s; taking over when it is released",
                          stream_errstr(s));
+                notify_status("standing by: the slot is active in another process");
+            }
             standby_logged = true;
             runtime_sleep(1000, NULL, NULL);
             break;
         case STREAM_RETRY: {
             int ms = backoff_next(&b);
             log_error("%s; retrying in %d ms", stream_errstr(s), ms);
+            notify_status("waiting for postgresql");
             runtime_sleep(ms, NULL, NULL);
             break;
         }

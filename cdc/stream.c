@@ -28,6 +28,7 @@ struct Stream {
     uint64_t received;
     uint64_t server_end;
     int64_t last_status_us; /* monotonic time of the last status update */
+    int interval_ms;        /* status interval: configured, or less (below) */
     int server_version;
     char desc[256];
     char errstr[1024];
@@ -74,6 +75,7 @@ Stream *stream_new(const StreamConfig *cfg)
         s->cfg.status_interval_ms = 10000;
     if (s->cfg.conninfo == NULL)
         s->cfg.conninfo = "";
+    s->interval_ms = s->cfg.status_interval_ms;
     snprintf(s->desc, sizeof s->desc, "(not connected)");
     return s;
 }
@@ -379,6 +381,25 @@ static StreamStatus check_slot(Stream *s)
     return st;
 }
 
+/* The walsender drops a client that sends nothing for wal_sender_timeout.
+ * While walbust waits for Redis it does not read the stream (so it cannot
+ * answer keepalive requests); unprompted status updates at half the
+ * timeout keep a healthy, waiting instance connected. */
+static void adapt_status_interval(Stream *s)
+{
+    PGresult *res = PQexec(s->conn, "SELECT setting::int FROM pg_catalog.pg_settings "
+                                    "WHERE name = 'wal_sender_timeout'");
+    int timeout_ms;
+
+    s->interval_ms = s->cfg.status_interval_ms;
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        timeout_ms = atoi(PQgetvalue(res, 0, 0));
+        if (timeout_ms > 0 && timeout_ms / 2 < s->interval_ms)
+            s->interval_ms = timeout_ms / 2 > 100 ? timeout_ms / 2 : 100;
+    }
+    PQclear(res);
+}
+
 StreamStatus stream_connect(Stream *s)
 {
     char msg[768], where[256];
@@ -425,6 +446,7 @@ StreamStatus stream_connect(Stream *s)
     }
     PQclear(res);
 
+    adapt_status_interval(s);
     if ((st = check_wal_level(s)) != STREAM_OK || (st = check_publication(s)) != STREAM_OK ||
         (st = check_slot(s)) != STREAM_OK) {
         stream_close(s);
@@ -461,7 +483,8 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
     pq_message(s->conn, msg, sizeof msg);
     state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     if (state != NULL && strcmp(state, "55006") == 0) {
-        snprintf(s->errstr, sizeof s->errstr, "%s", msg);
+        const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+        snprintf(s->errstr, sizeof s->errstr, "%s", primary != NULL ? primary : msg);
         PQclear(res);
         stream_close(s);
         return STREAM_BUSY;
@@ -502,7 +525,7 @@ int stream_confirm(Stream *s, uint64_t flush_lsn, bool force)
         s->confirmed = flush_lsn;
     if (s->conn == NULL || !s->streaming)
         return 0;
-    if (force || mono_us() - s->last_status_us >= (int64_t)s->cfg.status_interval_ms * 1000)
+    if (force || mono_us() - s->last_status_us >= (int64_t)s->interval_ms * 1000)
         return send_status(s, false);
     return 0;
 }
@@ -552,7 +575,7 @@ static int wait_readable(Stream *s, int timeout_ms)
 /* Time until the next status update is due, in ms (at least 0). */
 static int status_due_ms(const Stream *s)
 {
-    int64_t due = s->last_status_us + (int64_t)s->cfg.status_interval_ms * 1000 - mono_us();
+    int64_t due = s->last_status_us + (int64_t)s->interval_ms * 1000 - mono_us();
     return due <= 0 ? 0 : (int)(due / 1000);
 }
 
