@@ -34,7 +34,7 @@ MAIN_OBJ  = $(BUILD)/obj/main.o
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
-.PHONY: all deps test unit e2e sqltest asan demo clean format bench
+.PHONY: all deps test unit e2e sqltest asan demo clean format bench broken
 all: $(BUILD)/walbust
 
 deps:
@@ -102,6 +102,12 @@ demo: deps $(BUILD)/walbust
 
 bench: deps $(BUILD)/walbust
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust bench/run
+
+# A deliberately broken walbust (confirms before Redis acknowledges) that
+# the fault campaign must catch: build/broken/walbust.
+broken:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/broken \
+	    CFLAGS="-O2 -g -DWALBUST_TEST_BROKEN_CONFIRM" build/broken/walbust
 
 format:
 	clang-format -i cdc/*.c cdc/*.h tests/unit/*.c

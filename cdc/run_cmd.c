@@ -270,6 +270,13 @@ static int on_data(Run *r, const StreamData *data)
         metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
         if (r->ncommit_times < COMMIT_SAMPLES)
             r->commit_times[r->ncommit_times++] = m.u.commit.commit_time;
+#ifdef WALBUST_TEST_BROKEN_CONFIRM
+        /* Deliberately wrong, for proving that the fault campaign sees a
+         * loss: confirm at decode time, before Redis acknowledged. Only in
+         * `make broken` builds (build/broken/walbust). */
+        r->acked_lsn = r->pending_lsn;
+        (void)stream_confirm(r->stream, r->acked_lsn, true);
+#endif
         break;
     case PGO_INSERT:
     case PGO_UPDATE:
