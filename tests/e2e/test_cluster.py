@@ -282,8 +282,8 @@ class Scene:
                     obj.join(10)
                 elif isinstance(obj, Walbust):
                     if obj.alive():
-                        obj.proc.kill()
-                        obj.proc.wait()
+                        rc = obj.stop()  # SIGTERM: drain, confirm, exit 0
+                        assert rc == 0, f"walbust exited with {rc} on SIGTERM"
                 else:
                     obj.stop()
             except Exception as e:  # teardown goes on
