@@ -170,8 +170,8 @@ static bool split_hostport(const char *s, size_t n, char *host, size_t hostlen, 
     return true;
 }
 
-ClusterRedirect cluster_parse_redirect(const char *err, unsigned *slot, char *host,
-                                       size_t hostlen, int *port)
+ClusterRedirect cluster_parse_redirect(const char *err, unsigned *slot, char *host, size_t hostlen,
+                                       int *port)
 {
     ClusterRedirect kind;
     const char *p, *sp;
@@ -216,9 +216,10 @@ static bool parse_range(const redisReply *e, ClusterRange *out)
         e->element[0]->integer > e->element[1]->integer)
         return false;
     m = e->element[2];
-    if (m->type != REDIS_REPLY_ARRAY || m->elements < 2 || m->element[0]->type != REDIS_REPLY_STRING ||
-        m->element[1]->type != REDIS_REPLY_INTEGER || m->element[1]->integer < 0 ||
-        m->element[1]->integer > 65535 || m->element[0]->len >= sizeof out->host)
+    if (m->type != REDIS_REPLY_ARRAY || m->elements < 2 ||
+        m->element[0]->type != REDIS_REPLY_STRING || m->element[1]->type != REDIS_REPLY_INTEGER ||
+        m->element[1]->integer < 0 || m->element[1]->integer > 65535 ||
+        m->element[0]->len >= sizeof out->host)
         return false;
     out->first = (unsigned)e->element[0]->integer;
     out->last = (unsigned)e->element[1]->integer;
@@ -300,9 +301,8 @@ static void node_io_fail(Cluster *c, int id, const char *what)
 {
     ClusterNode *nd = &c->nodes[id];
     int saved = errno;
-    bool timeout = nd->ctx->err == REDIS_ERR_IO &&
-                   (saved == EAGAIN || saved == EWOULDBLOCK ||
-                    strcmp(nd->ctx->errstr, strerror(EAGAIN)) == 0);
+    bool timeout = nd->ctx->err == REDIS_ERR_IO && (saved == EAGAIN || saved == EWOULDBLOCK ||
+                                                    strcmp(nd->ctx->errstr, strerror(EAGAIN)) == 0);
 
     if (timeout)
         set_err(c,
@@ -690,9 +690,8 @@ static size_t send_round(Cluster *c)
             continue;
         }
         cmd->sent_ask = cmd->asking;
-        if (cmd->asking &&
-            redisAppendFormattedCommand(c->nodes[id].ctx, asking_cmd, sizeof asking_cmd - 1) !=
-                REDIS_OK)
+        if (cmd->asking && redisAppendFormattedCommand(c->nodes[id].ctx, asking_cmd,
+                                                       sizeof asking_cmd - 1) != REDIS_OK)
             oom();
         if (redisAppendFormattedCommand(c->nodes[id].ctx, cmd->fmt, cmd->len) != REDIS_OK)
             oom();

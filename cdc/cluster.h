@@ -57,15 +57,15 @@ typedef enum ClusterRedirect {
  * fills slot, host (hostlen bytes, NUL-terminated, IPv6 unbracketed) and
  * port. An empty host (a node that does not know its address) is returned
  * as "". */
-ClusterRedirect cluster_parse_redirect(const char *err, unsigned *slot, char *host,
-                                       size_t hostlen, int *port);
+ClusterRedirect cluster_parse_redirect(const char *err, unsigned *slot, char *host, size_t hostlen,
+                                       int *port);
 
 /* One master's slot range from CLUSTER SLOTS. */
 typedef struct ClusterRange {
     unsigned first, last; /* inclusive */
     char host[256];       /* "" when the node did not know its address */
     int port;
-    unsigned replicas;    /* replicas listed for the range */
+    unsigned replicas; /* replicas listed for the range */
 } ClusterRange;
 
 /* Parse a CLUSTER SLOTS reply into ranges (a malloc'd array the caller
@@ -77,12 +77,12 @@ ClusterRange *cluster_parse_slots(const redisReply *r, size_t *n, char *err, siz
 /* ---- the client -------------------------------------------------------- */
 
 typedef struct ClusterConfig {
-    char seeds[1024];        /* "host:port,host:port,[v6]:port" */
-    char user[128];          /* "" for the default user */
+    char seeds[1024]; /* "host:port,host:port,[v6]:port" */
+    char user[128];   /* "" for the default user */
     char password[256];
     bool has_password;
-    int connect_timeout_ms;  /* > 0 */
-    int command_timeout_ms;  /* > 0 */
+    int connect_timeout_ms; /* > 0 */
+    int command_timeout_ms; /* > 0 */
 } ClusterConfig;
 
 typedef struct Cluster Cluster;

@@ -92,16 +92,16 @@ static void test_parse_redirect(void **state)
     unsigned slot = 0;
 
     (void)state;
-    assert_int_equal(cluster_parse_redirect("MOVED 3999 127.0.0.1:6381", &slot, host, sizeof host,
-                                            &port),
-                     CLUSTER_REDIRECT_MOVED);
+    assert_int_equal(
+        cluster_parse_redirect("MOVED 3999 127.0.0.1:6381", &slot, host, sizeof host, &port),
+        CLUSTER_REDIRECT_MOVED);
     assert_int_equal(slot, 3999);
     assert_string_equal(host, "127.0.0.1");
     assert_int_equal(port, 6381);
 
-    assert_int_equal(cluster_parse_redirect("ASK 16383 10.0.0.5:7002", &slot, host, sizeof host,
-                                            &port),
-                     CLUSTER_REDIRECT_ASK);
+    assert_int_equal(
+        cluster_parse_redirect("ASK 16383 10.0.0.5:7002", &slot, host, sizeof host, &port),
+        CLUSTER_REDIRECT_ASK);
     assert_int_equal(slot, 16383);
     assert_string_equal(host, "10.0.0.5");
     assert_int_equal(port, 7002);
@@ -111,9 +111,9 @@ static void test_parse_redirect(void **state)
                      CLUSTER_REDIRECT_MOVED);
     assert_string_equal(host, "::1");
     assert_int_equal(port, 7000);
-    assert_int_equal(cluster_parse_redirect("ASK 2 [fe80::1]:7001", &slot, host, sizeof host,
-                                            &port),
-                     CLUSTER_REDIRECT_ASK);
+    assert_int_equal(
+        cluster_parse_redirect("ASK 2 [fe80::1]:7001", &slot, host, sizeof host, &port),
+        CLUSTER_REDIRECT_ASK);
     assert_string_equal(host, "fe80::1");
     assert_int_equal(cluster_parse_redirect("MOVED 5 :7005", &slot, host, sizeof host, &port),
                      CLUSTER_REDIRECT_MOVED);
@@ -128,9 +128,9 @@ static void test_parse_redirect_rejects(void **state)
         "MOVED",
         "MOVED 16384 127.0.0.1:7000", /* slot out of range */
         "MOVED x 127.0.0.1:7000",
-        "MOVED 12 127.0.0.1",        /* no port */
-        "MOVED 12 127.0.0.1:",       /* empty port */
-        "MOVED 12 127.0.0.1:70000",  /* port out of range */
+        "MOVED 12 127.0.0.1",       /* no port */
+        "MOVED 12 127.0.0.1:",      /* empty port */
+        "MOVED 12 127.0.0.1:70000", /* port out of range */
         "MOVED 12 127.0.0.1:7a",
         "ASK 12",
         "CLUSTERDOWN The cluster is down",
@@ -147,9 +147,9 @@ static void test_parse_redirect_rejects(void **state)
             CLUSTER_REDIRECT_NONE)
             fail_msg("accepted \"%s\"", bad[i]);
     /* A host that does not fit the buffer is refused, not cut. */
-    assert_int_equal(cluster_parse_redirect("MOVED 1 very-long-host-name:7000", &slot, host, 8,
-                                            &port),
-                     CLUSTER_REDIRECT_NONE);
+    assert_int_equal(
+        cluster_parse_redirect("MOVED 1 very-long-host-name:7000", &slot, host, 8, &port),
+        CLUSTER_REDIRECT_NONE);
 }
 
 /* Parse RESP text into a reply with hiredis' reader (caller frees). */
@@ -168,16 +168,15 @@ static redisReply *resp(const char *text)
 
 /* Three masters with one replica each, Redis 7 shape: every node entry is
  * [ip, port, id, {hostname map}] (the map is an empty array in RESP2). */
-static const char slots_3m[] =
-    "*3\r\n"
-    "*4\r\n:0\r\n:5460\r\n"
-    "*4\r\n$9\r\n127.0.0.1\r\n:7000\r\n$3\r\naaa\r\n*0\r\n"
-    "*4\r\n$9\r\n127.0.0.1\r\n:7003\r\n$3\r\nddd\r\n*0\r\n"
-    "*4\r\n:5461\r\n:10922\r\n"
-    "*4\r\n$9\r\n127.0.0.1\r\n:7001\r\n$3\r\nbbb\r\n*0\r\n"
-    "*4\r\n$9\r\n127.0.0.1\r\n:7004\r\n$3\r\neee\r\n*0\r\n"
-    "*3\r\n:10923\r\n:16383\r\n"
-    "*3\r\n$1\r\n?\r\n:7002\r\n$3\r\nccc\r\n";
+static const char slots_3m[] = "*3\r\n"
+                               "*4\r\n:0\r\n:5460\r\n"
+                               "*4\r\n$9\r\n127.0.0.1\r\n:7000\r\n$3\r\naaa\r\n*0\r\n"
+                               "*4\r\n$9\r\n127.0.0.1\r\n:7003\r\n$3\r\nddd\r\n*0\r\n"
+                               "*4\r\n:5461\r\n:10922\r\n"
+                               "*4\r\n$9\r\n127.0.0.1\r\n:7001\r\n$3\r\nbbb\r\n*0\r\n"
+                               "*4\r\n$9\r\n127.0.0.1\r\n:7004\r\n$3\r\neee\r\n*0\r\n"
+                               "*3\r\n:10923\r\n:16383\r\n"
+                               "*3\r\n$1\r\n?\r\n:7002\r\n$3\r\nccc\r\n";
 
 static void test_parse_slots(void **state)
 {
@@ -245,8 +244,8 @@ static void test_parse_slots_rejects(void **state)
  * exec against unreachable seeds fails with a message naming them. */
 static void test_unreachable_seed(void **state)
 {
-    ClusterConfig cfg = {.seeds = "127.0.0.1:1", .connect_timeout_ms = 500,
-                         .command_timeout_ms = 500};
+    ClusterConfig cfg = {
+        .seeds = "127.0.0.1:1", .connect_timeout_ms = 500, .command_timeout_ms = 500};
     Cluster *c = cluster_new(&cfg);
     const char *argv[2] = {"UNLINK", "k"};
     size_t lens[2] = {6, 1};
@@ -269,14 +268,10 @@ static void test_unreachable_seed(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_crc16_reference),
-        cmocka_unit_test(test_keyslot_table),
-        cmocka_unit_test(test_keyslot_hash_tag_rules),
-        cmocka_unit_test(test_parse_redirect),
-        cmocka_unit_test(test_parse_redirect_rejects),
-        cmocka_unit_test(test_parse_slots),
-        cmocka_unit_test(test_parse_slots_rejects),
-        cmocka_unit_test(test_unreachable_seed),
+        cmocka_unit_test(test_crc16_reference),        cmocka_unit_test(test_keyslot_table),
+        cmocka_unit_test(test_keyslot_hash_tag_rules), cmocka_unit_test(test_parse_redirect),
+        cmocka_unit_test(test_parse_redirect_rejects), cmocka_unit_test(test_parse_slots),
+        cmocka_unit_test(test_parse_slots_rejects),    cmocka_unit_test(test_unreachable_seed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
