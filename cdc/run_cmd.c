@@ -29,6 +29,7 @@
 #include "pgo.h"
 #include "redisurl.h"
 #include "runtime.h"
+#include "visible.h"
 #include "sink.h"
 
 typedef struct RunStats {
@@ -58,6 +59,8 @@ typedef struct Run {
     int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
+    Visible *vis;            /* xids whose invalidations wait for visibility */
+    uint32_t xid;            /* xid of the transaction being decoded */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -68,6 +71,8 @@ static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_
                           const char *payload, size_t payload_len)
 {
     Run *r = arg;
+    if (r->in_txn)
+        visible_note(r->vis, r->xid);
     for (int i = 0; i < r->nsinks; i++)
         sink_add(r->sinks[i], action, s, len, payload, payload_len);
 }
@@ -131,6 +136,23 @@ static void record_ack(Run *r)
                       stream_server_end(r->stream));
 }
 
+/* Before invalidating, wait until the batch's transactions are visible to
+ * other sessions (visible.h): a reader that misses after the invalidation
+ * must read the new row, or its lease-fenced fill would store the old one. */
+static void wait_visible(Run *r)
+{
+    int rc;
+
+    if (visible_pending(r->vis) == 0)
+        return;
+    rc = visible_wait(r->vis, 10000, keepalive_tick, r);
+    if (rc < 0)
+        log_warn("%s; invalidating without the visibility check", visible_errstr(r->vis));
+    else if (rc == 0 && !runtime_stop)
+        log_warn("decoded transactions are still not visible to other sessions after 10 s "
+                 "(synchronous replication waiting for a standby?); invalidating anyway");
+}
+
 /* Flush every sink until all acknowledged, retrying with backoff. Returns 0,
  * or -1 when asked to stop before Redis acknowledged. */
 static int flush_batch(Run *r)
@@ -139,6 +161,7 @@ static int flush_batch(Run *r)
     char lsn[LSN_TEXT_MAX];
     uint64_t target = r->pending_lsn;
 
+    wait_visible(r);
     for (;;) {
         int failed = 0;
 
@@ -262,6 +285,7 @@ static int on_data(Run *r, const StreamData *data)
     case PGO_BEGIN:
         change_txn_begin(&r->txn, &m);
         r->in_txn = true;
+        r->xid = m.u.begin.xid;
         break;
     case PGO_COMMIT:
         r->in_txn = false;
@@ -509,6 +533,7 @@ static int recover_lost_slot(Run *r)
 static void run_free(Run *r)
 {
     metrics_free(r->metrics);
+    visible_free(r->vis);
     free(r->commit_times);
     for (int i = 0; i < r->nsinks; i++)
         sink_free(r->sinks[i]);
@@ -531,6 +556,7 @@ int cmd_run(const Config *cfg)
     snprintf(r.watermark_key, sizeof r.watermark_key, "walbust:confirmed:%s", cfg->slot);
     runtime_signals();
     r.metrics = metrics_new();
+    r.vis = visible_new(cfg->pg);
     r.commit_times = malloc(COMMIT_SAMPLES * sizeof *r.commit_times);
     if (r.commit_times == NULL)
         abort();
