@@ -33,9 +33,10 @@ static void test_parse(void **state)
 
 static void test_parse_rejects(void **state)
 {
-    static const char *const bad[] = {"", "1", "1:2", "1:2:x", "2:1:", "1:5:0", "1:5:5",
-                                      "1:5:3,2", "1:5:3,3", "1:5:3,", "1:5:,3", " 1:2:",
-                                      "1:2: ", "-1:2:", "1:99999999999999999999999:"};
+    static const char *const bad[] = {
+        "",       "1",     "1:2",     "1:2:x",   "2:1:",
+        "1:5:0",  "1:5:5", "1:5:3,2", "1:5:3,3", "1:5:3,",
+        "1:5:,3", " 1:2:", "1:2: ",   "-1:2:",   "1:99999999999999999999999:"};
     (void)state;
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         VisibleSnapshot s;
@@ -49,13 +50,13 @@ static void test_sees(void **state)
     VisibleSnapshot s;
     (void)state;
     assert_int_equal(visible_snapshot_parse("100:110:100,105", &s), 0);
-    assert_true(visible_snapshot_sees(&s, 50));   /* long done */
+    assert_true(visible_snapshot_sees(&s, 50)); /* long done */
     assert_true(visible_snapshot_sees(&s, 99));
     assert_false(visible_snapshot_sees(&s, 100)); /* in progress */
     assert_true(visible_snapshot_sees(&s, 101));
     assert_false(visible_snapshot_sees(&s, 105));
     assert_true(visible_snapshot_sees(&s, 109));
-    assert_false(visible_snapshot_sees(&s, 110)); /* not yet completed: >= xmax */
+    assert_false(visible_snapshot_sees(&s, 110));         /* not yet completed: >= xmax */
     assert_false(visible_snapshot_sees(&s, 4000000000u)); /* "ahead" by wraparound distance */
     visible_snapshot_release(&s);
     /* Epoch 1, xmax's low half small: xids just before the epoch boundary. */
