@@ -3,7 +3,9 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <cmocka.h>
 
 #include "lsn.h"
@@ -50,12 +52,38 @@ static void test_pgtime(void **state)
     assert_string_equal(pgtime_format(-1, buf), "1999-12-31T23:59:59.999999Z");
 }
 
+/* The fast formatters against gmtime_r/snprintf over a spread of values:
+ * leap days, century years, before 1970 and 2000, random instants. */
+static void test_format_matches_libc(void **state)
+{
+    char got[PGTIME_TEXT_MAX], want[PGTIME_TEXT_MAX], lsn[LSN_TEXT_MAX], lwant[LSN_TEXT_MAX];
+    uint64_t x = 88172645463325252u;
+    (void)state;
+    for (int i = 0; i < 200000; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        /* Unix seconds from 1900 to 2200, plus µs. */
+        int64_t secs = -2208988800 + (int64_t)(x % UINT64_C(9467280000));
+        int64_t us = (int64_t)(x >> 40) % 1000000;
+        if (i < 1000) /* every day boundary around 2000-01-01 and 1970-01-01 */
+            secs = (i % 2 ? 946684800 : 0) + (int64_t)(i / 2 - 250) * 86400 - (i % 3);
+        struct tm tm;
+        time_t t = (time_t)secs;
+        assert_non_null(gmtime_r(&t, &tm));
+        snprintf(want, sizeof want, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900,
+                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)us);
+        assert_string_equal(pgtime_format(secs * 1000000 + us - PG_EPOCH_OFFSET_US, got), want);
+        snprintf(lwant, sizeof lwant, "%X/%X", (unsigned)(x >> 32), (unsigned)x);
+        assert_string_equal(lsn_format(x, lsn), lwant);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_format_roundtrip),
         cmocka_unit_test(test_parse_rejects),
         cmocka_unit_test(test_pgtime),
+        cmocka_unit_test(test_format_matches_libc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
