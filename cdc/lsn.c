@@ -118,12 +118,20 @@ char *pgtime_format(int64_t pg_us, char *buf)
 {
     /* Arithmetic instead of gmtime_r + snprintf: gmtime_r takes glibc's
      * timezone lock, and this runs once per transaction. */
-    int64_t unix_us = pg_us + PG_EPOCH_OFFSET_US;
-    int64_t secs = unix_us / 1000000, frac = unix_us % 1000000;
+    int64_t unix_us, secs, frac;
     int64_t days, sod, year;
     unsigned mon, mday;
     char *p = buf;
 
+    /* The value comes off the wire: adding the epoch offset must not
+     * overflow (PostgreSQL's own timestamps end long before this). */
+    if (pg_us > INT64_MAX - PG_EPOCH_OFFSET_US) {
+        snprintf(buf, PGTIME_TEXT_MAX, "invalid");
+        return buf;
+    }
+    unix_us = pg_us + PG_EPOCH_OFFSET_US;
+    secs = unix_us / 1000000;
+    frac = unix_us % 1000000;
     if (frac < 0) {
         frac += 1000000;
         secs -= 1;

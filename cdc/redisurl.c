@@ -86,6 +86,10 @@ char *redisurl_redact(const char *url, char *buf, size_t buflen)
     rest = sep != NULL ? sep + 3 : url;
     is_unix = sep != NULL && (size_t)(sep - url) == 4 && strncmp(url, "unix", 4) == 0;
     at = userinfo_end(rest, is_unix);
+    /* "unix://user:pw@relative.sock" is invalid (no "@/"), yet its error
+     * message quotes it: redact up to the last '@' there too. */
+    if (at == NULL && is_unix && rest[0] != '/')
+        at = strrchr(rest, '@');
     if (at == NULL) {
         snprintf(buf, buflen, "%s", url);
         return buf;
