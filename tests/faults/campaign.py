@@ -1,0 +1,1273 @@
+#!/usr/bin/python3
+"""Randomized fault campaign: walbust loses no invalidation (SPEC §1.2-1.3).
+
+    tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
+                             [--kinds k1,k2] [--faults-per-round 2] [--bin PATH]
+
+Starts its own stack (scripts/stack start in a temp dir: PostgreSQL 15 and,
+owned by the campaign, a redis-server with AOF on /dev/shm), two TCP proxies
+(tests/faults/proxy.py) between walbust and each server, and walbust itself.
+Then, per round:
+
+1. fill     with no writes running and walbust caught up, cache a value for
+            every key the rules can produce: c:item:<id> for every id of the
+            id space (rows that exist and rows that do not: an insert must
+            invalidate a cached "no such row"), c:ver:<id> = 0, the members
+            c:gm:<g>:0/1 of every tag set t:grp:<g>, c:side:<id>;
+2. storm    several writer connections, each owning the ids = k mod W (so
+            writers never wait on each other's row locks), run mixed
+            transactions: single and multi-row inserts, updates (also of the
+            group column, and of the primary key), deletes,
+            walbust.invalidate / invalidate_tag calls, rolled-back
+            transactions, savepoints rolled back past an invalidate call, and
+            (writer 0) inserts into and TRUNCATE of a side table. Meanwhile
+            a fault thread injects faults at random moments and verifies each
+            really happened; a subscriber listens on the publish channel;
+3. quiesce  writers stopped, faults healed: wait until the slot's
+            confirmed_flush_lsn is at or past pg_current_wal_lsn() taken after
+            the last commit. By SPEC §1.2 every invalidation of every commit
+            before it is now in Redis;
+4. check    from the exact record of what each committed transaction touched
+            (old and new ids of key changes, old and new groups): every key
+            of a touched row is gone, every version counter of a changed row
+            moved, every tag set of a touched group and its members are gone,
+            side keys are gone after a TRUNCATE; every key of a row no
+            committed transaction touched is still cached and its counter is
+            still 0 (no over-invalidation), and every publish of a commit made
+            while the current subscriber was subscribed was received, matched
+            by (xid, key); no publish carries the xid of a rolled-back
+            transaction. Then a barrier (a committed row whose key must go)
+            tells "missed at the confirmed position" from "lost for good".
+
+A Redis restart that loses its data is followed by a re-seed of every key,
+as an application refilling its cache would; the checker then demands only
+that keys of rows written after the re-seed finished (taken as a WAL
+position before each transaction's COMMIT) are gone. A restart from the AOF
+(appendfsync always) must bring back every key that was not invalidated, and
+walbust must still invalidate the ones written since.
+
+--broken runs build/broken/walbust (`make broken`: confirms the LSN when the
+COMMIT is decoded, before Redis acknowledged) through kill -9 faults and must
+report missed invalidations: exit status 0 only when it did (proof that the
+checker sees a loss). Otherwise the exit status is 0 only when every round
+had no missed and no over-invalidation and every fault was verified.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import psycopg2
+import redis
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import proxy as proxyctl  # noqa: E402
+
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
+DB = "campaign"
+SLOT = "campaign"
+PUB = "campaign"
+CHAN = "c:chan"
+NSIDE = 300
+GROUP_MEMBERS = 2
+
+KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "redis_sigstop", "redis_restart_empty",
+         "redis_restart_aof", "pg_restart", "walsender_kill", "pg_proxy_cut", "pg_proxy_slow",
+         "pg_proxy_blackhole", "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole"]
+
+RULES = {
+    "defaults": {"tag_prefix": "t:"},
+    "rules": [
+        {"table": "public.items", "keys": ["c:item:{id}"], "tags": ["grp:{grp}"],
+         "versions": ["c:ver:{id}"], "publish": [CHAN]},
+        {"table": "public.side", "keys": ["c:side:{id}"]},
+        {"table": "public.cbarrier", "on": ["insert"], "keys": ["c:barrier:{token}"]},
+    ],
+}
+
+
+def log(msg):
+    print(f"# {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def wait_until(fn, timeout, what, interval=0.05):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_pg(args):
+    return (["runuser", "-u", "postgres", "--"] + args) if os.getuid() == 0 else args
+
+
+def lsn_text(n):
+    return f"{n >> 32:X}/{n & 0xFFFFFFFF:X}"
+
+
+# ---- servers -------------------------------------------------------------
+
+
+class Postgres:
+    """The stack's PostgreSQL: queries on fresh connections that ride out a
+    restart (retried for up to `timeout` seconds)."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.port = int(stack.env["PG_PORT"])
+        self.data = os.path.join(stack.dir, "pgdata")
+
+    def dsn(self, db=DB, port=None):
+        return f"host=127.0.0.1 port={port or self.port} user=postgres dbname={db}"
+
+    def connect(self, db=DB, autocommit=True):
+        conn = psycopg2.connect(self.dsn(db), connect_timeout=5)
+        conn.autocommit = autocommit
+        return conn
+
+    def q(self, query, args=None, db=DB, timeout=90):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                conn = self.connect(db)
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(query, args)
+                        return cur.fetchall() if cur.description else None
+                finally:
+                    conn.close()
+            except psycopg2.OperationalError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def wal_lsn(self):
+        return int(self.q("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")[0][0])
+
+    def insert_lsn(self):
+        return int(self.q("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")[0][0])
+
+    def slot(self):
+        rows = self.q("SELECT active_pid, confirmed_flush_lsn - '0/0'::pg_lsn FROM "
+                      "pg_replication_slots WHERE slot_name = %s", (SLOT,))
+        return (rows[0][0], int(rows[0][1] or 0)) if rows else (None, 0)
+
+    def postmaster_pid(self):
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def restart(self):
+        subprocess.run(as_pg([f"{PGBIN}/pg_ctl", "-D", self.data, "-l",
+                              os.path.join(self.stack.dir, "postgres.log"), "-m", "fast", "-w",
+                              "-t", "120", "restart"]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+class Stack:
+    """scripts/stack in a private directory (its Redis is left idle)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="walbust-campaign-")
+        subprocess.run([os.path.join(SRC, "scripts/stack"), "start", self.dir], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.env = {}
+        with open(os.path.join(self.dir, "env")) as f:
+            for line in f:
+                m = re.match(r"export (\w+)='?([^']*)'?$", line.strip())
+                if m:
+                    self.env[m.group(1)] = m.group(2)
+
+    def stop(self, keep):
+        subprocess.run([os.path.join(SRC, "scripts/stack"), "stop", self.dir],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if keep:
+            shutil.rmtree(os.path.join(self.dir, "pgdata"), ignore_errors=True)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisServer:
+    """The campaign's redis-server: AOF with appendfsync always (every
+    acknowledged write survives kill -9) in a /dev/shm directory, no RDB, no
+    output limit for subscribers."""
+
+    def __init__(self):
+        self.port = free_port()
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix="walbust-campaign-redis-", dir=base)
+        self.proc = None
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--client-output-buffer-limit", "pubsub 0 0 0",
+                "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.ping() or self.proc.poll() is not None, 30, "redis-server to start")
+        assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
+        return self
+
+    def client(self, timeout=10):
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def ping(self, timeout=0.5):
+        try:
+            return self.client(timeout).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def run_id(self):
+        return self.client().info("server")["run_id"]
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait(15)
+        assert self.proc.returncode == -signal.SIGKILL, self.proc.returncode
+        assert not self.ping(), "redis answers after kill -9"
+
+    def wipe(self):
+        for name in os.listdir(self.dir):
+            if name != "redis.log":
+                path = os.path.join(self.dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(15)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Proxy:
+    """A tests/faults/proxy.py process in front of one server."""
+
+    def __init__(self, name, upstream_port, workdir):
+        self.name = name
+        self.port, self.control = free_port(), free_port()
+        self.log = open(os.path.join(workdir, f"proxy-{name}.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "proxy.py"),
+                                      str(self.port), str(upstream_port), str(self.control)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self._try_stats(), 20, f"proxy {name} to start")
+
+    def _try_stats(self):
+        try:
+            return self.cmd("stats")
+        except OSError:
+            return None
+
+    def cmd(self, text):
+        return proxyctl.command(self.control, text)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class Walbust:
+    """walbust run through both proxies; every start gets its own log."""
+
+    def __init__(self, binary, workdir, pg_dsn, redis_url, rules):
+        self.binary, self.workdir = binary, workdir
+        self.args = [binary, "run", "--pg", pg_dsn, "--redis", redis_url, "--rules", rules,
+                     "--slot", SLOT, "--publication", PUB, "--metrics", "off", "--create-slot",
+                     "--log-level", "info"]
+        self.proc = None
+        self.starts = 0
+        self.log_path = None
+
+    def start(self):
+        self.starts += 1
+        self.log_path = os.path.join(self.workdir, f"walbust-{self.starts:03d}.log")
+        self.logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self.logf, stderr=subprocess.STDOUT)
+        return self
+
+    def read_log(self):
+        with open(self.log_path, "r", errors="replace") as f:
+            return f.read()
+
+    def count(self, pattern):
+        return len(re.findall(pattern, self.read_log()))
+
+    def wait_streaming(self, timeout=90, seen=0):
+        """Wait for the (seen+1)-th "streaming from" line of this process."""
+        wait_until(lambda: self.count("streaming from") > seen or self.proc.poll() is not None,
+                   timeout, "walbust to stream")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"walbust exited with {self.proc.returncode}; log "
+                                 f"{self.log_path}:\n{self.read_log()[-3000:]}")
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(15)
+        self.logf.close()
+        assert self.proc.returncode == -signal.SIGKILL, self.proc.returncode
+
+    def stop(self):
+        if not self.alive():
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.logf.close()
+        return self.proc.returncode
+
+
+# ---- the workload --------------------------------------------------------
+
+
+class IdSet:
+    """A set with O(1) add, remove and random choice."""
+
+    def __init__(self, items=()):
+        self.items, self.pos = [], {}
+        for x in items:
+            self.add(x)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __contains__(self, x):
+        return x in self.pos
+
+    def add(self, x):
+        if x not in self.pos:
+            self.pos[x] = len(self.items)
+            self.items.append(x)
+
+    def remove(self, x):
+        i = self.pos.pop(x)
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self.pos[last] = i
+
+    def sample(self, rnd, n):
+        return rnd.sample(self.items, min(n, len(self.items)))
+
+
+class Txn:
+    """What one committed transaction touched."""
+    __slots__ = ("xid", "lsn", "kind", "row_ids", "inv_ids", "groups", "side_ids", "truncated")
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.xid = self.lsn = None
+        self.row_ids, self.inv_ids, self.groups = set(), set(), set()
+        self.side_ids = set()
+        self.truncated = False
+
+
+class Writer(threading.Thread):
+    """One writer connection over the ids = k mod nwriters. Its picture of
+    the rows (self.rows: id -> grp) changes only when a COMMIT is known to
+    have succeeded (after a lost connection: txid_status)."""
+
+    WEIGHTS = [("upd", 30), ("upd_grp", 8), ("ins", 12), ("mins", 8), ("keychg", 8), ("del", 10),
+               ("inv", 8), ("mixed", 6), ("rollback", 5), ("savepoint", 3), ("side", 2),
+               ("truncate", 0.12)]
+
+    def __init__(self, camp, k, rows, side_rows):
+        super().__init__(daemon=True)
+        self.camp, self.k = camp, k
+        self.rnd = random.Random(camp.rnd.random())
+        self.rows = rows  # id -> grp, own partition
+        self.absent = IdSet(i for i in range(1, camp.nids + 1)
+                            if i % camp.nwriters == k and i not in rows)
+        self.present = IdSet(rows)
+        self.side = side_rows  # writer 0 only: set of side ids
+        self.committed, self.aborted = [], []
+        self.errors = 0
+        self.halt = threading.Event()
+        self.fatal = None
+        self.conn = None
+        kinds = [(n, w) for n, w in self.WEIGHTS if k == 0 or n not in ("side", "truncate")]
+        self.kind_names = [n for n, _ in kinds]
+        self.kind_weights = [w for _, w in kinds]
+
+    # Each plan returns (statements, txn, apply) where apply(self) updates
+    # self.rows after a successful commit.
+
+    def _grp(self):
+        return self.rnd.randrange(self.camp.ngroups)
+
+    def _own_any(self):
+        while True:
+            i = self.rnd.randrange(1, self.camp.nids + 1)
+            if i % self.camp.nwriters == self.k:
+                return i
+
+    def plan(self, kind):
+        t = Txn(kind)
+        st = []
+        rows = self.rows
+        if kind in ("upd", "rollback") and len(self.present) > 0:
+            ids = self.present.sample(self.rnd, self.rnd.randint(1, 3))
+            st.append(("UPDATE items SET v = v + 1 WHERE id = ANY(%s)", (ids,)))
+            t.row_ids.update(ids)
+            t.groups.update(rows[i] for i in ids)
+            return st, t, None
+        if kind == "upd_grp" and len(self.present) > 0:
+            i, g = self.present.sample(self.rnd, 1)[0], self._grp()
+            st.append(("UPDATE items SET grp = %s, v = v + 1 WHERE id = %s", (g, i)))
+            t.row_ids.add(i)
+            t.groups.update((rows[i], g))
+            return st, t, lambda: rows.__setitem__(i, g)
+        if kind in ("ins", "mins") and len(self.absent) > 5:
+            ids = self.absent.sample(self.rnd, 1 if kind == "ins" else self.rnd.randint(2, 5))
+            gs = [self._grp() for _ in ids]
+            st.append(("INSERT INTO items(id, grp) SELECT * FROM unnest(%s::bigint[], %s::int[])",
+                       (ids, gs)))
+            t.row_ids.update(ids)
+            t.groups.update(gs)
+
+            def apply():
+                for i, g in zip(ids, gs):
+                    rows[i] = g
+                    self.absent.remove(i)
+                    self.present.add(i)
+            return st, t, apply
+        if kind == "keychg" and len(self.present) > 0 and len(self.absent) > 5:
+            old, new = self.present.sample(self.rnd, 1)[0], self.absent.sample(self.rnd, 1)[0]
+            st.append(("UPDATE items SET id = %s WHERE id = %s", (new, old)))
+            t.row_ids.update((old, new))
+            t.groups.add(rows[old])
+
+            def apply():
+                rows[new] = rows.pop(old)
+                self.present.remove(old)
+                self.absent.add(old)
+                self.absent.remove(new)
+                self.present.add(new)
+            return st, t, apply
+        if kind == "del" and len(self.present) > 5:
+            ids = self.present.sample(self.rnd, self.rnd.randint(1, 2))
+            st.append(("DELETE FROM items WHERE id = ANY(%s)", (ids,)))
+            t.row_ids.update(ids)
+            t.groups.update(rows[i] for i in ids)
+
+            def apply():
+                for i in ids:
+                    del rows[i]
+                    self.present.remove(i)
+                    self.absent.add(i)
+            return st, t, apply
+        if kind == "inv":
+            ids = [self._own_any() for _ in range(self.rnd.randint(1, 3))]
+            st.append(("SELECT walbust.invalidate(VARIADIC %s::text[])",
+                       ([f"c:item:{i}" for i in ids],)))
+            t.inv_ids.update(ids)
+            if self.rnd.random() < 0.25:
+                g = self._grp()
+                st.append(("SELECT walbust.invalidate_tag(%s)", (f"grp:{g}",)))
+                t.groups.add(g)
+            return st, t, None
+        if kind == "mixed" and len(self.present) > 0 and len(self.absent) > 5:
+            st1, t1, _ = self.plan("upd")
+            st2, t2, apply2 = self.plan("ins")
+            st3, t3, _ = self.plan("inv")
+            for o in (t1, t2, t3):
+                t.row_ids |= o.row_ids
+                t.inv_ids |= o.inv_ids
+                t.groups |= o.groups
+            return st1 + st2 + st3, t, apply2
+        if kind == "savepoint" and len(self.present) > 2:
+            a, b, c = self.present.sample(self.rnd, 3)
+            st += [("SAVEPOINT s", None),
+                   ("SELECT walbust.invalidate(%s)", (f"c:item:{a}",)),
+                   ("UPDATE items SET v = v + 1 WHERE id = %s", (b,)),
+                   ("ROLLBACK TO SAVEPOINT s", None),
+                   ("UPDATE items SET v = v + 1 WHERE id = %s", (c,))]
+            t.row_ids.add(c)
+            t.groups.add(rows[c])
+            return st, t, None
+        if kind == "side" and self.side is not None:
+            free = [i for i in range(1, NSIDE + 1) if i not in self.side]
+            if free:
+                ids = self.rnd.sample(free, min(len(free), self.rnd.randint(1, 3)))
+                st.append(("INSERT INTO side(id) SELECT unnest(%s::bigint[])", (ids,)))
+                t.side_ids.update(ids)
+                return st, t, lambda: self.side.update(ids)
+        if kind == "truncate" and self.side is not None and self.camp.truncates_left > 0:
+            self.camp.truncates_left -= 1
+            st.append(("TRUNCATE side", None))
+            t.truncated = True
+            return st, t, self.side.clear
+        return self.plan("upd") if kind != "upd" else ([], None, None)
+
+    def connect(self):
+        deadline = time.time() + 120
+        while not self.halt.is_set():
+            try:
+                self.conn = self.camp.pg.connect(autocommit=False)
+                return True
+            except psycopg2.OperationalError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        return False
+
+    def drop(self):
+        try:
+            self.conn.close()
+        except psycopg2.Error:
+            pass
+        self.conn = None
+
+    def one(self):
+        kind = self.rnd.choices(self.kind_names, self.kind_weights)[0]
+        st, t, apply = self.plan(kind)
+        if t is None:
+            return
+        try:
+            with self.conn.cursor() as cur:
+                for q, a in st:
+                    cur.execute(q, a)
+                cur.execute("SELECT txid_current(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+                t.xid, lsn = cur.fetchone()
+                t.lsn = int(lsn)
+        except psycopg2.Error:
+            self.errors += 1  # nothing was committed
+            self.drop() if self.conn.closed else self._rollback()
+            return
+        if kind == "rollback":
+            self._rollback()
+            self.aborted.append(t.xid)
+            return
+        try:
+            self.conn.commit()
+            ok = True
+        except psycopg2.Error:
+            self.errors += 1
+            self.drop()
+            ok = self.resolve(t.xid)
+        if ok:
+            if apply is not None:
+                apply()
+            self.committed.append(t)
+        else:
+            self.aborted.append(t.xid)
+
+    def _rollback(self):
+        try:
+            self.conn.rollback()
+        except psycopg2.Error:
+            self.drop()
+
+    def resolve(self, xid):
+        """Did transaction xid commit? (its COMMIT's reply was lost)"""
+        while True:
+            status = self.camp.pg.q("SELECT txid_status(%s)", (xid,))[0][0]
+            if status != "in progress":
+                return status == "committed"
+            time.sleep(0.1)
+
+    def run(self):
+        """Transactions at the writer's share of --rate until halted (a
+        bounded rate keeps most ids touched once or never, so one lost
+        invalidation shows and over-invalidation has rows to show on)."""
+        gap = self.camp.nwriters / self.camp.args.rate
+        due = time.monotonic()
+        try:
+            while not self.halt.is_set():
+                if self.conn is None and not self.connect():
+                    break
+                self.one()
+                due = max(due + gap, time.monotonic() - 0.5)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self.halt.wait(wait)
+        except Exception as e:  # reported by the round
+            self.fatal = e
+        finally:
+            if self.conn is not None:
+                self.drop()
+
+
+class Subscriber(threading.Thread):
+    """Listens on the publish channel, reconnecting when Redis goes away.
+    since_lsn: a WAL position taken after the current subscription was
+    confirmed; every commit after it must be received."""
+
+    def __init__(self, camp):
+        super().__init__(daemon=True)
+        self.camp = camp
+        self.received = set()  # (xid, key)
+        self.xids = set()
+        self.lock = threading.Lock()
+        self.markers = set()
+        self.since_lsn = None  # None while not subscribed
+        self.reconnects = -1
+        self.halt = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                ps = self.camp.redis.client(timeout=None).pubsub()
+                ps.subscribe(CHAN)
+                while not self.halt.is_set():
+                    m = ps.get_message(timeout=0.2)
+                    if m is None:
+                        continue
+                    if m["type"] == "subscribe":
+                        self.since_lsn = self.camp.pg.insert_lsn()
+                        self.reconnects += 1
+                        self.ready.set()
+                    elif m["type"] == "message":
+                        p = json.loads(m["data"])
+                        if "marker" in p:
+                            self.markers.add(p["marker"])
+                            continue
+                        with self.lock:
+                            self.xids.add(p["xid"])
+                            for k in p["keys"]:
+                                self.received.add((p["xid"], k))
+            except (redis.RedisError, OSError):
+                self.since_lsn = None  # publishes may be missed until resubscribed
+                time.sleep(0.1)
+
+    def sync(self, timeout=60):
+        """Publish a marker and wait for it: Redis delivers a subscriber's
+        messages in the order they were published, so everything walbust
+        published (and Redis acknowledged) before has been read too."""
+        token = f"{time.time_ns()}"
+        r = self.camp.redis.client()
+        wait_until(lambda: r.publish(CHAN, json.dumps({"marker": token})) > 0 or None, timeout,
+                   "the subscriber to be subscribed")
+        wait_until(lambda: token in self.markers, timeout, "the marker publish")
+
+    def heard(self):
+        with self.lock:
+            return set(self.received), set(self.xids), self.since_lsn
+
+
+# ---- faults --------------------------------------------------------------
+
+
+class Faults:
+    """Each fault injects, verifies that it happened, and heals. A fault
+    returns a short evidence string; an unverifiable fault raises."""
+
+    def __init__(self, camp):
+        self.camp = camp
+        self.rnd = random.Random(camp.rnd.random())
+
+    def pause(self, lo, hi):
+        time.sleep(self.rnd.uniform(lo, hi))
+
+    def restart_walbust(self):
+        c = self.camp
+        c.walbust.start().wait_streaming()
+        return wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
+
+    def walbust_kill9(self):
+        c = self.camp
+        pid1 = wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
+        c.walbust.kill9()
+        wait_until(lambda: c.pg.slot()[0] != pid1, 60, "the old walsender to go")
+        self.pause(0.2, 1.5)  # commits go on while walbust is dead
+        pid2 = self.restart_walbust()
+        return f"SIGKILL (rc -9), walsender {pid1}->{pid2}"
+
+    def kill9_redis_slow(self):
+        c = self.camp
+        before = c.rproxy.cmd("stats")["delayed_chunks"]
+        c.rproxy.cmd(f"slow {self.rnd.randint(100, 300)}")
+        try:
+            self.pause(0.5, 1.5)
+            delayed = c.rproxy.cmd("stats")["delayed_chunks"] - before
+            assert delayed > 0, "no redis traffic was delayed before the kill"
+            c.walbust.kill9()
+            self.pause(0.2, 1.0)
+            self.restart_walbust()
+            self.pause(0.5, 1.5)
+        finally:
+            c.rproxy.cmd("pass")
+        return f"SIGKILL while {delayed} redis chunks were delayed"
+
+    def kill9_redis_held(self):
+        """Blackhole the redis path until walbust has sent a batch that
+        redis never reads, kill -9 walbust, then cut the path (the held
+        bytes are dropped: they never reach redis), start a new walbust
+        while the path is still cut, and heal. Whatever the first process
+        had not applied must be replayed from the slot."""
+        c = self.camp
+        c.rproxy.cmd("blackhole")
+        try:
+            lsn0 = c.pg.insert_lsn()
+            wait_until(lambda: c.rproxy.cmd("stats")["held_bytes"], 30,
+                       "walbust to send redis a batch that is held")
+            wait_until(lambda: c.pg.insert_lsn() > lsn0, 30, "a commit during the blackhole")
+            self.pause(0.3, 1.5)
+            held = c.rproxy.cmd("stats")["held_bytes"]
+            c.walbust.kill9()
+            n = self._cut_start(c.rproxy) if c.rproxy.cmd("stats")["active"] else 0
+            self.pause(0.2, 1.0)
+            self.restart_walbust()
+            self.pause(0.3, 1.5)
+        finally:
+            c.rproxy.cmd("pass")
+        return f"SIGKILL with {held} bytes held for redis, {n} held connection(s) reset"
+
+    def redis_sigstop(self):
+        c = self.camp
+        n0 = c.walbust.count(r"\(command timeout\)")
+        c.redis.proc.send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        try:
+            assert not c.redis.ping(0.3), "a stopped redis answered"
+            wait_until(lambda: c.walbust.count(r"\(command timeout\)") > n0, 30,
+                       "walbust's redis command timeout")
+            self.pause(0.0, 1.5)
+        finally:
+            c.redis.proc.send_signal(signal.SIGCONT)
+        frozen = time.time() - t0
+        assert frozen > 5.0, f"redis was frozen only {frozen:.1f}s"
+        assert c.redis.ping(5), "redis does not answer after SIGCONT"
+        return f"frozen {frozen:.1f}s, command timeout logged"
+
+    def _redis_down(self):
+        """kill -9 redis; a sentinel key written just before tells whether
+        the data came back."""
+        c = self.camp
+        r = c.redis.client()
+        run1 = c.redis.run_id()
+        r.set("c:sentinel", "1")
+        keys = r.dbsize()
+        c.redis.kill9()
+        self.pause(0.3, 1.5)
+        return run1, keys
+
+    def redis_restart_empty(self):
+        c = self.camp
+        run1, _ = self._redis_down()
+        c.redis.wipe()
+        c.redis.start()
+        assert c.redis.run_id() != run1
+        assert not c.redis.client().exists("c:sentinel"), "redis came back with its data"
+        c.fill(epoch=True)  # the application refills its cache
+        return f"run_id changed, came back empty, re-seeded (epoch {lsn_text(c.epoch)})"
+
+    def redis_restart_aof(self):
+        c = self.camp
+        run1, keys = self._redis_down()
+        c.redis.start()
+        assert c.redis.run_id() != run1
+        r = c.redis.client()
+        assert r.exists("c:sentinel"), "redis came back from its AOF without the sentinel key"
+        n = r.dbsize()
+        return f"run_id changed, {n} of {keys} keys back from the AOF"
+
+    def pg_restart(self):
+        c = self.camp
+        pm1, (ws1, _) = c.pg.postmaster_pid(), c.pg.slot()
+        seen = c.walbust.count("streaming from")
+        c.pg.restart()
+        pm2 = c.pg.postmaster_pid()
+        assert pm2 != pm1, "the postmaster pid did not change"
+        c.walbust.wait_streaming(seen=seen)
+        ws2 = wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
+        return f"postmaster {pm1}->{pm2}, walsender {ws1}->{ws2}"
+
+    def walsender_kill(self):
+        c = self.camp
+        pid1 = wait_until(lambda: c.pg.slot()[0], 30, "a walsender on the slot")
+        assert c.pg.q("SELECT pg_terminate_backend(%s)", (pid1,))[0][0] is True
+        pid2 = wait_until(lambda: (lambda p: p if p not in (None, pid1) else None)(c.pg.slot()[0]),
+                          90, "a new walsender")
+        return f"walsender {pid1}->{pid2}"
+
+    def _cut_start(self, px):
+        before = px.cmd("stats")
+        assert before["active"] > 0, f"no connection through the {px.name} proxy to cut"
+        after = px.cmd("cut")
+        n = after["closed_by_cut"] - before["closed_by_cut"]
+        assert n > 0, f"the {px.name} cut reset no connection"
+        return n
+
+    def _cut(self, px, hold):
+        n = self._cut_start(px)
+        try:
+            time.sleep(hold)
+        finally:
+            px.cmd("pass")
+        return n
+
+    def pg_proxy_cut(self):
+        c = self.camp
+        seen = c.walbust.count("streaming from")
+        n = self._cut(c.pproxy, self.rnd.uniform(0.3, 3.0))
+        assert n > 0
+        c.walbust.wait_streaming(seen=seen)
+        return f"{n} connection(s) reset, walbust streamed again"
+
+    def redis_proxy_cut(self):
+        c = self.camp
+        e0 = c.walbust.count("redis target")
+        n = self._cut(c.rproxy, self.rnd.uniform(0.3, 3.0))
+        assert n > 0
+        wait_until(lambda: c.walbust.count("redis target") > e0, 30,
+                   "walbust to report the failed redis target")
+        return f"{n} connection(s) reset, redis failure logged"
+
+    def _slow(self, px, lo, hi):
+        before = px.cmd("stats")["delayed_chunks"]
+        ms = self.rnd.randint(lo, hi)
+        px.cmd(f"slow {ms}")
+        try:
+            self.pause(1.5, 4.0)
+        finally:
+            after = px.cmd("pass")["delayed_chunks"]
+        assert after > before, f"nothing went through the slow {px.name} proxy"
+        return f"{after - before} chunks delayed {ms} ms"
+
+    def pg_proxy_slow(self):
+        return self._slow(self.camp.pproxy, 20, 150)
+
+    def redis_proxy_slow(self):
+        return self._slow(self.camp.rproxy, 20, 250)
+
+    def pg_proxy_blackhole(self):
+        c = self.camp
+        c.pproxy.cmd("blackhole")
+        try:
+            time.sleep(0.5)
+            conf1 = c.pg.slot()[1]
+            self.pause(1.5, 5.0)
+            conf2 = c.pg.slot()[1]
+            held = c.pproxy.cmd("stats")["held_bytes"]
+        finally:
+            c.pproxy.cmd("pass")
+        assert held > 0, "nothing was held by the blackholed postgresql path"
+        assert conf1 == conf2, "the slot advanced through a blackhole"
+        return f"{held} bytes held, slot frozen at {lsn_text(conf2)}"
+
+    def redis_proxy_blackhole(self):
+        c = self.camp
+        n0 = c.walbust.count(r"\(command timeout\)")
+        c.rproxy.cmd("blackhole")
+        t0 = time.time()
+        try:
+            wait_until(lambda: c.walbust.count(r"\(command timeout\)") > n0, 30,
+                       "walbust's redis command timeout")
+            self.pause(0.0, 1.5)
+            held = c.rproxy.cmd("stats")["held_bytes"]
+        finally:
+            c.rproxy.cmd("pass")
+        assert held > 0, "nothing was held by the blackholed redis path"
+        return f"{held} bytes held for {time.time() - t0:.1f}s, command timeout logged"
+
+
+# ---- the campaign --------------------------------------------------------
+
+
+class Campaign:
+    def __init__(self, args):
+        self.args = args
+        self.rnd = random.Random(args.seed)
+        self.nids, self.nwriters = args.ids, args.writers
+        self.ngroups = max(50, args.ids // 5)
+        self.stack = self.redis = self.pproxy = self.rproxy = self.walbust = None
+        self.epoch = 0
+        self.truncates_left = 0
+        self.results = []
+
+    # setup
+
+    def start(self):
+        self.stack = Stack()
+        self.workdir = self.stack.dir
+        log(f"stack in {self.workdir}")
+        self.pg = Postgres(self.stack)
+        self.redis = RedisServer().start()
+        self.pproxy = Proxy("pg", self.pg.port, self.workdir)
+        self.rproxy = Proxy("redis", self.redis.port, self.workdir)
+        self.setup_db()
+        rules = os.path.join(self.workdir, "rules.json")
+        with open(rules, "w") as f:
+            json.dump(RULES, f, indent=2)
+        self.walbust = Walbust(self.args.bin, self.workdir, self.pg.dsn(port=self.pproxy.port),
+                               f"redis://127.0.0.1:{self.rproxy.port}/0", rules)
+        self.walbust.start().wait_streaming()
+
+    def setup_db(self):
+        self.pg.q(f"CREATE DATABASE {DB}", db="postgres")
+        with open(os.path.join(SRC, "sql/walbust.sql")) as f:
+            self.pg.q(f.read())
+        self.pg.q("CREATE TABLE items(id bigint PRIMARY KEY, grp int NOT NULL, "
+                  "v bigint NOT NULL DEFAULT 0, note text DEFAULT 'x');"
+                  "ALTER TABLE items REPLICA IDENTITY FULL;"
+                  "CREATE TABLE side(id bigint PRIMARY KEY);"
+                  "CREATE TABLE cbarrier(id bigserial PRIMARY KEY, token text);"
+                  f"CREATE PUBLICATION {PUB} FOR TABLE items, side, cbarrier")
+        self.pg.q("INSERT INTO items(id, grp) SELECT i, (i * 7919) %% %s FROM "
+                  "generate_series(1, %s) i WHERE i %% 3 <> 0", (self.ngroups, self.nids))
+
+    def stop(self, keep):
+        for obj in (self.walbust, self.pproxy, self.rproxy, self.redis):
+            if obj is not None:
+                try:
+                    obj.stop()
+                except Exception as e:
+                    log(f"teardown: {e!r}")
+        if self.stack is not None:
+            self.stack.stop(keep)
+
+    # fill and check
+
+    def keys(self):
+        """Every cached key, with its fill value."""
+        out = {}
+        for i in range(1, self.nids + 1):
+            out[f"c:item:{i}"] = "f"
+            out[f"c:ver:{i}"] = "0"
+        for g in range(self.ngroups):
+            for m in range(GROUP_MEMBERS):
+                out[f"c:gm:{g}:{m}"] = "f"
+        for i in range(1, NSIDE + 1):
+            out[f"c:side:{i}"] = "f"
+        return out
+
+    def fill(self, epoch=False):
+        r = self.redis.client(timeout=60)
+        items = list(self.keys().items())
+        pipe = r.pipeline(transaction=False)
+        for n in range(0, len(items), 5000):
+            pipe.mset(dict(items[n:n + 5000]))
+        for g in range(self.ngroups):
+            pipe.sadd(f"t:grp:{g}", *[f"c:gm:{g}:{m}" for m in range(GROUP_MEMBERS)])
+        pipe.execute()
+        if epoch:
+            # Commits whose COMMIT began after this point came after the
+            # re-seed, so their invalidations must find the new keys.
+            self.epoch = self.pg.insert_lsn()
+
+    def snapshot(self):
+        r = self.redis.client(timeout=60)
+        names = list(self.keys()) + [f"t:grp:{g}" for g in range(self.ngroups)]
+        vals = {}
+        for n in range(0, len(names), 5000):
+            part = names[n:n + 5000]
+            pipe = r.pipeline(transaction=False)
+            for k in part:
+                if k.startswith("t:"):
+                    pipe.exists(k)
+                else:
+                    pipe.get(k)
+            for k, v in zip(part, pipe.execute()):
+                vals[k] = v if not k.startswith("t:") else (v or None)
+        return vals
+
+    def expectations(self, txns):
+        """(must_gone, must_stay, must_move, must_zero) key sets."""
+        after = [t for t in txns if t.lsn >= self.epoch]
+        gone, moved = set(), set()
+        for t in after:
+            gone.update(f"c:item:{i}" for i in t.row_ids | t.inv_ids)
+            moved.update(f"c:ver:{i}" for i in t.row_ids)
+            for g in t.groups:
+                gone.add(f"t:grp:{g}")
+                gone.update(f"c:gm:{g}:{m}" for m in range(GROUP_MEMBERS))
+            gone.update(f"c:side:{i}" for i in t.side_ids)
+        if any(t.truncated for t in after):
+            gone.update(f"c:side:{i}" for i in range(1, NSIDE + 1))
+        touched_ids, touched_rows, touched_groups, touched_side = set(), set(), set(), set()
+        truncated = False
+        for t in txns:
+            touched_ids |= t.row_ids | t.inv_ids
+            touched_rows |= t.row_ids
+            touched_groups |= t.groups
+            touched_side |= t.side_ids
+            truncated |= t.truncated
+        stay = {f"c:item:{i}" for i in range(1, self.nids + 1) if i not in touched_ids}
+        zero = {f"c:ver:{i}" for i in range(1, self.nids + 1) if i not in touched_rows}
+        for g in range(self.ngroups):
+            if g not in touched_groups:
+                stay.add(f"t:grp:{g}")
+                stay.update(f"c:gm:{g}:{m}" for m in range(GROUP_MEMBERS))
+        if not truncated:
+            stay.update(f"c:side:{i}" for i in range(1, NSIDE + 1) if i not in touched_side)
+        return gone, stay, moved, zero
+
+    def check(self, txns, aborted, sub):
+        vals = self.snapshot()
+        gone, stay, moved, zero = self.expectations(txns)
+        missed = sorted(k for k in gone if vals.get(k) is not None)
+        missed += sorted(k for k in moved if not (vals.get(k) or "0").lstrip("-").isdigit()
+                         or int(vals.get(k) or "0") < 1)
+        over = sorted(k for k in stay if vals.get(k) is None)
+        over += sorted(k for k in zero if vals.get(k) != "0")
+        # Publishes: every commit made while this subscriber was subscribed.
+        received, xids, since = sub.heard()
+        need = {(t.xid, f"c:item:{i}") for t in txns
+                if since is not None and t.lsn >= since for i in t.row_ids}
+        unheard = sorted(need - received)
+        phantom = sorted(set(aborted) & xids)
+        return {"missed": missed, "over": over, "unheard": unheard, "phantom": phantom,
+                "published_needed": len(need), "gone": len(gone) + len(moved),
+                "stay": len(stay) + len(zero)}
+
+    def barrier(self):
+        token = f"{time.time_ns()}"
+        r = self.redis.client()
+        r.set(f"c:barrier:{token}", "1")
+        self.pg.q("INSERT INTO cbarrier(token) VALUES (%s)", (token,))
+        wait_until(lambda: not r.exists(f"c:barrier:{token}"), 120, "the barrier invalidation")
+
+    def quiesce(self):
+        """Wait until the slot confirmed everything committed so far."""
+        target = self.pg.wal_lsn()
+        t0 = time.time()
+        wait_until(lambda: self.pg.slot()[1] >= target, 240,
+                   f"confirmed_flush_lsn to reach {lsn_text(target)}", interval=0.1)
+        return time.time() - t0
+
+    # rounds
+
+    def load_rows(self):
+        rows = [dict() for _ in range(self.nwriters)]
+        for i, g in self.pg.q("SELECT id, grp FROM items"):
+            rows[i % self.nwriters][i] = g
+        side = {i for (i,) in self.pg.q("SELECT id FROM side")}
+        return rows, side
+
+    def round(self, n, kinds):
+        res = {"round": n, "faults": Counter(), "evidence": [], "error": None}
+        self.quiesce()
+        self.redis.client().flushall()
+        self.epoch = 0
+        self.fill()
+        self.truncates_left = self.rnd.randint(0, 2)
+        rows, side = self.load_rows()
+        sub = Subscriber(self)
+        sub.start()
+        if not sub.ready.wait(30):
+            raise AssertionError("the subscriber did not subscribe")
+        writers = [Writer(self, k, rows[k], side if k == 0 else None)
+                   for k in range(self.nwriters)]
+        faults = Faults(self)
+        fault_err = []
+
+        def inject():
+            try:
+                for kind in kinds:
+                    faults.pause(0.3, 2.0)
+                    t0 = time.time()
+                    ev = getattr(faults, kind)()
+                    res["faults"][kind] += 1
+                    res["evidence"].append(f"{kind}: {ev} ({time.time() - t0:.1f}s)")
+            except Exception as e:
+                fault_err.append(e)
+                import traceback
+                traceback.print_exc()
+        t0 = time.time()
+        for w in writers:
+            w.start()
+        ft = threading.Thread(target=inject, daemon=True)
+        ft.start()
+        ft.join()
+        while sum(len(w.committed) for w in writers) < self.args.txns and \
+                time.time() - t0 < self.args.max_storm and \
+                not any(w.fatal for w in writers):
+            time.sleep(0.1)
+        time.sleep(faults.rnd.uniform(0.2, 1.0))
+        for w in writers:
+            w.halt.set()
+        for w in writers:
+            w.join(60)
+        storm = time.time() - t0
+        for w in writers:
+            if w.fatal:
+                raise AssertionError(f"writer {w.k} failed: {w.fatal!r}")
+        if not self.walbust.alive():
+            raise AssertionError(f"walbust exited ({self.walbust.proc.returncode}); log "
+                                 f"{self.walbust.log_path}")
+        txns = [t for w in writers for t in w.committed]
+        aborted = [x for w in writers for x in w.aborted]
+        qtime = self.quiesce()
+        sub.sync()
+        out = self.check(txns, aborted, sub)
+        self.barrier()
+        late = self.check(txns, aborted, sub)
+        sub.halt.set()
+        sub.join(5)
+        res.update(txns=len(txns), rolled_back=len(aborted), storm=storm, quiesce=qtime,
+                   missed=len(out["missed"]) + len(out["unheard"]),
+                   over=len(out["over"]) + len(out["phantom"]),
+                   lost=len(late["missed"]) + len(late["unheard"]), detail=out,
+                   sub_reconnects=sub.reconnects, writer_errors=sum(w.errors for w in writers))
+        if fault_err:
+            res["error"] = f"fault not verified: {fault_err[0]!r}"
+        return res
+
+    def schedule(self):
+        kinds = self.args.kinds
+        per = self.args.faults_per_round
+        seq = []
+        while len(seq) < self.args.rounds * per:
+            cycle = list(kinds)
+            self.rnd.shuffle(cycle)
+            seq += cycle
+        return [seq[i * per:(i + 1) * per] for i in range(self.args.rounds)]
+
+    def run(self):
+        for n, kinds in enumerate(self.schedule(), 1):
+            log(f"round {n}: faults {', '.join(kinds)}")
+            res = self.round(n, kinds)
+            self.results.append(res)
+            for e in res["evidence"]:
+                log(f"  {e}")
+            d = res["detail"]
+            log(f"  {res['txns']} txns ({res['rolled_back']} rolled back) in {res['storm']:.1f}s, "
+                f"quiesced in {res['quiesce']:.1f}s; missed {res['missed']}, over {res['over']}, "
+                f"lost after barrier {res['lost']}; keys that had to go {d['gone']}, to stay "
+                f"{d['stay']}, publishes {d['published_needed']}, "
+                f"subscriber reconnects {res['sub_reconnects']}, writer errors "
+                f"{res['writer_errors']}")
+            for name in ("missed", "unheard", "over", "phantom"):
+                if d[name]:
+                    log(f"  {name}: {len(d[name])}, e.g. {d[name][:8]}")
+            if res["error"]:
+                log(f"  ERROR {res['error']}")
+
+
+def table(results, kinds):
+    short = {k: k.replace("redis_", "r_").replace("proxy_", "px_").replace("walbust_", "wb_")
+             for k in kinds}
+    lines = ["| round | txns | faults | missed | over | lost |", "|---:|---:|---|---:|---:|---:|"]
+    tot = Counter()
+    for r in results:
+        f = ", ".join(f"{short.get(k, k)}" + (f"×{n}" if n > 1 else "")
+                      for k, n in sorted(r["faults"].items()))
+        lines.append(f"| {r['round']} | {r['txns']} | {f} | {r['missed']} | {r['over']} | "
+                     f"{r['lost']} |")
+        tot.update(r["faults"])
+    lines.append(f"| **total** | **{sum(r['txns'] for r in results)}** | "
+                 f"{sum(tot.values())} faults | **{sum(r['missed'] for r in results)}** | "
+                 f"**{sum(r['over'] for r in results)}** | "
+                 f"**{sum(r['lost'] for r in results)}** |")
+    lines.append("")
+    lines.append("| fault kind | injected and verified |")
+    lines.append("|---|---:|")
+    for k in kinds:
+        lines.append(f"| {k} | {tot.get(k, 0)} |")
+    return "\n".join(lines)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("FAULT_ROUNDS", 20)))
+    ap.add_argument("--txns", type=int, default=2600, help="committed transactions per round")
+    ap.add_argument("--max-storm", type=float, default=120.0, help="seconds; the storm ends then")
+    ap.add_argument("--rate", type=float, default=300.0,
+                    help="transactions per second, all writers together")
+    ap.add_argument("--ids", type=int, default=30000, help="size of the id space")
+    ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--faults-per-round", type=int, default=2)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--bin", default=os.environ.get("WALBUST_BIN",
+                                                    os.path.join(SRC, "build/walbust")))
+    ap.add_argument("--broken", action="store_true",
+                    help="run build/broken/walbust; succeed only if a loss is found")
+    ap.add_argument("--table", help="also write the markdown table to this file")
+    ap.add_argument("--keep", action="store_true", help="keep logs even when all went well")
+    a = ap.parse_args(argv)
+    if a.seed is None:
+        a.seed = random.randrange(1 << 30)
+    a.kinds = [k for k in a.kinds.split(",") if k]
+    for k in a.kinds:
+        if k not in KINDS:
+            ap.error(f"unknown fault kind {k!r} (known: {', '.join(KINDS)})")
+    if a.broken:
+        a.bin = os.path.join(SRC, "build/broken/walbust")
+        if "--kinds" not in " ".join(argv):
+            a.kinds = ["kill9_redis_held", "walbust_kill9"]
+        if "--rounds" not in " ".join(argv):
+            a.rounds = 3
+        if "--faults-per-round" not in " ".join(argv):
+            a.faults_per_round = 3
+    return a
+
+
+def main(argv):
+    args = parse(argv)
+    if not os.access(args.bin, os.X_OK):
+        print(f"campaign: {args.bin} is not an executable (make{' broken' if args.broken else ''})",
+              file=sys.stderr)
+        return 2
+    log(f"seed {args.seed}; {args.rounds} rounds, {args.txns} transactions each, "
+        f"{args.faults_per_round} faults per round from {len(args.kinds)} kinds; {args.bin}")
+    camp = Campaign(args)
+    ok = False
+    crashed = None
+    try:
+        camp.start()
+        camp.run()
+    except Exception as e:
+        crashed = e
+        import traceback
+        traceback.print_exc()
+    finally:
+        results = camp.results
+        missed = sum(r["missed"] for r in results)
+        over = sum(r["over"] for r in results)
+        errors = [r for r in results if r["error"]]
+        txt = table(results, args.kinds)
+        print(txt, flush=True)
+        if args.table:
+            with open(args.table, "w") as f:
+                f.write(txt + "\n")
+        if args.broken:
+            ok = missed > 0
+            print(f"# broken build: {missed} missed invalidations "
+                  f"({'the checker sees the loss' if ok else 'NOT DETECTED'})")
+        else:
+            ok = crashed is None and missed == 0 and over == 0 and not errors
+            print(f"# seed {args.seed}: {'PASS' if ok else 'FAIL'} "
+                  f"({sum(r['txns'] for r in results)} transactions, {missed} missed, "
+                  f"{over} over-invalidated, {len(errors)} rounds with unverified faults)")
+        keep = args.keep or not ok or args.broken
+        if keep:
+            print(f"# logs kept in {camp.workdir if camp.stack else '(no stack)'}")
+        camp.stop(keep)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
