@@ -56,6 +56,9 @@ typedef struct Run {
     int64_t last_report_us;
     Metrics *metrics;
     SinkStats applied;       /* sink 0's totals at the last report to metrics */
+    Backoff backoff[OPTS_MAX_REDIS];       /* per target */
+    int64_t retry_at[OPTS_MAX_REDIS];      /* monotonic µs of the next attempt */
+    uint64_t target_acked[OPTS_MAX_REDIS]; /* newest commit each target applied */
     int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
@@ -153,56 +156,114 @@ static void wait_visible(Run *r)
                  "(synchronous replication waiting for a standby?); invalidating anyway");
 }
 
-/* Flush every sink until all acknowledged, retrying with backoff. Returns 0,
- * or -1 when asked to stop before Redis acknowledged. */
-static int flush_batch(Run *r)
+/* Try every target that holds work and whose retry time has come (each
+ * target has its own backoff). A target with nothing queued has applied
+ * everything decoded so far. The flush LSN advances to the newest commit
+ * that every target acknowledged (SPEC §1.2). Returns the number of targets
+ * still holding unacknowledged work. */
+static int flush_targets(Run *r)
 {
-    Backoff b = {0, 100, 30000};
-    char lsn[LSN_TEXT_MAX];
     uint64_t target = r->pending_lsn;
+    uint64_t acked = UINT64_MAX;
+    int64_t now = runtime_now_us();
+    char lsn[LSN_TEXT_MAX];
+    int holding = 0;
+    bool waited = false;
 
-    wait_visible(r);
-    for (;;) {
-        int failed = 0;
+    for (int i = 0; i < r->nsinks; i++) {
+        Sink *s = r->sinks[i];
 
-        for (int i = 0; i < r->nsinks; i++) {
-            if (!sink_dirty(r->sinks[i]) || sink_flush(r->sinks[i]) == 0)
-                continue;
-            failed++;
-            r->stats.redis_errors++;
-            log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
-                      "redis target %s failed: %s", r->targets[i], sink_errstr(r->sinks[i]));
+        if (sink_dirty(s) && now >= r->retry_at[i]) {
+            if (!waited) {
+                wait_visible(r);
+                waited = true;
+            }
+            if (sink_flush(s) == 0) {
+                if (r->backoff[i].attempt > 0) {
+                    log_info("redis acknowledged after %d retries (target %s); resuming",
+                             r->backoff[i].attempt, r->targets[i]);
+                    notify_status("streaming");
+                }
+                backoff_reset(&r->backoff[i]);
+                r->retry_at[i] = 0;
+            } else {
+                int ms = backoff_next(&r->backoff[i]);
+
+                r->retry_at[i] = runtime_now_us() + (int64_t)ms * 1000;
+                r->stats.redis_errors++;
+                r->stats.retries++;
+                metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
+                metrics_inc(r->metrics, METRICS_RETRIES, 1);
+                log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+                          "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i],
+                          sink_errstr(s), ms,
+                          r->nsinks == 1
+                              ? "reading from postgresql is paused until redis acknowledges "
+                                "(WAL is retained by the slot)"
+                              : "its batch is kept and nothing is confirmed past this position "
+                                "until it acknowledges (WAL is retained by the slot)");
+                notify_status("waiting for redis");
+            }
         }
-        for (int i = 0; i < r->nsinks; i++)
-            metrics_redis_up(r->metrics, i, r->targets[i], sink_connected(r->sinks[i]));
-        if (failed == 0)
-            break;
-        metrics_inc(r->metrics, METRICS_REDIS_ERRORS, (uint64_t)failed);
+        if (!sink_dirty(s))
+            r->target_acked[i] = target;
+        else
+            holding++;
+        if (r->target_acked[i] < acked)
+            acked = r->target_acked[i];
+        metrics_redis_up(r->metrics, i, r->targets[i], sink_connected(s));
+    }
+    if (acked != UINT64_MAX && acked > r->acked_lsn) {
+        r->acked_lsn = acked;
+        if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0) {
+            log_warn("%s", stream_errstr(r->stream));
+            r->pg_lost = true;
+        }
+        record_ack(r);
+    }
+    return holding;
+}
+
+/* Milliseconds until the earliest retry of a target holding work (0: a
+ * flush is due now), at most cap. */
+static int flush_wait_ms(const Run *r, int cap)
+{
+    int64_t now = runtime_now_us();
+    int64_t best = (int64_t)cap * 1000;
+
+    if (!r->in_txn && r->pending_lsn > r->acked_lsn && !sinks_have_ops(r))
+        return 0; /* a commit without queued work: only needs confirming */
+    for (int i = 0; i < r->nsinks; i++) {
+        if (!sink_dirty(r->sinks[i]))
+            continue;
+        if (r->retry_at[i] <= now)
+            return 0;
+        if (r->retry_at[i] - now < best)
+            best = r->retry_at[i] - now;
+    }
+    return (int)((best + 999) / 1000);
+}
+
+/* Flush until every target acknowledged (all = true) or no target's batch
+ * is full (all = false), retrying with each target's backoff; reading from
+ * PostgreSQL pauses meanwhile (SPEC §1.3) while status updates keep the
+ * connection alive. Returns 0, or -1 when asked to stop first. */
+static int flush_wait(Run *r, bool all)
+{
+    for (;;) {
+        int holding = flush_targets(r);
+
+        if (all ? holding == 0 : !sinks_full(r))
+            return 0;
         if (runtime_stop)
             return -1;
-        r->stats.retries++;
-        metrics_inc(r->metrics, METRICS_RETRIES, 1);
-        {
-            int ms = backoff_next(&b);
-            log_warn("retrying in %d ms; reading from postgresql is paused until redis "
-                     "acknowledges (WAL is retained by the slot)",
-                     ms);
-            notify_status("waiting for redis; reading from postgresql is paused");
-            runtime_sleep(ms, keepalive_tick, r);
-        }
+        runtime_sleep(flush_wait_ms(r, 1000), keepalive_tick, r);
     }
-    if (b.attempt > 0) {
-        log_info("redis acknowledged after %d retries; resuming", b.attempt);
-        notify_status("streaming");
-    }
-    if (target > r->acked_lsn)
-        r->acked_lsn = target;
-    if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0) {
-        log_warn("%s", stream_errstr(r->stream));
-        r->pg_lost = true;
-    }
-    record_ack(r);
-    return 0;
+}
+
+static int flush_batch(Run *r)
+{
+    return flush_wait(r, /* all= */ true);
 }
 
 /* Record the confirmed position in Redis for readers (SPEC §7); it rides
@@ -317,7 +378,7 @@ static int on_data(Run *r, const StreamData *data)
         break;
     }
     if (sinks_full(r))
-        return flush_batch(r) == 0 ? 0 : 0;
+        (void)flush_wait(r, /* all= */ false); /* bounded memory: pause until there is room */
     return 0;
 }
 
@@ -418,13 +479,14 @@ static void stream_loop(Run *r)
          * produced none: otherwise it stays unconfirmed until the next
          * change arrives. */
         bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
+        int wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
         int rc;
 
         if (runtime_reload)
             reload_rules(r);
         stream_set_idle(r->stream,
                         !r->in_txn && !sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn);
-        rc = stream_next(r->stream, dirty ? 0 : 1000, &data);
+        rc = stream_next(r->stream, wait_ms, &data);
         if (rc > 0) {
             if (on_data(r, &data) != 0)
                 break;
@@ -439,11 +501,15 @@ static void stream_loop(Run *r)
             log_warn("%s", stream_errstr(r->stream));
             break;
         }
-        /* Nothing more is ready: apply what was gathered. */
-        if (dirty) {
-            if (flush_batch(r) != 0)
+        /* Nothing more is ready: apply what was gathered. One target:
+         * wait for it (reading pauses while Redis fails, SPEC §1.3).
+         * Several: a failing target keeps its batch (bounded by sink_full)
+         * and is retried on its own backoff while the others keep
+         * applying; confirmation waits for all of them. */
+        if (dirty && flush_wait_ms(r, 1000) == 0) {
+            if (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0)
                 return;
-        } else {
+        } else if (!dirty) {
             metrics_positions(r->metrics, stream_confirmed(r->stream),
                               stream_received(r->stream), stream_server_end(r->stream));
         }
@@ -526,6 +592,7 @@ static int recover_lost_slot(Run *r)
     if (flush_batch(r) != 0)
         return -1;
     r->acked_lsn = r->pending_lsn = 0;
+    memset(r->target_acked, 0, sizeof r->target_acked);
     log_info("caches the rules cover are flushed; streaming from the new slot");
     return 0;
 }
