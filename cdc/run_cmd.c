@@ -215,7 +215,11 @@ static int flush_targets(Run *r)
     }
     if (acked != UINT64_MAX && acked > r->acked_lsn) {
         r->acked_lsn = acked;
-        if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0) {
+        /* Reported within a few ms (a status update per batch would double
+         * the walsender's work on small batches); at once when stopping. */
+        if (!r->pg_lost &&
+            (runtime_stop ? stream_confirm(r->stream, r->acked_lsn, /* force= */ true)
+                          : stream_confirm_soon(r->stream, r->acked_lsn)) < 0) {
             log_warn("%s", stream_errstr(r->stream));
             r->pg_lost = true;
         }

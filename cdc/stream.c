@@ -18,11 +18,17 @@
 
 #include "lsn.h"
 
+/* stream_confirm_soon() sends at most one status update per this interval;
+ * one per flush would cost walbust and the walsender a message each for
+ * nothing (the walsender only records the position). */
+#define STREAM_CONFIRM_DELAY_MS 10
+
 struct Stream {
     StreamConfig cfg;
     PGconn *conn;
     bool streaming;
     bool idle;
+    bool confirm_pending;   /* confirmed moved since the last status update */
     char *copybuf;          /* last PQgetCopyData buffer */
     uint64_t confirmed;     /* flush position we report */
     uint64_t received;
@@ -516,6 +522,7 @@ static int send_status(Stream *s, bool reply_requested)
         return -1;
     }
     s->last_status_us = mono_us();
+    s->confirm_pending = false;
     return 0;
 }
 
@@ -526,6 +533,19 @@ int stream_confirm(Stream *s, uint64_t flush_lsn, bool force)
     if (s->conn == NULL || !s->streaming)
         return 0;
     if (force || mono_us() - s->last_status_us >= (int64_t)s->interval_ms * 1000)
+        return send_status(s, false);
+    return 0;
+}
+
+int stream_confirm_soon(Stream *s, uint64_t flush_lsn)
+{
+    if (flush_lsn > s->confirmed) {
+        s->confirmed = flush_lsn;
+        s->confirm_pending = true;
+    }
+    if (!s->confirm_pending || s->conn == NULL || !s->streaming)
+        return 0;
+    if (mono_us() - s->last_status_us >= STREAM_CONFIRM_DELAY_MS * 1000)
         return send_status(s, false);
     return 0;
 }
@@ -575,7 +595,9 @@ static int wait_readable(Stream *s, int timeout_ms)
 /* Time until the next status update is due, in ms (at least 0). */
 static int status_due_ms(const Stream *s)
 {
-    int64_t due = s->last_status_us + (int64_t)s->interval_ms * 1000 - mono_us();
+    /* Soon when a confirmed position waits to be sent (stream_confirm_soon). */
+    int interval = s->confirm_pending ? STREAM_CONFIRM_DELAY_MS : s->interval_ms;
+    int64_t due = s->last_status_us + (int64_t)interval * 1000 - mono_us();
     return due <= 0 ? 0 : (int)(due / 1000);
 }
 
@@ -639,7 +661,7 @@ static int conn_failed(Stream *s)
 
 int stream_next(Stream *s, int timeout_ms, StreamData *out)
 {
-    int64_t deadline = mono_us() + (int64_t)timeout_ms * 1000;
+    int64_t deadline = 0; /* read from the clock only once nothing is buffered */
     bool drained = false;
 
     if (s->copybuf != NULL) {
@@ -666,6 +688,8 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
         /* Nothing complete is buffered. */
         if (status_due_ms(s) == 0 && send_status(s, false) < 0)
             return -1;
+        if (deadline == 0)
+            deadline = mono_us() + (int64_t)timeout_ms * 1000;
         left_ms = (deadline - mono_us()) / 1000;
         if (left_ms <= 0) {
             /* Past the deadline: still pick up bytes the kernel already has,

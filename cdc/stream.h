@@ -84,6 +84,14 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out) __attribute__((warn_
  * is down). Returns 0, or -1 when the connection failed. */
 int stream_confirm(Stream *s, uint64_t flush_lsn, bool force);
 
+/* Record that everything up to flush_lsn is durably applied, and have it
+ * reported within a few milliseconds: sent now when the last status update
+ * is older than that, else by stream_next() once it is due (stream_next()
+ * must keep being called). For the steady stream of acknowledgements in the
+ * daemon loop; use stream_confirm() with force before stopping. Returns 0,
+ * or -1 when the connection failed. */
+int stream_confirm_soon(Stream *s, uint64_t flush_lsn);
+
 /* Declare whether everything decoded so far is acknowledged. */
 void stream_set_idle(Stream *s, bool idle);
 
