@@ -26,6 +26,7 @@ struct Visible {
     PGconn *conn;
     uint32_t *xids;
     size_t n, cap;
+    VisibleSnapshot last; /* the newest snapshot read (zeroed: none) */
     char errstr[512];
 };
 
@@ -135,6 +136,7 @@ void visible_free(Visible *v)
         PQfinish(v->conn);
     free(v->xids);
     free(v->conninfo);
+    visible_snapshot_release(&v->last);
     free(v);
 }
 
@@ -159,12 +161,22 @@ const char *visible_errstr(const Visible *v)
     return v->errstr;
 }
 
+/* Drop the noted xids that snapshot s sees as completed. */
+static void drop_seen(Visible *v, const VisibleSnapshot *s)
+{
+    size_t kept = 0;
+
+    for (size_t i = 0; i < v->n; i++)
+        if (!visible_snapshot_sees(s, v->xids[i]))
+            v->xids[kept++] = v->xids[i];
+    v->n = kept;
+}
+
 /* One snapshot: drop the xids it sees. Returns 0, or -1 with errstr set. */
 static int check_once(Visible *v)
 {
     PGresult *res;
     VisibleSnapshot s;
-    size_t kept = 0;
 
     if (v->conn == NULL) {
         v->conn = stream_plain_connect(v->conninfo, v->errstr, sizeof v->errstr);
@@ -183,11 +195,9 @@ static int check_once(Visible *v)
         return -1;
     }
     PQclear(res);
-    for (size_t i = 0; i < v->n; i++)
-        if (!visible_snapshot_sees(&s, v->xids[i]))
-            v->xids[kept++] = v->xids[i];
-    v->n = kept;
-    visible_snapshot_release(&s);
+    drop_seen(v, &s);
+    visible_snapshot_release(&v->last);
+    v->last = s;
     return 0;
 }
 
@@ -197,6 +207,10 @@ int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
     int rc = 1;
 
     v->errstr[0] = '\0';
+    /* A transaction once seen completed stays so: the last snapshot answers
+     * for everything that committed before it (a whole backlog, when
+     * catching up), and only newer xids cost a query. */
+    drop_seen(v, &v->last);
     while (v->n > 0) {
         if (check_once(v) != 0) {
             rc = -1;
