@@ -62,6 +62,7 @@ typedef struct Run {
     int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
+    int64_t batch_since_us;  /* when the unflushed batch was first seen; 0: none */
     Visible *vis;            /* xids whose invalidations wait for visibility */
     uint32_t xid;            /* xid of the transaction being decoded */
 } Run;
@@ -474,6 +475,30 @@ static void report(Run *r, bool force)
 }
 
 /* Stream until stopped or the connection fails. */
+/* Under sustained load the connection always has more ready, so "flush
+ * when nothing more is ready" alone would hold a batch until it is full
+ * (10,000 invalidations). Bound how long decoded work may wait instead. */
+#define RUN_MAX_BATCH_AGE_US 1000
+
+/* Has the unflushed batch waited RUN_MAX_BATCH_AGE_US (and may a flush run
+ * now)? Called every few messages while the stream has more ready. */
+static bool batch_overdue(Run *r)
+{
+    int64_t now;
+
+    if (!sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn) {
+        r->batch_since_us = 0;
+        return false;
+    }
+    now = runtime_now_us();
+    if (r->batch_since_us == 0)
+        r->batch_since_us = now;
+    if (now - r->batch_since_us < RUN_MAX_BATCH_AGE_US || flush_wait_ms(r, 1000) != 0)
+        return false;
+    r->batch_since_us = 0;
+    return true;
+}
+
 static void stream_loop(Run *r)
 {
     while (!runtime_stop && !r->pg_lost) {
@@ -499,6 +524,9 @@ static void stream_loop(Run *r)
                 r->since_tick = 0;
                 notify_watchdog();
             }
+            if ((r->since_tick & 31) == 0 && batch_overdue(r) &&
+                (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0))
+                return;
             continue;
         }
         if (rc < 0) {
@@ -511,6 +539,7 @@ static void stream_loop(Run *r)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */
         if (dirty && flush_wait_ms(r, 1000) == 0) {
+            r->batch_since_us = 0;
             if (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0)
                 return;
         } else if (!dirty) {
