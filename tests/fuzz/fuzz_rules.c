@@ -15,6 +15,10 @@
  * Properties (a violation aborts):
  *  - a failed parse reports at least one problem, each NUL-terminated with
  *    a sane line/column; a compiled file answers its table accessors;
+ *  - rules_check_catalog() against a catalog built from the same bytes
+ *    (replica identity, identity columns, publication membership, a table
+ *    that does not exist, a publication name needing quotes) reports well
+ *    formed problems and counts them;
  *  - every emitted string is NUL-terminated at its length; publish payloads
  *    are JSON objects naming the change's table and op; stats agree with
  *    the callbacks;
@@ -354,6 +358,56 @@ static void check_accessors(const Rules *r)
               "table %zu not found by name", i);
 }
 
+/* A catalog where every rules table has the synthetic change's columns. */
+typedef struct Catalog {
+    RulesTableInfo info;
+    bool identity[MAX_COLS];
+    const char *hidden; /* this table "does not exist" (lookup NULL) */
+} Catalog;
+
+static const RulesTableInfo *lookup(void *arg, const char *table)
+{
+    Catalog *c = arg;
+
+    if (c->hidden != NULL && strcmp(table, c->hidden) == 0)
+        return NULL;
+    c->info.table = table;
+    return &c->info;
+}
+
+/* rules_check_catalog() with replica identity, identity columns and
+ * publication membership taken from the header bytes, the publication name
+ * from the first value: problems are well formed and counted. */
+static void check_catalog(const Rules *r, const Synth *sy, const uint8_t *hdr, const uint8_t *v,
+                          size_t vlen)
+{
+    RulesValue pv = nth_value(v, vlen, 0);
+    char *pub = xmemdup(pv.data, strnlen(pv.data, pv.len));
+    Catalog c;
+    RulesProblems p = {0, NULL};
+    size_t added;
+
+    memset(&c, 0, sizeof c);
+    for (size_t i = 0; i < sy->ncols; i++)
+        c.identity[i] = (hdr[1] >> (i % 8)) & 1;
+    c.info.exists = true;
+    c.info.replident = "dnfi"[(hdr[2] >> 4) & 3];
+    c.info.ncols = sy->ncols;
+    c.info.colnames = sy->colnames;
+    c.info.identity = c.identity;
+    c.info.in_publication = (hdr[3] & 0x80) != 0;
+    c.hidden = hdr[2] & 0x40 ? sy->chg.table : NULL;
+    added = rules_check_catalog(r, pub, lookup, &c, &p);
+    CHECK(added == p.count, "returned %zu, added %zu", added, p.count);
+    for (size_t i = 0; i < p.count; i++)
+        CHECK(memchr(p.items[i].msg, '\0', sizeof p.items[i].msg) != NULL &&
+                  p.items[i].msg[0] != '\0' &&
+                  memchr(p.items[i].path, '\0', sizeof p.items[i].path) != NULL,
+              "catalog problem %zu malformed", i);
+    rules_problems_release(&p);
+    free(pub);
+}
+
 static void exercise(const Rules *r, const char *text, size_t tlen, const uint8_t *cb, size_t clen)
 {
     uint8_t hdr[4] = {0, 0, 0, 0};
@@ -380,6 +434,7 @@ static void exercise(const Rules *r, const char *text, size_t tlen, const uint8_
     check_same(&full, &perm, "columns permuted in place");
     permute_in_place(&sy);
 
+    check_catalog(r, &sy, hdr, cb, clen);
     missing = hdr[1] & ((1u << sy.ncols) - 1);
     if (sy.chg.op != RULES_TRUNCATE && missing != 0) {
         fill_images(&sy, hdr, cb, clen, missing);
