@@ -59,6 +59,7 @@ typedef struct Run {
     Backoff backoff[OPTS_MAX_REDIS];       /* per target */
     int64_t retry_at[OPTS_MAX_REDIS];      /* monotonic µs of the next attempt */
     uint64_t target_acked[OPTS_MAX_REDIS]; /* newest commit each target applied */
+    bool replay_after_recovery;            /* a flush failed: replay once all are back */
     int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
@@ -112,7 +113,8 @@ static void keepalive_tick(void *arg)
     Run *r = arg;
 
     notify_watchdog();
-    if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, false) < 0) {
+    if (!r->pg_lost && (stream_confirm_soon(r->stream, r->acked_lsn) < 0 ||
+                        stream_confirm(r->stream, r->acked_lsn, false) < 0)) {
         log_warn("%s; will reconnect once redis is back", stream_errstr(r->stream));
         r->pg_lost = true;
     }
@@ -190,7 +192,14 @@ static int flush_targets(Run *r)
             } else {
                 int ms = backoff_next(&r->backoff[i]);
 
+                /* Report what was acknowledged before the failure now, not
+                 * after the coalescing delay: while Redis is down the slot
+                 * shows exactly the position walbust will resume from. */
+                if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0)
+                    r->pg_lost = true;
+
                 r->retry_at[i] = runtime_now_us() + (int64_t)ms * 1000;
+                r->replay_after_recovery = true;
                 r->stats.redis_errors++;
                 r->stats.retries++;
                 metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
@@ -213,6 +222,19 @@ static int flush_targets(Run *r)
         if (r->target_acked[i] < acked)
             acked = r->target_acked[i];
         metrics_redis_up(r->metrics, i, r->targets[i], sink_connected(s));
+    }
+    if (holding == 0 && r->replay_after_recovery) {
+        /* A failed Redis may have lost what it acknowledged earlier (a
+         * restart without persistence, a failover): chunks of a transaction
+         * applied before the failure would then be gone while the rest of
+         * it is retried. Do not confirm past the failure; replay from the
+         * confirmed position instead, as after a crash (SPEC §1.2). */
+        r->replay_after_recovery = false;
+        log_info("redis recovered; replaying from %s so that nothing applied only to the "
+                 "failed redis is missed",
+                 lsn_format(r->acked_lsn, lsn));
+        r->pg_lost = true;
+        return 0;
     }
     if (acked != UINT64_MAX && acked > r->acked_lsn) {
         r->acked_lsn = acked;
