@@ -5,7 +5,8 @@
  * unchanged TOAST), are evaluated against a fixed rules file covering the
  * captured fixture tables (cdc/rules*.c), and `walbust` logical messages go
  * through change_walbust_message(). Begin messages format the LSN and the
- * commit timestamp (cdc/lsn.c) from whatever the bytes say.
+ * commit timestamp (cdc/lsn.c) from whatever the bytes say; message
+ * contents also go through lsn_parse().
  *
  * Input: messages separated by "\xff\xffMSG" (seeds: the captured streams of
  * tests/fixtures/pgo, see make-seeds). Each message is an exact-size heap
@@ -15,7 +16,8 @@
  * column names and count) and carries the images its op implies, with
  * text values inside the message; every emitted string is NUL-terminated;
  * publish payloads are JSON objects with the change's table, op, lsn and
- * xid; a rejected walbust message emits nothing and says why.
+ * xid; a rejected walbust message emits nothing and says why; LSN text
+ * round-trips through lsn_format() and lsn_parse().
  */
 #include "change.h"
 #include "pgo.h"
@@ -148,6 +150,23 @@ static void walbust_message(const PgoMsg *m)
         CHECK((unsigned)n == c.emitted, "returned %d, emitted %u", n, c.emitted);
 }
 
+/* Text that lsn_parse() accepts formats back to text that parses to the
+ * same LSN. */
+static void lsn_roundtrip(const char *p, size_t n)
+{
+    char *text = malloc(n + 1), back[LSN_TEXT_MAX];
+    uint64_t a, b;
+
+    CHECK(text != NULL, "out of memory");
+    memcpy(text, p, n);
+    text[n] = '\0';
+    if (lsn_parse(text, &a)) {
+        lsn_format(a, back);
+        CHECK(lsn_parse(back, &b) && a == b, "\"%s\" -> %s does not parse back", text, back);
+    }
+    free(text);
+}
+
 typedef struct Loop {
     PgoDecoder *dec;
     ChangeTxn txn;
@@ -158,13 +177,15 @@ static void handle(Loop *lp, const char *buf, size_t len)
 {
     PgoMsg m;
     RulesChange chg;
+    uint64_t lsn;
 
     if (pgo_decode(lp->dec, buf, len, &m) < 0)
         return;
     switch (m.kind) {
     case PGO_BEGIN:
         change_txn_begin(&lp->txn, &m);
-        CHECK(strchr(lp->txn.lsn_text, '/') != NULL, "lsn text \"%s\"", lp->txn.lsn_text);
+        CHECK(lsn_parse(lp->txn.lsn_text, &lsn) && lsn == m.u.begin.final_lsn,
+              "lsn text \"%s\" does not parse back", lp->txn.lsn_text);
         CHECK(memchr(lp->txn.time_text, '\0', sizeof lp->txn.time_text) != NULL, "time text");
         break;
     case PGO_INSERT:
@@ -182,6 +203,7 @@ static void handle(Loop *lp, const char *buf, size_t len)
         break;
     case PGO_MESSAGE:
         walbust_message(&m);
+        lsn_roundtrip(m.u.message.content, m.u.message.len);
         break;
     default:
         break;
