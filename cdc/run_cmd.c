@@ -136,7 +136,8 @@ static void record_ack(Run *r)
                           st->publishes - r->applied.publishes);
     r->applied = *st;
     for (size_t i = 0; i < r->ncommit_times; i++)
-        metrics_commit_to_ack(r->metrics, (double)(now - r->commit_times[i]) / 1e6);
+        if (r->commit_times[i] <= now) /* a wire value: never overflow */
+            metrics_commit_to_ack(r->metrics, (double)(now - r->commit_times[i]) / 1e6);
     r->ncommit_times = 0;
     metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
                       stream_server_end(r->stream));
@@ -521,6 +522,23 @@ static bool batch_overdue(Run *r)
     return true;
 }
 
+/* Nothing is ready, but the walsender has not said it is waiting for WAL
+ * (no caught-up keepalive since the last data): more is on its way, as when
+ * catching up a backlog. Let the batch grow for up to RUN_MAX_BATCH_AGE_US
+ * instead of flushing a few changes per wakeup. A lone commit is followed
+ * at once by the walsender's keepalive, so it is not held back. */
+static bool batch_may_grow(Run *r)
+{
+    int64_t now;
+
+    if (stream_caught_up(r->stream))
+        return false;
+    now = runtime_now_us();
+    if (r->batch_since_us == 0)
+        r->batch_since_us = now;
+    return now - r->batch_since_us < RUN_MAX_BATCH_AGE_US;
+}
+
 static void stream_loop(Run *r)
 {
     while (!runtime_stop && !r->pg_lost) {
@@ -532,6 +550,9 @@ static void stream_loop(Run *r)
         bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
         int wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
         int rc;
+
+        if (dirty && wait_ms == 0 && batch_may_grow(r))
+            wait_ms = 1;
 
         if (runtime_reload)
             reload_rules(r);
@@ -560,7 +581,7 @@ static void stream_loop(Run *r)
          * Several: a failing target keeps its batch (bounded by sink_full)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */
-        if (dirty && flush_wait_ms(r, 1000) == 0) {
+        if (dirty && flush_wait_ms(r, 1000) == 0 && !batch_may_grow(r)) {
             r->batch_since_us = 0;
             if (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0)
                 return;

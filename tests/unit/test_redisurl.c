@@ -232,6 +232,8 @@ static void test_errors_never_show_password(void **state)
         "redis://:s3cret%zz@h", "unix://u:s3cret@/",    "unix://u:s3cret@/tmp/s?db=q",
         "rediss://u:s3cret@h",  "http://u:s3cret@h",    "redis+cluster://:s3cret@a:1/2",
         "redis://s3cret@h",
+        /* found by fuzz_redisurl: a relative unix path has no "@/" */
+        "unix://u:s3cret@relative.sock", "unix://alice:p%40s3cret@h:1",
     };
     (void)state;
     for (size_t i = 0; i < sizeof urls / sizeof urls[0]; i++) {
