@@ -1,10 +1,13 @@
 """A short run of the fault campaign (tests/faults/campaign.py) in `make test`.
 
 Three rounds of fill, storm (a few hundred mixed transactions a second from
-three writers), two faults per round drawn from the quick kinds (walbust
+three writers), with two Redis targets (each filled and checked on its own,
+so a target that fails while the other goes on is covered too), two faults
+per round drawn from the quick kinds (walbust
 kill -9, kill -9 while its redis batch is held and then dropped, walsender
-terminated, PostgreSQL fast restart, Redis restart from its AOF, cut of the
-proxied path to each server), quiesce and check. The campaign starts and
+terminated, PostgreSQL fast restart, Redis restart from its AOF or from an
+older copy of it (acknowledged writes lost), cut of the proxied path to
+each server), quiesce and check. The campaign starts and
 stops its own stack (scripts/stack in a temp dir, its own redis-server and
 proxies), so restarting PostgreSQL here disturbs no other test. It must
 finish in well under a minute, report zero missed and zero over-invalidated
@@ -19,7 +22,7 @@ import sys
 from harness import BIN, SRC, Runner
 
 KINDS = ["walbust_kill9", "kill9_redis_held", "walsender_kill", "pg_restart",
-         "redis_restart_aof", "pg_proxy_cut", "redis_proxy_cut"]
+         "redis_restart_aof", "redis_restart_lagging", "pg_proxy_cut", "redis_proxy_cut"]
 ROUNDS = 3
 
 
@@ -27,7 +30,7 @@ def test_short_campaign():
     seed = random.randrange(1 << 30)
     cmd = ["/usr/bin/python3", os.path.join(SRC, "tests/faults/campaign.py"), "--bin", BIN,
            "--rounds", str(ROUNDS), "--txns", "600", "--rate", "250", "--ids", "6000",
-           "--writers", "3", "--faults-per-round", "2", "--max-storm", "25",
+           "--writers", "3", "--faults-per-round", "2", "--max-storm", "25", "--targets", "2",
            "--kinds", ",".join(KINDS), "--seed", str(seed)]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=170)

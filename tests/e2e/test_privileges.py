@@ -402,8 +402,16 @@ def test_metrics_bind_loopback_by_default():
             del w.args[i:i + 2]
             if how == "default":
                 w.env.pop("WALBUST_METRICS", None)
+            skipped = False
             try:
-                w.start().wait_streaming()
+                w.start()
+                wait_until(lambda: "streaming from" in w.read_log() or not w.alive(), 20,
+                           "walbust to stream")
+                if how == "default" and not w.alive() and "9187" in w.read_log():
+                    print(f"# port 9187 was taken meanwhile: {w.read_log().strip()[-200:]}")
+                    skipped = True
+                    continue
+                w.wait_streaming()
                 wait_until(lambda: listening(p), 10, f"a listener on port {p}")
                 assert listening(p) == {"127.0.0.1"}, (how, listening(p))
                 status, body = scrape(p, "/healthz")
@@ -412,7 +420,8 @@ def test_metrics_bind_loopback_by_default():
                 assert_no_secret("/metrics", metrics)
                 print(f"# metrics ({how}): listening on {sorted(listening(p))} port {p}")
             finally:
-                assert w.stop() == 0
+                rc = w.stop()
+                assert skipped or rc == 0, rc
     finally:
         r.execute_command("ACL", "DELUSER", REDIS_USER)
 

@@ -2,11 +2,15 @@
 """Randomized fault campaign: walbust loses no invalidation (SPEC §1.2-1.3).
 
     tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
-                             [--kinds k1,k2] [--faults-per-round 2] [--bin PATH]
+                             [--kinds k1,k2] [--faults-per-round 2] [--targets 1]
+                             [--bin PATH]
 
 Starts its own stack (scripts/stack start in a temp dir: PostgreSQL 15 and,
-owned by the campaign, a redis-server with AOF on /dev/shm), two TCP proxies
-(tests/faults/proxy.py) between walbust and each server, and walbust itself.
+owned by the campaign, one redis-server with AOF on /dev/shm per Redis
+target), TCP proxies (tests/faults/proxy.py) between walbust and every
+server, and walbust itself. With --targets N walbust writes to N Redis
+servers (--redis repeated); each is filled and checked on its own, and each
+Redis fault hits one of them at random.
 Then, per round:
 
 1. fill     with no writes running and walbust caught up, cache a value for
@@ -44,7 +48,9 @@ as an application refilling its cache would; the checker then demands only
 that keys of rows written after the re-seed finished (taken as a WAL
 position before each transaction's COMMIT) are gone. A restart from the AOF
 (appendfsync always) must bring back every key that was not invalidated, and
-walbust must still invalidate the ones written since.
+walbust must still invalidate the ones written since. A restart from an older
+copy of the AOF (Redis lost writes it had acknowledged) starts a new epoch
+at the slot's confirmed position once walbust saw the failure.
 
 --broken runs build/broken/walbust (`make broken`: confirms the LSN when the
 COMMIT is decoded, before Redis acknowledged) through kill -9 faults and must
@@ -53,6 +59,7 @@ checker sees a loss). Otherwise the exit status is 0 only when every round
 had no missed and no over-invalidation and every fault was verified.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -83,9 +90,11 @@ CHAN = "c:chan"
 NSIDE = 300
 GROUP_MEMBERS = 2
 
-KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "redis_sigstop", "redis_restart_empty",
-         "redis_restart_aof", "pg_restart", "walsender_kill", "pg_proxy_cut", "pg_proxy_slow",
-         "pg_proxy_blackhole", "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole"]
+KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "walbust_sigterm",
+         "redis_sigstop", "redis_restart_empty", "redis_restart_aof", "redis_restart_lagging", "pg_restart",
+         "pg_crash",
+         "walsender_kill", "pg_proxy_cut", "pg_proxy_slow", "pg_proxy_blackhole",
+         "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole"]
 
 RULES = {
     "defaults": {"tag_prefix": "t:"},
@@ -178,11 +187,19 @@ class Postgres:
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             return int(f.readline())
 
-    def restart(self):
+    def ctl(self, *args):
         subprocess.run(as_pg([f"{PGBIN}/pg_ctl", "-D", self.data, "-l",
-                              os.path.join(self.stack.dir, "postgres.log"), "-m", "fast", "-w",
-                              "-t", "120", "restart"]),
+                              os.path.join(self.stack.dir, "postgres.log"), "-w", "-t", "120"]
+                             + list(args)),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def restart(self):
+        self.ctl("restart", "-m", "fast")
+
+    def control_state(self):
+        out = subprocess.run(as_pg([f"{PGBIN}/pg_controldata", "-D", self.data]), check=True,
+                             capture_output=True, text=True).stdout
+        return re.search(r"^Database cluster state:\s*(.*)$", out, re.M).group(1).strip()
 
 
 class Stack:
@@ -222,6 +239,7 @@ class RedisServer:
     def start(self):
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--auto-aof-rewrite-percentage", "0",
                 "--client-output-buffer-limit", "pubsub 0 0 0",
                 "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -249,6 +267,27 @@ class RedisServer:
         assert self.proc.returncode == -signal.SIGKILL, self.proc.returncode
         assert not self.ping(), "redis answers after kill -9"
 
+    def compact(self):
+        """Rewrite the AOF (between rounds, so restarts stay quick)."""
+        r = self.client(timeout=60)
+        r.bgrewriteaof()
+        wait_until(lambda: (lambda i: not i["aof_rewrite_in_progress"]
+                            and not i["aof_rewrite_scheduled"])(r.info("persistence")), 120,
+                   "the AOF rewrite")
+
+    def snapshot(self):
+        """Copy the AOF as it is now (a command cut at the end is dropped on
+        load: aof-load-truncated)."""
+        snap = self.dir + ".snap"
+        shutil.rmtree(snap, ignore_errors=True)
+        shutil.copytree(os.path.join(self.dir, "appendonlydir"), snap)
+        return snap
+
+    def restore(self, snap):
+        """Put a snapshot back (the server must be down)."""
+        shutil.rmtree(os.path.join(self.dir, "appendonlydir"))
+        shutil.move(snap, os.path.join(self.dir, "appendonlydir"))
+
     def wipe(self):
         for name in os.listdir(self.dir):
             if name != "redis.log":
@@ -261,6 +300,7 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(15)
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir + ".snap", ignore_errors=True)
 
 
 class Proxy:
@@ -291,13 +331,37 @@ class Proxy:
         self.log.close()
 
 
-class Walbust:
-    """walbust run through both proxies; every start gets its own log."""
+class Target:
+    """One Redis target: its server, the proxy walbust reaches it through,
+    the epoch of its last re-seed and its subscriber."""
 
-    def __init__(self, binary, workdir, pg_dsn, redis_url, rules):
+    def __init__(self, index, workdir):
+        self.index = index
+        self.redis = RedisServer().start()
+        self.proxy = Proxy(f"redis{index}", self.redis.port, workdir)
+        self.epoch = 0
+        self.sub = None
+
+    def url(self):
+        return f"redis://127.0.0.1:{self.proxy.port}/0"
+
+    def stop(self):
+        for obj in (self.proxy, self.redis):
+            try:
+                obj.stop()
+            except Exception as e:
+                log(f"teardown: {e!r}")
+
+
+class Walbust:
+    """walbust run through the proxies; every start gets its own log."""
+
+    def __init__(self, binary, workdir, pg_dsn, redis_urls, rules):
         self.binary, self.workdir = binary, workdir
-        self.args = [binary, "run", "--pg", pg_dsn, "--redis", redis_url, "--rules", rules,
-                     "--slot", SLOT, "--publication", PUB, "--metrics", "off", "--create-slot",
+        self.args = [binary, "run", "--pg", pg_dsn, "--rules", rules]
+        for url in redis_urls:
+            self.args += ["--redis", url]
+        self.args += ["--slot", SLOT, "--publication", PUB, "--metrics", "off", "--create-slot",
                      "--log-level", "info"]
         self.proc = None
         self.starts = 0
@@ -557,7 +621,9 @@ class Writer(threading.Thread):
             with self.conn.cursor() as cur:
                 for q, a in st:
                     cur.execute(q, a)
-                cur.execute("SELECT txid_current(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+                token = self.camp.next_token()
+                cur.execute("INSERT INTO txlog(token) VALUES (%s) RETURNING txid_current(), "
+                            "pg_current_wal_insert_lsn() - '0/0'::pg_lsn", (token,))
                 t.xid, lsn = cur.fetchone()
                 t.lsn = int(lsn)
         except psycopg2.Error:
@@ -574,13 +640,13 @@ class Writer(threading.Thread):
         except psycopg2.Error:
             self.errors += 1
             self.drop()
-            ok = self.resolve(t.xid)
+            ok = self.resolve(token)
         if ok:
             if apply is not None:
                 apply()
             self.committed.append(t)
-        else:
-            self.aborted.append(t.xid)
+        # A COMMIT lost in a crash leaves no trace in the WAL, so its xid
+        # may be given again: it is not recorded as rolled back.
 
     def _rollback(self):
         try:
@@ -588,13 +654,13 @@ class Writer(threading.Thread):
         except psycopg2.Error:
             self.drop()
 
-    def resolve(self, xid):
-        """Did transaction xid commit? (its COMMIT's reply was lost)"""
-        while True:
-            status = self.camp.pg.q("SELECT txid_status(%s)", (xid,))[0][0]
-            if status != "in progress":
-                return status == "committed"
-            time.sleep(0.1)
+    def resolve(self, token):
+        """Did the transaction that wrote txlog row `token` commit? (the
+        reply to its COMMIT was lost: PostgreSQL restarted or crashed, so
+        its backend is gone once a new connection is accepted). Not
+        txid_status(): after a crash that lost the transaction's WAL, its
+        xid is handed out again."""
+        return self.camp.pg.q("SELECT count(*) FROM txlog WHERE token = %s", (token,))[0][0] == 1
 
     def run(self):
         """Transactions at the writer's share of --rate until halted (a
@@ -623,9 +689,9 @@ class Subscriber(threading.Thread):
     since_lsn: a WAL position taken after the current subscription was
     confirmed; every commit after it must be received."""
 
-    def __init__(self, camp):
+    def __init__(self, camp, target):
         super().__init__(daemon=True)
-        self.camp = camp
+        self.camp, self.target = camp, target
         self.received = set()  # (xid, key)
         self.xids = set()
         self.lock = threading.Lock()
@@ -638,7 +704,7 @@ class Subscriber(threading.Thread):
     def run(self):
         while not self.halt.is_set():
             try:
-                ps = self.camp.redis.client(timeout=None).pubsub()
+                ps = self.target.redis.client(timeout=None).pubsub()
                 ps.subscribe(CHAN)
                 while not self.halt.is_set():
                     m = ps.get_message(timeout=0.2)
@@ -666,7 +732,7 @@ class Subscriber(threading.Thread):
         messages in the order they were published, so everything walbust
         published (and Redis acknowledged) before has been read too."""
         token = f"{time.time_ns()}"
-        r = self.camp.redis.client()
+        r = self.target.redis.client()
         wait_until(lambda: r.publish(CHAN, json.dumps({"marker": token})) > 0 or None, timeout,
                    "the subscriber to be subscribed")
         wait_until(lambda: token in self.markers, timeout, "the marker publish")
@@ -686,6 +752,12 @@ class Faults:
     def __init__(self, camp):
         self.camp = camp
         self.rnd = random.Random(camp.rnd.random())
+        self.t = camp.targets[0]  # the Redis target of the current fault
+
+    def pick(self):
+        """Choose the Redis target the next fault hits."""
+        self.t = self.rnd.choice(self.camp.targets)
+        return self.t
 
     def pause(self, lo, hi):
         time.sleep(self.rnd.uniform(lo, hi))
@@ -704,20 +776,31 @@ class Faults:
         pid2 = self.restart_walbust()
         return f"SIGKILL (rc -9), walsender {pid1}->{pid2}"
 
+    def walbust_sigterm(self):
+        """A graceful restart (a deploy): SIGTERM drains, exits 0; a new
+        process takes over."""
+        c = self.camp
+        rc = c.walbust.stop()
+        assert rc == 0, f"walbust exited {rc} on SIGTERM"
+        assert "stopped" in c.walbust.read_log().splitlines()[-1]
+        self.pause(0.2, 1.0)
+        pid = self.restart_walbust()
+        return f"drained and exited 0, walsender {pid}"
+
     def kill9_redis_slow(self):
         c = self.camp
-        before = c.rproxy.cmd("stats")["delayed_chunks"]
-        c.rproxy.cmd(f"slow {self.rnd.randint(100, 300)}")
+        before = self.t.proxy.cmd("stats")["delayed_chunks"]
+        self.t.proxy.cmd(f"slow {self.rnd.randint(100, 300)}")
         try:
             self.pause(0.5, 1.5)
-            delayed = c.rproxy.cmd("stats")["delayed_chunks"] - before
+            delayed = self.t.proxy.cmd("stats")["delayed_chunks"] - before
             assert delayed > 0, "no redis traffic was delayed before the kill"
             c.walbust.kill9()
             self.pause(0.2, 1.0)
             self.restart_walbust()
             self.pause(0.5, 1.5)
         finally:
-            c.rproxy.cmd("pass")
+            self.t.proxy.cmd("pass")
         return f"SIGKILL while {delayed} redis chunks were delayed"
 
     def kill9_redis_held(self):
@@ -727,71 +810,108 @@ class Faults:
         while the path is still cut, and heal. Whatever the first process
         had not applied must be replayed from the slot."""
         c = self.camp
-        c.rproxy.cmd("blackhole")
+        self.t.proxy.cmd("blackhole")
         try:
             lsn0 = c.pg.insert_lsn()
-            wait_until(lambda: c.rproxy.cmd("stats")["held_bytes"], 30,
+            wait_until(lambda: self.t.proxy.cmd("stats")["held_bytes"], 30,
                        "walbust to send redis a batch that is held")
             wait_until(lambda: c.pg.insert_lsn() > lsn0, 30, "a commit during the blackhole")
             self.pause(0.3, 1.5)
-            held = c.rproxy.cmd("stats")["held_bytes"]
+            held = self.t.proxy.cmd("stats")["held_bytes"]
             c.walbust.kill9()
-            n = self._cut_start(c.rproxy) if c.rproxy.cmd("stats")["active"] else 0
+            n = self._cut_start(self.t.proxy) if self.t.proxy.cmd("stats")["active"] else 0
             self.pause(0.2, 1.0)
             self.restart_walbust()
             self.pause(0.3, 1.5)
         finally:
-            c.rproxy.cmd("pass")
+            self.t.proxy.cmd("pass")
         return f"SIGKILL with {held} bytes held for redis, {n} held connection(s) reset"
 
     def redis_sigstop(self):
         c = self.camp
         n0 = c.walbust.count(r"\(command timeout\)")
-        c.redis.proc.send_signal(signal.SIGSTOP)
+        self.t.redis.proc.send_signal(signal.SIGSTOP)
         t0 = time.time()
         try:
-            assert not c.redis.ping(0.3), "a stopped redis answered"
+            assert not self.t.redis.ping(0.3), "a stopped redis answered"
             wait_until(lambda: c.walbust.count(r"\(command timeout\)") > n0, 30,
                        "walbust's redis command timeout")
             self.pause(0.0, 1.5)
         finally:
-            c.redis.proc.send_signal(signal.SIGCONT)
+            self.t.redis.proc.send_signal(signal.SIGCONT)
         frozen = time.time() - t0
         assert frozen > 5.0, f"redis was frozen only {frozen:.1f}s"
-        assert c.redis.ping(5), "redis does not answer after SIGCONT"
+        assert self.t.redis.ping(5), "redis does not answer after SIGCONT"
         return f"frozen {frozen:.1f}s, command timeout logged"
 
     def _redis_down(self):
         """kill -9 redis; a sentinel key written just before tells whether
         the data came back."""
-        c = self.camp
-        r = c.redis.client()
-        run1 = c.redis.run_id()
+        r = self.t.redis.client()
+        run1 = self.t.redis.run_id()
         r.set("c:sentinel", "1")
         keys = r.dbsize()
-        c.redis.kill9()
+        self.t.redis.kill9()
         self.pause(0.3, 1.5)
         return run1, keys
 
     def redis_restart_empty(self):
         c = self.camp
         run1, _ = self._redis_down()
-        c.redis.wipe()
-        c.redis.start()
-        assert c.redis.run_id() != run1
-        assert not c.redis.client().exists("c:sentinel"), "redis came back with its data"
-        c.fill(epoch=True)  # the application refills its cache
-        return f"run_id changed, came back empty, re-seeded (epoch {lsn_text(c.epoch)})"
+        self.t.redis.wipe()
+        self.t.redis.start()
+        assert self.t.redis.run_id() != run1
+        assert not self.t.redis.client().exists("c:sentinel"), "redis came back with its data"
+        c.fill(self.t, epoch=True)  # the application refills its cache
+        return f"run_id changed, came back empty, re-seeded (epoch {lsn_text(self.t.epoch)})"
 
     def redis_restart_aof(self):
-        c = self.camp
         run1, keys = self._redis_down()
-        c.redis.start()
-        assert c.redis.run_id() != run1
-        r = c.redis.client()
+        self.t.redis.start()
+        assert self.t.redis.run_id() != run1
+        r = self.t.redis.client()
         assert r.exists("c:sentinel"), "redis came back from its AOF without the sentinel key"
         n = r.dbsize()
         return f"run_id changed, {n} of {keys} keys back from the AOF"
+
+    def redis_restart_lagging(self):
+        """Redis comes back without writes it had acknowledged (like a
+        failover to a replica that lagged): snapshot the AOF, let walbust
+        apply and confirm more, kill -9, restore the snapshot. Nothing
+        walbust had not confirmed when it saw the failure may be missing;
+        what it confirmed before may legitimately be stale (the new epoch
+        is the slot's position after the failure)."""
+        c = self.camp
+        r = self.t.redis.client()
+        r.set("c:sentinel", "1")
+        snap = self.t.redis.snapshot()
+        r.set("c:lostwrite", "1")  # acknowledged, and about to be lost
+        self.pause(0.5, 2.0)
+        run1 = self.t.redis.run_id()
+        e0 = c.walbust.count("redis target")
+        self.t.redis.kill9()
+        wait_until(lambda: c.walbust.count("redis target") > e0, 30,
+                   "walbust to see the redis failure")
+        conf = self.stable_confirmed()
+        self.t.redis.restore(snap)
+        self.t.redis.start()
+        assert self.t.redis.run_id() != run1
+        r = self.t.redis.client()
+        assert r.exists("c:sentinel"), "the snapshot did not come back"
+        assert not r.exists("c:lostwrite"), "redis kept the writes after the snapshot"
+        self.t.epoch = max(self.t.epoch, conf)
+        return f"back without its acknowledged writes since the snapshot, epoch {lsn_text(conf)}"
+
+    def stable_confirmed(self):
+        """The slot's confirmed position once it stopped moving."""
+        last = None
+        for _ in range(100):
+            now = self.camp.pg.slot()[1]
+            if now == last:
+                return now
+            last = now
+            time.sleep(0.3)
+        raise AssertionError("the slot kept advancing while redis was down")
 
     def pg_restart(self):
         c = self.camp
@@ -803,6 +923,23 @@ class Faults:
         c.walbust.wait_streaming(seen=seen)
         ws2 = wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
         return f"postmaster {pm1}->{pm2}, walsender {ws1}->{ws2}"
+
+    def pg_crash(self):
+        """pg_ctl -m immediate restart: PostgreSQL crashes and recovers from
+        WAL; the slot's confirmed position goes back to its last checkpoint."""
+        c = self.camp
+        pm1 = c.pg.postmaster_pid()
+        seen = c.walbust.count("streaming from")
+        c.pg.ctl("stop", "-m", "immediate")
+        state = c.pg.control_state()
+        assert state == "in production", f"cluster state after the crash: {state!r}"
+        self.pause(0.0, 1.0)
+        c.pg.ctl("start")
+        pm2 = c.pg.postmaster_pid()
+        assert pm2 != pm1, "the postmaster pid did not change"
+        c.walbust.wait_streaming(seen=seen)
+        ws = wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
+        return f"crashed ({state!r}), postmaster {pm1}->{pm2}, walsender {ws}"
 
     def walsender_kill(self):
         c = self.camp
@@ -839,7 +976,7 @@ class Faults:
     def redis_proxy_cut(self):
         c = self.camp
         e0 = c.walbust.count("redis target")
-        n = self._cut(c.rproxy, self.rnd.uniform(0.3, 3.0))
+        n = self._cut(self.t.proxy, self.rnd.uniform(0.3, 3.0))
         assert n > 0
         wait_until(lambda: c.walbust.count("redis target") > e0, 30,
                    "walbust to report the failed redis target")
@@ -860,7 +997,7 @@ class Faults:
         return self._slow(self.camp.pproxy, 20, 150)
 
     def redis_proxy_slow(self):
-        return self._slow(self.camp.rproxy, 20, 250)
+        return self._slow(self.t.proxy, 20, 250)
 
     def pg_proxy_blackhole(self):
         c = self.camp
@@ -880,15 +1017,15 @@ class Faults:
     def redis_proxy_blackhole(self):
         c = self.camp
         n0 = c.walbust.count(r"\(command timeout\)")
-        c.rproxy.cmd("blackhole")
+        self.t.proxy.cmd("blackhole")
         t0 = time.time()
         try:
             wait_until(lambda: c.walbust.count(r"\(command timeout\)") > n0, 30,
                        "walbust's redis command timeout")
             self.pause(0.0, 1.5)
-            held = c.rproxy.cmd("stats")["held_bytes"]
+            held = self.t.proxy.cmd("stats")["held_bytes"]
         finally:
-            c.rproxy.cmd("pass")
+            self.t.proxy.cmd("pass")
         assert held > 0, "nothing was held by the blackholed redis path"
         return f"{held} bytes held for {time.time() - t0:.1f}s, command timeout logged"
 
@@ -902,10 +1039,17 @@ class Campaign:
         self.rnd = random.Random(args.seed)
         self.nids, self.nwriters = args.ids, args.writers
         self.ngroups = max(50, args.ids // 5)
-        self.stack = self.redis = self.pproxy = self.rproxy = self.walbust = None
-        self.epoch = 0
+        self.stack = self.pproxy = self.walbust = None
+        self.targets = []
         self.truncates_left = 0
         self.results = []
+        self._token = 0
+        self._token_lock = threading.Lock()
+
+    def next_token(self):
+        with self._token_lock:
+            self._token += 1
+            return self._token
 
     # setup
 
@@ -914,15 +1058,20 @@ class Campaign:
         self.workdir = self.stack.dir
         log(f"stack in {self.workdir}")
         self.pg = Postgres(self.stack)
-        self.redis = RedisServer().start()
         self.pproxy = Proxy("pg", self.pg.port, self.workdir)
-        self.rproxy = Proxy("redis", self.redis.port, self.workdir)
+        self.targets = [Target(i, self.workdir) for i in range(self.args.targets)]
         self.setup_db()
         rules = os.path.join(self.workdir, "rules.json")
         with open(rules, "w") as f:
             json.dump(RULES, f, indent=2)
-        self.walbust = Walbust(self.args.bin, self.workdir, self.pg.dsn(port=self.pproxy.port),
-                               f"redis://127.0.0.1:{self.rproxy.port}/0", rules)
+        # Run a private copy: a rebuild of the original during the campaign
+        # must not change the binary under test half-way.
+        binary = os.path.join(self.workdir, "walbust")
+        shutil.copy2(self.args.bin, binary)
+        with open(binary, "rb") as f:
+            log(f"testing {self.args.bin} (sha256 {hashlib.sha256(f.read()).hexdigest()[:16]})")
+        self.walbust = Walbust(binary, self.workdir, self.pg.dsn(port=self.pproxy.port),
+                               [t.url() for t in self.targets], rules)
         self.walbust.start().wait_streaming()
 
     def setup_db(self):
@@ -934,12 +1083,13 @@ class Campaign:
                   "ALTER TABLE items REPLICA IDENTITY FULL;"
                   "CREATE TABLE side(id bigint PRIMARY KEY);"
                   "CREATE TABLE cbarrier(id bigserial PRIMARY KEY, token text);"
+                  "CREATE TABLE txlog(token bigint PRIMARY KEY);"
                   f"CREATE PUBLICATION {PUB} FOR TABLE items, side, cbarrier")
         self.pg.q("INSERT INTO items(id, grp) SELECT i, (i * 7919) %% %s FROM "
                   "generate_series(1, %s) i WHERE i %% 3 <> 0", (self.ngroups, self.nids))
 
     def stop(self, keep):
-        for obj in (self.walbust, self.pproxy, self.rproxy, self.redis):
+        for obj in [self.walbust, self.pproxy] + self.targets:
             if obj is not None:
                 try:
                     obj.stop()
@@ -963,8 +1113,8 @@ class Campaign:
             out[f"c:side:{i}"] = "f"
         return out
 
-    def fill(self, epoch=False):
-        r = self.redis.client(timeout=60)
+    def fill(self, target, epoch=False):
+        r = target.redis.client(timeout=60)
         items = list(self.keys().items())
         pipe = r.pipeline(transaction=False)
         for n in range(0, len(items), 5000):
@@ -975,10 +1125,10 @@ class Campaign:
         if epoch:
             # Commits whose COMMIT began after this point came after the
             # re-seed, so their invalidations must find the new keys.
-            self.epoch = self.pg.insert_lsn()
+            target.epoch = self.pg.insert_lsn()
 
-    def snapshot(self):
-        r = self.redis.client(timeout=60)
+    def snapshot(self, target):
+        r = target.redis.client(timeout=60)
         names = list(self.keys()) + [f"t:grp:{g}" for g in range(self.ngroups)]
         vals = {}
         for n in range(0, len(names), 5000):
@@ -993,9 +1143,9 @@ class Campaign:
                 vals[k] = v if not k.startswith("t:") else (v or None)
         return vals
 
-    def expectations(self, txns):
+    def expectations(self, txns, epoch):
         """(must_gone, must_stay, must_move, must_zero) key sets."""
-        after = [t for t in txns if t.lsn >= self.epoch]
+        after = [t for t in txns if t.lsn >= epoch]
         gone, moved = set(), set()
         for t in after:
             gone.update(f"c:item:{i}" for i in t.row_ids | t.inv_ids)
@@ -1024,9 +1174,23 @@ class Campaign:
             stay.update(f"c:side:{i}" for i in range(1, NSIDE + 1) if i not in touched_side)
         return gone, stay, moved, zero
 
-    def check(self, txns, aborted, sub):
-        vals = self.snapshot()
-        gone, stay, moved, zero = self.expectations(txns)
+    def check(self, txns, aborted):
+        """Check every target; the lists name the target (r<i>) when there
+        are several."""
+        out = {}
+        for target in self.targets:
+            tag = f"r{target.index}:" if len(self.targets) > 1 else ""
+            for name, v in self.check_target(target, txns, aborted).items():
+                if isinstance(v, list):
+                    out.setdefault(name, []).extend(f"{tag}{x}" for x in v)
+                else:
+                    out[name] = out.get(name, 0) + v
+        return out
+
+    def check_target(self, target, txns, aborted):
+        sub = target.sub
+        vals = self.snapshot(target)
+        gone, stay, moved, zero = self.expectations(txns, target.epoch)
         missed = sorted(k for k in gone if vals.get(k) is not None)
         missed += sorted(k for k in moved if not (vals.get(k) or "0").lstrip("-").isdigit()
                          or int(vals.get(k) or "0") < 1)
@@ -1037,17 +1201,22 @@ class Campaign:
         need = {(t.xid, f"c:item:{i}") for t in txns
                 if since is not None and t.lsn >= since for i in t.row_ids}
         unheard = sorted(need - received)
-        phantom = sorted(set(aborted) & xids)
+        # A rolled-back transaction whose WAL a crash lost may see its xid
+        # given to a later committed one.
+        phantom = sorted((set(aborted) - {t.xid for t in txns}) & xids)
         return {"missed": missed, "over": over, "unheard": unheard, "phantom": phantom,
                 "published_needed": len(need), "gone": len(gone) + len(moved),
                 "stay": len(stay) + len(zero)}
 
     def barrier(self):
         token = f"{time.time_ns()}"
-        r = self.redis.client()
-        r.set(f"c:barrier:{token}", "1")
+        rs = [t.redis.client() for t in self.targets]
+        for r in rs:
+            r.set(f"c:barrier:{token}", "1")
         self.pg.q("INSERT INTO cbarrier(token) VALUES (%s)", (token,))
-        wait_until(lambda: not r.exists(f"c:barrier:{token}"), 120, "the barrier invalidation")
+        for r in rs:
+            wait_until(lambda: not r.exists(f"c:barrier:{token}"), 120,
+                       "the barrier invalidation")
 
     def quiesce(self):
         """Wait until the slot confirmed everything committed so far."""
@@ -1069,15 +1238,18 @@ class Campaign:
     def round(self, n, kinds):
         res = {"round": n, "faults": Counter(), "evidence": [], "error": None}
         self.quiesce()
-        self.redis.client().flushall()
-        self.epoch = 0
-        self.fill()
+        for t in self.targets:
+            t.redis.client().flushall()
+            t.epoch = 0
+            self.fill(t)
+            t.redis.compact()
+            t.sub = Subscriber(self, t)
+            t.sub.start()
         self.truncates_left = self.rnd.randint(0, 2)
         rows, side = self.load_rows()
-        sub = Subscriber(self)
-        sub.start()
-        if not sub.ready.wait(30):
-            raise AssertionError("the subscriber did not subscribe")
+        for t in self.targets:
+            if not t.sub.ready.wait(30):
+                raise AssertionError("the subscriber did not subscribe")
         writers = [Writer(self, k, rows[k], side if k == 0 else None)
                    for k in range(self.nwriters)]
         faults = Faults(self)
@@ -1087,10 +1259,12 @@ class Campaign:
             try:
                 for kind in kinds:
                     faults.pause(0.3, 2.0)
+                    where = f" (redis target {faults.pick().index})" if len(self.targets) > 1 \
+                        and ("redis" in kind) else ""
                     t0 = time.time()
                     ev = getattr(faults, kind)()
                     res["faults"][kind] += 1
-                    res["evidence"].append(f"{kind}: {ev} ({time.time() - t0:.1f}s)")
+                    res["evidence"].append(f"{kind}{where}: {ev} ({time.time() - t0:.1f}s)")
             except Exception as e:
                 fault_err.append(e)
                 import traceback
@@ -1120,17 +1294,19 @@ class Campaign:
         txns = [t for w in writers for t in w.committed]
         aborted = [x for w in writers for x in w.aborted]
         qtime = self.quiesce()
-        sub.sync()
-        out = self.check(txns, aborted, sub)
+        for t in self.targets:
+            t.sub.sync()
+        out = self.check(txns, aborted)
         self.barrier()
-        late = self.check(txns, aborted, sub)
-        sub.halt.set()
-        sub.join(5)
+        late = self.check(txns, aborted)
+        for t in self.targets:
+            t.sub.halt.set()
+            t.sub.join(5)
         res.update(txns=len(txns), rolled_back=len(aborted), storm=storm, quiesce=qtime,
                    missed=len(out["missed"]) + len(out["unheard"]),
                    over=len(out["over"]) + len(out["phantom"]),
                    lost=len(late["missed"]) + len(late["unheard"]), detail=out,
-                   sub_reconnects=sub.reconnects, writer_errors=sum(w.errors for w in writers))
+                   sub_reconnects=sum(t.sub.reconnects for t in self.targets), writer_errors=sum(w.errors for w in writers))
         if fault_err:
             res["error"] = f"fault not verified: {fault_err[0]!r}"
         return res
@@ -1198,6 +1374,8 @@ def parse(argv):
                     help="transactions per second, all writers together")
     ap.add_argument("--ids", type=int, default=30000, help="size of the id space")
     ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--targets", type=int, default=1,
+                    help="Redis targets (walbust --redis repeated); faults hit one at random")
     ap.add_argument("--faults-per-round", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--seed", type=int, default=None)
