@@ -523,23 +523,6 @@ static bool batch_overdue(Run *r)
     return true;
 }
 
-/* Nothing is ready, but the walsender has not said it is waiting for WAL
- * (no caught-up keepalive since the last data): more is on its way, as when
- * catching up a backlog. Let the batch grow for up to RUN_MAX_BATCH_AGE_US
- * instead of flushing a few changes per wakeup. A lone commit is followed
- * at once by the walsender's keepalive, so it is not held back. */
-static bool batch_may_grow(Run *r)
-{
-    int64_t now;
-
-    if (stream_caught_up(r->stream))
-        return false;
-    now = runtime_now_us();
-    if (r->batch_since_us == 0)
-        r->batch_since_us = now;
-    return now - r->batch_since_us < RUN_MAX_BATCH_AGE_US;
-}
-
 static void stream_loop(Run *r)
 {
     while (!runtime_stop && !r->pg_lost) {
@@ -551,9 +534,6 @@ static void stream_loop(Run *r)
         bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
         int wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
         int rc;
-
-        if (dirty && wait_ms == 0 && batch_may_grow(r))
-            wait_ms = 1;
 
         if (runtime_reload)
             reload_rules(r);
@@ -582,7 +562,7 @@ static void stream_loop(Run *r)
          * Several: a failing target keeps its batch (bounded by sink_full)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */
-        if (dirty && flush_wait_ms(r, 1000) == 0 && !batch_may_grow(r)) {
+        if (dirty && flush_wait_ms(r, 1000) == 0) {
             r->batch_since_us = 0;
             if (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0)
                 return;
