@@ -35,6 +35,10 @@ struct Stream {
     uint64_t server_end;
     int64_t last_status_us; /* monotonic time of the last status update */
     int interval_ms;        /* status interval: configured, or less (below) */
+    int recv_timeout_ms;    /* silence after which the connection is dead */
+    bool got_message;       /* a message arrived since the last silence check */
+    int64_t last_recv_us;   /* when messages were last seen */
+    int64_t ping_sent_us;   /* when a reply was requested for silence; 0: none */
     int server_version;
     char desc[256];
     char errstr[1024];
@@ -398,10 +402,15 @@ static void adapt_status_interval(Stream *s)
     int timeout_ms;
 
     s->interval_ms = s->cfg.status_interval_ms;
+    s->recv_timeout_ms = 60000;
     if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
         timeout_ms = atoi(PQgetvalue(res, 0, 0));
         if (timeout_ms > 0 && timeout_ms / 2 < s->interval_ms)
             s->interval_ms = timeout_ms / 2 > 100 ? timeout_ms / 2 : 100;
+        /* Like PostgreSQL's wal_receiver_timeout: a server silent this long
+         * (not even answering a reply request) is gone. */
+        if (timeout_ms > 0)
+            s->recv_timeout_ms = timeout_ms > 2000 ? timeout_ms : 2000;
     }
     PQclear(res);
 }
@@ -482,6 +491,9 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
         PQclear(res);
         s->streaming = true;
         s->last_status_us = mono_us();
+        s->last_recv_us = s->last_status_us;
+        s->ping_sent_us = 0;
+        s->got_message = false;
         if (s->confirmed < start_lsn)
             s->confirmed = start_lsn;
         return STREAM_OK;
@@ -608,6 +620,7 @@ static int dispatch(Stream *s, int len, StreamData *out)
     const char *b = s->copybuf;
     int rc;
 
+    s->got_message = true;
     if (b[0] == 'w') {
         if (len < 25) {
             snprintf(s->errstr, sizeof s->errstr, "malformed XLogData message (%d bytes) from %s",
@@ -659,6 +672,41 @@ static int conn_failed(Stream *s)
     return -1;
 }
 
+/* Detect a dead server on a connection that TCP still thinks is alive
+ * (host gone, network partition). After half the receive timeout without
+ * any message, ask the server for a reply; if half a timeout more passes
+ * without one, the connection is declared lost. Returns -1 then, else the
+ * ms until the next check is due. */
+static int check_silence(Stream *s)
+{
+    int64_t now = mono_us();
+    int64_t half = (int64_t)s->recv_timeout_ms * 500;
+    int64_t due;
+
+    if (s->recv_timeout_ms <= 0)
+        return 60000;
+    if (s->got_message) {
+        s->got_message = false;
+        s->last_recv_us = now;
+        s->ping_sent_us = 0;
+    }
+    if (s->ping_sent_us == 0 && now - s->last_recv_us >= half) {
+        if (send_status(s, /* reply_requested= */ true) < 0)
+            return -1;
+        s->ping_sent_us = now;
+    }
+    if (s->ping_sent_us != 0 && now - s->ping_sent_us >= half) {
+        snprintf(s->errstr, sizeof s->errstr,
+                 "no message from %s for %d s, not even an answer to a keepalive request; "
+                 "reconnecting",
+                 s->desc, (int)((now - s->last_recv_us) / 1000000));
+        s->streaming = false;
+        return -1;
+    }
+    due = (s->ping_sent_us != 0 ? s->ping_sent_us : s->last_recv_us) + half - now;
+    return due <= 0 ? 0 : (int)((due + 999) / 1000);
+}
+
 int stream_next(Stream *s, int timeout_ms, StreamData *out)
 {
     int64_t deadline = 0; /* read from the clock only once nothing is buffered */
@@ -702,6 +750,13 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
             continue;
         }
         wait = left_ms > status_due_ms(s) ? status_due_ms(s) : (int)left_ms;
+        {
+            int silence = check_silence(s);
+            if (silence < 0)
+                return -1;
+            if (wait > silence)
+                wait = silence;
+        }
         switch (wait_readable(s, wait)) {
         case -1:
             return -1;
