@@ -113,6 +113,8 @@ static void keepalive_tick(void *arg)
     Run *r = arg;
 
     notify_watchdog();
+    metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
+                      stream_server_end(r->stream));
     if (!r->pg_lost && (stream_confirm_soon(r->stream, r->acked_lsn) < 0 ||
                         stream_confirm(r->stream, r->acked_lsn, false) < 0)) {
         log_warn("%s; will reconnect once redis is back", stream_errstr(r->stream));

@@ -1,0 +1,140 @@
+"""/metrics, /healthz and /readyz of a running walbust, scraped over HTTP
+while real changes stream: counters and positions move with the stream,
+the commit-to-ack histogram counts every acknowledged transaction, and
+readiness follows Redis going away and coming back."""
+import os
+import re
+import signal
+import socket
+import sys
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (BARRIER_RULE, BARRIER_SQL, STACK_DIR, Runner, Walbust, barrier, fresh_db,
+                     sql, wait_until, write_rules)
+
+import redis
+
+DB = "metrics_e2e"
+SLOT = "metrics_e2e"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    return values
+
+
+def status(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_metrics_move_with_the_stream():
+    fresh_db(DB)
+    sql(DB, "CREATE TABLE items(id bigint PRIMARY KEY, v int)")
+    sql(DB, BARRIER_SQL)
+    sql(DB, "CREATE PUBLICATION walbust FOR TABLE items, walbust_barrier")
+    rules = write_rules({"rules": [{"table": "items", "keys": ["m:{id}", "m:{id}:x"],
+                                    "patterns": ["mp:{id}:*"]}, BARRIER_RULE]})
+    # A private Redis, so readiness can follow it going away.
+    rport = free_port()
+    rdir = os.path.join(STACK_DIR, "metrics-redis")
+    os.makedirs(rdir, exist_ok=True)
+    import subprocess
+    def start_redis():
+        subprocess.run(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--daemonize", "yes", "--dir", rdir,
+                        "--pidfile", os.path.join(rdir, "r.pid")], check=True,
+                       stdout=subprocess.DEVNULL)
+        wait_until(lambda: _ping(rport), 10, "redis to start")
+    start_redis()
+    r = redis.Redis(port=rport, decode_responses=True)
+    mport = free_port()
+    wb = Walbust(DB, rules, slot=SLOT, redis_urls=[f"redis://127.0.0.1:{rport}"])
+    wb.args[wb.args.index("--metrics") + 1] = f"127.0.0.1:{mport}"
+    try:
+        wb.start().wait_streaming()
+        assert status(mport, "/healthz") == 200
+        barrier(DB, r)
+        wait_until(lambda: status(mport, "/readyz") == 200, 10, "/readyz 200 while streaming")
+        m0 = scrape(mport)
+        assert m0["walbust_postgres_up"] == 1 and m0["walbust_redis_up"] == 1, m0
+
+        sql(DB, "INSERT INTO items SELECT g, 0 FROM generate_series(1, 50) g")
+        for i in range(1, 21):
+            sql(DB, "UPDATE items SET v = v + 1 WHERE id = %s", (i,))
+        barrier(DB, r)
+        m1 = scrape(mport)
+        tx = m1["walbust_transactions_total"] - m0["walbust_transactions_total"]
+        assert tx >= 22, tx  # 1 insert + 20 updates + the barrier
+        assert m1['walbust_changes_total{table="public.items",op="insert"}'] == 50, m1
+        assert m1['walbust_changes_total{table="public.items",op="update"}'] == 20, m1
+        keys = (m1['walbust_invalidations_total{action="key"}'] -
+                m0['walbust_invalidations_total{action="key"}'])
+        assert keys >= 2 * 50, keys  # deduplicated within batches, so >= distinct keys
+        assert (m1['walbust_invalidations_total{action="pattern"}'] -
+                m0['walbust_invalidations_total{action="pattern"}']) >= 50
+        assert m1["walbust_confirmed_lsn"] > m0["walbust_confirmed_lsn"]
+        assert m1["walbust_received_lsn"] >= m1["walbust_confirmed_lsn"] - 1e6
+        hist = m1["walbust_commit_to_ack_seconds_count"] - m0["walbust_commit_to_ack_seconds_count"]
+        assert hist >= 22, hist
+        assert m1['walbust_commit_to_ack_seconds_bucket{le="+Inf"}'] == \
+            m1["walbust_commit_to_ack_seconds_count"]
+        # Idle: lag goes to zero once everything is confirmed.
+        wait_until(lambda: scrape(mport)["walbust_lag_bytes"] == 0, 20, "lag 0 when idle")
+
+        # Redis goes away: readiness drops, errors and retries count up, and
+        # the confirmed position stays where it was.
+        subprocess.run(["redis-cli", "-p", str(rport), "shutdown", "nosave"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sql(DB, "UPDATE items SET v = v + 1 WHERE id = 30")
+        wait_until(lambda: status(mport, "/readyz") == 503, 20, "/readyz 503 without redis")
+        wait_until(lambda: scrape(mport)["walbust_retries_total"] > m1["walbust_retries_total"], 20,
+                   "retries to count")
+        m2 = scrape(mport)
+        assert m2["walbust_redis_up"] == 0 and m2["walbust_redis_errors_total"] > 0, m2
+        assert m2["walbust_lag_bytes"] > 0, m2
+        start_redis()
+        wait_until(lambda: status(mport, "/readyz") == 200, 40, "/readyz 200 after redis is back")
+        barrier(DB, r)
+        m3 = scrape(mport)
+        assert m3["walbust_confirmed_lsn"] > m2["walbust_confirmed_lsn"]
+        assert m3["walbust_redis_up"] == 1
+        assert wb.stop() == 0
+    finally:
+        if wb.alive():
+            wb.proc.send_signal(signal.SIGKILL)
+        subprocess.run(["redis-cli", "-p", str(rport), "shutdown", "nosave"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND NOT active", (SLOT,))
+
+
+def _ping(port):
+    try:
+        return redis.Redis(port=port, socket_timeout=1).ping()
+    except redis.RedisError:
+        return False
+
+
+if __name__ == "__main__":
+    t = Runner("test_metrics_e2e")
+    t.run(test_metrics_move_with_the_stream)
+    t.done()
