@@ -97,8 +97,11 @@ def run(mode):
 
 
 def test_stampede_naive():
+    """Naive readers that miss at the same time all query. How many overlap
+    depends on thread scheduling (a loaded machine serialises some of them),
+    so the check is that the stampede is visible, not its exact size."""
     counts = run(fresh.NAIVE)
-    assert all(c > READERS // 4 for c in counts), counts
+    assert max(counts) > 10 and all(c >= 2 for c in counts), counts
 
 
 def test_stampede_leases_one_read_per_round():
