@@ -204,6 +204,8 @@ static int flush_targets(Run *r)
 
                 r->retry_at[i] = runtime_now_us() + (int64_t)ms * 1000;
                 r->replay_after_recovery = true;
+                metrics_positions(r->metrics, stream_confirmed(r->stream),
+                                  stream_received(r->stream), stream_server_end(r->stream));
                 r->stats.redis_errors++;
                 r->stats.retries++;
                 metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
