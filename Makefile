@@ -19,7 +19,7 @@ endif
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
-PURE_SRCS = cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
+PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
@@ -72,7 +72,7 @@ $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o
 $(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
                            $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
-$(BUILD)/tests/test_%: tests/unit/test_%.c
+$(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/obj/mem.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	$(Q)$(CC) $(CPPFLAGS) -DSOURCE_DIR='"$(CURDIR)"' $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
@@ -82,7 +82,7 @@ unit: $(UNIT_BINS)
 
 # The Redis sink against a real Redis named by WALBUST_REDIS (scripts/stack).
 $(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/redisurl.o \
-                          $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o
+                          $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o $(BUILD)/obj/mem.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)

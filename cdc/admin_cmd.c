@@ -30,23 +30,10 @@
 #include "catalog.h"
 #include "cmds.h"
 #include "stream.h"
+#include "mem.h"
 
 /* sql/walbust.sql, embedded by the Makefile (build/gen/redis_scripts.c). */
 extern const char walbust_sql[];
-
-static void oom(void)
-{
-    fprintf(stderr, "walbust: out of memory\n");
-    abort();
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    if (p == NULL)
-        oom();
-    return p;
-}
 
 /* A growable string for building SQL statements. */
 typedef struct StrBuf {
@@ -65,7 +52,7 @@ static void sb_add(StrBuf *b, const char *s)
             cap *= 2;
         p = realloc(b->s, cap);
         if (p == NULL)
-            oom();
+            mem_oom();
         b->s = p;
         b->cap = cap;
     }
@@ -97,7 +84,7 @@ static char *quote_table(PGconn *conn, const char *table)
     nsp = PQescapeIdentifier(conn, table, (size_t)(dot - table));
     rel = PQescapeIdentifier(conn, dot + 1, strlen(dot + 1));
     if (nsp == NULL || rel == NULL)
-        oom();
+        mem_oom();
     len = strlen(nsp) + strlen(rel) + 2;
     out = xcalloc(1, len);
     snprintf(out, len, "%s.%s", nsp, rel);
@@ -112,11 +99,11 @@ static char *quote_ident(PGconn *conn, const char *name)
     char *out;
 
     if (q == NULL)
-        oom();
+        mem_oom();
     out = strdup(q);
     PQfreemem(q);
     if (out == NULL)
-        oom();
+        mem_oom();
     return out;
 }
 
@@ -739,7 +726,7 @@ int cmd_status(const Config *cfg)
     int rc = 1;
 
     if (obj == NULL)
-        oom();
+        mem_oom();
     if (cfg->rules != NULL && (rules = cmd_load_rules(cfg->rules, stderr)) == NULL)
         goto cleanup;
     conn = admin_connect(cfg, "status", where, sizeof where);
@@ -749,7 +736,7 @@ int cmd_status(const Config *cfg)
     if (cfg->json) {
         char *text = cJSON_PrintUnformatted(obj);
         if (text == NULL)
-            oom();
+            mem_oom();
         printf("%s\n", text);
         cJSON_free(text);
     } else {

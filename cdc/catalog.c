@@ -2,6 +2,7 @@
  * catalog.c — table facts for rules checks (see catalog.h).
  */
 #include "catalog.h"
+#include "mem.h"
 
 #include <stdbool.h>
 #include <stdio.h>
@@ -20,26 +21,6 @@ struct Catalog {
     CatTable *tables;
     int publication;
 };
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    return p;
-}
-
-static char *xstrdup(const char *s)
-{
-    char *p = strdup(s);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    return p;
-}
 
 static PGresult *query(PGconn *conn, const char *sql, char *err, size_t errlen)
 {

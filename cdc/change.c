@@ -2,6 +2,7 @@
  * change.c — pgoutput row change → RulesChange (see change.h).
  */
 #include "change.h"
+#include "mem.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -10,18 +11,10 @@
 
 static void ensure_cap(ChangeBuf *buf, size_t n)
 {
-    RulesValue *o, *v;
-
     if (n <= buf->cap)
         return;
-    o = realloc(buf->old_vals, n * sizeof *o);
-    v = realloc(buf->new_vals, n * sizeof *v);
-    if (o == NULL || v == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    buf->old_vals = o;
-    buf->new_vals = v;
+    buf->old_vals = xrealloc(buf->old_vals, n * sizeof *buf->old_vals);
+    buf->new_vals = xrealloc(buf->new_vals, n * sizeof *buf->new_vals);
     buf->cap = n;
 }
 
@@ -192,9 +185,7 @@ int change_walbust_message(const char *content, size_t len, const char *tag_pref
             size_t vlen = strlen(v);
 
             if (ops[i].action == RULES_INV_TAG) {
-                char *full = malloc(plen + vlen + 1);
-                if (full == NULL)
-                    abort();
+                char *full = xmalloc(plen + vlen + 1);
                 memcpy(full, tag_prefix, plen);
                 memcpy(full + plen, v, vlen + 1);
                 emit(arg, RULES_INV_TAG, full, plen + vlen, NULL, 0);

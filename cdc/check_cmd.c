@@ -22,16 +22,7 @@
 #include "catalog.h"
 #include "cmds.h"
 #include "stream.h"
-
-static void *xmalloc(size_t size)
-{
-    void *p = malloc(size ? size : 1);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    return p;
-}
+#include "mem.h"
 
 /* Read the whole file into a NUL-terminated buffer the caller frees.
  * Returns NULL with errno set on failure. */
@@ -51,12 +42,7 @@ static char *read_file(const char *path, size_t *len)
         if (got == 0)
             break;
         if (n + 1 == cap) {
-            char *bigger = realloc(buf, cap * 2);
-            if (bigger == NULL) {
-                fprintf(stderr, "walbust: out of memory\n");
-                abort();
-            }
-            buf = bigger;
+            buf = xrealloc(buf, cap * 2);
             cap *= 2;
         }
     }

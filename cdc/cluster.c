@@ -16,6 +16,7 @@
  * that survives stays in sync.
  */
 #include "cluster.h"
+#include "mem.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -63,38 +64,6 @@ struct Cluster {
     char errstr[512];
     bool err_set; /* errstr holds this exec's first error */
 };
-
-/* ---- memory ------------------------------------------------------------ */
-
-static void oom(void)
-{
-    fputs("walbust: out of memory in the redis cluster client\n", stderr);
-    abort();
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (q == NULL)
-        oom();
-    return q;
-}
-
-/* Make room for need elements of size elem in *p (capacity *cap). */
-static void grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-    size_t c = *cap ? *cap : 16;
-
-    if (need <= *cap)
-        return;
-    while (c < need) {
-        if (c > ((size_t)-1) / 4 / elem)
-            oom();
-        c *= 2;
-    }
-    *p = xrealloc(*p, c * elem);
-    *cap = c;
-}
 
 static void set_err(Cluster *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -270,7 +239,7 @@ static int node_for(Cluster *c, const char *host, int port)
     for (size_t i = 0; i < c->nnodes; i++)
         if (c->nodes[i].port == port && strcmp(c->nodes[i].host, host) == 0)
             return (int)i;
-    grow((void **)&c->nodes, &c->nodes_cap, c->nnodes + 1, sizeof *c->nodes);
+    c->nodes = xgrow(c->nodes, &c->nodes_cap, c->nnodes + 1, sizeof *c->nodes);
     nd = &c->nodes[c->nnodes];
     memset(nd, 0, sizeof *nd);
     snprintf(nd->host, sizeof nd->host, "%s", host);
@@ -323,7 +292,7 @@ static int node_command(Cluster *c, int id, const char *what, int argc, const ch
     void *r = NULL;
 
     if (redisAppendCommandArgv(c->nodes[id].ctx, argc, argv, lens) != REDIS_OK)
-        oom();
+        mem_oom();
     if (redisGetReply(c->nodes[id].ctx, &r) != REDIS_OK || r == NULL) {
         node_io_fail(c, id, what);
         return -1;
@@ -367,7 +336,7 @@ static int node_connect(Cluster *c, int id)
         return 0;
     nd->ctx = redisConnectWithTimeout(nd->host, nd->port, ms_to_tv(c->cfg.connect_timeout_ms));
     if (nd->ctx == NULL)
-        oom();
+        mem_oom();
     if (nd->ctx->err) {
         set_err(c, "could not connect to redis cluster node %s: %s", nd->addr, nd->ctx->errstr);
         node_close(c, id);
@@ -490,7 +459,7 @@ static void adopt_map(Cluster *c, const ClusterRange *ranges, size_t n, int from
         if (!c->nodes[id].master) {
             c->nodes[id].master = true;
             c->nodes[id].replicas = ranges[i].replicas;
-            grow((void **)&c->masters, &c->masters_cap, c->nmasters + 1, sizeof *c->masters);
+            c->masters = xgrow(c->masters, &c->masters_cap, c->nmasters + 1, sizeof *c->masters);
             c->masters[c->nmasters++] = id;
         }
     }
@@ -607,8 +576,8 @@ static size_t append(Cluster *c, int slot, int node, int argc, const char **argv
     int len = redisFormatCommandArgv(&fmt, argc, argv, lens);
 
     if (len < 0 || fmt == NULL)
-        oom();
-    grow((void **)&c->cmds, &c->cmds_cap, c->ncmds + 1, sizeof *c->cmds);
+        mem_oom();
+    c->cmds = xgrow(c->cmds, &c->cmds_cap, c->ncmds + 1, sizeof *c->cmds);
     cmd = &c->cmds[c->ncmds];
     memset(cmd, 0, sizeof *cmd);
     cmd->fmt = fmt;
@@ -692,9 +661,9 @@ static size_t send_round(Cluster *c)
         cmd->sent_ask = cmd->asking;
         if (cmd->asking && redisAppendFormattedCommand(c->nodes[id].ctx, asking_cmd,
                                                        sizeof asking_cmd - 1) != REDIS_OK)
-            oom();
+            mem_oom();
         if (redisAppendFormattedCommand(c->nodes[id].ctx, cmd->fmt, cmd->len) != REDIS_OK)
-            oom();
+            mem_oom();
         cmd->sent_to = id;
     }
     return unsent;

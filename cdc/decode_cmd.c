@@ -18,6 +18,7 @@
 #include "lsn.h"
 #include "pgo.h"
 #include "runtime.h"
+#include "mem.h"
 
 typedef struct Decode {
     const Config *cfg;
@@ -32,18 +33,9 @@ typedef struct Decode {
     cJSON *inv; /* invalidations of the current line, with --rules */
 } Decode;
 
-static void *check_alloc(void *p)
-{
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    return p;
-}
-
 static void print_line(cJSON *o)
 {
-    char *text = check_alloc(cJSON_PrintUnformatted(o));
+    char *text = mem_check(cJSON_PrintUnformatted(o));
     fputs(text, stdout);
     fputc('\n', stdout);
     fflush(stdout);
@@ -53,7 +45,7 @@ static void print_line(cJSON *o)
 
 static cJSON *line_header(const Decode *d, const char *op)
 {
-    cJSON *o = check_alloc(cJSON_CreateObject());
+    cJSON *o = mem_check(cJSON_CreateObject());
     cJSON_AddStringToObject(o, "lsn", d->txn.lsn_text);
     cJSON_AddNumberToObject(o, "xid", d->txn.xid);
     cJSON_AddStringToObject(o, "commit_time", d->txn.time_text);
@@ -66,20 +58,20 @@ static cJSON *value_json(const PgoValue *v)
     if (v->kind == PGO_VAL_NULL)
         return cJSON_CreateNull();
     {
-        char *s = check_alloc(malloc((size_t)v->len + 1));
+        char *s = xmalloc((size_t)v->len + 1);
         cJSON *j;
         memcpy(s, v->data, v->len);
         s[v->len] = '\0';
         j = cJSON_CreateString(s);
         free(s);
-        return check_alloc(j);
+        return mem_check(j);
     }
 }
 
 /* Images as objects: an old 'K' tuple carries identity columns only. */
 static cJSON *tuple_json(const PgoRelation *rel, const PgoTuple *t, char old_kind, cJSON *unchanged)
 {
-    cJSON *o = check_alloc(cJSON_CreateObject());
+    cJSON *o = mem_check(cJSON_CreateObject());
 
     for (uint16_t i = 0; i < rel->ncols; i++) {
         const PgoValue *v = &t->values[i];
@@ -116,8 +108,8 @@ static void collect(void *arg, RulesInvAction action, const char *s, size_t len,
     if (arr == NULL)
         arr = cJSON_AddArrayToObject(d->inv, action_names[action]);
     if (action == RULES_INV_PUBLISH) {
-        cJSON *p = check_alloc(cJSON_CreateObject());
-        copy = check_alloc(strndup(payload, payload_len));
+        cJSON *p = mem_check(cJSON_CreateObject());
+        copy = xstrndup(payload, payload_len);
         cJSON_AddStringToObject(p, "channel", s);
         cJSON_AddStringToObject(p, "payload", copy);
         free(copy);
@@ -133,7 +125,7 @@ static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
 
     if (d->rules == NULL)
         return;
-    d->inv = check_alloc(cJSON_CreateObject());
+    d->inv = mem_check(cJSON_CreateObject());
     rules_eval(d->rules, chg, collect, d, &st);
     if (st.widened > 0)
         cJSON_AddNumberToObject(d->inv, "widened", st.widened);
@@ -147,7 +139,7 @@ static void on_change(Decode *d, const PgoMsg *m)
                                       [PGO_DELETE] = "delete"};
     const PgoRelation *rel = m->u.change.rel;
     cJSON *o = line_header(d, ops[m->kind]);
-    cJSON *unchanged = check_alloc(cJSON_CreateArray());
+    cJSON *unchanged = mem_check(cJSON_CreateArray());
     RulesChange chg;
 
     cJSON_AddStringToObject(o, "table", rel->qualname);
@@ -176,7 +168,7 @@ static void on_truncate(Decode *d, const PgoMsg *m)
     cJSON_AddBoolToObject(o, "restart_identity",
                           (m->u.truncate.options & PGO_TRUNCATE_RESTART_IDENTITY) != 0);
     if (d->rules != NULL) {
-        d->inv = check_alloc(cJSON_CreateObject());
+        d->inv = mem_check(cJSON_CreateObject());
         for (uint32_t i = 0; i < m->u.truncate.nrels; i++) {
             RulesChange chg;
             change_truncate(&d->txn, m->u.truncate.rels[i], &chg);
@@ -207,13 +199,13 @@ static void on_message(Decode *d, const PgoMsg *m)
     cJSON_AddBoolToObject(o, "transactional", m->u.message.transactional);
     content = cJSON_ParseWithLength(m->u.message.content, m->u.message.len);
     if (content == NULL) {
-        text = check_alloc(strndup(m->u.message.content, m->u.message.len));
+        text = xstrndup(m->u.message.content, m->u.message.len);
         content = cJSON_CreateString(text);
         free(text);
     }
     cJSON_AddItemToObject(o, "content", content);
     if (d->rules != NULL) {
-        d->inv = check_alloc(cJSON_CreateObject());
+        d->inv = mem_check(cJSON_CreateObject());
         if (change_walbust_message(m->u.message.content, m->u.message.len,
                                    rules_tag_prefix(d->rules), collect, d, err, sizeof err) < 0)
             cJSON_AddStringToObject(d->inv, "error", err);

@@ -19,6 +19,7 @@
  * so ":PORT" can mean every interface, IPv6 and IPv4 alike.
  */
 #include "metrics.h"
+#include "mem.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -85,34 +86,6 @@ struct Metrics {
 
     struct MHD_Daemon *daemon;
 };
-
-/* ---- memory ------------------------------------------------------------ */
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory (metrics, %zu bytes)\n", n);
-        abort();
-    }
-    return p;
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (q == NULL) {
-        fprintf(stderr, "walbust: out of memory (metrics, %zu bytes)\n", n);
-        abort();
-    }
-    return q;
-}
-
-static char *xstrdup(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    return memcpy(xmalloc(n), s, n);
-}
 
 /* ---- labelled counter maps ---------------------------------------------- */
 

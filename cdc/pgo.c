@@ -12,6 +12,7 @@
  * Truncate relation list are scratch arrays that grow and are then reused.
  */
 #include "pgo.h"
+#include "mem.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -45,48 +46,6 @@ typedef struct Reader {
     size_t off;
     const char *what;
 } Reader;
-
-/* ---- memory ----------------------------------------------------------- */
-
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (q == NULL) {
-        fprintf(stderr, "walbust: out of memory (pgo: %zu bytes)\n", n);
-        abort();
-    }
-    return q;
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory (pgo: %zu x %zu bytes)\n", n, size);
-        abort();
-    }
-    return p;
-}
-
-static char *xstrdup(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    char *p = xrealloc(NULL, n);
-    memcpy(p, s, n);
-    return p;
-}
-
-/* Grow an array of elements of `size` bytes to hold at least `need`. */
-static void *grow(void *arr, size_t *cap, size_t need, size_t size)
-{
-    size_t n = *cap ? *cap : 8;
-    if (need <= *cap)
-        return arr;
-    while (n < need)
-        n *= 2;
-    *cap = n;
-    return xrealloc(arr, n * size);
-}
 
 /* ---- errors and reading ---------------------------------------------- */
 
@@ -249,7 +208,7 @@ static void cache_store(PgoDecoder *dec, PgoRelation *rel)
         dec->rels[i] = rel;
         return;
     }
-    dec->rels = grow(dec->rels, &dec->rels_cap, dec->nrels + 1, sizeof *dec->rels);
+    dec->rels = xgrow(dec->rels, &dec->rels_cap, dec->nrels + 1, sizeof *dec->rels);
     memmove(dec->rels + i + 1, dec->rels + i, (dec->nrels - i) * sizeof *dec->rels);
     dec->rels[i] = rel;
     dec->nrels++;
@@ -439,7 +398,7 @@ static int read_tuple(Reader *r, const PgoRelation *rel, PgoScratch *s, PgoTuple
     if (natts != rel->ncols)
         return fail(r->dec, "%s message for relation %s has %u columns, relation has %u", r->what,
                     rel->qualname, natts, rel->ncols);
-    s->vals = grow(s->vals, &s->cap, natts, sizeof *s->vals);
+    s->vals = xgrow(s->vals, &s->cap, natts, sizeof *s->vals);
     for (uint16_t i = 0; i < natts; i++) {
         if (read_value(r, i, &s->vals[i]) < 0)
             return -1;
@@ -516,7 +475,7 @@ static int read_truncate(Reader *r, PgoMsg *out)
             dec,
             "truncated Truncate message: %u relation ids need %zu bytes at offset %zu, have %zu",
             nrels, (size_t)nrels * 4, r->off, rd_left(r));
-    dec->trunc_rels = grow(dec->trunc_rels, &dec->trunc_cap, nrels, sizeof *dec->trunc_rels);
+    dec->trunc_rels = xgrow(dec->trunc_rels, &dec->trunc_cap, nrels, sizeof *dec->trunc_rels);
     for (uint32_t i = 0; i < nrels; i++) {
         if (rd_relid(r, &dec->trunc_rels[i]) < 0)
             return -1;

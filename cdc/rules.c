@@ -587,7 +587,7 @@ static size_t intern_channel(Rules *r, const char *name)
     for (size_t i = 0; i < r->nchannels; i++)
         if (strcmp(r->channels[i], name) == 0)
             return i;
-    r->channels = grow(r->channels, &r->chancap, r->nchannels + 1, sizeof *r->channels);
+    r->channels = xgrow(r->channels, &r->chancap, r->nchannels + 1, sizeof *r->channels);
     r->channels[r->nchannels] = xstrdup(name);
     return r->nchannels++;
 }
@@ -678,7 +678,7 @@ static void load_rule(Loader *ld, const cJSON *v, const char *path)
                    type_name(v));
         return;
     }
-    r->rules = grow(r->rules, &r->rulecap, r->nrules + 1, sizeof *r->rules);
+    r->rules = xgrow(r->rules, &r->rulecap, r->nrules + 1, sizeof *r->rules);
     rule = &r->rules[r->nrules++];
     memset(rule, 0, sizeof *rule);
     rc.rule = rule;
@@ -817,7 +817,7 @@ static void build_index(Rules *r)
         size_t h = table_slot(r, rule->table);
         TableEnt *te;
         if (r->thash[h] == 0) {
-            r->tables = grow(r->tables, &r->tablecap, r->ntables + 1, sizeof *r->tables);
+            r->tables = xgrow(r->tables, &r->tablecap, r->ntables + 1, sizeof *r->tables);
             r->tables[r->ntables] = (TableEnt){xstrdup(rule->table), NULL, 0};
             r->thash[h] = ++r->ntables;
         }

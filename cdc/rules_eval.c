@@ -105,7 +105,7 @@ static void push_item(Eval *ev, RulesInvAction action, size_t rule, size_t off, 
     };
     Scratch *sc = ev->sc;
 
-    sc->items = grow(sc->items, &sc->itemcap, sc->nitems + 1, sizeof *sc->items);
+    sc->items = xgrow(sc->items, &sc->itemcap, sc->nitems + 1, sizeof *sc->items);
     sc->items[sc->nitems++] =
         (Item){action, phase_of[action], rule, off, sc->strs.len - off, skip, widened};
     buf_put(&sc->strs, "", 0); /* keep the NUL; next string starts after it */

@@ -11,58 +11,11 @@
 #define WALBUST_RULES_INT_H
 
 #include "rules.h"
+#include "mem.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* ---- memory: out of memory aborts (the engine never returns ENOMEM) ------- */
-static inline void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (q == NULL) {
-        fprintf(stderr, "walbust: out of memory (rules, %zu bytes)\n", n);
-        abort();
-    }
-    return q;
-}
-
-static inline void *xcalloc(size_t count, size_t size)
-{
-    void *p = calloc(count ? count : 1, size ? size : 1);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory (rules, %zu bytes)\n", count * size);
-        abort();
-    }
-    return p;
-}
-
-static inline char *xstrndup(const char *s, size_t n)
-{
-    char *d = xrealloc(NULL, n + 1);
-    memcpy(d, s, n);
-    d[n] = '\0';
-    return d;
-}
-
-static inline char *xstrdup(const char *s)
-{
-    return xstrndup(s, strlen(s));
-}
-
-/* Grow arr (elem-sized items, *cap slots) to hold at least need items;
- * returns the (possibly moved) array. */
-static inline void *grow(void *arr, size_t *cap, size_t need, size_t elem)
-{
-    size_t n = *cap ? *cap : 8;
-
-    if (need <= *cap)
-        return arr;
-    while (n < need)
-        n *= 2;
-    *cap = n;
-    return xrealloc(arr, n * elem);
-}
 
 typedef struct Buf {
     char *data;
@@ -71,7 +24,7 @@ typedef struct Buf {
 
 static inline void buf_put(Buf *b, const char *s, size_t n)
 {
-    b->data = grow(b->data, &b->cap, b->len + n + 1, 1);
+    b->data = xgrow(b->data, &b->cap, b->len + n + 1, 1);
     memcpy(b->data + b->len, s, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -84,7 +37,7 @@ static inline void buf_puts(Buf *b, const char *s)
 
 static inline void buf_put_escaped(Buf *b, const char *s, size_t n)
 {
-    b->data = grow(b->data, &b->cap, b->len + 2 * n + 1, 1);
+    b->data = xgrow(b->data, &b->cap, b->len + 2 * n + 1, 1);
     b->len += rules_glob_escape(s, n, b->data + b->len);
 }
 

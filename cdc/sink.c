@@ -30,6 +30,7 @@
 #include "sink.h"
 
 #include "cluster.h"
+#include "mem.h"
 
 #include <errno.h>
 #include <hiredis/hiredis.h>
@@ -102,44 +103,6 @@ struct Sink {
 static Cluster *cl_new(const SinkConfig *cfg);
 static int cl_connect(Sink *s);
 static int cl_flush(Sink *s);
-
-/* ---- memory ---------------------------------------------------------- */
-
-static void oom(void)
-{
-    fputs("walbust: out of memory in the redis sink\n", stderr);
-    abort();
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    void *q = realloc(p, n ? n : 1);
-    if (q == NULL)
-        oom();
-    return q;
-}
-
-static char *xstrdup(const char *s)
-{
-    size_t n = strlen(s) + 1;
-    return memcpy(xrealloc(NULL, n), s, n);
-}
-
-/* Grow *cap (in elements) until it holds need; reallocate *p. */
-static void grow(void **p, size_t *cap, size_t need, size_t elem)
-{
-    size_t c = *cap ? *cap : 16;
-
-    if (need <= *cap)
-        return;
-    while (c < need) {
-        if (c > ((size_t)-1) / 4 / elem)
-            oom();
-        c *= 2;
-    }
-    *p = xrealloc(*p, c * elem);
-    *cap = c;
-}
 
 static void set_err(Sink *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -285,7 +248,7 @@ static size_t arena_put(Sink *s, const char *p, size_t n)
 {
     size_t off = s->arena_len;
 
-    grow((void **)&s->arena, &s->arena_cap, off + n + 1, 1);
+    s->arena = xgrow(s->arena, &s->arena_cap, off + n + 1, 1);
     if (n > 0)
         memcpy(s->arena + off, p, n);
     s->arena[off + n] = '\0';
@@ -309,7 +272,7 @@ void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const
         op.payload_off = arena_put(s, payload, payload_len);
         op.payload_len = payload_len;
     }
-    grow((void **)&s->ops, &s->ops_cap, s->nops + 1, sizeof *s->ops);
+    s->ops = xgrow(s->ops, &s->ops_cap, s->nops + 1, sizeof *s->ops);
     s->ops[s->nops++] = op;
     if (action != RULES_INV_PUBLISH)
         set_insert(s, s->nops - 1);
@@ -426,7 +389,7 @@ static int command(Sink *s, const char *what, int argc, const char **argv, const
     void *r = NULL;
 
     if (redisAppendCommandArgv(s->c, argc, argv, lens) != REDIS_OK)
-        oom();
+        mem_oom();
     if (redisGetReply(s->c, &r) != REDIS_OK || r == NULL)
         return io_fail(s, what);
     *out = r;
@@ -519,7 +482,7 @@ int sink_connect(Sink *s)
     else
         s->c = redisConnectWithTimeout(u->host, u->port, ms_to_tv(s->cfg.connect_timeout_ms));
     if (s->c == NULL)
-        oom();
+        mem_oom();
     if (s->c->err) {
         set_err(s, "could not connect to redis at %s: %s", t, s->c->errstr);
         disconnect(s);
@@ -551,16 +514,16 @@ static void argv_reserve(Sink *s, size_t n)
 {
     size_t cap = s->argv_cap;
 
-    grow((void **)&s->argv, &cap, n, sizeof *s->argv);
-    grow((void **)&s->argvlen, &s->argv_cap, n, sizeof *s->argvlen);
+    s->argv = xgrow(s->argv, &cap, n, sizeof *s->argv);
+    s->argvlen = xgrow(s->argvlen, &s->argv_cap, n, sizeof *s->argvlen);
 }
 
 /* Append the command in s->argv[0..argc) and remember its reply. */
 static void pipe_cmd(Sink *s, size_t argc, PendKind kind, size_t op, size_t nkeys, bool scan_match)
 {
     if (redisAppendCommandArgv(s->c, (int)argc, s->argv, s->argvlen) != REDIS_OK)
-        oom();
-    grow((void **)&s->pend, &s->pend_cap, s->npend + 1, sizeof *s->pend);
+        mem_oom();
+    s->pend = xgrow(s->pend, &s->pend_cap, s->npend + 1, sizeof *s->pend);
     s->pend[s->npend++] = (Pending){kind, s->argv[0], op, nkeys, scan_match};
 }
 

@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "lsn.h"
+#include "mem.h"
 
 /* stream_confirm_soon() sends at most one status update per this interval;
  * one per flush would cost walbust and the walsender a message each for
@@ -43,16 +44,6 @@ struct Stream {
     char desc[256];
     char errstr[1024];
 };
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n, size);
-    if (p == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
-    return p;
-}
 
 static int64_t mono_us(void)
 {

@@ -20,6 +20,7 @@
 
 #include "runtime.h"
 #include "stream.h"
+#include "mem.h"
 
 struct Visible {
     char *conninfo;
@@ -29,16 +30,6 @@ struct Visible {
     VisibleSnapshot last; /* the newest snapshot read (zeroed: none) */
     char errstr[512];
 };
-
-static void *xrealloc(void *p, size_t size)
-{
-    void *q = realloc(p, size ? size : 1);
-    if (q == NULL) {
-        fprintf(stderr, "walbust: out of memory (%zu bytes)\n", size);
-        abort();
-    }
-    return q;
-}
 
 /* One decimal xid8 at *p, advancing *p. Returns 0 or -1. */
 static int parse_xid8(const char **p, uint64_t *out)
