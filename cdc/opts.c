@@ -40,8 +40,8 @@ static const OptSpec opt_table[] = {
     {"pg", "WALBUST_PG", OPT_STRING, OFF(pg), "", F_ALL, "CONNINFO",
      "PostgreSQL conninfo string or URI (default: libpq defaults and PG* variables)"},
     {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN, "URL",
-     "Redis target: redis://[user:pass@]host:port[/db] or unix:///path.sock; repeat for "
-     "several targets"},
+     "Redis target: redis://[user:pass@]host:port[/db], unix:///path.sock or "
+     "redis+cluster://host:port[,host:port]; repeat for several targets"},
     {"rules", "WALBUST_RULES", OPT_STRING, OFF(rules), NULL,
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
      "rules file (JSON); required for run, check and setup"},
