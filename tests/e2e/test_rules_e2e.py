@@ -94,7 +94,12 @@ class Env:
             # fails the test too.
             rc = self.wb.stop()
             assert rc == 0, f"walbust exited {rc}:\n{self.wb.read_log()[-3000:]}"
-        # Do not let a finished test's slot pin WAL for the rest of the run.
+        # Do not let a finished test's slot pin WAL (or, as "walbust", stand
+        # in the next test's way). The walsender may hold the slot for a
+        # moment after walbust exited: wait until it is released.
+        wait_until(lambda: not sql("postgres", "SELECT 1 FROM pg_replication_slots WHERE "
+                                   "database = %s AND active_pid IS NOT NULL", (self.db,),
+                                   fetch=True), 20, "the slot to be released")
         sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                         "WHERE database = %s AND active_pid IS NULL", (self.db,))
 
