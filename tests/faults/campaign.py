@@ -3,7 +3,7 @@
 
     tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
                              [--kinds k1,k2] [--faults-per-round 2] [--targets 1]
-                             [--bin PATH]
+                             [--cluster] [--bin PATH]
 
 Starts its own stack (scripts/stack start in a temp dir: PostgreSQL 15 and,
 owned by the campaign, one redis-server with AOF on /dev/shm per Redis
@@ -11,6 +11,12 @@ target), TCP proxies (tests/faults/proxy.py) between walbust and every
 server, and walbust itself. With --targets N walbust writes to N Redis
 servers (--redis repeated); each is filled and checked on its own, and each
 Redis fault hits one of them at random.
+With --cluster walbust's target is a 3-master Redis Cluster (scripts/cluster,
+one replica per master, reached directly: no proxy) instead; the fault kinds
+are then walbust_kill9, pg_restart, walsender_kill and cluster_master_kill
+(SIGKILL one master, wait for its replica's promotion and cluster_state:ok,
+restart the old node and wait until it has rejoined as a replica), and the
+checker reads the keys through redis-py's RedisCluster.
 Then, per round:
 
 1. fill     with no writes running and walbust caught up, cache a value for
@@ -76,6 +82,7 @@ from collections import Counter
 
 import psycopg2
 import redis
+import redis.cluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(os.path.dirname(HERE))
@@ -95,6 +102,8 @@ KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "walbust_sigte
          "pg_crash",
          "walsender_kill", "pg_proxy_cut", "pg_proxy_slow", "pg_proxy_blackhole",
          "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole"]
+
+CLUSTER_KINDS = ["walbust_kill9", "pg_restart", "walsender_kill", "cluster_master_kill"]
 
 RULES = {
     "defaults": {"tag_prefix": "t:"},
@@ -260,6 +269,14 @@ class RedisServer:
     def run_id(self):
         return self.client().info("server")["run_id"]
 
+    def node_client(self, timeout=10):
+        """A connection for SUBSCRIBE (the server itself)."""
+        return self.client(timeout)
+
+    def publish(self, chan, msg):
+        """PUBLISH; the number of subscribers that received it."""
+        return self.client().publish(chan, msg)
+
     def kill9(self):
         self.proc.send_signal(signal.SIGCONT)
         self.proc.kill()
@@ -351,6 +368,109 @@ class Target:
                 obj.stop()
             except Exception as e:
                 log(f"teardown: {e!r}")
+
+
+class ClusterNodes:
+    """A 3-master + 3-replica cluster started with scripts/cluster in the
+    campaign's directory. client() is a cluster-aware redis-py client;
+    node_client() and publish() talk to single nodes (a PUBLISH reaches
+    subscribers on every node, but its reply counts only the local ones)."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "cluster")
+        script = os.path.join(SRC, "scripts", "cluster")
+        for _ in range(3):  # a free port can be taken before a node binds it
+            p = subprocess.run([script, "start", self.dir], capture_output=True, text=True)
+            if p.returncode == 0:
+                break
+            subprocess.run([script, "stop", self.dir], capture_output=True)
+        if p.returncode != 0:
+            raise AssertionError(f"scripts/cluster start failed:\n{p.stderr}")
+        env = dict(re.findall(r"export (\w+)='?([^'\n]*)'?", p.stdout))
+        self.url = env["CLUSTER_URL"]
+        self.ports = [int(x) for x in env["CLUSTER_PORTS"].split()]
+
+    def node(self, port, timeout=2):
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def node_up(self, port):
+        try:
+            return self.node(port, 0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def live(self):
+        return [p for p in self.ports if self.node_up(p)]
+
+    def client(self, timeout=10):
+        nodes = [redis.cluster.ClusterNode("127.0.0.1", p) for p in self.live()]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, decode_responses=True,
+                                          socket_timeout=timeout,
+                                          socket_connect_timeout=timeout or 10)
+
+    def node_client(self, timeout=10):
+        live = self.live()
+        if not live:
+            raise redis.ConnectionError("no cluster node answers")
+        return self.node(live[0], timeout)
+
+    def publish(self, chan, msg):
+        return sum(self.node(p).publish(chan, msg) for p in self.live())
+
+    def ping(self, timeout=0.5):
+        return bool(self.live())
+
+    def compact(self):
+        pass  # no AOF: the cluster's nodes keep their data in memory only
+
+    def role(self, port):
+        return self.node(port).info("replication")["role"]
+
+    def state_ok(self):
+        """cluster_state:ok on every node that answers."""
+        live = self.live()
+        return bool(live) and all("cluster_state:ok" in self.node(p).execute_command(
+            "CLUSTER", "INFO") for p in live)
+
+    def pid(self, port):
+        with open(os.path.join(self.dir, str(port), "redis.pid")) as f:
+            return int(f.read())
+
+    def start_node(self, port):
+        d = os.path.join(self.dir, str(port))
+        subprocess.run(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                        "--cluster-enabled", "yes", "--cluster-config-file",
+                        os.path.join(d, "nodes.conf"), "--cluster-node-timeout", "1000",
+                        "--save", "", "--appendonly", "no", "--daemonize", "yes", "--dir", d,
+                        "--pidfile", os.path.join(d, "redis.pid"),
+                        "--logfile", os.path.join(d, "redis.log")],
+                       check=True, stdout=subprocess.DEVNULL)
+        wait_until(lambda: self.node_up(port), 30, f"cluster node {port} to start")
+
+    def stop(self):
+        subprocess.run([os.path.join(SRC, "scripts", "cluster"), "stop", self.dir],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class ClusterTarget:
+    """The cluster as walbust's one target (no proxy)."""
+
+    def __init__(self, workdir):
+        self.index = 0
+        self.redis = ClusterNodes(workdir)
+        self.proxy = None
+        self.epoch = 0
+        self.sub = None
+
+    def url(self):
+        return self.redis.url
+
+    def stop(self):
+        try:
+            self.redis.stop()
+        except Exception as e:
+            log(f"teardown: {e!r}")
 
 
 class Walbust:
@@ -704,7 +824,7 @@ class Subscriber(threading.Thread):
     def run(self):
         while not self.halt.is_set():
             try:
-                ps = self.target.redis.client(timeout=None).pubsub()
+                ps = self.target.redis.node_client(timeout=None).pubsub()
                 ps.subscribe(CHAN)
                 while not self.halt.is_set():
                     m = ps.get_message(timeout=0.2)
@@ -732,8 +852,8 @@ class Subscriber(threading.Thread):
         messages in the order they were published, so everything walbust
         published (and Redis acknowledged) before has been read too."""
         token = f"{time.time_ns()}"
-        r = self.target.redis.client()
-        wait_until(lambda: r.publish(CHAN, json.dumps({"marker": token})) > 0 or None, timeout,
+        pub = self.target.redis.publish
+        wait_until(lambda: pub(CHAN, json.dumps({"marker": token})) > 0 or None, timeout,
                    "the subscriber to be subscribed")
         wait_until(lambda: token in self.markers, timeout, "the marker publish")
 
@@ -902,6 +1022,42 @@ class Faults:
         self.t.epoch = max(self.t.epoch, conf)
         return f"back without its acknowledged writes since the snapshot, epoch {lsn_text(conf)}"
 
+    def cluster_master_kill(self):
+        """SIGKILL one master of the cluster, wait for its replica's
+        promotion and cluster_state:ok, then restart the old node and wait
+        until it has rejoined as a replica."""
+        cl = self.camp.targets[0].redis
+        masters = [p for p in cl.live() if cl.role(p) == "master"]
+        port = self.rnd.choice(masters)
+        reps = [p for p in cl.live() if p != port and cl.role(p) == "slave"
+                and cl.node(p).info("replication")["master_port"] == port]
+        assert reps, f"master {port} has no replica"
+        # A replica can only take over once it has synced; and a campaign
+        # tests walbust under failover, not Redis's staleness policy, so the
+        # replica may be promoted however long its link was down.
+        for p in reps:
+            wait_until(lambda: cl.node(p).info("replication").get("master_link_status") == "up",
+                       60, f"replica {p} of {port} to be in sync")
+            cl.node(p).config_set("cluster-replica-validity-factor", 0)
+        pid = cl.pid(port)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 15, f"master {port} to die")
+        assert not cl.node_up(port), f"master {port} answers after SIGKILL"
+        t0 = time.time()
+        promoted = wait_until(lambda: [p for p in reps if cl.role(p) == "master"], 60,
+                              f"a replica of {port} to be promoted")[0]
+        wait_until(cl.state_ok, 60, "cluster_state:ok after the failover")
+        took = time.time() - t0
+        self.pause(0.2, 1.0)  # commits go on against the new master
+        os.remove(os.path.join(cl.dir, str(port), "redis.pid"))
+        cl.start_node(port)
+        wait_until(lambda: cl.role(port) == "slave" and
+                   cl.node(port).info("replication").get("master_link_status") == "up", 60,
+                   f"node {port} to rejoin as a replica")
+        wait_until(cl.state_ok, 60, "cluster_state:ok after the rejoin")
+        return (f"master {port} SIGKILLed, replica {promoted} promoted in {took:.1f}s, "
+                f"{port} rejoined as its replica")
+
     def stable_confirmed(self):
         """The slot's confirmed position once it stopped moving."""
         last = None
@@ -1059,7 +1215,10 @@ class Campaign:
         log(f"stack in {self.workdir}")
         self.pg = Postgres(self.stack)
         self.pproxy = Proxy("pg", self.pg.port, self.workdir)
-        self.targets = [Target(i, self.workdir) for i in range(self.args.targets)]
+        if self.args.cluster:
+            self.targets = [ClusterTarget(self.workdir)]
+        else:
+            self.targets = [Target(i, self.workdir) for i in range(self.args.targets)]
         self.setup_db()
         rules = os.path.join(self.workdir, "rules.json")
         with open(rules, "w") as f:
@@ -1117,8 +1276,12 @@ class Campaign:
         r = target.redis.client(timeout=60)
         items = list(self.keys().items())
         pipe = r.pipeline(transaction=False)
-        for n in range(0, len(items), 5000):
-            pipe.mset(dict(items[n:n + 5000]))
+        if isinstance(r, redis.cluster.RedisCluster):
+            for k, v in items:
+                pipe.set(k, v)
+        else:
+            for n in range(0, len(items), 5000):
+                pipe.mset(dict(items[n:n + 5000]))
         for g in range(self.ngroups):
             pipe.sadd(f"t:grp:{g}", *[f"c:gm:{g}:{m}" for m in range(GROUP_MEMBERS)])
         pipe.execute()
@@ -1377,7 +1540,9 @@ def parse(argv):
     ap.add_argument("--targets", type=int, default=1,
                     help="Redis targets (walbust --redis repeated); faults hit one at random")
     ap.add_argument("--faults-per-round", type=int, default=2)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=None)
+    ap.add_argument("--cluster", action="store_true",
+                    help="walbust's target is a 3-master Redis Cluster (scripts/cluster)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--bin", default=os.environ.get("WALBUST_BIN",
                                                     os.path.join(SRC, "build/walbust")))
@@ -1388,10 +1553,11 @@ def parse(argv):
     a = ap.parse_args(argv)
     if a.seed is None:
         a.seed = random.randrange(1 << 30)
-    a.kinds = [k for k in a.kinds.split(",") if k]
+    known = CLUSTER_KINDS if a.cluster else KINDS
+    a.kinds = [k for k in (a.kinds or ",".join(known)).split(",") if k]
     for k in a.kinds:
-        if k not in KINDS:
-            ap.error(f"unknown fault kind {k!r} (known: {', '.join(KINDS)})")
+        if k not in known:
+            ap.error(f"unknown fault kind {k!r} (known: {', '.join(known)})")
     if a.broken:
         a.bin = os.path.join(SRC, "build/broken/walbust")
         if "--kinds" not in " ".join(argv):
