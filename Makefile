@@ -34,7 +34,7 @@ MAIN_OBJ  = $(BUILD)/obj/main.o
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
-.PHONY: all deps test unit e2e sqltest asan demo clean format bench broken
+.PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
 all: $(BUILD)/walbust
 
 deps:
@@ -127,6 +127,11 @@ FAULT_ROUNDS ?= 20
 faults: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --rounds $(FAULT_ROUNDS)
+
+# The campaign against a 3-master Redis Cluster (scripts/cluster).
+faults-cluster: deps $(BUILD)/walbust
+	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
+	    --cluster --rounds $(FAULT_ROUNDS)
 
 faults-broken: deps broken
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --broken
