@@ -406,6 +406,14 @@ static void render_counters(StrBuf *sb, Metrics *m)
               atomic_load_explicit(&m->counters[METRICS_REDIS_ERRORS], memory_order_relaxed));
     sb_scalar(sb, "walbust_retries_total", "counter", "Redis batch retries after a failure.",
               atomic_load_explicit(&m->counters[METRICS_RETRIES], memory_order_relaxed));
+    sb_scalar(sb, "walbust_visibility_queries_total", "counter",
+              "pg_current_snapshot() queries asking whether decoded commits are visible yet.",
+              atomic_load_explicit(&m->counters[METRICS_VISIBILITY_QUERIES],
+                                   memory_order_relaxed));
+    sb_scalar(sb, "walbust_visibility_waits_total", "counter",
+              "Snapshots that did not yet see a decoded commit (walbust waited and asked again; "
+              "steady growth means commits wait, e.g. for a synchronous standby).",
+              atomic_load_explicit(&m->counters[METRICS_VISIBILITY_WAITS], memory_order_relaxed));
 }
 
 static void render_positions(StrBuf *sb, Metrics *m)

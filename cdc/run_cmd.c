@@ -67,6 +67,7 @@ typedef struct Run {
     int64_t batch_since_us;  /* when the unflushed batch was first seen; 0: none */
     int64_t last_flush_us;   /* when the last flush on an empty stream ended */
     Visible *vis;            /* xids whose invalidations wait for visibility */
+    VisibleStats vis_seen;   /* visible_stats() already counted in metrics */
     uint32_t xid;            /* xid of the transaction being decoded */
 } Run;
 
@@ -153,11 +154,16 @@ static void record_ack(Run *r)
  * must read the new row, or its lease-fenced fill would store the old one. */
 static void wait_visible(Run *r)
 {
+    const VisibleStats *vs;
     int rc;
 
     if (visible_pending(r->vis) == 0)
         return;
     rc = visible_wait(r->vis, 10000, keepalive_tick, r);
+    vs = visible_stats(r->vis);
+    metrics_inc(r->metrics, METRICS_VISIBILITY_QUERIES, vs->queries - r->vis_seen.queries);
+    metrics_inc(r->metrics, METRICS_VISIBILITY_WAITS, vs->waits - r->vis_seen.waits);
+    r->vis_seen = *vs;
     if (rc < 0)
         log_warn("%s; invalidating without the visibility check", visible_errstr(r->vis));
     else if (rc == 0 && !runtime_stop)
@@ -382,6 +388,10 @@ static int on_data(Run *r, const StreamData *data)
         change_txn_begin(&r->txn, &m);
         r->in_txn = true;
         r->xid = m.u.begin.xid;
+        /* The first transaction of a batch: start the visibility query now,
+         * so its round trip overlaps the rest of the batch. */
+        if (visible_pending(r->vis) == 0 && !sinks_have_ops(r))
+            visible_prefetch(r->vis, r->xid);
         break;
     case PGO_COMMIT:
         r->in_txn = false;
@@ -544,7 +554,8 @@ static bool hold_flush(Run *r)
     int64_t since = runtime_now_us() - r->last_flush_us;
     struct timespec ts = {0, 0};
 
-    if (since < 0 || since >= RUN_MIN_FLUSH_INTERVAL_US)
+    /* A commit without queued work costs no round trip: never held. */
+    if (since < 0 || since >= RUN_MIN_FLUSH_INTERVAL_US || !sinks_have_ops(r))
         return false;
     ts.tv_nsec = (long)(RUN_MIN_FLUSH_INTERVAL_US - since) * 1000;
     nanosleep(&ts, NULL);

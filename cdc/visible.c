@@ -12,9 +12,11 @@
 #include "visible.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -25,11 +27,15 @@
 struct Visible {
     char *conninfo;
     PGconn *conn;
+    bool inflight; /* a snapshot query was sent and its reply is not read yet */
     uint32_t *xids;
     size_t n, cap;
     VisibleSnapshot last; /* the newest snapshot read (zeroed: none) */
+    VisibleStats stats;
     char errstr[512];
 };
+
+#define SNAPSHOT_SQL "SELECT pg_catalog.pg_current_snapshot()::text"
 
 /* One decimal xid8 at *p, advancing *p. Returns 0 or -1. */
 static int parse_xid8(const char **p, uint64_t *out)
@@ -163,58 +169,153 @@ static void drop_seen(Visible *v, const VisibleSnapshot *s)
     v->n = kept;
 }
 
-/* One snapshot: drop the xids it sees. Returns 0, or -1 with errstr set. */
-static int check_once(Visible *v)
+/* Give up on the connection (it is reopened on the next use). */
+static void drop_conn(Visible *v)
 {
-    PGresult *res;
-    VisibleSnapshot s;
+    if (v->conn != NULL)
+        PQfinish(v->conn);
+    v->conn = NULL;
+    v->inflight = false;
+}
 
+/* Send the snapshot query unless one is already in flight (its reply is
+ * just as good: a transaction once seen completed stays so). Returns 0, or
+ * -1 with errstr set. */
+static int send_query(Visible *v)
+{
+    if (v->inflight)
+        return 0;
     if (v->conn == NULL) {
         v->conn = stream_plain_connect(v->conninfo, v->errstr, sizeof v->errstr);
         if (v->conn == NULL)
             return -1;
     }
-    res = PQexec(v->conn, "SELECT pg_current_snapshot()::text");
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
-        visible_snapshot_parse(PQgetvalue(res, 0, 0), &s) != 0) {
+    if (!PQsendQuery(v->conn, SNAPSHOT_SQL)) {
+        snprintf(v->errstr, sizeof v->errstr, "could not send pg_current_snapshot(): %s",
+                 PQerrorMessage(v->conn));
+        drop_conn(v);
+        return -1;
+    }
+    v->inflight = true;
+    v->stats.queries++;
+    return 0;
+}
+
+/* Wait for the in-flight reply until deadline (monotonic µs), calling
+ * tick(arg) every ~100 ms, then drop the xids the snapshot sees. Returns 0,
+ * 1 when the deadline passed first (the connection is dropped: a reply
+ * that late is not worth waiting for), or -1 with errstr set. */
+static int read_reply(Visible *v, int64_t deadline, void (*tick)(void *), void *arg)
+{
+    PGresult *res, *extra;
+    VisibleSnapshot s;
+    bool ok;
+
+    while (PQisBusy(v->conn)) {
+        int64_t left = deadline - runtime_now_us();
+        struct pollfd pfd = {.fd = PQsocket(v->conn), .events = POLLIN};
+        int rc;
+
+        if (left <= 0 || runtime_stop) {
+            snprintf(v->errstr, sizeof v->errstr,
+                     "pg_current_snapshot() got no reply in time");
+            drop_conn(v);
+            return 1;
+        }
+        rc = poll(&pfd, 1, left > 100000 ? 100 : (int)((left + 999) / 1000));
+        if (rc < 0 && errno != EINTR) {
+            snprintf(v->errstr, sizeof v->errstr, "poll: %s", strerror(errno));
+            drop_conn(v);
+            return -1;
+        }
+        if (rc == 0 && tick != NULL)
+            tick(arg);
+        if (rc > 0 && !PQconsumeInput(v->conn))
+            break; /* PQgetResult() reports the error */
+    }
+    res = PQgetResult(v->conn);
+    ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+         visible_snapshot_parse(PQgetvalue(res, 0, 0), &s) == 0;
+    if (!ok)
         snprintf(v->errstr, sizeof v->errstr, "could not read pg_current_snapshot(): %s",
                  PQresultStatus(res) == PGRES_TUPLES_OK ? "unexpected reply"
                                                         : PQerrorMessage(v->conn));
-        PQclear(res);
-        PQfinish(v->conn);
-        v->conn = NULL;
+    PQclear(res);
+    while ((extra = PQgetResult(v->conn)) != NULL)
+        PQclear(extra);
+    v->inflight = false;
+    if (!ok) {
+        drop_conn(v);
         return -1;
     }
-    PQclear(res);
     drop_seen(v, &s);
     visible_snapshot_release(&v->last);
     v->last = s;
     return 0;
 }
 
+void visible_prefetch(Visible *v, uint32_t xid)
+{
+    if (v->inflight || (v->last.xmax != 0 && visible_snapshot_sees(&v->last, xid)))
+        return;
+    if (send_query(v) == 0)
+        v->stats.prefetches++;
+}
+
+/* Between polls: 50 µs, doubling up to 1 ms. A commit that is not visible
+ * yet is usually only microseconds away from it (its backend is between
+ * flushing the commit record and leaving the ProcArray); with synchronous
+ * replication it waits for the standby, and 1 ms polls are plenty. */
+static void poll_pause(int *pause_us, void (*tick)(void *), void *arg)
+{
+    if (*pause_us >= 1000) {
+        runtime_sleep(1, tick, arg);
+    } else {
+        struct timespec ts = {0, (long)*pause_us * 1000};
+        nanosleep(&ts, NULL);
+        *pause_us *= 2;
+    }
+}
+
 int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
 {
     int64_t deadline = runtime_now_us() + (int64_t)timeout_ms * 1000;
+    int pause_us = 50;
     int rc = 1;
 
     v->errstr[0] = '\0';
     /* A transaction once seen completed stays so: the last snapshot answers
      * for everything that committed before it (a whole backlog, when
-     * catching up), and only newer xids cost a query. */
+     * catching up), and only newer xids cost a query. A reply to a query
+     * sent earlier (visible_prefetch) is read first. */
     drop_seen(v, &v->last);
     while (v->n > 0) {
-        if (check_once(v) != 0) {
+        bool early = v->inflight; /* sent before this wait: may predate its xids */
+        int got;
+
+        if (send_query(v) != 0) {
             rc = -1;
             break;
         }
-        if (v->n == 0)
+        got = read_reply(v, deadline, tick, arg);
+        if (got != 0) {
+            rc = got < 0 ? -1 : 0;
             break;
+        }
+        if (v->n == 0 || early)
+            continue;
+        v->stats.waits++;
         if (runtime_stop || runtime_now_us() >= deadline) {
             rc = 0;
             break;
         }
-        runtime_sleep(1, tick, arg);
+        poll_pause(&pause_us, tick, arg);
     }
     v->n = 0;
     return rc;
+}
+
+const VisibleStats *visible_stats(const Visible *v)
+{
+    return &v->stats;
 }

@@ -55,15 +55,31 @@ void visible_free(Visible *v);
  * Repeats of the last noted xid are ignored. */
 void visible_note(Visible *v, uint32_t xid);
 
+/* Send the snapshot query now, without waiting for its reply, unless one
+ * is in flight or the last snapshot already sees xid: called when the first
+ * transaction of a batch begins, so that the round trip overlaps decoding
+ * the rest of the batch and visible_wait() usually finds the reply there.
+ * Errors surface in the next visible_wait(). */
+void visible_prefetch(Visible *v, uint32_t xid);
+
 /* Number of noted xids not yet seen as visible. */
 size_t visible_pending(const Visible *v);
 
-/* Wait until every noted xid is visible, polling every ~1 ms for at most
- * timeout_ms, calling tick(arg) (when not NULL) while sleeping. Returns 1
+/* Wait until every noted xid is visible, polling (50 µs apart, backing off
+ * to 1 ms) for at most timeout_ms, calling tick(arg) (when not NULL) while sleeping. Returns 1
  * when all are visible, 0 on timeout, -1 when visibility could not be
  * checked (message in visible_errstr(); the connection is reopened on the
  * next call). The noted set is cleared in every case: the caller proceeds. */
 int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg);
+
+/* Counters since visible_new(). */
+typedef struct VisibleStats {
+    uint64_t queries;    /* pg_current_snapshot() queries sent */
+    uint64_t prefetches; /* of those, sent early by visible_prefetch() */
+    uint64_t waits;      /* snapshots that did not see a decoded commit yet */
+} VisibleStats;
+
+const VisibleStats *visible_stats(const Visible *v);
 
 /* The last error of visible_wait(); "" if none. Valid until the next call. */
 const char *visible_errstr(const Visible *v);

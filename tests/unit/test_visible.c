@@ -69,7 +69,8 @@ static void test_sees(void **state)
 }
 
 /* Against a real server: an open transaction's xid is not visible until it
- * commits; visible_wait() times out, then succeeds once it has. */
+ * commits; visible_wait() times out, then succeeds once it has; a
+ * prefetched query is used, not repeated. */
 static void test_wait_real(void **state)
 {
     const char *pg = getenv("WALBUST_PG");
@@ -99,14 +100,36 @@ static void test_wait_real(void **state)
     xid = (uint32_t)strtoull(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     v = visible_new(pg);
+    /* A prefetched snapshot taken while the transaction runs does not see
+     * it: the wait asks again (counted as waits) until the deadline. */
+    visible_prefetch(v, xid);
+    visible_prefetch(v, xid); /* one in flight: not sent twice */
+    assert_int_equal(visible_stats(v)->queries, 1);
+    assert_int_equal(visible_stats(v)->prefetches, 1);
     visible_note(v, xid);
     visible_note(v, xid);
     assert_int_equal(visible_pending(v), 1);
     assert_int_equal(visible_wait(v, 30, NULL, NULL), 0); /* still running */
     assert_int_equal(visible_pending(v), 0);
+    assert_true(visible_stats(v)->queries >= 2);
+    assert_true(visible_stats(v)->waits >= 1);
     PQclear(PQexec(c, "COMMIT"));
-    visible_note(v, xid);
-    assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
+    /* After the commit, the prefetched reply alone answers the wait. */
+    {
+        VisibleStats before = *visible_stats(v);
+
+        visible_prefetch(v, xid);
+        visible_note(v, xid);
+        assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
+        assert_int_equal(visible_stats(v)->queries, before.queries + 1);
+        assert_int_equal(visible_stats(v)->prefetches, before.prefetches + 1);
+        assert_int_equal(visible_stats(v)->waits, before.waits);
+        /* ... and from then on the last snapshot: no query at all. */
+        visible_prefetch(v, xid);
+        visible_note(v, xid);
+        assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
+        assert_int_equal(visible_stats(v)->queries, before.queries + 1);
+    }
     visible_free(v);
     v = visible_new("host=127.0.0.1 port=1 connect_timeout=2");
     visible_note(v, xid);
