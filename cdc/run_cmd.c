@@ -51,6 +51,7 @@ typedef struct Run {
     uint64_t pending_lsn; /* end of the newest decoded commit */
     uint64_t acked_lsn;   /* end of the newest acknowledged commit */
     uint64_t watermark_lsn;
+    int64_t watermark_at_us; /* when a watermark was queued alone; 0: not */
     char watermark_key[128];
     bool pg_lost;
     RunStats stats;
@@ -322,6 +323,26 @@ static void maybe_watermark(Run *r)
     for (int i = 0; i < r->nsinks; i++)
         sink_set_watermark(r->sinks[i], r->watermark_key, lsn);
     r->watermark_lsn = confirmed;
+    r->watermark_at_us = runtime_now_us();
+}
+
+/* A watermark queued alone waits up to this long for the next batch to
+ * ride with, instead of costing a Redis round trip of its own after every
+ * batch (at ~1k commits/s that was half of all round trips). Readers that
+ * wait for it (walbust_caught_up) poll at 2 ms and more. */
+#define RUN_WATERMARK_DELAY_US 1000
+
+/* Milliseconds to keep a lone watermark back (0: send it now, or there is
+ * none, or other work is due anyway). */
+static int watermark_hold_ms(const Run *r)
+{
+    int64_t left;
+
+    if (r->watermark_at_us == 0 || sinks_have_ops(r) ||
+        (!r->in_txn && r->pending_lsn > r->acked_lsn) || !sinks_dirty(r))
+        return 0;
+    left = r->watermark_at_us + RUN_WATERMARK_DELAY_US - runtime_now_us();
+    return left > 0 ? (int)((left + 999) / 1000) : 0;
 }
 
 static void apply_change(Run *r, const PgoMsg *m)
@@ -572,7 +593,13 @@ static void stream_loop(Run *r)
          * change arrives. */
         bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
         int wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
+        int hold_ms = dirty ? watermark_hold_ms(r) : 0;
         int rc;
+
+        if (hold_ms > 0) {
+            dirty = false; /* only a fresh watermark: let the next batch carry it */
+            wait_ms = hold_ms;
+        }
 
         if (runtime_reload)
             reload_rules(r);
