@@ -217,8 +217,10 @@ def test_minimal_role_and_acl_user_end_to_end():
                    "four publishes")
         assert {json.loads(m["data"])["op"] for m in got} == {"update", "delete", "insert"}
         ps.close()
-        wm = redis_client(RDB).get(f"walbust:confirmed:{SLOT}")
-        assert wm and lsn_int(wm) > 0, wm
+        # The watermark follows the last acknowledged batch within moments.
+        wm = wait_until(lambda: redis_client(RDB).get(f"walbust:confirmed:{SLOT}"), 10,
+                        "the watermark")
+        assert lsn_int(wm) > 0, wm
         status, metrics = scrape(port)
         assert status == 200 and "walbust_transactions_total" in metrics
         assert_no_secret("/metrics", metrics)
