@@ -281,6 +281,7 @@ int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
 {
     int64_t deadline = runtime_now_us() + (int64_t)timeout_ms * 1000;
     int pause_us = 50;
+    bool reconnected = false;
     int rc = 1;
 
     v->errstr[0] = '\0';
@@ -291,6 +292,7 @@ int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
     drop_seen(v, &v->last);
     while (v->n > 0) {
         bool early = v->inflight; /* sent before this wait: may predate its xids */
+        bool had_conn = v->conn != NULL;
         int got;
 
         if (send_query(v) != 0) {
@@ -298,6 +300,13 @@ int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
             break;
         }
         got = read_reply(v, deadline, tick, arg);
+        if (got < 0 && had_conn && !reconnected) {
+            /* The connection went bad while idle (a server restart,
+             * idle_session_timeout, a terminated backend): ask once more
+             * on a fresh one before giving up on the check. */
+            reconnected = true;
+            continue;
+        }
         if (got != 0) {
             rc = got < 0 ? -1 : 0;
             break;

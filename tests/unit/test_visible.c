@@ -76,7 +76,7 @@ static void test_wait_real(void **state)
     const char *pg = getenv("WALBUST_PG");
     PGconn *c;
     PGresult *res;
-    uint32_t xid;
+    uint32_t xid, xid2;
     Visible *v;
     (void)state;
     /* `make unit` has no server: skipped there (and reported as skipped).
@@ -129,6 +129,24 @@ static void test_wait_real(void **state)
         visible_note(v, xid);
         assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
         assert_int_equal(visible_stats(v)->queries, before.queries + 1);
+    }
+    /* The visibility connection dies while idle (its backend terminated):
+     * the next wait reconnects and still checks, rather than failing. */
+    res = PQexec(c, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                    "query LIKE '%pg_current_snapshot%' AND pid <> pg_backend_pid()");
+    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
+    assert_string_equal(PQgetvalue(res, 0, 0), "1");
+    PQclear(res);
+    res = PQexec(c, "SELECT pg_current_xact_id()::text"); /* a new, committed xid */
+    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
+    xid2 = (uint32_t)strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    {
+        uint64_t queries = visible_stats(v)->queries;
+
+        visible_note(v, xid2);
+        assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
+        assert_true(visible_stats(v)->queries >= queries + 1);
     }
     visible_free(v);
     v = visible_new("host=127.0.0.1 port=1 connect_timeout=2");
