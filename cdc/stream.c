@@ -29,6 +29,8 @@ struct Stream {
     PGconn *conn;
     bool streaming;
     bool idle;
+    int pace_us;            /* stream_set_pace() */
+    int64_t last_read_us;   /* monotonic time of the last socket read */
     bool confirm_pending;   /* confirmed moved since the last status update */
     char *copybuf;          /* last PQgetCopyData buffer */
     uint64_t confirmed;     /* flush position we report */
@@ -142,6 +144,27 @@ const char *stream_describe(const Stream *s)
 void stream_set_idle(Stream *s, bool idle)
 {
     s->idle = idle;
+}
+
+void stream_set_pace(Stream *s, int pace_us)
+{
+    s->pace_us = pace_us > 0 ? pace_us : 0;
+}
+
+/* Read what the kernel has (stream_set_pace() permitting). Returns
+ * PQconsumeInput()'s result. */
+static int consume(Stream *s)
+{
+    int64_t now = mono_us();
+
+    if (s->pace_us > 0 && now - s->last_read_us < s->pace_us && now >= s->last_read_us) {
+        struct timespec ts = {0, (long)(s->pace_us - (now - s->last_read_us)) * 1000};
+
+        nanosleep(&ts, NULL);
+        now = mono_us();
+    }
+    s->last_read_us = now;
+    return PQconsumeInput(s->conn);
 }
 
 void stream_describe_conn(PGconn *conn, char *buf, size_t len)
@@ -736,7 +759,7 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
             if (drained)
                 return 0;
             drained = true;
-            if (PQconsumeInput(s->conn) == 0)
+            if (consume(s) == 0)
                 return conn_failed(s);
             continue;
         }
@@ -756,7 +779,7 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
         default:
             break;
         }
-        if (PQconsumeInput(s->conn) == 0)
+        if (consume(s) == 0)
             return conn_failed(s);
     }
 }

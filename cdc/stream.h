@@ -95,6 +95,13 @@ int stream_confirm_soon(Stream *s, uint64_t flush_lsn);
 /* Declare whether everything decoded so far is acknowledged. */
 void stream_set_idle(Stream *s, bool idle);
 
+/* Read the socket at most once per pace_us (0: as soon as bytes arrive).
+ * For catching up on a backlog: the walsender is then the slower side, and
+ * a consumer that reads every message as it arrives spends a system call
+ * and a wakeup on every few hundred bytes. The pause happens only when
+ * nothing complete is buffered. */
+void stream_set_pace(Stream *s, int pace_us);
+
 /* Positions: confirmed (flush) LSN, last received XLogData start, and the
  * server's WAL end from the last message. */
 uint64_t stream_confirmed(const Stream *s);
