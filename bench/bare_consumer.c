@@ -15,10 +15,14 @@
  * seconds runs from just before START_REPLICATION to the last Commit.
  *
  * usage: bare_consumer --pg CONNINFO --slot S --publication P --until X/X
- *        [--binary] [--timeout SECONDS] [--status-ms MS]
+ *        [--binary] [--timeout SECONDS] [--status-ms MS] [--pace-us N]
  *
  * --status-ms (default 1000) is how often received positions are confirmed;
  * bench/run uses 10 when it measures the slot's lag under live load.
+ *
+ * --pace-us N: read the socket at most once per N µs, as walbust does while
+ * catching up (stream_set_pace); shows how much of the "ceiling" is the
+ * consumer's own read pattern (default 0: read every message as it comes).
  *
  * --probe: for every transaction carrying a logical message with prefix
  * "probe", print "<message content> <CLOCK_MONOTONIC ns>" when its Commit
@@ -45,6 +49,7 @@ typedef struct Bare {
     double start, last_commit;
     double last_status;
     double status_interval;
+    double pace_us, last_read; /* --pace-us; when the socket was last read */
     bool probe;
     char probe_id[64]; /* content of a "probe" message in this transaction */
 } Bare;
@@ -182,6 +187,14 @@ static int stream(Bare *b, double timeout)
         struct pollfd pfd = {.fd = PQsocket(b->conn), .events = POLLIN};
         if (poll(&pfd, 1, (int)(b->status_interval * 1000) + 1) < 0 && errno != EINTR)
             return -1;
+        if (b->pace_us > 0) {
+            double since_us = (now_s() - b->last_read) * 1e6;
+            if (since_us >= 0 && since_us < b->pace_us) {
+                struct timespec ts = {0, (long)((b->pace_us - since_us) * 1000)};
+                nanosleep(&ts, NULL);
+            }
+            b->last_read = now_s();
+        }
         if (PQconsumeInput(b->conn) == 0) {
             fprintf(stderr, "bare_consumer: %s", PQerrorMessage(b->conn));
             return -1;
@@ -223,6 +236,8 @@ int main(int argc, char **argv)
             timeout = atof(v);
         else if (strcmp(a, "--status-ms") == 0)
             b.status_interval = atof(v) / 1000.0;
+        else if (strcmp(a, "--pace-us") == 0)
+            b.pace_us = atof(v);
         else {
             fprintf(stderr, "bare_consumer: unknown option %s\n", a);
             return 1;
@@ -231,7 +246,7 @@ int main(int argc, char **argv)
     }
     if (slot == NULL || pub == NULL || until == NULL || parse_lsn(until, &b.until) < 0) {
         fprintf(stderr, "usage: bare_consumer --pg C --slot S --publication P --until X/X "
-                        "[--binary] [--timeout S]\n");
+                        "[--binary] [--timeout S] [--status-ms MS] [--pace-us N]\n");
         return 1;
     }
     {

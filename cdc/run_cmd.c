@@ -390,8 +390,6 @@ static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
                   "ignored malformed walbust message (not emitted by sql/walbust.sql?): %s", err);
 }
 
-/* Returns 0, or -1 when the message could not be decoded (reconnect and
- * replay: nothing is confirmed past it). */
 /* A commit older than this when decoded means walbust is catching up on a
  * backlog (a restart, a burst, a walsender slower than walbust), not
  * following live writes. */
@@ -412,6 +410,8 @@ static void pace_reads(Run *r, int64_t commit_time)
     stream_set_pace(r->stream, age > RUN_BACKLOG_AGE_US ? RUN_BACKLOG_READ_PACE_US : 0);
 }
 
+/* Returns 0, or -1 when the message could not be decoded (reconnect and
+ * replay: nothing is confirmed past it). */
 static int on_data(Run *r, const StreamData *data)
 {
     PgoMsg m;
