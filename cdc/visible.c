@@ -295,11 +295,7 @@ int visible_wait(Visible *v, int timeout_ms, void (*tick)(void *), void *arg)
         bool had_conn = v->conn != NULL;
         int got;
 
-        if (send_query(v) != 0) {
-            rc = -1;
-            break;
-        }
-        got = read_reply(v, deadline, tick, arg);
+        got = send_query(v) != 0 ? -1 : read_reply(v, deadline, tick, arg);
         if (got < 0 && had_conn && !reconnected) {
             /* The connection went bad while idle (a server restart,
              * idle_session_timeout, a terminated backend): ask once more
