@@ -217,8 +217,7 @@ static int read_reply(Visible *v, int64_t deadline, void (*tick)(void *), void *
         int rc;
 
         if (left <= 0 || runtime_stop) {
-            snprintf(v->errstr, sizeof v->errstr,
-                     "pg_current_snapshot() got no reply in time");
+            snprintf(v->errstr, sizeof v->errstr, "pg_current_snapshot() got no reply in time");
             drop_conn(v);
             return 1;
         }
