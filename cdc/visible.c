@@ -70,10 +70,7 @@ int visible_snapshot_parse(const char *text, VisibleSnapshot *out)
             free(s.xip);
             return -1;
         }
-        if (s.nxip == cap) {
-            cap = cap ? cap * 2 : 16;
-            s.xip = xrealloc(s.xip, cap * sizeof *s.xip);
-        }
+        s.xip = xgrow(s.xip, &cap, s.nxip + 1, sizeof *s.xip);
         s.xip[s.nxip++] = x;
         if (*p == ',' && *++p == '\0') { /* a trailing comma */
             free(s.xip);
@@ -117,11 +114,9 @@ bool visible_snapshot_sees(const VisibleSnapshot *s, uint32_t xid)
 
 Visible *visible_new(const char *conninfo)
 {
-    Visible *v = xrealloc(NULL, sizeof *v);
+    Visible *v = xcalloc(1, sizeof *v);
 
-    memset(v, 0, sizeof *v);
-    v->conninfo = xrealloc(NULL, strlen(conninfo) + 1);
-    memcpy(v->conninfo, conninfo, strlen(conninfo) + 1);
+    v->conninfo = xstrdup(conninfo);
     return v;
 }
 
@@ -141,10 +136,7 @@ void visible_note(Visible *v, uint32_t xid)
 {
     if (v->n > 0 && v->xids[v->n - 1] == xid)
         return;
-    if (v->n == v->cap) {
-        v->cap = v->cap ? v->cap * 2 : 64;
-        v->xids = xrealloc(v->xids, v->cap * sizeof *v->xids);
-    }
+    v->xids = xgrow(v->xids, &v->cap, v->n + 1, sizeof *v->xids);
     v->xids[v->n++] = xid;
 }
 
