@@ -311,14 +311,24 @@ typedef struct RiView {
     bool *all_true;          /* identity flags for as_full */
 } RiView;
 
+static int ri_cmp(const void *a, const void *b)
+{
+    return strcmp(((const RulesTableInfo *)a)->table, ((const RulesTableInfo *)b)->table);
+}
+
+/* Binary search over real[] (sorted by name): setup checks the rules once
+ * per table, so a linear lookup would make 2,000 tables cost minutes. */
 static const RulesTableInfo *ri_lookup(void *arg, const char *table)
 {
     const RiView *v = arg;
+    RulesTableInfo key = {.table = table};
+    const RulesTableInfo *hit = bsearch(&key, v->real, v->n, sizeof *v->real, ri_cmp);
+    size_t i;
 
-    for (size_t i = 0; i < v->n; i++)
-        if (strcmp(v->real[i].table, table) == 0)
-            return v->full[i] ? &v->as_full[i] : &v->real[i];
-    return NULL;
+    if (hit == NULL)
+        return NULL;
+    i = (size_t)(hit - v->real);
+    return v->full[i] ? &v->as_full[i] : &v->real[i];
 }
 
 static void ri_view_init(RiView *v, const Rules *rules, Catalog *cat)
@@ -339,6 +349,7 @@ static void ri_view_init(RiView *v, const Rules *rules, Catalog *cat)
             maxcols = info->ncols;
         v->n++;
     }
+    qsort(v->real, v->n, sizeof *v->real, ri_cmp);
     v->all_true = xcalloc(maxcols, sizeof *v->all_true);
     for (size_t i = 0; i < maxcols; i++)
         v->all_true[i] = true;
@@ -399,7 +410,8 @@ static int setup_replica_identity(Setup *s)
     for (size_t i = 0; i < v.n && rc == 0; i++) {
         bool needs;
 
-        if (v.real[i].replident == 'f')
+        if (v.real[i].replident == 'f' ||
+            !(rules_table_ops(s->rules, v.real[i].table) & (RULES_UPDATE | RULES_DELETE)))
             continue;
         v.full[i] = true;
         needs = ri_count(s, &v) < baseline;

@@ -23,6 +23,7 @@
 #include "cmds.h"
 #include "stream.h"
 #include "mem.h"
+#include "pubplan.h"
 
 /* Read the whole file into a NUL-terminated buffer the caller frees.
  * Returns NULL with errno set on failure. */
@@ -155,19 +156,63 @@ static void check_view_init(CheckView *v, const Rules *rules, Catalog *cat)
             continue;
         v->tables[v->n] = *info;
         v->tables[v->n].in_publication = true;
+        v->tables[v->n].nunpublished = 0;
+        v->tables[v->n].via_root = false;
+        v->tables[v->n].pub_ops = 0;
         v->n++;
     }
 }
 
-/* "public.a, public.b" into buf: the rules' tables, for the fix hint. */
-static void table_list(const Rules *rules, char *buf, size_t len)
+/* Print "PREFIX a, b, c SUFFIX" in full (never cut: it must paste). */
+static void print_list(const char *prefix, const char *const *names, size_t n, const char *suffix)
 {
-    size_t used = 0;
+    fputs(prefix, stdout);
+    for (size_t i = 0; i < n; i++)
+        printf("%s%s", i ? ", " : "", names[i]);
+    fputs(suffix, stdout);
+}
 
-    buf[0] = '\0';
-    for (size_t i = 0; i < rules_table_count(rules) && used < len; i++)
-        used +=
-            (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "", rules_table(rules, i));
+/* The statements that create what setup would create, in full. */
+static void print_publication_hint(const Config *cfg, const Rules *rules, const Catalog *cat)
+{
+    PubPlan plan;
+    char comp[80];
+
+    pubplan_build(&plan, rules, cat);
+    catalog_companion_name(cfg->publication, comp, sizeof comp);
+    printf("%s: publication \"%s\" does not exist; run walbust setup --rules %s, or create it "
+           "with:",
+           cfg->rules, cfg->publication, cfg->rules);
+    for (size_t i = 0; i < plan.nfix; i++)
+        printf(" ALTER TABLE %s REPLICA IDENTITY FULL;", plan.fix[i]);
+    printf(" CREATE PUBLICATION %s", catalog_publication_sql(cat));
+    print_list(plan.nmain > 0 ? " FOR TABLE " : "", plan.main, plan.nmain, ";");
+    if (plan.ninsert > 0 && comp[0] != '\0') {
+        printf(" CREATE PUBLICATION %s FOR TABLE", comp);
+        print_list(" ", plan.insert_only, plan.ninsert, " WITH (publish = 'insert, truncate');");
+    }
+    putchar('\n');
+    pubplan_release(&plan);
+}
+
+/* Tables the existing publications make the application's UPDATE and
+ * DELETE fail on: PostgreSQL refuses them on a table without a replica
+ * identity that a publication publishes updates or deletes for. */
+static long check_app_writes(const Config *cfg, const Rules *rules, const Catalog *cat)
+{
+    PubPlan plan;
+    long n;
+
+    pubplan_build(&plan, rules, cat);
+    n = (long)plan.nbreaking;
+    for (size_t i = 0; i < plan.nbreaking; i++)
+        printf("%s: table %s has no replica identity but is in a publication that publishes "
+               "updates or deletes, so PostgreSQL refuses the application's UPDATE and DELETE on "
+               "it; run ALTER TABLE %s REPLICA IDENTITY FULL (or add a primary key), or walbust "
+               "setup --rules %s to publish only inserts for it when its rules only need those\n",
+               cfg->rules, plan.breaking[i], plan.breaking[i], cfg->rules);
+    pubplan_release(&plan);
+    return n;
 }
 
 /* Check rules against the database and print what is wrong. Returns the
@@ -176,7 +221,7 @@ static void table_list(const Rules *rules, char *buf, size_t len)
 static long check_live(const Config *cfg, const Rules *rules)
 {
     RulesProblems problems = {0};
-    char err[1024], tables[512];
+    char err[1024];
     PGconn *conn = stream_plain_connect(cfg->pg, err, sizeof err);
     Catalog *cat;
     long n = 0;
@@ -194,10 +239,7 @@ static long check_live(const Config *cfg, const Rules *rules)
     if (catalog_publication(cat) == 0) {
         CheckView view;
 
-        table_list(rules, tables, sizeof tables);
-        printf("%s: publication \"%s\" does not exist; create it with "
-               "CREATE PUBLICATION %s FOR TABLE %s; or run walbust setup --rules %s\n",
-               cfg->rules, cfg->publication, cfg->publication, tables, cfg->rules);
+        print_publication_hint(cfg, rules, cat);
         n++;
         check_view_init(&view, rules, cat);
         (void)rules_check_catalog(rules, cfg->publication, check_view_lookup, &view, &problems);
@@ -205,6 +247,7 @@ static long check_live(const Config *cfg, const Rules *rules)
     } else {
         (void)rules_check_catalog(rules, cfg->publication, catalog_lookup, cat, &problems);
     }
+    n += check_app_writes(cfg, rules, cat);
     n += (long)problems.count;
     cmd_print_problems(stdout, "", cfg->rules, &problems);
     rules_problems_release(&problems);

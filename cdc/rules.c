@@ -17,6 +17,7 @@
 
 #include <cJSON.h>
 #include <stdarg.h>
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,9 +173,9 @@ static void path_member(char *out, size_t n, const char *base, const char *name)
 static size_t edit_distance(const char *a, const char *b)
 {
     size_t la = strlen(a), lb = strlen(b);
-    size_t d[3][33];
+    size_t d[3][129];
 
-    if (la > 32 || lb > 32)
+    if (la > 128 || lb > 128)
         return 99;
     for (size_t j = 0; j <= lb; j++)
         d[0][j] = j;
@@ -210,6 +211,33 @@ static const char *did_you_mean(const char *s, const char *const *names, size_t 
             (strstr(names[i], s) != NULL || strstr(s, names[i]) != NULL))
             d = d < 2 ? d : 2;
         if (d < bestd && d < strlen(names[i])) {
+            bestd = d;
+            best = names[i];
+        }
+    }
+    return best;
+}
+
+/* See rules.h. Case-insensitive: "public.Orders" finds "public.orders". */
+const char *rules_closest_name(const char *s, const char *const *names, size_t n)
+{
+    char a[129], b[129];
+    const char *best = NULL;
+    size_t bestd = 99, la = strlen(s);
+
+    if (la > 128)
+        return NULL;
+    for (size_t i = 0; i <= la; i++)
+        a[i] = (char)tolower((unsigned char)s[i]);
+    for (size_t i = 0; i < n; i++) {
+        size_t lb = strlen(names[i]), d, limit;
+        if (lb > 128 || strcmp(s, names[i]) == 0)
+            continue;
+        for (size_t j = 0; j <= lb; j++)
+            b[j] = (char)tolower((unsigned char)names[i][j]);
+        d = edit_distance(a, b);
+        limit = (lb < la ? lb : la) / 4 + 1; /* a typo, not another name */
+        if (d <= limit && d < bestd) {
             bestd = d;
             best = names[i];
         }

@@ -93,7 +93,7 @@ typedef struct RulesProblem {
     int line;   /* 1-based; 0 when not tied to a place in the file */
     int column; /* 1-based; 0 when unknown */
     char path[128];   /* JSON path, e.g. "rules[2].keys[0]"; "" when none */
-    char msg[384];
+    char msg[1024];
 } RulesProblem;
 
 typedef struct RulesProblems {
@@ -126,6 +126,9 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
 /* Does any rule name this table ("schema.table")? */
 bool rules_has_table(const Rules *r, const char *table);
 
+/* The operations any rule on table fires on (RulesOp bits; 0: none). */
+unsigned rules_table_ops(const Rules *r, const char *table);
+
 /* Number of distinct tables named, and the i-th ("schema.table"). */
 size_t rules_table_count(const Rules *r);
 const char *rules_table(const Rules *r, size_t i);
@@ -145,6 +148,19 @@ typedef struct RulesTableInfo {
     const char *const *colnames;
     const bool *identity;         /* ncols flags: column is in the replica identity */
     bool in_publication;
+    /* Added for partitions, inheritance and hints; zero/NULL when the
+     * caller does not know (older callers and simple views stay valid). */
+    const char *sql_name;            /* the name as SQL (quote_ident rules) */
+    const char *suggestion;          /* missing table: closest existing name */
+    char relkind;                    /* 'r' table, 'p' partitioned; 0 unknown */
+    bool via_root;                   /* partitioned or a partition, and the
+                                      * publication publishes via the root */
+    unsigned pub_ops;                /* RulesOp bits published; 0 unknown */
+    const char *ops_publication;     /* the publication those come from */
+    size_t nunpublished;             /* partitions/children the publication */
+    const char *const *unpublished;  /* lacks, as SQL names */
+    size_t nnot_full;                /* tables holding the rows that are not */
+    const char *const *not_full;     /* REPLICA IDENTITY FULL, as SQL names */
 } RulesTableInfo;
 
 /* Check the rules against the live schema: tables and columns that do not
@@ -158,6 +174,10 @@ typedef struct RulesTableInfo {
 typedef const RulesTableInfo *(*RulesLookupFn)(void *arg, const char *table);
 size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupFn lookup,
                            void *arg, RulesProblems *problems);
+
+/* The closest of names[0..n) to s (compared case-insensitively), when close
+ * enough to be a typo; else NULL. For "did you mean" hints. */
+const char *rules_closest_name(const char *s, const char *const *names, size_t n);
 
 /* Append the glob-escaped form of s (each of `*?[]\` preceded by `\`) to
  * out, which must have room for 2*len+1 bytes. Returns bytes written

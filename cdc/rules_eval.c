@@ -473,6 +473,55 @@ static void sql_name(char *out, size_t n, const char *name)
     out[o] = '\0';
 }
 
+/* The table's name as SQL: the catalog's quote_ident form when known. */
+static void table_sql(const RulesTableInfo *info, const char *table, char *out, size_t n)
+{
+    if (info != NULL && info->sql_name != NULL)
+        snprintf(out, n, "%s", info->sql_name);
+    else
+        sql_name(out, n, table);
+}
+
+/* "PREFIX a SUFFIX; PREFIX b SUFFIX" (sep "; ") or "PREFIX a, b SUFFIX" (sep
+ * ", "), whole or not at all: false when it does not fit. */
+static bool sql_list(char *out, size_t n, const char *prefix, const char *const *names,
+                     size_t count, const char *sep, const char *suffix)
+{
+    bool each = strcmp(sep, "; ") == 0;
+    size_t o = 0;
+    int w;
+
+    out[0] = '\0';
+    for (size_t i = 0; i < count; i++) {
+        w = snprintf(out + o, n - o, "%s%s%s%s", i == 0 ? "" : sep, i == 0 || each ? prefix : "",
+                     names[i], each || i + 1 == count ? suffix : "");
+        if (w < 0 || (size_t)w >= n - o)
+            return false;
+        o += (size_t)w;
+    }
+    return true;
+}
+
+/* The statement(s) that give every table holding the rows REPLICA
+ * IDENTITY FULL (each partition or child has its own; setting it on a
+ * partitioned table does not reach its partitions). */
+static void identity_fix(const RulesTableInfo *info, const char *table, char *out, size_t n)
+{
+    char t[200];
+
+    if (info->nnot_full > 0 && sql_list(out, n, "ALTER TABLE ", info->not_full, info->nnot_full,
+                                        "; ", " REPLICA IDENTITY FULL"))
+        return;
+    table_sql(info, table, t, sizeof t);
+    if (info->nnot_full > 1)
+        snprintf(out, n,
+                 "walbust setup --replica-identity-full (it sets REPLICA IDENTITY FULL on "
+                 "each of the %zu tables holding the rows of %s)",
+                 info->nnot_full, t);
+    else
+        snprintf(out, n, "ALTER TABLE %s REPLICA IDENTITY FULL", t);
+}
+
 static long info_col(const RulesTableInfo *info, const char *name)
 {
     for (size_t i = 0; i < info->ncols; i++)
@@ -517,21 +566,32 @@ static size_t identity_problem(const Rule *rule, const Template *t, const char *
                                const RulesTableInfo *info, RulesProblems *problems)
 {
     unsigned od = rule->on & (RULES_UPDATE | RULES_DELETE);
-    char why[192], sql[160], alt[160] = "";
+    char why[192], sql[640], alt[160] = "";
 
     identity_words(info, rule->table, why, sizeof why);
-    sql_name(sql, sizeof sql, rule->table);
+    identity_fix(info, rule->table, sql, sizeof sql);
     if (rule->on & (RULES_INSERT | RULES_UPDATE))
         snprintf(alt, sizeof alt, "; or write {new.%s} if only the new value matters", col);
     rules_problem_at(problems, &t->loc,
                      "rule for %s: template \"%s\" needs the old value of column \"%s\" on %s, but "
-                     "%s; run ALTER TABLE %s REPLICA IDENTITY FULL%s",
+                     "%s; run %s%s",
                      rule->table, t->src, col,
                      od == (RULES_UPDATE | RULES_DELETE) ? "update/delete"
                      : od == RULES_UPDATE                ? "update"
                                                          : "delete",
                      why, sql, alt);
     return 1;
+}
+
+/* "; did you mean \"x\"?" for a column the table lacks, or "". */
+static void col_hint(const RulesTableInfo *info, const char *col, char *out, size_t n)
+{
+    const char *g = rules_closest_name(col, info->colnames, info->ncols);
+
+    if (g != NULL)
+        snprintf(out, n, " (did you mean \"%s\"?)", g);
+    else
+        out[0] = '\0';
 }
 
 /* Unknown columns and old values that will not arrive, for one template. */
@@ -550,15 +610,109 @@ static size_t check_template(const Rule *rule, const Template *t, const RulesTab
         done[s->col] = true;
         col = info_col(info, s->text);
         if (col < 0) {
+            char hint[160];
+            col_hint(info, s->text, hint, sizeof hint);
             rules_problem_at(problems, &t->loc,
-                             "rule for %s: column \"%s\" in template \"%s\" does not exist in %s",
-                             rule->table, s->text, t->src, rule->table);
+                             "rule for %s: column \"%s\" in template \"%s\" does not exist in %s%s",
+                             rule->table, s->text, t->src, rule->table, hint);
             added++;
         } else if (needs_old && s->kind != SEG_NEW && !old_value_sent(info, col)) {
             added += identity_problem(rule, t, s->text, info, problems);
         }
     }
     return added;
+}
+
+/* See rules.h. */
+unsigned rules_table_ops(const Rules *r, const char *table)
+{
+    const TableEnt *te = rules_table_find(r, table);
+    unsigned ops = 0;
+
+    for (size_t i = 0; te != NULL && i < te->nrules; i++)
+        ops |= r->rules[te->rules[i]].on;
+    return ops;
+}
+
+static void ops_words(unsigned ops, char *out, size_t n)
+{
+    static const char *const names[] = {"insert", "update", "delete", "truncate"};
+    size_t o = 0;
+
+    out[0] = '\0';
+    for (int i = 0; i < 4; i++)
+        if (ops & (1u << i))
+            o += (size_t)snprintf(out + o, n - o, "%s%s", o ? ", " : "", names[i]);
+}
+
+/* Partitions or inheritance children whose changes are not published. */
+static size_t unpublished_problem(const Rule *rule, const char *publication, const char *pub,
+                                  const RulesTableInfo *info, RulesProblems *problems)
+{
+    char list[640];
+
+    if (!sql_list(list, sizeof list, "", info->unpublished, info->nunpublished, ", ", ""))
+        snprintf(list, sizeof list, "%s ... (%zu tables; walbust setup adds them all)",
+                 info->unpublished[0], info->nunpublished);
+    rules_problem_at(problems, &rule->table_loc,
+                     "table %s has inheritance children that are not in publication \"%s\", so "
+                     "changes to their rows (which queries on %s return) are never seen; run "
+                     "ALTER PUBLICATION %s ADD TABLE %s (or walbust setup)",
+                     rule->table, publication, rule->table, pub, list);
+    return 1;
+}
+
+/* Is the table published, with its partitions and children, for every
+ * operation its rules fire on, in a form walbust can match? */
+static size_t check_publication(const Rules *r, const Rule *rule, const char *publication,
+                                const RulesTableInfo *info, RulesProblems *problems)
+{
+    char sqlt[200], sqlp[160], need[64], have[64];
+    unsigned ops = rules_table_ops(r, rule->table);
+
+    table_sql(info, rule->table, sqlt, sizeof sqlt);
+    sql_name(sqlp, sizeof sqlp, publication);
+    if (!info->in_publication) {
+        rules_problem_at(problems, &rule->table_loc,
+                         "table %s is not in publication \"%s\"; run ALTER PUBLICATION %s ADD "
+                         "TABLE %s (or walbust setup)",
+                         rule->table, publication, sqlp, sqlt);
+        return 1;
+    }
+    if (info->via_root) {
+        rules_problem_at(
+            problems, &rule->table_loc,
+            "publication \"%s\" has publish_via_partition_root = true, so the changes of %s%s "
+            "are published as the partitioned root: a TRUNCATE of one partition is not published "
+            "at all and rules naming a partition never match; run ALTER PUBLICATION %s SET "
+            "(publish_via_partition_root = false)",
+            publication, info->relkind == 'p' ? "the partitions of " : "", rule->table, sqlp);
+        return 1;
+    }
+    if (info->nunpublished > 0)
+        return unpublished_problem(rule, publication, sqlp, info, problems);
+    if (info->pub_ops != 0 && (ops & ~info->pub_ops) != 0) {
+        const char *src = info->ops_publication ? info->ops_publication : publication;
+        char sqls[160];
+        ops_words(ops & ~info->pub_ops, need, sizeof need);
+        ops_words(info->pub_ops, have, sizeof have);
+        sql_name(sqls, sizeof sqls, src);
+        if (strcmp(src, publication) == 0)
+            rules_problem_at(problems, &rule->table_loc,
+                             "rules for %s fire on %s, but publication \"%s\" publishes only %s; "
+                             "run ALTER PUBLICATION %s SET (publish = 'insert, update, delete, "
+                             "truncate')",
+                             rule->table, need, src, have, sqls);
+        else
+            rules_problem_at(problems, &rule->table_loc,
+                             "rules for %s fire on %s, but it is published by \"%s\", which "
+                             "publishes only %s; run ALTER PUBLICATION %s DROP TABLE %s; ALTER "
+                             "PUBLICATION %s ADD TABLE %s (updates and deletes need a replica "
+                             "identity: a primary key or REPLICA IDENTITY FULL)",
+                             rule->table, need, src, have, sqls, sqlt, sqlp, sqlt);
+        return 1;
+    }
+    return 0;
 }
 
 static size_t check_rule(const Rules *r, size_t ri, const char *publication,
@@ -568,25 +722,18 @@ static size_t check_rule(const Rules *r, size_t ri, const char *publication,
     bool first = rules_table_find(r, rule->table)->rules[0] == ri;
     bool *done = xcalloc(rule->ncols, sizeof *done);
     size_t added = 0;
-    char sqlt[160], sqlp[160];
 
-    if (first && !info->in_publication) {
-        sql_name(sqlt, sizeof sqlt, rule->table);
-        sql_name(sqlp, sizeof sqlp, publication);
-        rules_problem_at(
-            problems, &rule->table_loc,
-            "table %s is not in publication \"%s\"; run ALTER PUBLICATION %s ADD TABLE "
-            "%s (or walbust setup)",
-            rule->table, publication, sqlp, sqlt);
-        added++;
-    }
+    if (first)
+        added += check_publication(r, rule, publication, info, problems);
     for (size_t i = 0; i < rule->nchanged; i++) {
         const char *col = rule->cols[rule->changed[i]];
+        char hint[160];
         if (info_col(info, col) >= 0)
             continue;
+        col_hint(info, col, hint, sizeof hint);
         rules_problem_at(problems, &rule->changed_loc[i],
-                         "rule for %s: column \"%s\" in \"changed\" does not exist in %s",
-                         rule->table, col, rule->table);
+                         "rule for %s: column \"%s\" in \"changed\" does not exist in %s%s",
+                         rule->table, col, rule->table, hint);
         added++;
     }
     for (int k = 0; k < TPL_NKINDS; k++)
@@ -609,11 +756,17 @@ size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupF
         const Rule *rule = &r->rules[i];
         const RulesTableInfo *info = lookup(arg, rule->table);
         if (info == NULL || !info->exists) {
-            rules_problem_at(
-                problems, &rule->table_loc,
-                "table %s does not exist; check \"table\" (names must match the catalog "
-                "exactly, and unquoted SQL names are lowercase)",
-                rule->table);
+            if (info != NULL && info->suggestion != NULL)
+                rules_problem_at(problems, &rule->table_loc,
+                                 "table %s does not exist (did you mean %s?); names must match "
+                                 "the catalog exactly, and unquoted SQL names are lowercase",
+                                 rule->table, info->suggestion);
+            else
+                rules_problem_at(
+                    problems, &rule->table_loc,
+                    "table %s does not exist; check \"table\" (names must match the catalog "
+                    "exactly, and unquoted SQL names are lowercase)",
+                    rule->table);
             added++;
             continue;
         }

@@ -630,7 +630,34 @@ typedef struct FakeTable {
     const char *colnames[MAX_COLS];
     bool identity[MAX_COLS];
     bool unknown; /* lookup returns NULL */
+    char strs[1024]; /* storage for the string fields below */
+    size_t used;
+    const char *unpublished[MAX_COLS];
+    const char *not_full[MAX_COLS];
 } FakeTable;
+
+/* A copy of s in t's storage. */
+static const char *fake_str(FakeTable *t, const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = t->strs + t->used;
+
+    assert_true(t->used + n <= sizeof t->strs);
+    memcpy(p, s, n);
+    t->used += n;
+    return p;
+}
+
+/* "|"-separated names into out; returns how many. */
+static size_t fake_list(FakeTable *t, const char *s, const char **out)
+{
+    char *copy = (char *)fake_str(t, s);
+    size_t n = 0;
+
+    for (char *tok = strtok(copy, "|"); tok != NULL && n < MAX_COLS; tok = strtok(NULL, "|"))
+        out[n++] = tok;
+    return n;
+}
 
 typedef struct FakeCatalog {
     FakeTable t[8];
@@ -658,7 +685,9 @@ static void fake_table(FakeCatalog *fc, const char *name, char *body)
     assert_true(fc->n <= 8);
     memset(t, 0, sizeof *t);
     snprintf(t->name, sizeof t->name, "%s", name);
-    t->info = (RulesTableInfo){t->name, true, 'd', 0, t->colnames, t->identity, true};
+    t->info = (RulesTableInfo){.table = t->name, .exists = true, .replident = 'd',
+                               .colnames = t->colnames, .identity = t->identity,
+                               .in_publication = true};
     while ((line = next_line(&cur, buf, sizeof buf)) != NULL) {
         char *rest = strchr(line, ' ');
         rest = rest ? rest + 1 : line + strlen(line);
@@ -670,6 +699,24 @@ static void fake_table(FakeCatalog *fc, const char *name, char *body)
             t->info.exists = strcmp(rest, "yes") == 0;
         else if (strcmp(line, "unknown") == 0)
             t->unknown = true;
+        else if (strncmp(line, "via_root ", 9) == 0)
+            t->info.via_root = strcmp(rest, "yes") == 0;
+        else if (strncmp(line, "relkind ", 8) == 0)
+            t->info.relkind = rest[0];
+        else if (strncmp(line, "suggestion ", 11) == 0)
+            t->info.suggestion = fake_str(t, rest);
+        else if (strncmp(line, "sql_name ", 9) == 0)
+            t->info.sql_name = fake_str(t, rest);
+        else if (strncmp(line, "ops_publication ", 16) == 0)
+            t->info.ops_publication = fake_str(t, rest);
+        else if (strncmp(line, "pub_ops ", 8) == 0)
+            t->info.pub_ops = (unsigned)atoi(rest);
+        else if (strncmp(line, "unpublished ", 12) == 0)
+            t->info.nunpublished = fake_list(t, rest, t->unpublished),
+            t->info.unpublished = t->unpublished;
+        else if (strncmp(line, "not_full ", 9) == 0)
+            t->info.nnot_full = fake_list(t, rest, t->not_full),
+            t->info.not_full = t->not_full;
         else if (strncmp(line, "columns ", 8) == 0) {
             /* "id*" marks a replica identity column */
             t->info.ncols = tokenize(rest, t->coltoks, MAX_COLS);
