@@ -19,12 +19,14 @@ endif
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
-PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c
+PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
+            cdc/lookup.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
             cdc/metrics.c cdc/notify.c cdc/cluster.c cdc/visible.c \
-            cdc/pubplan.c
+            cdc/pubplan.c \
+            cdc/lookup_exec.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -32,7 +34,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -66,6 +68,8 @@ $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 $(BUILD)/tests/test_pgo: $(BUILD)/obj/pgo.o
 $(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
+$(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
+                          $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "catalog.h"
+#include "lookup.h"
 #include "cmds.h"
 #include "stream.h"
 #include "mem.h"
@@ -215,6 +216,144 @@ static long check_app_writes(const Config *cfg, const Rules *rules, const Catalo
     return n;
 }
 
+/* Collect "Relation Name"/"Schema" pairs of an EXPLAIN (FORMAT JSON) plan. */
+static void plan_tables(const cJSON *node, char ***tables, size_t *n)
+{
+    const cJSON *rel, *schema;
+
+    if (node == NULL)
+        return;
+    rel = cJSON_IsObject(node) ? cJSON_GetObjectItemCaseSensitive(node, "Relation Name") : NULL;
+    schema = cJSON_IsObject(node) ? cJSON_GetObjectItemCaseSensitive(node, "Schema") : NULL;
+    if (cJSON_IsString(rel) && cJSON_IsString(schema)) {
+        char name[300];
+        bool dup = false;
+        snprintf(name, sizeof name, "%s.%s", schema->valuestring, rel->valuestring);
+        for (size_t i = 0; i < *n; i++)
+            dup = dup || strcmp((*tables)[i], name) == 0;
+        if (!dup) {
+            *tables = xrealloc(*tables, (*n + 1) * sizeof **tables);
+            (*tables)[(*n)++] = xstrdup(name);
+        }
+    }
+    for (const cJSON *c = node->child; c != NULL; c = c->next)
+        plan_tables(c, tables, n);
+}
+
+/* The tables a prepared lookup reads: its generic plan, EXPLAINed with
+ * NULL arguments (a generic plan keeps every scan). */
+static void lookup_tables(PGconn *conn, const char *stmt, int nparams, char ***tables, size_t *n)
+{
+    char sql[4096];
+    size_t o;
+    PGresult *res;
+    cJSON *plan;
+
+    PQclear(PQexec(conn, "SET plan_cache_mode = force_generic_plan"));
+    o = (size_t)snprintf(sql, sizeof sql, "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE %s", stmt);
+    for (int i = 0; i < nparams && o + 8 < sizeof sql; i++)
+        o += (size_t)snprintf(sql + o, sizeof sql - o, "%sNULL", i ? ", " : "(");
+    if (nparams > 0 && o + 2 < sizeof sql)
+        snprintf(sql + o, sizeof sql - o, ")");
+    res = PQexec(conn, sql);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) > 0) {
+        plan = cJSON_Parse(PQgetvalue(res, 0, 0));
+        plan_tables(plan, tables, n);
+        cJSON_Delete(plan);
+    }
+    PQclear(res);
+}
+
+/* Prepare rule i's lookup as written (and as walbust wraps it) and
+ * describe it; fills sh (fields/tables owned by the caller: free with
+ * shape_release) and returns the PGresult error text buffer used. */
+typedef struct ShapeBuf {
+    RulesLookupShape sh;
+    char error[1024];
+    char **fields, **tables;
+    size_t nfields, ntables;
+} ShapeBuf;
+
+static void shape_release(ShapeBuf *b)
+{
+    for (size_t i = 0; i < b->nfields; i++)
+        free(b->fields[i]);
+    for (size_t i = 0; i < b->ntables; i++)
+        free(b->tables[i]);
+    free(b->fields);
+    free(b->tables);
+}
+
+static void shape_error(ShapeBuf *b, const PGresult *res, const char *prefix)
+{
+    const char *pos = PQresultErrorField(res, PG_DIAG_STATEMENT_POSITION);
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+
+    snprintf(b->error, sizeof b->error, "%s%s", prefix, msg ? msg : PQresultErrorMessage(res));
+    b->sh.error = b->error;
+    b->sh.error_pos = pos != NULL && prefix[0] == '\0' ? atoi(pos) : 0;
+}
+
+static void lookup_shape(PGconn *conn, const RulesLookupInfo *info, size_t i, ShapeBuf *b)
+{
+    char name[64], wname[64];
+    char *wrapped = lookup_wrap_sql(info->sql, info->limit);
+    PGresult *res;
+
+    memset(b, 0, sizeof *b);
+    snprintf(name, sizeof name, "walbust_check_%zu", i);
+    snprintf(wname, sizeof wname, "walbust_check_w%zu", i);
+    res = PQprepare(conn, name, info->sql, 0, NULL);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        shape_error(b, res, "");
+    } else {
+        PQclear(res);
+        res = PQprepare(conn, wname, wrapped, 0, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            shape_error(b, res, "walbust runs it as SELECT * FROM (<sql>) LIMIT n, which fails: ");
+    }
+    PQclear(res);
+    free(wrapped);
+    if (b->sh.error != NULL)
+        return;
+    res = PQdescribePrepared(conn, name);
+    b->sh.nparams = PQnparams(res);
+    b->nfields = (size_t)PQnfields(res);
+    b->fields = xcalloc(b->nfields + 1, sizeof *b->fields);
+    for (size_t k = 0; k < b->nfields; k++)
+        b->fields[k] = xstrdup(PQfname(res, (int)k));
+    PQclear(res);
+    lookup_tables(conn, name, b->sh.nparams, &b->tables, &b->ntables);
+    b->sh.nfields = b->nfields;
+    b->sh.fields = (const char *const *)b->fields;
+    b->sh.ntables = b->ntables;
+    b->sh.tables = (const char *const *)b->tables;
+}
+
+/* Prepare every lookup against the live schema (read-only). Problems go
+ * to *problems; warnings are printed here. */
+static void check_lookups(const Config *cfg, PGconn *conn, const Rules *rules, Catalog *cat,
+                          RulesProblems *problems)
+{
+    RulesProblems warnings = {0};
+
+    if (!rules_has_lookups(rules))
+        return;
+    PQclear(PQexec(conn, "SET default_transaction_read_only = on"));
+    for (size_t i = 0; i < rules_rule_count(rules); i++) {
+        RulesLookupInfo info;
+        ShapeBuf b;
+        if (!rules_lookup_info(rules, i, &info))
+            continue;
+        lookup_shape(conn, &info, i, &b);
+        (void)rules_check_lookup(rules, i, &b.sh, catalog_lookup(cat, info.table), problems,
+                                 &warnings);
+        shape_release(&b);
+    }
+    cmd_print_problems(stdout, "", cfg->rules, &warnings);
+    rules_problems_release(&warnings);
+}
+
 /* Check rules against the database and print what is wrong. Returns the
  * number of problems, or -1 when the database could not be consulted
  * (message already printed to stderr). */
@@ -231,8 +370,8 @@ static long check_live(const Config *cfg, const Rules *rules)
         return -1;
     }
     cat = catalog_load(conn, rules, cfg->publication, err, sizeof err);
-    PQfinish(conn);
     if (cat == NULL) {
+        PQfinish(conn);
         fprintf(stderr, "walbust check: %s\n", err);
         return -1;
     }
@@ -248,6 +387,8 @@ static long check_live(const Config *cfg, const Rules *rules)
         (void)rules_check_catalog(rules, cfg->publication, catalog_lookup, cat, &problems);
     }
     n += check_app_writes(cfg, rules, cat);
+    check_lookups(cfg, conn, rules, cat, &problems);
+    PQfinish(conn);
     n += (long)problems.count;
     cmd_print_problems(stdout, "", cfg->rules, &problems);
     rules_problems_release(&problems);

@@ -16,6 +16,7 @@
 #include "rules_int.h"
 
 #include <cJSON.h>
+#include <ctype.h>
 #include <stdarg.h>
 #include <ctype.h>
 #include <stdio.h>
@@ -264,7 +265,7 @@ typedef struct FieldSpec {
     FieldLoadFn load;
 } FieldSpec;
 
-#define MAX_FIELDS 8
+#define MAX_FIELDS 12
 
 static void unknown_field(Loader *ld, const char *name, const char *path, const char *find,
                           const char *what, const FieldSpec *specs, size_t n)
@@ -660,38 +661,210 @@ static void load_publish(Loader *ld, const cJSON *v, const char *path, void *ctx
     }
 }
 
+/* ---- loading: lookups ------------------------------------------------------- */
+
+#define LOOKUP_DEFAULT_LIMIT 10000
+#define LOOKUP_MAX_LIMIT 1000000
+
+/* The highest $N parameter the SQL text uses outside string literals,
+ * quoted identifiers and comments (0 when none). */
+static size_t sql_max_param(const char *sql)
+{
+    size_t max = 0;
+
+    for (const char *p = sql; *p; p++) {
+        if (*p == '\'' || *p == '"') {
+            const char *e = strchr(p + 1, *p);
+            if (e == NULL)
+                break;
+            p = e;
+        } else if (p[0] == '-' && p[1] == '-') {
+            p += strcspn(p, "\n");
+            if (*p == '\0')
+                break;
+        } else if (p[0] == '/' && p[1] == '*') {
+            const char *e = strstr(p + 2, "*/");
+            if (e == NULL)
+                break;
+            p = e + 1;
+        } else if (*p == '$' && p[1] >= '1' && p[1] <= '9' &&
+                   (p == sql || !(isalnum((unsigned char)p[-1]) || p[-1] == '_'))) {
+            size_t n = strtoul(p + 1, NULL, 10);
+            if (n > max)
+                max = n;
+        }
+    }
+    return max;
+}
+
+static void load_lookup_sql(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Lookup *lk = ((RuleCtx *)ctx)->rule->lookup;
+    size_t n;
+
+    if (!cJSON_IsString(v)) {
+        ld_problem(ld, path,
+                   "\"sql\" must be a string like \"SELECT team_id FROM public.team_members "
+                   "WHERE user_id = $1\", not %s",
+                   type_name(v));
+        return;
+    }
+    n = strlen(v->valuestring);
+    while (n > 0 && strchr(" \t\r\n;", v->valuestring[n - 1]) != NULL)
+        n--;
+    if (n == 0) {
+        ld_problem(ld, path, "\"sql\" is empty; write the query whose rows feed the templates");
+        return;
+    }
+    lk->sql = xstrndup(v->valuestring, n);
+    loc_find(ld, path, false, path, &lk->sql_loc);
+}
+
+static void load_lookup_args(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+    Lookup *lk = rule->lookup;
+    size_t i = 0;
+
+    lk->args_written = (size_t)cJSON_GetArraySize(v);
+    if (!expect_array(ld, v, path, "args", "[\"{id}\"]"))
+        return;
+    for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
+        char epath[128], err[256];
+        Template t = {0};
+
+        snprintf(epath, sizeof epath, "%s[%zu]", path, i);
+        if (!expect_string_elem(ld, e, epath, "an argument template"))
+            continue;
+        if (!tpl_compile(rule, e->valuestring, &t, err, sizeof err)) {
+            ld_problem(ld, epath, "argument template \"%s\" %s", e->valuestring, err);
+            tpl_release(&t);
+            continue;
+        }
+        t.src = xstrdup(e->valuestring);
+        loc_find(ld, epath, false, epath, &t.loc);
+        lk->args = xrealloc(lk->args, (lk->nargs + 1) * sizeof t);
+        lk->args[lk->nargs++] = t;
+    }
+}
+
+static void load_lookup_limit(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Lookup *lk = ((RuleCtx *)ctx)->rule->lookup;
+
+    char got[64];
+
+    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble ||
+        v->valuedouble < 1 || v->valuedouble > LOOKUP_MAX_LIMIT) {
+        if (cJSON_IsNumber(v))
+            snprintf(got, sizeof got, "%g", v->valuedouble);
+        else
+            snprintf(got, sizeof got, "%s", type_name(v));
+        ld_problem(ld, path,
+                   "\"limit\" must be a whole number from 1 to %d (result rows before the "
+                   "lookup's placeholders widen to *), not %s",
+                   LOOKUP_MAX_LIMIT, got);
+        return;
+    }
+    lk->limit = (size_t)v->valuedouble;
+}
+
+static const FieldSpec lookup_fields[] = {
+    {"sql", load_lookup_sql}, {"args", load_lookup_args}, {"limit", load_lookup_limit}};
+
+static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+    bool seen[3] = {false, false, false};
+    size_t used;
+    char apath[160];
+
+    if (!cJSON_IsObject(v)) {
+        ld_problem(ld, path,
+                   "\"lookup\" must be an object like {\"sql\": \"SELECT team_id FROM "
+                   "public.team_members WHERE user_id = $1\", \"args\": [\"{id}\"]}, not %s",
+                   type_name(v));
+        return;
+    }
+    rule->lookup = xcalloc(1, sizeof *rule->lookup);
+    rule->lookup->limit = LOOKUP_DEFAULT_LIMIT;
+    loc_find(ld, path, false, path, &rule->lookup->loc);
+    load_fields(ld, v, path, "lookup", lookup_fields, 3, ctx, seen);
+    if (!seen[0]) {
+        ld_problem(ld, path,
+                   "\"lookup\" has no \"sql\"; add the query, e.g. \"sql\": "
+                   "\"SELECT team_id FROM public.team_members WHERE user_id = $1\"");
+        return;
+    }
+    if (rule->lookup->sql == NULL)
+        return;
+    used = sql_max_param(rule->lookup->sql);
+    snprintf(apath, sizeof apath, "%s.args", path);
+    if (used != rule->lookup->args_written && (seen[1] || used > 0))
+        ld_problem(ld, seen[1] ? apath : path,
+                   "the lookup's SQL uses parameters up to $%zu but \"args\" has %zu "
+                   "entr%s; give one argument template per parameter, in order",
+                   used, rule->lookup->args_written,
+                   rule->lookup->args_written == 1 ? "y" : "ies");
+}
+
 static const FieldSpec rule_fields[] = {
     {"table", load_table},       {"on", load_on},
     {"changed", load_changed},   {"keys", load_keys},
     {"patterns", load_patterns}, {"tags", load_tags},
     {"versions", load_versions}, {"publish", load_publish},
+    {"lookup", load_lookup},
 };
 #define NRULE_FIELDS (sizeof rule_fields / sizeof rule_fields[0])
 
-/* Problems that need the whole rule: placeholders that can never render. */
-static void check_images(Loader *ld, const Rule *rule)
+/* {old.…} on insert only, {new.…} on delete only: never renders. */
+static void check_image(Loader *ld, const Rule *rule, const Template *t)
 {
     unsigned row = rule->on & ROW_OPS;
 
+    if (row == 0)
+        return;
+    if ((t->uses & USES_OLD) && !(row & (RULES_UPDATE | RULES_DELETE)))
+        ld_problem(ld, t->loc.path,
+                   "template \"%s\" uses {old.…} but the rule fires only on insert, "
+                   "which has no old row, so it never renders; use {column} or "
+                   "{new.column}, or add \"update\"/\"delete\" to \"on\"",
+                   t->src);
+    if ((t->uses & USES_NEW) && !(row & (RULES_INSERT | RULES_UPDATE)))
+        ld_problem(ld, t->loc.path,
+                   "template \"%s\" uses {new.…} but the rule fires only on delete, "
+                   "which has no new row, so it never renders; use {column} or "
+                   "{old.column}",
+                   t->src);
+}
+
+/* Problems that need the whole rule: placeholders that can never render,
+ * and what a lookup rule must (not) have. */
+static void check_images(Loader *ld, const Rule *rule, const char *path, bool any_actions)
+{
+    size_t ntpl = 0;
+    char ppath[160];
+
     for (int k = 0; k < TPL_NKINDS; k++) {
-        for (size_t i = 0; i < rule->ntpl[k]; i++) {
-            const Template *t = &rule->tpl[k][i];
-            if (row == 0)
-                continue;
-            if ((t->uses & USES_OLD) && !(row & (RULES_UPDATE | RULES_DELETE)))
-                ld_problem(ld, t->loc.path,
-                           "template \"%s\" uses {old.…} but the rule fires only on insert, "
-                           "which has no old row, so it never renders; use {column} or "
-                           "{new.column}, or add \"update\"/\"delete\" to \"on\"",
-                           t->src);
-            if ((t->uses & USES_NEW) && !(row & (RULES_INSERT | RULES_UPDATE)))
-                ld_problem(ld, t->loc.path,
-                           "template \"%s\" uses {new.…} but the rule fires only on delete, "
-                           "which has no new row, so it never renders; use {column} or "
-                           "{old.column}",
-                           t->src);
-        }
+        ntpl += rule->ntpl[k];
+        for (size_t i = 0; i < rule->ntpl[k]; i++)
+            check_image(ld, rule, &rule->tpl[k][i]);
     }
+    if (rule->lookup == NULL)
+        return;
+    for (size_t i = 0; i < rule->lookup->nargs; i++)
+        check_image(ld, rule, &rule->lookup->args[i]);
+    snprintf(ppath, sizeof ppath, "%s.publish", path);
+    if (rule->nchannels > 0)
+        ld_problem(ld, ppath,
+                   "a rule with a \"lookup\" cannot publish (its keys are known only after "
+                   "the lookup ran); move \"publish\" to a rule without a lookup on %s",
+                   rule->table ? rule->table : "the same table");
+    else if (ntpl == 0 && any_actions)
+        ld_problem(ld, rule->lookup->loc.path,
+                   "a rule with a \"lookup\" needs templates for its result rows; add keys, "
+                   "patterns, tags or versions using the lookup's columns, e.g. "
+                   "\"keys\": [\"team:{team_id}:members\"]");
 }
 
 static void load_rule(Loader *ld, const cJSON *v, const char *path)
@@ -721,7 +894,7 @@ static void load_rule(Loader *ld, const cJSON *v, const char *path)
                    "rule for %s has no actions; add at least one of keys, patterns, "
                    "tags, versions or publish",
                    rule->table ? rule->table : "(no table)");
-    check_images(ld, rule);
+    check_images(ld, rule, path, rc.nactions > 0);
 }
 
 /* ---- loading: top level --------------------------------------------------------- */
@@ -906,6 +1079,15 @@ static void rule_release(Rule *rule)
         free(rule->cols[i]);
     for (size_t i = 0; i < rule->nchanged; i++)
         free(rule->changed_loc[i].path);
+    if (rule->lookup != NULL) {
+        for (size_t i = 0; i < rule->lookup->nargs; i++)
+            tpl_release(&rule->lookup->args[i]);
+        free(rule->lookup->args);
+        free(rule->lookup->sql);
+        free(rule->lookup->loc.path);
+        free(rule->lookup->sql_loc.path);
+        free(rule->lookup);
+    }
     if (rule->cache != NULL)
         free(rule->cache->idx);
     free(rule->cache);
@@ -982,4 +1164,29 @@ bool rules_use_del(const Rules *r)
 const char *rules_tag_prefix(const Rules *r)
 {
     return r ? r->tag_prefix : "tag:";
+}
+
+size_t rules_rule_count(const Rules *r)
+{
+    return r ? r->nrules : 0;
+}
+
+bool rules_lookup_info(const Rules *r, size_t i, RulesLookupInfo *out)
+{
+    const Lookup *lk;
+
+    if (r == NULL || i >= r->nrules || r->rules[i].lookup == NULL)
+        return false;
+    lk = r->rules[i].lookup;
+    *out = (RulesLookupInfo){r->rules[i].table, lk->sql,      lk->nargs,
+                             lk->limit,         lk->loc.line, lk->loc.column};
+    return true;
+}
+
+bool rules_has_lookups(const Rules *r)
+{
+    for (size_t i = 0; r != NULL && i < r->nrules; i++)
+        if (r->rules[i].lookup != NULL)
+            return true;
+    return false;
 }

@@ -123,6 +123,68 @@ void rules_free(Rules *r);
 unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, void *arg,
                     RulesEvalStats *stats);
 
+/* ---- lookups (docs/rules.md "Lookups") ----------------------------------------
+ *
+ * A rule with a `lookup` does not render at decode time (rules_eval() skips
+ * it for row changes; a truncate widens it like any rule). Instead
+ * rules_eval_lookups() reports one call per distinct argument tuple (on an
+ * update whose arguments use {col}: the old and the new image's, once when
+ * equal; a NULL argument value: no call). The caller runs the query later,
+ * after the commit is visible, and renders each result row with
+ * rules_render_lookup(): a bare {name} reads the result row's column of that
+ * name when the result has one (the lookup wins), otherwise the changed
+ * row's; {old.x}/{new.x} always read the changed row. */
+
+/* One lookup to run for one change. All pointers are borrowed for the
+ * duration of the callback (copy what you keep). */
+typedef struct RulesLookupCall {
+    size_t rule; /* rule index (rules_lookup_info()) */
+    RulesOp op;
+    size_t nargs;
+    const char *const *args; /* nargs NUL-terminated argument values */
+    const size_t *arglens;
+    size_t ncols;               /* the rule's referenced columns ... */
+    const RulesValue *old_vals; /* ... their old values (NULL: no old image) */
+    const RulesValue *new_vals; /* ... their new values (NULL: no new image) */
+    bool unknown_args;          /* an argument's value is not carried: do not run, widen */
+} RulesLookupCall;
+
+typedef void (*RulesLookupCallFn)(void *arg, const RulesLookupCall *call);
+
+/* Report (through fn) the lookups the change needs; returns the number of
+ * lookup rules that fired (event, `changed` filter). Same threading caveat
+ * as rules_eval(). */
+unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupCallFn fn,
+                            void *arg);
+
+/* Render call's rule for one lookup result row: fields[0..nfields) are the
+ * result's column names, row[] their values; row NULL renders every
+ * placeholder that names a result column as `*` (widened: emitted as
+ * patterns and counted in stats->widened). Emits like rules_eval() (keys,
+ * patterns, tags, versions; deduplicated within the row). Not while another
+ * rules_eval*() on r is running. */
+void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfields,
+                         const char *const *fields, const RulesValue *row, RulesEmitFn emit,
+                         void *arg, RulesEvalStats *stats);
+
+/* What a rule's lookup is. */
+typedef struct RulesLookupInfo {
+    const char *table; /* the rule's table */
+    const char *sql;
+    size_t nargs;
+    size_t limit;     /* result rows allowed before widening */
+    int line, column; /* of the "lookup" object in the file (0: unknown) */
+} RulesLookupInfo;
+
+/* Number of rules (indexes for rules_lookup_info()). */
+size_t rules_rule_count(const Rules *r);
+
+/* Fill *out for rule i; false when the rule has no lookup. */
+bool rules_lookup_info(const Rules *r, size_t i, RulesLookupInfo *out);
+
+/* Does any rule have a lookup? */
+bool rules_has_lookups(const Rules *r);
+
 /* Does any rule name this table ("schema.table")? */
 bool rules_has_table(const Rules *r, const char *table);
 
@@ -178,6 +240,28 @@ size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupF
 /* The closest of names[0..n) to s (compared case-insensitively), when close
  * enough to be a typo; else NULL. For "did you mean" hints. */
 const char *rules_closest_name(const char *s, const char *const *names, size_t n);
+/* What PostgreSQL says about one lookup (check --pg), for
+ * rules_check_lookup(). */
+typedef struct RulesLookupShape {
+    const char *error; /* PREPARE failed: PostgreSQL's message; NULL when prepared */
+    int error_pos;     /* 1-based character of the SQL the error points at; 0: none */
+    int nparams;
+    size_t nfields;
+    const char *const *fields; /* result column names */
+    size_t ntables;
+    const char *const *tables; /* "schema.table" of every relation the plan reads */
+} RulesLookupShape;
+
+/* Check rule i's lookup against its shape and the rule's table (info may be
+ * NULL when unknown): the SQL prepares, the parameter count matches "args",
+ * every bare placeholder names a result column or a column of the table
+ * but not both (ambiguous: rename with AS or write {new.x}/{old.x}).
+ * Problems go to *problems; tables the lookup reads that no rule covers go
+ * to *warnings (a change there would leave derived keys stale). Returns the
+ * number of problems added. */
+size_t rules_check_lookup(const Rules *r, size_t i, const RulesLookupShape *shape,
+                          const RulesTableInfo *info, RulesProblems *problems,
+                          RulesProblems *warnings);
 
 /* Append the glob-escaped form of s (each of `*?[]\` preceded by `\`) to
  * out, which must have room for 2*len+1 bytes. Returns bytes written

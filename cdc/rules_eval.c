@@ -87,11 +87,15 @@ typedef struct Eval {
     const Rules *r;
     const RulesChange *chg;
     Scratch *sc;
+    const RulesValue *const *lk; /* per rule column: a lookup row's value, or NULL */
 } Eval;
 
 static const RulesValue *seg_value(const Eval *ev, const Rule *rule, const Seg *s, bool any_old)
 {
     bool use_old = s->kind == SEG_OLD || (s->kind == SEG_ANY && any_old);
+
+    if (s->kind == SEG_ANY && ev->lk != NULL && ev->lk[s->col] != NULL)
+        return ev->lk[s->col]; /* a lookup column wins over the row's */
     return col_value(rule, ev->chg, s->col, use_old);
 }
 
@@ -407,7 +411,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
 {
     const TableEnt *te = rules_table_find(r, chg->table);
     RulesEvalStats st = {0, 0, 0};
-    Eval ev = {r, chg, NULL};
+    Eval ev = {r, chg, NULL, NULL};
 
     if (te == NULL || !valid_op(chg->op))
         return 0;
@@ -418,8 +422,8 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     for (size_t i = 0; i < te->nrules; i++) {
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
-        if (!(rule->on & chg->op))
-            continue;
+        if (!(rule->on & chg->op) || (rule->lookup != NULL && chg->op != RULES_TRUNCATE))
+            continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
         resolve_cols(rule, chg);
         if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
             continue;
@@ -437,6 +441,158 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
         stats->emitted += st.emitted;
     }
     return st.matched;
+}
+
+/* ---- lookups: arguments and rendering result rows --------------------------------- */
+
+/* Render the lookup's arguments from one image into b (each value followed
+ * by a NUL) with their lengths in lens. Returns 1 when rendered, 0 when a
+ * value is NULL or an image the template needs does not exist (no call),
+ * -1 when a value is not carried (the lookup cannot run: widen). */
+static int render_args(const Eval *ev, const Rule *rule, bool any_old, Buf *b, size_t *lens)
+{
+    const Lookup *lk = rule->lookup;
+    int rc = 1;
+
+    b->len = 0;
+    for (size_t a = 0; a < lk->nargs; a++) {
+        const Template *t = &lk->args[a];
+        size_t start = b->len;
+        if ((ev->chg->op == RULES_INSERT && (t->uses & USES_OLD)) ||
+            (ev->chg->op == RULES_DELETE && (t->uses & USES_NEW)))
+            return 0; /* as a template: no such image, nothing to look up */
+        for (size_t i = 0; i < t->nsegs; i++) {
+            const Seg *s = &t->segs[i];
+            const RulesValue *v = s->kind == SEG_LIT ? NULL : seg_value(ev, rule, s, any_old);
+            if (v == NULL)
+                buf_put(b, s->text, s->len);
+            else if (v->kind == RULES_VAL_NULL)
+                return 0;
+            else if (v->kind == RULES_VAL_MISSING)
+                rc = -1;
+            else
+                buf_put(b, v->data, v->len);
+        }
+        lens[a] = b->len - start;
+        buf_put(b, "", 0);
+        b->len++;
+    }
+    return rc;
+}
+
+/* Hand one call to fn: arguments in b/lens (unknown when rc < 0), the
+ * rule's columns from both images. */
+static void lookup_call(const Eval *ev, size_t ri, const Buf *b, const size_t *lens, int rc,
+                        RulesLookupCallFn fn, void *arg)
+{
+    const Rule *rule = &ev->r->rules[ri];
+    size_t n = rule->lookup->nargs, off = 0;
+    const char **args = xcalloc(n + 1, sizeof *args);
+    RulesValue *vals = xcalloc(2 * rule->ncols + 1, sizeof *vals);
+    RulesLookupCall call = {ri, ev->chg->op, n, args, lens, rule->ncols, NULL, NULL, rc < 0};
+
+    for (size_t a = 0; a < n; a++) {
+        args[a] = b->data + off;
+        off += lens[a] + 1;
+    }
+    for (size_t k = 0; k < rule->ncols; k++) {
+        vals[k] = *col_value(rule, ev->chg, k, /* use_old= */ true);
+        vals[rule->ncols + k] = *col_value(rule, ev->chg, k, /* use_old= */ false);
+    }
+    call.old_vals = ev->chg->old_vals != NULL ? vals : NULL;
+    call.new_vals = ev->chg->new_vals != NULL ? vals + rule->ncols : NULL;
+    fn(arg, &call);
+    free(vals);
+    free(args);
+}
+
+/* The calls one lookup rule makes for the change: one per distinct
+ * argument tuple among the images the event has. */
+static void lookup_rule_calls(const Eval *ev, size_t ri, RulesLookupCallFn fn, void *arg)
+{
+    const Rule *rule = &ev->r->rules[ri];
+    size_t n = rule->lookup->nargs;
+    bool any = false;
+    Buf b[2] = {{0}, {0}};
+    size_t *lens = xcalloc(2 * n + 1, sizeof *lens);
+    int rc[2] = {0, 0};
+
+    for (size_t a = 0; a < n; a++)
+        any = any || (rule->lookup->args[a].uses & USES_ANY);
+    if (ev->chg->op == RULES_DELETE || (ev->chg->op == RULES_UPDATE && any))
+        rc[0] = render_args(ev, rule, /* any_old= */ true, &b[0], lens);
+    if (ev->chg->op != RULES_DELETE)
+        rc[1] = render_args(ev, rule, /* any_old= */ false, &b[1], lens + n);
+    if (rc[0] != 0 && rc[1] != 0 && rc[0] == rc[1] && b[0].len == b[1].len &&
+        (b[0].len == 0 || memcmp(b[0].data, b[1].data, b[0].len) == 0))
+        rc[0] = 0; /* the same arguments from both images: one call */
+    for (int i = 0; i < 2; i++)
+        if (rc[i] != 0)
+            lookup_call(ev, ri, &b[i], lens + (size_t)i * n, rc[i], fn, arg);
+    free(b[0].data);
+    free(b[1].data);
+    free(lens);
+}
+
+unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupCallFn fn, void *arg)
+{
+    const TableEnt *te = rules_table_find(r, chg->table);
+    Eval ev = {r, chg, NULL, NULL};
+    unsigned fired = 0;
+
+    if (te == NULL || !(chg->op & ROW_OPS))
+        return 0;
+    for (size_t i = 0; i < te->nrules; i++) {
+        size_t ri = te->rules[i];
+        const Rule *rule = &r->rules[ri];
+        if (rule->lookup == NULL || !(rule->on & chg->op))
+            continue;
+        resolve_cols(rule, chg);
+        if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
+            continue;
+        fired++;
+        lookup_rule_calls(&ev, ri, fn, arg);
+    }
+    return fired;
+}
+
+void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfields,
+                         const char *const *fields, const RulesValue *row, RulesEmitFn emit,
+                         void *arg, RulesEvalStats *stats)
+{
+    const Rule *rule = &r->rules[call->rule];
+    const RulesValue **lk = xcalloc(rule->ncols + 1, sizeof *lk);
+    RulesChange fake = {rule->table,
+                        call->op,
+                        rule->ncols,
+                        (const char *const *)rule->cols,
+                        call->old_vals,
+                        call->new_vals,
+                        NULL,
+                        0,
+                        NULL};
+    Eval ev = {r, &fake, r->scratch, NULL};
+    RulesEvalStats st = {0, 0, 0};
+
+    for (size_t k = 0; k < rule->ncols; k++)
+        for (size_t j = 0; j < nfields && lk[k] == NULL; j++)
+            if (fields[j] != NULL && strcmp(fields[j], rule->cols[k]) == 0)
+                lk[k] = row == NULL ? &missing_value : &row[j];
+    ev.lk = lk;
+    ev.sc->strs.len = 0;
+    ev.sc->nitems = 0;
+    ev.sc->nfired = 0;
+    resolve_cols(rule, &fake);
+    for (int k = 0; k < TPL_NKINDS; k++)
+        for (size_t t = 0; t < rule->ntpl[k]; t++)
+            render_template(&ev, call->rule, &rule->tpl[k][t], k);
+    emit_items(&ev, emit, arg, &st);
+    free(lk);
+    if (stats != NULL) {
+        stats->matched += 1;
+        stats->widened += st.widened;
+        stats->emitted += st.emitted;
+    }
 }
 
 /* ---- checking against the live catalog -------------------------------------------- */
@@ -596,7 +752,7 @@ static void col_hint(const RulesTableInfo *info, const char *col, char *out, siz
 
 /* Unknown columns and old values that will not arrive, for one template. */
 static size_t check_template(const Rule *rule, const Template *t, const RulesTableInfo *info,
-                             bool *done, RulesProblems *problems)
+                             bool lookup_tpl, bool *done, RulesProblems *problems)
 {
     bool needs_old = (rule->on & (RULES_UPDATE | RULES_DELETE)) != 0;
     size_t added = 0;
@@ -609,6 +765,8 @@ static size_t check_template(const Rule *rule, const Template *t, const RulesTab
             continue;
         done[s->col] = true;
         col = info_col(info, s->text);
+        if (col < 0 && s->kind == SEG_ANY && lookup_tpl)
+            continue; /* a lookup result column: rules_check_lookup() */
         if (col < 0) {
             char hint[160];
             col_hint(info, s->text, hint, sizeof hint);
@@ -738,7 +896,10 @@ static size_t check_rule(const Rules *r, size_t ri, const char *publication,
     }
     for (int k = 0; k < TPL_NKINDS; k++)
         for (size_t i = 0; i < rule->ntpl[k]; i++)
-            added += check_template(rule, &rule->tpl[k][i], info, done, problems);
+            added +=
+                check_template(rule, &rule->tpl[k][i], info, rule->lookup != NULL, done, problems);
+    for (size_t i = 0; rule->lookup != NULL && i < rule->lookup->nargs; i++)
+        added += check_template(rule, &rule->lookup->args[i], info, false, done, problems);
     free(done);
     return added;
 }
@@ -771,6 +932,100 @@ size_t rules_check_catalog(const Rules *r, const char *publication, RulesLookupF
             continue;
         }
         added += check_rule(r, i, publication, info, problems);
+    }
+    return added;
+}
+
+/* ---- checking a lookup against what PostgreSQL says about it ------------------------ */
+
+static bool has_field(const RulesLookupShape *sh, const char *name)
+{
+    for (size_t j = 0; j < sh->nfields; j++)
+        if (sh->fields[j] != NULL && strcmp(sh->fields[j], name) == 0)
+            return true;
+    return false;
+}
+
+/* Bare placeholders of one template: a result column, or the table's, not both. */
+static size_t check_lookup_template(const Rule *rule, const Template *t, const RulesLookupShape *sh,
+                                    const RulesTableInfo *info, RulesProblems *problems)
+{
+    size_t added = 0;
+    char cols[256];
+
+    for (size_t i = 0; i < t->nsegs; i++) {
+        const Seg *s = &t->segs[i];
+        bool in_result, in_table;
+        if (s->kind != SEG_ANY)
+            continue;
+        in_result = has_field(sh, s->text);
+        in_table = info != NULL && info->exists && info_col(info, s->text) >= 0;
+        if (in_result && in_table) {
+            rules_problem_at(problems, &t->loc,
+                             "rule for %s: {%s} in template \"%s\" is ambiguous: both the "
+                             "lookup's result and %s have a column \"%s\" (the lookup's would "
+                             "be used); rename it in the SQL (SELECT ... AS other_name) or "
+                             "write {new.%s}/{old.%s} for the changed row's",
+                             rule->table, s->text, t->src, rule->table, s->text, s->text, s->text);
+            added++;
+        } else if (!in_result && !in_table) {
+            size_t o = 0;
+            cols[0] = '\0';
+            for (size_t j = 0; j < sh->nfields && o < sizeof cols; j++)
+                o += (size_t)snprintf(cols + o, sizeof cols - o, "%s%s", j ? ", " : "",
+                                      sh->fields[j]);
+            rules_problem_at(problems, &t->loc,
+                             "rule for %s: {%s} in template \"%s\" is neither a column of the "
+                             "lookup's result (%s) nor of %s",
+                             rule->table, s->text, t->src, sh->nfields ? cols : "no columns",
+                             rule->table);
+            added++;
+        }
+    }
+    return added;
+}
+
+size_t rules_check_lookup(const Rules *r, size_t i, const RulesLookupShape *sh,
+                          const RulesTableInfo *info, RulesProblems *problems,
+                          RulesProblems *warnings)
+{
+    const Rule *rule;
+    const Lookup *lk;
+    size_t added = 0;
+
+    if (r == NULL || i >= r->nrules || r->rules[i].lookup == NULL)
+        return 0;
+    rule = &r->rules[i];
+    lk = rule->lookup;
+    if (sh->error != NULL) {
+        char at[64] = "";
+        if (sh->error_pos > 0)
+            snprintf(at, sizeof at, " (at character %d of the SQL)", sh->error_pos);
+        rules_problem_at(problems, &lk->sql_loc,
+                         "rule for %s: the lookup's SQL does not "
+                         "prepare: %s%s",
+                         rule->table, sh->error, at);
+        return 1;
+    }
+    if (sh->nparams != (int)lk->nargs) {
+        rules_problem_at(problems, &lk->loc,
+                         "rule for %s: the lookup's SQL takes %d parameter%s but \"args\" has "
+                         "%zu; give one argument template per parameter, in order",
+                         rule->table, sh->nparams, sh->nparams == 1 ? "" : "s", lk->nargs);
+        added++;
+    }
+    for (int k = 0; k < TPL_NKINDS; k++)
+        for (size_t t = 0; t < rule->ntpl[k]; t++)
+            added += check_lookup_template(rule, &rule->tpl[k][t], sh, info, problems);
+    for (size_t t = 0; t < sh->ntables; t++) {
+        if (rules_table_find(r, sh->tables[t]) != NULL)
+            continue;
+        rules_problem_at(warnings, &lk->loc,
+                         "warning: rule for %s: the lookup reads %s, which has no rule of its own: when "
+                         "a row there changes (a membership added or removed), nothing "
+                         "invalidates the keys derived through it; add a rule on %s for the "
+                         "same keys (e.g. keys rendered from its own columns)",
+                         rule->table, sh->tables[t], sh->tables[t]);
     }
     return added;
 }

@@ -83,6 +83,17 @@ typedef struct ColCache {
     long *idx; /* per Rule.cols entry: the change's column index or -1 */
 } ColCache;
 
+/* A rule's lookup (docs/rules.md "Lookups"): a read-only query whose
+ * result rows feed the rule's templates. */
+typedef struct Lookup {
+    char *sql;      /* as written, trailing whitespace and ';' removed */
+    Template *args; /* rendered from the changed row only */
+    size_t nargs;
+    size_t args_written; /* entries in "args" as written (some may be bad) */
+    size_t limit; /* more result rows than this: widen */
+    SrcLoc loc, sql_loc;
+} Lookup;
+
 typedef struct Rule {
     char *table;
     unsigned on;               /* RulesOp bits */
@@ -95,6 +106,7 @@ typedef struct Rule {
     size_t ncols;
     SrcLoc loc, table_loc;
     ColCache *cache; /* mutable even through a const Rules */
+    Lookup *lookup;  /* NULL: none */
 } Rule;
 
 typedef struct TableEnt {

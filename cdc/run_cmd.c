@@ -24,6 +24,7 @@
 #include "change.h"
 #include "cmds.h"
 #include "log.h"
+#include "lookup_exec.h"
 #include "lsn.h"
 #include "metrics.h"
 #include "notify.h"
@@ -70,6 +71,13 @@ typedef struct Run {
     Visible *vis;            /* xids whose invalidations wait for visibility */
     VisibleStats vis_seen;   /* visible_stats() already counted in metrics */
     uint32_t xid;            /* xid of the transaction being decoded */
+
+    /* Lookups (lookup.h): calls the unflushed batch needs, the executor
+     * (NULL when no rule has a lookup), its retry schedule. */
+    LookupBatch *lk;
+    LookupExec *lkx;
+    Backoff lk_backoff;
+    int64_t lk_retry_at;
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -88,6 +96,8 @@ static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_
 
 static bool sinks_have_ops(const Run *r)
 {
+    if (lookup_batch_calls(r->lk) > 0)
+        return true;
     for (int i = 0; i < r->nsinks; i++)
         if (sink_pending(r->sinks[i]) > 0)
             return true;
@@ -96,6 +106,8 @@ static bool sinks_have_ops(const Run *r)
 
 static bool sinks_dirty(const Run *r)
 {
+    if (lookup_batch_calls(r->lk) > 0)
+        return true;
     for (int i = 0; i < r->nsinks; i++)
         if (sink_dirty(r->sinks[i]))
             return true;
@@ -104,6 +116,8 @@ static bool sinks_dirty(const Run *r)
 
 static bool sinks_full(const Run *r)
 {
+    if (lookup_batch_full(r->lk))
+        return true;
     for (int i = 0; i < r->nsinks; i++)
         if (sink_full(r->sinks[i]))
             return true;
@@ -172,6 +186,63 @@ static void wait_visible(Run *r)
                  "(synchronous replication waiting for a standby?); invalidating anyway");
 }
 
+/* Lookup-derived invalidations go to every target; the batch's commits
+ * were noted for visibility when the lookups were queued. */
+static void emit_derived(void *arg, RulesInvAction action, const char *s, size_t len,
+                         const char *payload, size_t payload_len)
+{
+    Run *r = arg;
+    for (int i = 0; i < r->nsinks; i++)
+        sink_add(r->sinks[i], action, s, len, payload, payload_len);
+}
+
+static void lookup_widened(void *arg, const char *table, unsigned n)
+{
+    Run *r = arg;
+    r->stats.widened += n;
+    metrics_widened(r->metrics, table, n);
+}
+
+/* Run the batch's lookups once its commits are visible, adding what they
+ * derive to every target's batch (docs/rules.md "Lookups"). Returns 0 when
+ * there were none or all ran; -1 when they failed or wait for their retry
+ * time: the batch stays whole and nothing is confirmed past it. */
+static int run_lookups(Run *r)
+{
+    LookupRenderStats st = {0, 0, 0};
+    char lsn[LSN_TEXT_MAX];
+    int ms;
+
+    if (lookup_batch_calls(r->lk) == 0)
+        return 0;
+    if (runtime_now_us() < r->lk_retry_at)
+        return -1;
+    wait_visible(r);
+    if (lookup_exec_run(r->lkx, r->rules, r->lk, emit_derived, lookup_widened, r, keepalive_tick, r,
+                        &st) == 0) {
+        if (r->lk_backoff.attempt > 0)
+            log_info("lookups succeeded after %d retries; resuming", r->lk_backoff.attempt);
+        if (st.over_limit > 0)
+            log_event(LOG_LEVEL_WARN, lsn_format(r->pending_lsn, lsn), NULL,
+                      "%zu lookup(s) returned more rows than their rule's limit; their keys "
+                      "were widened to patterns",
+                      st.over_limit);
+        lookup_batch_clear(r->lk);
+        backoff_reset(&r->lk_backoff);
+        r->lk_retry_at = 0;
+        return 0;
+    }
+    ms = backoff_next(&r->lk_backoff);
+    r->lk_retry_at = runtime_now_us() + (int64_t)ms * 1000;
+    r->stats.retries++;
+    metrics_inc(r->metrics, METRICS_RETRIES, 1);
+    log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+              "%s; retrying in %d ms; nothing is confirmed past this position until the "
+              "lookups succeed (WAL is retained by the slot)",
+              lookup_exec_errstr(r->lkx), ms);
+    return -1;
+}
+
 /* Try every target that holds work and whose retry time has come (each
  * target has its own backoff). A target with nothing queued has applied
  * everything decoded so far. The flush LSN advances to the newest commit
@@ -186,6 +257,8 @@ static int flush_targets(Run *r)
     int holding = 0;
     bool waited = false;
 
+    if (run_lookups(r) != 0)
+        return r->nsinks; /* nothing is applied or confirmed past them */
     for (int i = 0; i < r->nsinks; i++) {
         Sink *s = r->sinks[i];
 
@@ -275,6 +348,12 @@ static int flush_wait_ms(const Run *r, int cap)
 
     if (!r->in_txn && r->pending_lsn > r->acked_lsn && !sinks_have_ops(r))
         return 0; /* a commit without queued work: only needs confirming */
+    if (lookup_batch_calls(r->lk) > 0) {
+        if (r->lk_retry_at <= now)
+            return 0;
+        if (r->lk_retry_at - now < best)
+            best = r->lk_retry_at - now;
+    }
     for (int i = 0; i < r->nsinks; i++) {
         if (!sink_dirty(r->sinks[i]))
             continue;
@@ -345,6 +424,14 @@ static int watermark_hold_ms(const Run *r)
     return left > 0 ? (int)((left + 999) / 1000) : 0;
 }
 
+static void defer_lookup(void *arg, const RulesLookupCall *call)
+{
+    Run *r = arg;
+
+    visible_note(r->vis, r->xid);
+    lookup_batch_add(r->lk, call);
+}
+
 static void apply_change(Run *r, const PgoMsg *m)
 {
     RulesChange chg;
@@ -352,6 +439,8 @@ static void apply_change(Run *r, const PgoMsg *m)
 
     change_from_pgo(&r->cbuf, &r->txn, m, &chg);
     rules_eval(r->rules, &chg, emit_to_sinks, r, &st);
+    if (r->lkx != NULL)
+        (void)rules_eval_lookups(r->rules, &chg, defer_lookup, r);
     r->stats.changes++;
     metrics_change(r->metrics, chg.table,
                    chg.op == RULES_INSERT ? "insert" : chg.op == RULES_UPDATE ? "update" : "delete");
@@ -507,6 +596,9 @@ static int startup_check(void *arg, PGconn *conn)
     return 0;
 }
 
+/* statement_timeout of the lookup connection. */
+#define RUN_LOOKUP_TIMEOUT_MS 5000
+
 static void reload_rules(Run *r)
 {
     Rules *fresh;
@@ -533,6 +625,15 @@ static void reload_rules(Run *r)
         return;
     }
     PQfinish(conn);
+    if (lookup_batch_calls(r->lk) > 0) {
+        /* Queued calls belong to the old rules: apply them widened. */
+        log_warn("rules reload: %zu queued lookup(s) applied widened to patterns",
+                 lookup_batch_calls(r->lk));
+        lookup_batch_widen(r->lk, r->rules, emit_derived, lookup_widened, r);
+        lookup_batch_clear(r->lk);
+    }
+    if (r->lkx == NULL && rules_has_lookups(fresh))
+        r->lkx = lookup_exec_new(r->cfg->pg, RUN_LOOKUP_TIMEOUT_MS);
     rules_free(r->rules);
     r->rules = fresh;
     for (int i = 0; i < r->nsinks; i++)
@@ -748,6 +849,8 @@ static void run_free(Run *r)
 {
     metrics_free(r->metrics);
     visible_free(r->vis);
+    lookup_exec_free(r->lkx);
+    lookup_batch_free(r->lk);
     free(r->commit_times);
     for (int i = 0; i < r->nsinks; i++)
         sink_free(r->sinks[i]);
@@ -771,6 +874,9 @@ int cmd_run(const Config *cfg)
     runtime_signals();
     r.metrics = metrics_new();
     r.vis = visible_new(cfg->pg);
+    r.lk = lookup_batch_new();
+    if (rules_has_lookups(r.rules))
+        r.lkx = lookup_exec_new(cfg->pg, RUN_LOOKUP_TIMEOUT_MS);
     r.commit_times = malloc(COMMIT_SAMPLES * sizeof *r.commit_times);
     if (r.commit_times == NULL)
         abort();

@@ -1,0 +1,335 @@
+/*
+ * lookup_exec.c — running lookups on a read-only connection (see
+ * lookup_exec.h). Statements are named walbust_lookup_<rule index> and
+ * remembered with the text they were prepared from, so a rules reload that
+ * changes a lookup re-prepares it. Results of a whole run are kept until
+ * every query succeeded, then rendered at once.
+ */
+#include "lookup_exec.h"
+
+#include <errno.h>
+#include <libpq-fe.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mem.h"
+#include "runtime.h"
+#include "stream.h"
+
+typedef struct Stmt {
+    char *sql; /* the wrapped text it was prepared from; NULL: not prepared */
+    size_t nfields;
+    char **fields;
+} Stmt;
+
+struct LookupExec {
+    char *conninfo;
+    int timeout_ms;
+    PGconn *conn;
+    Stmt *stmts; /* per rule index */
+    size_t nstmts;
+    char errstr[1024];
+    LookupExecStats stats;
+};
+
+LookupExec *lookup_exec_new(const char *conninfo, int timeout_ms)
+{
+    LookupExec *x = xcalloc(1, sizeof *x);
+
+    x->conninfo = xstrdup(conninfo ? conninfo : "");
+    x->timeout_ms = timeout_ms > 0 ? timeout_ms : 5000;
+    return x;
+}
+
+static void stmt_forget(Stmt *s)
+{
+    for (size_t i = 0; i < s->nfields; i++)
+        free(s->fields[i]);
+    free(s->fields);
+    free(s->sql);
+    memset(s, 0, sizeof *s);
+}
+
+/* Drop the connection and with it every prepared statement. */
+static void drop_conn(LookupExec *x)
+{
+    if (x->conn != NULL)
+        PQfinish(x->conn);
+    x->conn = NULL;
+    for (size_t i = 0; i < x->nstmts; i++)
+        stmt_forget(&x->stmts[i]);
+}
+
+void lookup_exec_free(LookupExec *x)
+{
+    if (x == NULL)
+        return;
+    drop_conn(x);
+    free(x->stmts);
+    free(x->conninfo);
+    free(x);
+}
+
+/* PostgreSQL's message for the connection or a result, one line. */
+static void pg_msg(const PGconn *conn, const PGresult *res, char *out, size_t n)
+{
+    const char *m = res != NULL ? PQresultErrorMessage(res) : "";
+
+    if (m == NULL || m[0] == '\0')
+        m = conn != NULL ? PQerrorMessage(conn) : "no connection";
+    snprintf(out, n, "%s", m);
+    out[strcspn(out, "\n")] = '\0';
+}
+
+static int fail(LookupExec *x, const char *what, const PGresult *res)
+{
+    char msg[768];
+
+    pg_msg(x->conn, res, msg, sizeof msg);
+    snprintf(x->errstr, sizeof x->errstr, "%s: %s", what, msg);
+    x->stats.errors++;
+    drop_conn(x);
+    return -1;
+}
+
+static int ensure_conn(LookupExec *x)
+{
+    char sql[256];
+    PGresult *res;
+
+    if (x->conn != NULL && PQstatus(x->conn) == CONNECTION_OK)
+        return 0;
+    drop_conn(x);
+    x->conn = stream_plain_connect(x->conninfo, x->errstr, sizeof x->errstr);
+    if (x->conn == NULL) {
+        x->stats.errors++;
+        return -1;
+    }
+    snprintf(sql, sizeof sql,
+             "SET default_transaction_read_only = on; SET statement_timeout = %d; "
+             "SET application_name = 'walbust lookup'",
+             x->timeout_ms);
+    res = PQexec(x->conn, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = fail(x, "could not set up the lookup connection", res);
+        PQclear(res);
+        return rc;
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* Prepare rule ri's lookup unless prepared from the same text. */
+static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
+{
+    RulesLookupInfo info;
+    char name[64], what[256];
+    char *sql;
+    PGresult *res;
+    Stmt *s;
+
+    if (!rules_lookup_info(r, ri, &info)) {
+        snprintf(x->errstr, sizeof x->errstr, "rule %zu has no lookup", ri);
+        return -1;
+    }
+    if (ri >= x->nstmts) {
+        x->stmts = xrealloc(x->stmts, (ri + 1) * sizeof *x->stmts);
+        memset(x->stmts + x->nstmts, 0, (ri + 1 - x->nstmts) * sizeof *x->stmts);
+        x->nstmts = ri + 1;
+    }
+    s = &x->stmts[ri];
+    sql = lookup_wrap_sql(info.sql, info.limit);
+    if (s->sql != NULL && strcmp(s->sql, sql) == 0) {
+        free(sql);
+        return 0;
+    }
+    snprintf(name, sizeof name, "walbust_lookup_%zu", ri);
+    snprintf(what, sizeof what, "lookup of the rule for %s (rules file line %d)", info.table,
+             info.line);
+    if (s->sql != NULL) {
+        char dealloc[96];
+        snprintf(dealloc, sizeof dealloc, "DEALLOCATE %s", name);
+        PQclear(PQexec(x->conn, dealloc));
+        stmt_forget(s);
+    }
+    res = PQprepare(x->conn, name, sql, 0, NULL);
+    free(sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = fail(x, what, res);
+        PQclear(res);
+        return rc;
+    }
+    PQclear(res);
+    res = PQdescribePrepared(x->conn, name);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = fail(x, what, res);
+        PQclear(res);
+        return rc;
+    }
+    s->nfields = (size_t)PQnfields(res);
+    s->fields = xcalloc(s->nfields + 1, sizeof *s->fields);
+    for (size_t i = 0; i < s->nfields; i++)
+        s->fields[i] = xstrdup(PQfname(res, (int)i));
+    PQclear(res);
+    s->sql = lookup_wrap_sql(info.sql, info.limit);
+    return 0;
+}
+
+/* Wait until a result can be read without blocking. */
+static int wait_ready(LookupExec *x, int64_t deadline, void (*tick)(void *), void *targ)
+{
+    while (PQisBusy(x->conn)) {
+        int64_t left = deadline - runtime_now_us();
+        struct pollfd pfd = {.fd = PQsocket(x->conn), .events = POLLIN};
+        int rc;
+
+        if (left <= 0 || runtime_stop) {
+            snprintf(x->errstr, sizeof x->errstr, "lookups got no reply within %d ms",
+                     x->timeout_ms + 2000);
+            x->stats.errors++;
+            drop_conn(x);
+            return -1;
+        }
+        rc = poll(&pfd, 1, left > 100000 ? 100 : (int)((left + 999) / 1000));
+        if (rc < 0 && errno != EINTR) {
+            snprintf(x->errstr, sizeof x->errstr, "poll: %s", strerror(errno));
+            x->stats.errors++;
+            drop_conn(x);
+            return -1;
+        }
+        if (rc == 0 && tick != NULL)
+            tick(targ);
+        if (rc > 0 && !PQconsumeInput(x->conn))
+            return fail(x, "lookup connection", NULL);
+    }
+    return 0;
+}
+
+/* Send queries [from, to) in one pipeline and collect their results. */
+static int run_chunk(LookupExec *x, const Rules *r, const LookupBatch *b, size_t from, size_t to,
+                     PGresult **out, void (*tick)(void *), void *targ)
+{
+    int64_t deadline = runtime_now_us() + (int64_t)(x->timeout_ms + 2000) * 1000;
+    PGresult *res;
+
+    if (!PQenterPipelineMode(x->conn))
+        return fail(x, "could not enter pipeline mode", NULL);
+    for (size_t q = from; q < to; q++) {
+        LookupQuery lq;
+        char name[64];
+        lookup_batch_query(b, q, &lq);
+        if (!lq.run)
+            continue;
+        snprintf(name, sizeof name, "walbust_lookup_%zu", lq.rule);
+        if (!PQsendQueryPrepared(x->conn, name, (int)lq.nargs, lq.args, lq.arglens, NULL, 0))
+            return fail(x, "could not send a lookup", NULL);
+        x->stats.queries++;
+    }
+    if (!PQpipelineSync(x->conn))
+        return fail(x, "could not send a lookup", NULL);
+    x->stats.round_trips++;
+    for (size_t q = from; q < to; q++) {
+        LookupQuery lq;
+        lookup_batch_query(b, q, &lq);
+        if (!lq.run)
+            continue;
+        if (wait_ready(x, deadline, tick, targ) != 0)
+            return -1;
+        res = PQgetResult(x->conn);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            RulesLookupInfo info = {0};
+            char what[256];
+            int rc;
+            (void)rules_lookup_info(r, lq.rule, &info);
+            snprintf(what, sizeof what, "lookup of the rule for %s (rules file line %d) failed",
+                     info.table ? info.table : "?", info.line);
+            rc = fail(x, what, res);
+            PQclear(res);
+            return rc;
+        }
+        out[q] = res;
+        if (wait_ready(x, deadline, tick, targ) != 0)
+            return -1;
+        PQclear(PQgetResult(x->conn)); /* the NULL that ends this query's results */
+    }
+    if (wait_ready(x, deadline, tick, targ) != 0)
+        return -1;
+    res = PQgetResult(x->conn);
+    if (PQresultStatus(res) != PGRES_PIPELINE_SYNC) {
+        int rc = fail(x, "lookup pipeline", res);
+        PQclear(res);
+        return rc;
+    }
+    PQclear(res);
+    if (!PQexitPipelineMode(x->conn))
+        return fail(x, "could not leave pipeline mode", NULL);
+    return 0;
+}
+
+/* Rows of one result as RulesValues (borrowing res). */
+static void rows_of(const PGresult *res, const Stmt *s, LookupRows *out, RulesValue **vals)
+{
+    size_t nf = s->nfields, nr = res != NULL ? (size_t)PQntuples(res) : 0;
+
+    *vals = xcalloc(nf * nr + 1, sizeof **vals);
+    for (size_t i = 0; i < nr; i++)
+        for (size_t j = 0; j < nf; j++) {
+            RulesValue *v = &(*vals)[i * nf + j];
+            if (PQgetisnull(res, (int)i, (int)j))
+                *v = (RulesValue){RULES_VAL_NULL, NULL, 0};
+            else
+                *v = (RulesValue){RULES_VAL_TEXT, PQgetvalue(res, (int)i, (int)j),
+                                  (size_t)PQgetlength(res, (int)i, (int)j)};
+        }
+    *out = (LookupRows){nf, (const char *const *)s->fields, nr, *vals};
+}
+
+int lookup_exec_run(LookupExec *x, const Rules *r, const LookupBatch *b, RulesEmitFn emit,
+                    LookupWidenedFn widened, void *arg, void (*tick)(void *), void *targ,
+                    LookupRenderStats *st)
+{
+    size_t n = lookup_batch_queries(b);
+    PGresult **res = xcalloc(n + 1, sizeof *res);
+    LookupRows *rows = xcalloc(n + 1, sizeof *rows);
+    RulesValue **vals = xcalloc(n + 1, sizeof *vals);
+    int rc;
+
+    x->errstr[0] = '\0';
+    rc = ensure_conn(x);
+    for (size_t q = 0; rc == 0 && q < n; q++) {
+        LookupQuery lq;
+        lookup_batch_query(b, q, &lq);
+        rc = ensure_stmt(x, r, lq.rule);
+    }
+    for (size_t q = 0; rc == 0 && q < n; q += LOOKUP_EXEC_PIPELINE)
+        rc = run_chunk(x, r, b, q, q + LOOKUP_EXEC_PIPELINE < n ? q + LOOKUP_EXEC_PIPELINE : n, res,
+                       tick, targ);
+    if (rc == 0) {
+        for (size_t q = 0; q < n; q++) {
+            LookupQuery lq;
+            lookup_batch_query(b, q, &lq);
+            rows_of(res[q], &x->stmts[lq.rule], &rows[q], &vals[q]);
+        }
+        lookup_batch_render(b, r, rows, emit, widened, arg, st);
+    }
+    for (size_t q = 0; q < n; q++) {
+        PQclear(res[q]);
+        free(vals[q]);
+    }
+    free(res);
+    free(rows);
+    free(vals);
+    return rc;
+}
+
+const LookupExecStats *lookup_exec_stats(const LookupExec *x)
+{
+    return &x->stats;
+}
+
+const char *lookup_exec_errstr(const LookupExec *x)
+{
+    return x->errstr;
+}

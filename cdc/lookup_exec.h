@@ -1,0 +1,48 @@
+/*
+ * lookup_exec.h — running a batch's lookups on PostgreSQL.
+ *
+ * A separate connection, read-only (default_transaction_read_only) with a
+ * statement_timeout, opened lazily. Each lookup rule's SQL is prepared once
+ * per connection, wrapped to return at most limit + 1 rows
+ * (lookup_wrap_sql()). A batch's distinct queries are sent in pipeline mode
+ * (up to LOOKUP_EXEC_PIPELINE per round trip), so a flush costs one round
+ * trip per 128 distinct lookups instead of one per changed row. Any error —
+ * a query, the connection, the client-side deadline — fails the whole run
+ * and drops the connection (re-prepared on the next try): the caller keeps
+ * the batch, retries with backoff, and confirms nothing past it.
+ */
+#ifndef WALBUST_LOOKUP_EXEC_H
+#define WALBUST_LOOKUP_EXEC_H
+
+#include "lookup.h"
+#include "rules.h"
+
+#define LOOKUP_EXEC_PIPELINE 128
+
+typedef struct LookupExec LookupExec;
+
+/* An executor for conninfo (copied), with a per-statement timeout (ms; the
+ * client gives up 2 s after it). Never NULL; connects on first use. */
+LookupExec *lookup_exec_new(const char *conninfo, int timeout_ms);
+
+void lookup_exec_free(LookupExec *x); /* accepts NULL */
+
+/* Run every query of b for rules r and render the results through emit
+ * and widened (lookup_batch_render()). tick(arg) is called about every
+ * 100 ms while waiting. Returns 0 when everything was rendered (the caller
+ * then clears b), -1 otherwise (nothing emitted; lookup_exec_errstr()). */
+int lookup_exec_run(LookupExec *x, const Rules *r, const LookupBatch *b, RulesEmitFn emit,
+                    LookupWidenedFn widened, void *arg, void (*tick)(void *), void *targ,
+                    LookupRenderStats *st);
+
+/* Round trips (pipeline syncs) and queries sent since lookup_exec_new(). */
+typedef struct LookupExecStats {
+    unsigned long long round_trips, queries, errors;
+} LookupExecStats;
+
+const LookupExecStats *lookup_exec_stats(const LookupExec *x);
+
+/* Why the last run failed; "" after a success. */
+const char *lookup_exec_errstr(const LookupExec *x);
+
+#endif
