@@ -4,7 +4,9 @@
  * Reads an existing slot without ever confirming (so a second run shows the
  * same changes), or, without --slot, a temporary slot that starts now. With
  * --rules each line also lists the invalidations the rules would produce: a
- * dry run, nothing is written to Redis.
+ * dry run, nothing is written to Redis. Rules with a lookup run it as the
+ * change is printed (on a read-only connection: the database as it is now,
+ * not as of the commit); the keys it derives are listed with the rest.
  */
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -15,6 +17,7 @@
 #include "change.h"
 #include "cmds.h"
 #include "log.h"
+#include "lookup_exec.h"
 #include "lsn.h"
 #include "pgo.h"
 #include "runtime.h"
@@ -31,6 +34,9 @@ typedef struct Decode {
     uint64_t until;
     bool done;
     cJSON *inv; /* invalidations of the current line, with --rules */
+    LookupBatch *lk;
+    LookupExec *lkx; /* NULL unless a rule has a lookup */
+    unsigned lk_widened;
 } Decode;
 
 static void print_line(cJSON *o)
@@ -107,6 +113,9 @@ static void collect(void *arg, RulesInvAction action, const char *s, size_t len,
     (void)len;
     if (arr == NULL)
         arr = cJSON_AddArrayToObject(d->inv, action_names[action]);
+    for (const cJSON *e = arr->child; action != RULES_INV_PUBLISH && e != NULL; e = e->next)
+        if (cJSON_IsString(e) && strcmp(e->valuestring, s) == 0)
+            return; /* several lookup rows rendered it */
     if (action == RULES_INV_PUBLISH) {
         cJSON *p = mem_check(cJSON_CreateObject());
         copy = xstrndup(payload, payload_len);
@@ -119,6 +128,28 @@ static void collect(void *arg, RulesInvAction action, const char *s, size_t len,
     cJSON_AddItemToArray(arr, cJSON_CreateString(s));
 }
 
+static void defer_lookup(void *arg, const RulesLookupCall *call)
+{
+    lookup_batch_add(((Decode *)arg)->lk, call);
+}
+
+static void lookup_widened(void *arg, const char *table, unsigned n)
+{
+    (void)table;
+    ((Decode *)arg)->lk_widened += n;
+}
+
+/* Run the change's lookups now and list what they derive. */
+static void add_lookups(Decode *d, const RulesChange *chg)
+{
+    if (d->lkx == NULL || rules_eval_lookups(d->rules, chg, defer_lookup, d) == 0)
+        return;
+    if (lookup_batch_calls(d->lk) > 0 &&
+        lookup_exec_run(d->lkx, d->rules, d->lk, collect, lookup_widened, d, NULL, NULL, NULL))
+        cJSON_AddStringToObject(d->inv, "lookup_error", lookup_exec_errstr(d->lkx));
+    lookup_batch_clear(d->lk);
+}
+
 static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
 {
     RulesEvalStats st = {0};
@@ -126,7 +157,10 @@ static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
     if (d->rules == NULL)
         return;
     d->inv = mem_check(cJSON_CreateObject());
+    d->lk_widened = 0;
     rules_eval(d->rules, chg, collect, d, &st);
+    add_lookups(d, chg);
+    st.widened += d->lk_widened;
     if (st.widened > 0)
         cJSON_AddNumberToObject(d->inv, "widened", st.widened);
     cJSON_AddItemToObject(line, "invalidations", d->inv);
@@ -290,6 +324,9 @@ int cmd_decode(const Config *cfg)
     }
     if (cfg->rules != NULL && (d.rules = cmd_load_rules(cfg->rules, stderr)) == NULL)
         return 1;
+    d.lk = lookup_batch_new();
+    if (rules_has_lookups(d.rules))
+        d.lkx = lookup_exec_new(cfg->pg, 5000);
     if (!cfg->slot_given) {
         snprintf(tmpslot, sizeof tmpslot, "walbust_decode_%d", (int)getpid());
         sc.slot = tmpslot;
@@ -320,6 +357,8 @@ int cmd_decode(const Config *cfg)
     stream_free(s);
     pgo_free(d.dec);
     change_buf_release(&d.cbuf);
+    lookup_exec_free(d.lkx);
+    lookup_batch_free(d.lk);
     rules_free(d.rules);
     return rc;
 }

@@ -804,8 +804,7 @@ static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
         ld_problem(ld, seen[1] ? apath : path,
                    "the lookup's SQL uses parameters up to $%zu but \"args\" has %zu "
                    "entr%s; give one argument template per parameter, in order",
-                   used, rule->lookup->args_written,
-                   rule->lookup->args_written == 1 ? "y" : "ies");
+                   used, rule->lookup->args_written, rule->lookup->args_written == 1 ? "y" : "ies");
 }
 
 static const FieldSpec rule_fields[] = {

@@ -1020,12 +1020,13 @@ size_t rules_check_lookup(const Rules *r, size_t i, const RulesLookupShape *sh,
     for (size_t t = 0; t < sh->ntables; t++) {
         if (rules_table_find(r, sh->tables[t]) != NULL)
             continue;
-        rules_problem_at(warnings, &lk->loc,
-                         "warning: rule for %s: the lookup reads %s, which has no rule of its own: when "
-                         "a row there changes (a membership added or removed), nothing "
-                         "invalidates the keys derived through it; add a rule on %s for the "
-                         "same keys (e.g. keys rendered from its own columns)",
-                         rule->table, sh->tables[t], sh->tables[t]);
+        rules_problem_at(
+            warnings, &lk->loc,
+            "warning: rule for %s: the lookup reads %s, which has no rule of its own: when "
+            "a row there changes (a membership added or removed), nothing "
+            "invalidates the keys derived through it; add a rule on %s for the "
+            "same keys (e.g. keys rendered from its own columns)",
+            rule->table, sh->tables[t], sh->tables[t]);
     }
     return added;
 }

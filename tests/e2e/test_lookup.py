@@ -11,6 +11,7 @@ Run by hand:
   make && scripts/stack start /tmp/me-stack && . /tmp/me-stack/env &&
   WALBUST_BIN=$PWD/build/walbust /usr/bin/python3 tests/e2e/test_lookup.py
 """
+import json
 import os
 import re
 import subprocess
@@ -205,6 +206,41 @@ def test_failing_lookup_is_retried_and_never_confirmed_past():
         e.close()
 
 
+def test_decode_dry_run_runs_lookups():
+    """decode --rules lists lookup-derived keys beside the direct ones, with
+    the lookup run against the database as it is now; nothing touches
+    Redis; a failing lookup is reported on the line."""
+    e = Env("decode", 4, [user_rule(), MEMBER_RULE, USER_KEY_RULE])
+    try:
+        e.seed([1], [10, 11], [(10, 1), (11, 1)])
+        e.q("SELECT pg_create_logical_replication_slot('dec', 'pgoutput')")
+        e.setkeys(*TEAM_KEYS)
+        e.q("UPDATE users SET name = 'Ada' WHERE id = 1")
+        until = sql(e.db, "SELECT pg_current_wal_lsn()::text", fetch=True)[0][0]
+
+        def decode():
+            p = subprocess.run([BIN, "decode", "--pg", dsn(e.db), "--rules", e.rules, "--slot",
+                                "dec", "--publication", "walbust", "--until", until],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, (p.returncode, p.stderr)
+            return [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+
+        lines = decode()
+        assert [ln["op"] for ln in lines] == ["update"], lines
+        inv = lines[0]["invalidations"]
+        assert inv["keys"] == ["user:1", "team:10:members", "team:11:members"], inv
+        assert "lookup_error" not in inv, inv
+        assert e.existing(TEAM_KEYS) == TEAM_KEYS, "decode touched Redis"
+        e.q("ALTER TABLE team_members RENAME TO team_members_away")
+        inv = decode()[0]["invalidations"]
+        assert inv["keys"] == ["user:1"], inv
+        assert "team_members" in inv["lookup_error"], inv
+    finally:
+        e.close()
+        sql("postgres", "SELECT pg_drop_replication_slot('dec') FROM pg_replication_slots "
+                        "WHERE slot_name = 'dec' AND database = %s", (e.db,))
+
+
 def check(db, rules):
     path = write_rules({"rules": rules})
     p = subprocess.run([BIN, "check", "--rules", path, "--pg", dsn(db)], capture_output=True,
@@ -263,7 +299,7 @@ def main():
     t = Runner("test_lookup")
     for fn in (test_fan_out_exactly_the_users_teams, test_over_limit_widens_to_pattern,
                test_failing_lookup_is_retried_and_never_confirmed_past,
-               test_check_pg_prepares_lookups):
+               test_decode_dry_run_runs_lookups, test_check_pg_prepares_lookups):
         if not sys.argv[1:] or any(a in fn.__name__ for a in sys.argv[1:]):
             t.run(fn)
     t.done()
