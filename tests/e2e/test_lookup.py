@@ -13,6 +13,8 @@ Run by hand:
 """
 import json
 import os
+import socket
+import urllib.request
 import re
 import subprocess
 import sys
@@ -61,8 +63,11 @@ class Env:
         self.r.flushdb()
         self.wb = None
 
-    def start(self):
-        self.wb = Walbust(self.db, self.rules, redis_urls=[self.url]).start()
+    def start(self, metrics_port=None):
+        self.wb = Walbust(self.db, self.rules, redis_urls=[self.url])
+        if metrics_port is not None:
+            self.wb.args[self.wb.args.index("--metrics") + 1] = f"127.0.0.1:{metrics_port}"
+        self.wb.start()
         self.wb.wait_streaming()
         return self
 
@@ -93,6 +98,20 @@ class Env:
                                    fetch=True), 20, "the slot to be released")
         sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                         "WHERE database = %s AND active_pid IS NULL", (self.db,))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(port, name):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def lsn_le(db, a, b):
@@ -148,7 +167,9 @@ def test_over_limit_widens_to_pattern():
     e = Env("limit", 2, [user_rule(limit=2), MEMBER_RULE])
     try:
         e.seed([1, 2], [10, 11, 12, 13], [(10, 1), (11, 1), (12, 1), (13, 2)])
-        e.start()
+        port = free_port()
+        e.start(metrics_port=port)
+        widened = 'walbust_widened_total{table="public.users"}'
         e.setkeys(*TEAM_KEYS, "unrelated:1", "team:10:other")
         # Within the limit (user 2: one team): exact.
         e.q("UPDATE users SET name = 'Bo' WHERE id = 2")
@@ -156,6 +177,7 @@ def test_over_limit_widens_to_pattern():
         barrier(e.db, e.r)
         assert e.existing(TEAM_KEYS) == TEAM_KEYS[:3]
         assert "widened" not in e.wb.read_log()
+        assert metric(port, widened) == 0
         # Over the limit (user 1: three teams > 2): widened to team:*:members.
         e.setkeys(*TEAM_KEYS)
         e.q("UPDATE users SET name = 'Ada' WHERE id = 1")
@@ -165,6 +187,7 @@ def test_over_limit_widens_to_pattern():
         log = e.wb.read_log()
         assert re.search(r"1 lookup\(s\) returned more rows than their rule's limit", log), \
             log[-2000:]
+        wait_until(lambda: metric(port, widened) == 1, 10, "walbust_widened_total to count it")
     finally:
         e.close()
 
