@@ -12,7 +12,7 @@ FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         build-essential pkg-config \
-        libpq-dev libhiredis-dev libcjson-dev libmicrohttpd-dev libsystemd-dev \
+        libpq-dev libhiredis-dev libcjson-dev libmicrohttpd-dev libsystemd-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what `make build/walbust` reads (see .dockerignore for the rest).
@@ -27,7 +27,7 @@ RUN make -j"$(nproc)" build/walbust \
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        libpq5 libhiredis0.14 libcjson1 libmicrohttpd12 libsystemd0 \
+        libpq5 libhiredis0.14 libcjson1 libmicrohttpd12 libsystemd0 libssl3 \
         ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --no-create-home --home-dir /nonexistent \

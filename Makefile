@@ -3,7 +3,7 @@
 CC      ?= cc
 CFLAGS  ?= -O2 -g
 BUILD   ?= build
-PKGS     = libpq hiredis libcjson libmicrohttpd libsystemd
+PKGS     = libpq hiredis libcjson libmicrohttpd libsystemd openssl
 # Messages are deliberately cut to their buffers, so truncation is not an error.
 WARN     = -std=c11 -Wall -Wextra -Wstrict-prototypes -Wwrite-strings -Werror -Wno-format-truncation
 CPPFLAGS += -D_GNU_SOURCE -Icdc -I$(BUILD)/gen $(shell pkg-config --cflags $(PKGS))
@@ -26,7 +26,8 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
             cdc/metrics.c cdc/notify.c cdc/cluster.c cdc/visible.c \
             cdc/pubplan.c \
-            cdc/lookup_exec.c
+            cdc/lookup_exec.c \
+            cdc/rconn.c cdc/sentinel.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -34,7 +35,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -74,7 +75,9 @@ $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/ob
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o
 $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
-$(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o
+$(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o $(BUILD)/obj/rconn.o
+$(BUILD)/tests/test_rconn: $(BUILD)/obj/rconn.o
+$(BUILD)/tests/test_sentinel: $(BUILD)/obj/sentinel.o $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
                            $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/obj/mem.o
@@ -87,7 +90,8 @@ unit: $(UNIT_BINS)
 
 # The Redis sink against a real Redis named by WALBUST_REDIS (scripts/stack).
 $(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/redisurl.o \
-                          $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o $(BUILD)/obj/mem.o
+                          $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o $(BUILD)/obj/mem.o \
+                          $(BUILD)/obj/rconn.o $(BUILD)/obj/sentinel.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)
@@ -128,7 +132,7 @@ broken:
 # The randomized fault campaign (tests/faults/README.md) on its own stack;
 # faults-broken must find missed invalidations in build/broken/walbust.
 FAULT_ROUNDS ?= 20
-.PHONY: faults faults-broken
+.PHONY: faults faults-broken faults-tls
 faults: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --rounds $(FAULT_ROUNDS)
@@ -137,6 +141,11 @@ faults: deps $(BUILD)/walbust
 faults-cluster: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --cluster --rounds $(FAULT_ROUNDS)
+
+# The campaign with walbust reaching Redis over mutual TLS (rediss://).
+faults-tls: deps $(BUILD)/walbust
+	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
+	    --tls --rounds $(FAULT_ROUNDS)
 
 faults-broken: deps broken
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --broken

@@ -13,17 +13,17 @@
  * queue order (per node that is the order they were sent in). Redirects
  * make another round; anything else that is not a clean reply fails the
  * batch once every reply of the round has been read, so every connection
- * that survives stays in sync.
+ * that survives stays in sync. Connections are rconn.c's (TCP or TLS);
+ * this file never sees a socket.
  */
 #include "cluster.h"
 #include "mem.h"
+#include "rconn.h"
 
-#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 
 #define CLUSTER_MAX_ROUNDS 8 /* redirects followed per exec */
 #define CLUSTER_NO_NODE (-1)
@@ -34,7 +34,7 @@ typedef struct ClusterNode {
     char host[256];
     int port;
     char addr[300]; /* "host:port", IPv6 bracketed */
-    redisContext *ctx;
+    Rconn *ctx;
     bool master;
     unsigned replicas; /* for a master: replicas in the map */
 } ClusterNode;
@@ -253,15 +253,8 @@ static int node_for(Cluster *c, const char *host, int port)
 
 static void node_close(Cluster *c, int id)
 {
-    if (c->nodes[id].ctx != NULL)
-        redisFree(c->nodes[id].ctx);
+    rconn_close(c->nodes[id].ctx);
     c->nodes[id].ctx = NULL;
-}
-
-static struct timeval ms_to_tv(int ms)
-{
-    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
-    return tv;
 }
 
 /* Record an I/O failure on node id during `what`, drop its connection and
@@ -269,18 +262,15 @@ static struct timeval ms_to_tv(int ms)
 static void node_io_fail(Cluster *c, int id, const char *what)
 {
     ClusterNode *nd = &c->nodes[id];
-    int saved = errno;
-    bool timeout = nd->ctx->err == REDIS_ERR_IO && (saved == EAGAIN || saved == EWOULDBLOCK ||
-                                                    strcmp(nd->ctx->errstr, strerror(EAGAIN)) == 0);
 
-    if (timeout)
+    if (rconn_timed_out(nd->ctx))
         set_err(c,
                 "redis cluster node %s did not answer %s within %d ms (command timeout); "
                 "the connection was closed",
                 nd->addr, what, c->cfg.command_timeout_ms);
     else
         set_err(c, "redis I/O error at cluster node %s during %s: %s", nd->addr, what,
-                nd->ctx->errstr[0] ? nd->ctx->errstr : "connection lost");
+                rconn_errstr(nd->ctx));
     node_close(c, id);
     c->need_refresh = true;
 }
@@ -289,68 +279,37 @@ static void node_io_fail(Cluster *c, int id, const char *what)
 static int node_command(Cluster *c, int id, const char *what, int argc, const char **argv,
                         const size_t *lens, redisReply **out)
 {
-    void *r = NULL;
-
-    if (redisAppendCommandArgv(c->nodes[id].ctx, argc, argv, lens) != REDIS_OK)
-        mem_oom();
-    if (redisGetReply(c->nodes[id].ctx, &r) != REDIS_OK || r == NULL) {
+    if (rconn_command(c->nodes[id].ctx, out, argc, argv, lens) < 0) {
         node_io_fail(c, id, what);
         return -1;
     }
-    *out = r;
     return 0;
 }
 
-static int node_auth(Cluster *c, int id)
-{
-    const char *argv[3] = {"AUTH"};
-    size_t lens[3] = {4};
-    int argc = 1;
-    redisReply *r;
-
-    if (c->cfg.user[0] != '\0') {
-        argv[argc] = c->cfg.user;
-        lens[argc++] = strlen(c->cfg.user);
-    }
-    argv[argc] = c->cfg.password;
-    lens[argc++] = strlen(c->cfg.password);
-    if (node_command(c, id, "AUTH", argc, argv, lens, &r) < 0)
-        return -1;
-    if (r->type != REDIS_REPLY_STATUS) {
-        set_err(c, "redis AUTH failed at cluster node %s: %s", c->nodes[id].addr,
-                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-        node_close(c, id);
-        return -1;
-    }
-    freeReplyObject(r);
-    return 0;
-}
-
-/* Connect node id unless connected: timeouts, AUTH. */
+/* Connect node id unless connected (rconn_open: TLS, AUTH, PING). */
 static int node_connect(Cluster *c, int id)
 {
     ClusterNode *nd = &c->nodes[id];
+    RconnConfig rc = {.label = "redis cluster node",
+                      .host = nd->host,
+                      .port = nd->port,
+                      .tls = c->cfg.tls,
+                      .sni = c->cfg.sni,
+                      .user = c->cfg.user,
+                      .password = c->cfg.password,
+                      .has_password = c->cfg.has_password,
+                      .connect_timeout_ms = c->cfg.connect_timeout_ms,
+                      .command_timeout_ms = c->cfg.command_timeout_ms};
+    char err[512];
 
     if (nd->ctx != NULL)
         return 0;
-    nd->ctx = redisConnectWithTimeout(nd->host, nd->port, ms_to_tv(c->cfg.connect_timeout_ms));
-    if (nd->ctx == NULL)
-        mem_oom();
-    if (nd->ctx->err) {
-        set_err(c, "could not connect to redis cluster node %s: %s", nd->addr, nd->ctx->errstr);
-        node_close(c, id);
+    nd->ctx = rconn_open(&rc, err, sizeof err);
+    if (nd->ctx == NULL) {
+        set_err(c, "%s", err);
         c->need_refresh = true;
         return -1;
     }
-    if (redisSetTimeout(nd->ctx, ms_to_tv(c->cfg.command_timeout_ms)) != REDIS_OK) {
-        set_err(c, "could not set the command timeout on redis cluster node %s: %s", nd->addr,
-                nd->ctx->errstr);
-        node_close(c, id);
-        return -1;
-    }
-    if (c->cfg.has_password && node_auth(c, id) < 0)
-        return -1;
     return 0;
 }
 
@@ -526,21 +485,9 @@ int cluster_connect(Cluster *c)
     if (cluster_refresh(c) < 0)
         return -1;
     c->err_set = false;
-    for (size_t i = 0; i < c->nmasters; i++) {
-        int id = c->masters[i];
-        const char *argv[1] = {"PING"};
-        size_t lens[1] = {4};
-        redisReply *r;
-        if (node_connect(c, id) < 0 || node_command(c, id, "PING", 1, argv, lens, &r) < 0)
+    for (size_t i = 0; i < c->nmasters; i++)
+        if (node_connect(c, c->masters[i]) < 0)
             return -1;
-        if (r->type == REDIS_REPLY_ERROR) {
-            set_err(c, "redis PING failed at cluster node %s: %s", c->nodes[id].addr, r->str);
-            freeReplyObject(r);
-            node_close(c, id);
-            return -1;
-        }
-        freeReplyObject(r);
-    }
     return 0;
 }
 
@@ -601,16 +548,19 @@ size_t cluster_append_node(Cluster *c, int id, int argc, const char **argv, cons
     return append(c, -1, id, argc, argv, lens);
 }
 
-void cluster_append_wait(Cluster *c, int timeout_ms)
+size_t cluster_append_wait(Cluster *c, int replicas, int timeout_ms)
 {
-    char ms[16];
-    const char *argv[3] = {"WAIT", "1", ms};
-    size_t lens[3] = {4, 1, 0};
+    char ms[16], n[16];
+    const char *argv[3] = {"WAIT", n, ms};
+    size_t lens[3] = {4, 0, 0};
+    size_t first = c->ncmds;
 
+    lens[1] = (size_t)snprintf(n, sizeof n, "%d", replicas > 0 ? replicas : 1);
     lens[2] = (size_t)snprintf(ms, sizeof ms, "%d", timeout_ms);
     for (size_t i = 0; i < c->nmasters; i++)
-        if (c->nodes[c->masters[i]].replicas > 0)
+        if (replicas > 0 || c->nodes[c->masters[i]].replicas > 0)
             (void)append(c, -1, c->masters[i], 3, argv, lens);
+    return first;
 }
 
 size_t cluster_queued(const Cluster *c)
@@ -659,11 +609,9 @@ static size_t send_round(Cluster *c)
             continue;
         }
         cmd->sent_ask = cmd->asking;
-        if (cmd->asking && redisAppendFormattedCommand(c->nodes[id].ctx, asking_cmd,
-                                                       sizeof asking_cmd - 1) != REDIS_OK)
-            mem_oom();
-        if (redisAppendFormattedCommand(c->nodes[id].ctx, cmd->fmt, cmd->len) != REDIS_OK)
-            mem_oom();
+        if (cmd->asking)
+            rconn_append_raw(c->nodes[id].ctx, asking_cmd, sizeof asking_cmd - 1);
+        rconn_append_raw(c->nodes[id].ctx, cmd->fmt, cmd->len);
         cmd->sent_to = id;
     }
     return unsent;
@@ -673,22 +621,19 @@ static size_t send_round(Cluster *c)
  * in parallel. */
 static void write_all(Cluster *c)
 {
-    for (size_t i = 0; i < c->nnodes; i++) {
-        int done = 0;
-        while (c->nodes[i].ctx != NULL && !done)
-            if (redisBufferWrite(c->nodes[i].ctx, &done) != REDIS_OK)
-                node_io_fail(c, (int)i, "sending a pipeline");
-    }
+    for (size_t i = 0; i < c->nnodes; i++)
+        if (c->nodes[i].ctx != NULL && rconn_flush(c->nodes[i].ctx) < 0)
+            node_io_fail(c, (int)i, "sending a pipeline");
 }
 
 /* Read one reply from node id; NULL after an I/O error. */
 static redisReply *read_reply(Cluster *c, int id, const char *what)
 {
-    void *r = NULL;
+    redisReply *r = NULL;
 
     if (c->nodes[id].ctx == NULL)
         return NULL; /* failed earlier this round; error already set */
-    if (redisGetReply(c->nodes[id].ctx, &r) != REDIS_OK || r == NULL) {
+    if (rconn_read(c->nodes[id].ctx, &r) < 0) {
         node_io_fail(c, id, what);
         return NULL;
     }

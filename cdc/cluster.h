@@ -6,7 +6,7 @@
  * routing itself. The pure part (cluster_crc16, cluster_keyslot,
  * cluster_parse_redirect, cluster_parse_slots) has no I/O and is unit-tested.
  *
- * The I/O part keeps one hiredis connection per master, learnt from
+ * The I/O part keeps one connection (rconn.c) per master, learnt from
  * CLUSTER SLOTS asked of any reachable node (the seeds first). Commands are
  * queued with cluster_append_key() (routed by the CRC16 slot of one key,
  * hash tags honoured) or cluster_append_node() (a command for one node, such
@@ -83,6 +83,9 @@ typedef struct ClusterConfig {
     bool has_password;
     int connect_timeout_ms; /* > 0 */
     int command_timeout_ms; /* > 0 */
+    struct RconnTls *tls;   /* rediss+cluster: every node over TLS (borrowed) */
+    char sni[256];          /* TLS server name for every node; "" = its host */
+    int replicas;           /* ?replicas=N, 0 when absent */
 } ClusterConfig;
 
 typedef struct Cluster Cluster;
@@ -126,12 +129,15 @@ size_t cluster_append_key(Cluster *c, size_t keyarg, int argc, const char **argv
  * keyspace). Returns the command's index. */
 size_t cluster_append_node(Cluster *c, int id, int argc, const char **argv, const size_t *lens);
 
-/* Queue `WAIT 1 timeout_ms` for every master that has a replica, so the
- * exec returns only once a replica has the writes sent before it on that
- * connection, or the timeout passed (WAIT then answers 0, which is not an
- * error: replication is asynchronous, this narrows the window in which an
- * acknowledged write can die with its master). */
-void cluster_append_wait(Cluster *c, int timeout_ms);
+/* replicas == 0: queue `WAIT 1 timeout_ms` for every master that has a
+ * replica, so the exec returns only once a replica has the writes sent
+ * before it on that connection, or the timeout passed (WAIT then answers
+ * 0, which is not an error: replication is asynchronous, this narrows the
+ * window in which an acknowledged write can die with its master).
+ * replicas > 0 (?replicas=N): queue `WAIT N timeout_ms` for every master;
+ * the caller checks each reply (cluster_reply) is at least N. Returns the
+ * index of the first WAIT queued (== cluster_queued() before the call). */
+size_t cluster_append_wait(Cluster *c, int replicas, int timeout_ms);
 
 /* Number of queued commands. */
 size_t cluster_queued(const Cluster *c);

@@ -414,6 +414,16 @@ static void render_counters(StrBuf *sb, Metrics *m)
               "Snapshots that did not yet see a decoded commit (walbust waited and asked again; "
               "steady growth means commits wait, e.g. for a synchronous standby).",
               atomic_load_explicit(&m->counters[METRICS_VISIBILITY_WAITS], memory_order_relaxed));
+    sb_scalar(sb, "walbust_redis_oom_refusals_total", "counter",
+              "Writes (watermark SET, INCR, PUBLISH) Redis refused with OOM (maxmemory reached "
+              "under noeviction); deletes still applied, the writes are retried and nothing is "
+              "confirmed past them.",
+              atomic_load_explicit(&m->counters[METRICS_REDIS_OOM], memory_order_relaxed));
+    sb_scalar(sb, "walbust_replica_shortfalls_total", "counter",
+              "Batches that WAIT did not report on as many replicas as ?replicas=N asks; each "
+              "is sent again and not confirmed.",
+              atomic_load_explicit(&m->counters[METRICS_REPLICA_SHORTFALLS],
+                                   memory_order_relaxed));
 }
 
 static void render_positions(StrBuf *sb, Metrics *m)

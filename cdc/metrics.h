@@ -31,6 +31,8 @@ typedef enum MetricsCounter {
     METRICS_RETRIES,
     METRICS_VISIBILITY_QUERIES,
     METRICS_VISIBILITY_WAITS,
+    METRICS_REDIS_OOM,          /* writes Redis refused with -OOM */
+    METRICS_REPLICA_SHORTFALLS, /* batches WAIT did not see on ?replicas=N */
     METRICS_COUNTER_COUNT,
 } MetricsCounter;
 

@@ -40,13 +40,17 @@ static const OptSpec opt_table[] = {
     {"pg", "WALBUST_PG", OPT_STRING, OFF(pg), "", F_ALL, "CONNINFO",
      "PostgreSQL conninfo string or URI (default: libpq defaults and PG* variables)"},
     {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN, "URL",
-     "Redis target: redis://[user:pass@]host:port[/db], unix:///path.sock or "
-     "redis+cluster://host:port[,host:port]; repeat for several targets"},
+     "Redis target: redis://[user:pass@]host:port[/db], unix:///path.sock, "
+     "redis+cluster://host:port[,host:port], redis+sentinel://host:port[,host:port]/MASTER "
+     "(rediss, rediss+cluster, rediss+sentinel: TLS); parameters ?replicas=N&cacert=FILE&"
+     "cert=FILE&key=FILE&sni=NAME&insecure=1 (Sentinel: &sentinel_user=U&sentinel_password=P); "
+     "repeat for several targets"},
     {"rules", "WALBUST_RULES", OPT_STRING, OFF(rules), NULL,
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
      "rules file (JSON); required for run, check and setup"},
-    {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust", F_RUN | F_DECODE | F_SETUP | F_STATUS,
-     "NAME", "logical replication slot (default: walbust; decode: a temporary slot)"},
+    {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust",
+     F_RUN | F_DECODE | F_SETUP | F_STATUS, "NAME",
+     "logical replication slot (default: walbust; decode: a temporary slot)"},
     {"publication", "WALBUST_PUBLICATION", OPT_STRING, OFF(publication), "walbust",
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "NAME", "publication (default: walbust)"},
     {"create-slot", NULL, OPT_BOOL, OFF(create_slot), NULL, F_RUN, NULL,
@@ -141,7 +145,8 @@ static int set_value(Config *cfg, const OptSpec *o, const char *val, bool from_e
         char *end;
         long v = strtol(val, &end, 10);
         if (*val == '\0' || *end != '\0' || v < 0) {
-            fprintf(stderr, "walbust: --%s needs a non-negative number, got \"%s\"\n", o->name, val);
+            fprintf(stderr, "walbust: --%s needs a non-negative number, got \"%s\"\n", o->name,
+                    val);
             return 2;
         }
         *(long *)(base + o->offset) = v;
@@ -229,7 +234,8 @@ int opts_parse(int argc, char **argv, Config *cfg)
         }
         if (c == '?' || c == ':') {
             fprintf(stderr, "walbust %s: %s \"%s\" (try walbust %s --help)\n", argv[1],
-                    c == ':' ? "missing argument for" : "unknown option", argv[optind - 1], argv[1]);
+                    c == ':' ? "missing argument for" : "unknown option", argv[optind - 1],
+                    argv[1]);
             return 2;
         }
         o = &opt_table[c - 1000];

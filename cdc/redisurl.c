@@ -11,6 +11,7 @@
 #include "redisurl.h"
 
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -24,13 +25,21 @@ typedef struct Span {
 typedef struct SchemeEntry {
     const char *prefix;
     RedisUrlKind kind;
+    bool tls;
 } SchemeEntry;
 
 static const SchemeEntry schemes[] = {
-    {"redis://", REDISURL_TCP},
-    {"unix://", REDISURL_UNIX},
-    {"redis+cluster://", REDISURL_CLUSTER},
+    {"redis://", REDISURL_TCP, false},
+    {"rediss://", REDISURL_TCP, true},
+    {"unix://", REDISURL_UNIX, false},
+    {"redis+cluster://", REDISURL_CLUSTER, false},
+    {"rediss+cluster://", REDISURL_CLUSTER, true},
+    {"redis+sentinel://", REDISURL_SENTINEL, false},
+    {"rediss+sentinel://", REDISURL_SENTINEL, true},
 };
+
+#define REDISURL_SENTINEL_PORT 26379
+#define SENTINEL_PW_PARAM "sentinel_password="
 
 /* Write `invalid redis URL "<redacted>": <reason>` into err. Returns -1. */
 static int fail(const char *url, char *err, size_t errlen, const char *fmt, ...)
@@ -71,17 +80,58 @@ static const char *userinfo_end(const char *rest, bool is_unix)
     return strrchr(rest, '@');
 }
 
+/* A bounded writer: appends what fits, always NUL-terminated, so a short
+ * buffer gets a prefix of the full text. */
+typedef struct Out {
+    char *buf;
+    size_t len, cap;
+} Out;
+
+static void out_put(Out *o, const char *p, size_t n)
+{
+    for (size_t i = 0; i < n && o->len + 1 < o->cap; i++)
+        o->buf[o->len++] = p[i];
+    o->buf[o->len] = '\0';
+}
+
+/* Copy the text after the userinfo, replacing every sentinel_password
+ * parameter value (up to the next '&') with "***". */
+static void out_tail(Out *o, const char *tail)
+{
+    const char *q = strchr(tail, '?');
+    const char *p = tail;
+
+    if (q == NULL) {
+        out_put(o, tail, strlen(tail));
+        return;
+    }
+    for (const char *m = strstr(q, SENTINEL_PW_PARAM); m != NULL;
+         m = strstr(m, SENTINEL_PW_PARAM)) {
+        size_t n = strlen(SENTINEL_PW_PARAM);
+        if (m[-1] != '?' && m[-1] != '&') {
+            m += n;
+            continue;
+        }
+        out_put(o, p, (size_t)(m - p) + n);
+        out_put(o, "***", 3);
+        m += n;
+        m += strcspn(m, "&");
+        p = m;
+    }
+    out_put(o, p, strlen(p));
+}
+
 char *redisurl_redact(const char *url, char *buf, size_t buflen)
 {
     const char *rest, *sep, *at, *colon;
     bool is_unix;
+    Out o = {buf, 0, buflen};
 
     if (buf == NULL || buflen == 0)
         return buf;
-    if (url == NULL) {
-        buf[0] = '\0';
+    buf[0] = '\0';
+    if (url == NULL)
         return buf;
-    }
     sep = strstr(url, "://");
     rest = sep != NULL ? sep + 3 : url;
     is_unix = sep != NULL && (size_t)(sep - url) == 4 && strncmp(url, "unix", 4) == 0;
@@ -91,15 +141,15 @@ char *redisurl_redact(const char *url, char *buf, size_t buflen)
     if (at == NULL && is_unix && rest[0] != '/')
         at = strrchr(rest, '@');
     if (at == NULL) {
-        snprintf(buf, buflen, "%s", url);
+        out_put(&o, url, (size_t)(rest - url));
+        out_tail(&o, rest);
         return buf;
     }
     /* Keep "user:" when there is a colon; a bare userinfo may be a password. */
     colon = memchr(rest, ':', (size_t)(at - rest));
-    if (colon != NULL)
-        snprintf(buf, buflen, "%.*s***%s", (int)(colon + 1 - url), url, at);
-    else
-        snprintf(buf, buflen, "%.*s***%s", (int)(rest - url), url, at);
+    out_put(&o, url, (size_t)((colon != NULL ? colon + 1 : rest) - url));
+    out_put(&o, "***", 3);
+    out_tail(&o, at);
     return buf;
 }
 
@@ -274,31 +324,138 @@ static int parse_tcp(const char *url, Span s, RedisUrl *out, char *err, size_t e
 
 static int parse_unix(const char *url, Span s, RedisUrl *out, char *err, size_t errlen)
 {
-    const char *q = memchr(s.p, '?', s.n);
-    size_t plen = q != NULL ? (size_t)(q - s.p) : s.n;
-
-    if (plen == 0 || s.p[0] != '/')
+    if (s.n == 0 || s.p[0] != '/')
         return fail(url, err, errlen,
                     "unix:// needs an absolute socket path "
                     "(unix:///run/redis.sock)");
-    if (plen == 1)
+    if (s.n == 1)
         return fail(url, err, errlen, "missing socket path");
-    if (plen >= sizeof out->path)
+    if (s.n >= sizeof out->path)
         return fail(url, err, errlen, "socket path longer than %zu bytes", sizeof out->path - 1);
-    memcpy(out->path, s.p, plen);
-    out->path[plen] = '\0';
+    memcpy(out->path, s.p, s.n);
+    out->path[s.n] = '\0';
     out->db = 0;
-    if (q == NULL)
-        return 0;
-    Span qs = {q + 1, s.n - plen - 1};
-    if (qs.n < 3 || strncmp(qs.p, "db=", 3) != 0)
-        return fail(url, err, errlen, "unknown parameter \"%.*s\" (only ?db=N is accepted)",
-                    (int)qs.n, qs.p);
-    Span num = {qs.p + 3, qs.n - 3};
-    if (!parse_int(num, 0, 2147483647, &out->db))
+    return 0;
+}
+
+/* Decode a parameter value into out (outlen bytes). */
+static int param_str(const char *url, Span name, Span v, char *out, size_t outlen, char *err,
+                     size_t errlen)
+{
+    int rc = pct_decode(v, out, outlen);
+
+    if (rc == -1)
+        return fail(url, err, errlen, "bad percent-escape in parameter %.*s", (int)name.n, name.p);
+    if (rc == -2)
+        return fail(url, err, errlen, "parameter %.*s longer than %zu bytes", (int)name.n, name.p,
+                    outlen - 1);
+    if (out[0] == '\0')
+        return fail(url, err, errlen, "empty parameter %.*s", (int)name.n, name.p);
+    return 0;
+}
+
+static bool span_is(Span s, const char *lit)
+{
+    return s.n == strlen(lit) && memcmp(s.p, lit, s.n) == 0;
+}
+
+/* Where a parameter's value goes: a string field, or NULL for the special
+ * cases handled in parse_param. */
+static char *param_field(RedisUrl *out, Span name, size_t *len)
+{
+    static const struct {
+        const char *name;
+        size_t off, len;
+    } fields[] = {
+        {"cacert", offsetof(RedisUrl, cacert), sizeof((RedisUrl *)0)->cacert},
+        {"cert", offsetof(RedisUrl, cert), sizeof((RedisUrl *)0)->cert},
+        {"key", offsetof(RedisUrl, key), sizeof((RedisUrl *)0)->key},
+        {"sni", offsetof(RedisUrl, sni), sizeof((RedisUrl *)0)->sni},
+        {"sentinel_user", offsetof(RedisUrl, sentinel_user), sizeof((RedisUrl *)0)->sentinel_user},
+        {"sentinel_password", offsetof(RedisUrl, sentinel_password),
+         sizeof((RedisUrl *)0)->sentinel_password},
+    };
+
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (span_is(name, fields[i].name)) {
+            *len = fields[i].len;
+            return (char *)out + fields[i].off;
+        }
+    return NULL;
+}
+
+/* One name=value parameter. */
+static int parse_param(const char *url, Span name, Span v, RedisUrl *out, char *err, size_t errlen)
+{
+    bool tls_param = span_is(name, "cacert") || span_is(name, "cert") || span_is(name, "key") ||
+                     span_is(name, "sni") || span_is(name, "insecure");
+    bool sentinel_param = span_is(name, "sentinel_user") || span_is(name, "sentinel_password");
+    size_t len;
+    char *field;
+
+    if (tls_param && !out->tls)
         return fail(url, err, errlen,
-                    "bad database \"%.*s\" (want ?db=N with N a non-negative number)", (int)num.n,
-                    num.p);
+                    "parameter %.*s needs TLS: use rediss://, rediss+cluster:// or "
+                    "rediss+sentinel://",
+                    (int)name.n, name.p);
+    if (sentinel_param && out->kind != REDISURL_SENTINEL)
+        return fail(url, err, errlen, "parameter %.*s is only for redis+sentinel://", (int)name.n,
+                    name.p);
+    if (span_is(name, "db") && out->kind == REDISURL_UNIX) {
+        if (!parse_int(v, 0, 2147483647, &out->db))
+            return fail(url, err, errlen,
+                        "bad database \"%.*s\" (want ?db=N with N a non-negative number)", (int)v.n,
+                        v.p);
+        return 0;
+    }
+    if (span_is(name, "replicas")) {
+        if (!parse_int(v, 0, 100, &out->replicas))
+            return fail(url, err, errlen, "bad replicas \"%.*s\" (want a number from 0 to 100)",
+                        (int)v.n, v.p);
+        return 0;
+    }
+    if (span_is(name, "insecure")) {
+        if (!span_is(v, "1") && !span_is(v, "0"))
+            return fail(url, err, errlen, "bad insecure \"%.*s\" (want 1 or 0)", (int)v.n, v.p);
+        out->insecure = v.p[0] == '1';
+        return 0;
+    }
+    field = param_field(out, name, &len);
+    if (field == NULL)
+        return fail(url, err, errlen,
+                    "unknown parameter \"%.*s\" (accepted: %sreplicas, cacert, cert, key, sni, "
+                    "insecure, sentinel_user, sentinel_password)",
+                    (int)name.n, name.p, out->kind == REDISURL_UNIX ? "db, " : "");
+    if (param_str(url, name, v, field, len, err, errlen) < 0)
+        return -1;
+    if (span_is(name, "sentinel_password"))
+        out->sentinel_has_password = true;
+    return 0;
+}
+
+/* "name=value&name=value" after the '?'. */
+static int parse_query(const char *url, Span q, RedisUrl *out, char *err, size_t errlen)
+{
+    size_t i = 0;
+
+    while (i < q.n) {
+        const char *amp = memchr(q.p + i, '&', q.n - i);
+        Span item = {q.p + i, amp ? (size_t)(amp - q.p) - i : q.n - i};
+        const char *eq = memchr(item.p, '=', item.n);
+        if (eq == NULL || eq == item.p)
+            return fail(url, err, errlen, "bad parameter \"%.*s\" (want name=value)", (int)item.n,
+                        item.p);
+        Span name = {item.p, (size_t)(eq - item.p)};
+        Span v = {eq + 1, item.n - name.n - 1};
+        if (parse_param(url, name, v, out, err, errlen) < 0)
+            return -1;
+        i += item.n + 1;
+    }
+    if ((out->cert[0] != '\0') != (out->key[0] != '\0'))
+        return fail(url, err, errlen,
+                    "cert= and key= go together (the client certificate and its private key)");
+    if (out->sentinel_has_password == false && out->sentinel_user[0] != '\0')
+        return fail(url, err, errlen, "sentinel_user= needs sentinel_password=");
     return 0;
 }
 
@@ -316,10 +473,12 @@ static int add_seed(const char *url, RedisUrl *out, const char *host, int port, 
     return 0;
 }
 
-static int parse_cluster(const char *url, Span s, RedisUrl *out, char *err, size_t errlen)
+/* "host:port[,host:port...]" at the start of s into out->seeds (the first
+ * also into host and port). Returns the bytes used, or -1. */
+static long parse_seeds(const char *url, Span s, int defport, RedisUrl *out, char *err,
+                        size_t errlen)
 {
     size_t i = 0;
-    int db;
 
     for (;;) {
         char host[sizeof out->host];
@@ -328,6 +487,8 @@ static int parse_cluster(const char *url, Span s, RedisUrl *out, char *err, size
         Span rest = {s.p + i, s.n - i};
         if (parse_hostport(url, rest, ",/", host, sizeof host, &port, &used, err, errlen) < 0)
             return -1;
+        if (memchr(rest.p, ':', used) == NULL || (rest.p[0] == '[' && rest.p[used - 1] == ']'))
+            port = defport;
         if (out->seeds[0] == '\0') {
             memcpy(out->host, host, sizeof out->host);
             out->port = port;
@@ -341,12 +502,47 @@ static int parse_cluster(const char *url, Span s, RedisUrl *out, char *err, size
         }
         break;
     }
-    if (parse_db_path(url, (Span){s.p + i, s.n - i}, &db, err, errlen) < 0)
+    return (long)i;
+}
+
+static int parse_cluster(const char *url, Span s, RedisUrl *out, char *err, size_t errlen)
+{
+    long i = parse_seeds(url, s, REDISURL_DEFAULT_PORT, out, err, errlen);
+    int db;
+
+    if (i < 0)
+        return -1;
+    if (parse_db_path(url, (Span){s.p + i, s.n - (size_t)i}, &db, err, errlen) < 0)
         return -1;
     if (db != 0)
         return fail(url, err, errlen, "redis+cluster:// supports only database 0");
     out->db = 0;
     return 0;
+}
+
+/* "sentinel[,sentinel...]/MASTER_NAME[/db]". */
+static int parse_sentinel(const char *url, Span s, RedisUrl *out, char *err, size_t errlen)
+{
+    long i = parse_seeds(url, s, REDISURL_SENTINEL_PORT, out, err, errlen);
+    size_t k, n;
+
+    if (i < 0)
+        return -1;
+    s.p += i;
+    s.n -= (size_t)i;
+    if (s.n < 2 || s.p[0] != '/')
+        return fail(url, err, errlen,
+                    "missing master name (want redis+sentinel://host:port/MASTER_NAME)");
+    for (k = 1; k < s.n && s.p[k] != '/'; k++)
+        if (!host_char(s.p[k], false))
+            return fail(url, err, errlen, "bad character '%c' in the master name", s.p[k]);
+    n = k - 1;
+    if (n == 0 || n >= sizeof out->master_name)
+        return fail(url, err, errlen, "master name empty or longer than %zu bytes",
+                    sizeof out->master_name - 1);
+    memcpy(out->master_name, s.p + 1, n);
+    out->master_name[n] = '\0';
+    return parse_db_path(url, (Span){s.p + k, s.n - k}, &out->db, err, errlen);
 }
 
 int redisurl_parse(const char *url, RedisUrl *out, char *err, size_t errlen)
@@ -361,13 +557,12 @@ int redisurl_parse(const char *url, RedisUrl *out, char *err, size_t errlen)
     for (size_t i = 0; i < sizeof schemes / sizeof schemes[0]; i++)
         if (strncmp(url, schemes[i].prefix, strlen(schemes[i].prefix)) == 0)
             sch = &schemes[i];
-    if (sch == NULL) {
-        if (strncmp(url, "rediss://", 9) == 0)
-            return fail(url, err, errlen, "TLS (rediss://) is not supported");
+    if (sch == NULL)
         return fail(url, err, errlen,
-                    "unknown scheme (want redis://, unix:// or redis+cluster://)");
-    }
+                    "unknown scheme (want redis://, rediss://, unix://, redis+cluster://, "
+                    "rediss+cluster://, redis+sentinel:// or rediss+sentinel://)");
     out->kind = sch->kind;
+    out->tls = sch->tls;
     rest = url + strlen(sch->prefix);
     at = userinfo_end(rest, sch->kind == REDISURL_UNIX);
     if (at != NULL) {
@@ -375,16 +570,26 @@ int redisurl_parse(const char *url, RedisUrl *out, char *err, size_t errlen)
             return -1;
         rest = at + 1;
     }
-    Span tail = {rest, strlen(rest)};
+    const char *q = strchr(rest, '?');
+    Span tail = {rest, q != NULL ? (size_t)(q - rest) : strlen(rest)};
+    int rc = -1;
     switch (sch->kind) {
     case REDISURL_TCP:
-        return parse_tcp(url, tail, out, err, errlen);
+        rc = parse_tcp(url, tail, out, err, errlen);
+        break;
     case REDISURL_UNIX:
-        return parse_unix(url, tail, out, err, errlen);
+        rc = parse_unix(url, tail, out, err, errlen);
+        break;
     case REDISURL_CLUSTER:
-        return parse_cluster(url, tail, out, err, errlen);
+        rc = parse_cluster(url, tail, out, err, errlen);
+        break;
+    case REDISURL_SENTINEL:
+        rc = parse_sentinel(url, tail, out, err, errlen);
+        break;
     }
-    return fail(url, err, errlen, "unknown scheme");
+    if (rc == 0 && q != NULL)
+        rc = parse_query(url, (Span){q + 1, strlen(q + 1)}, out, err, errlen);
+    return rc;
 }
 
 const char *redisurl_describe(const RedisUrl *u, char *buf, size_t buflen)
@@ -397,6 +602,9 @@ const char *redisurl_describe(const RedisUrl *u, char *buf, size_t buflen)
         break;
     case REDISURL_CLUSTER:
         snprintf(buf, buflen, "%s", u->seeds);
+        break;
+    case REDISURL_SENTINEL:
+        snprintf(buf, buflen, "%s@%s", u->master_name, u->seeds);
         break;
     case REDISURL_TCP:
     default:

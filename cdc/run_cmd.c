@@ -58,12 +58,12 @@ typedef struct Run {
     RunStats stats;
     int64_t last_report_us;
     Metrics *metrics;
-    SinkStats applied;       /* sink 0's totals at the last report to metrics */
+    SinkStats applied;                     /* sink 0's totals at the last report to metrics */
     Backoff backoff[OPTS_MAX_REDIS];       /* per target */
     int64_t retry_at[OPTS_MAX_REDIS];      /* monotonic µs of the next attempt */
     uint64_t target_acked[OPTS_MAX_REDIS]; /* newest commit each target applied */
     bool replay_after_recovery;            /* a flush failed: replay once all are back */
-    int64_t *commit_times;   /* commit timestamps awaiting acknowledgement */
+    int64_t *commit_times;                 /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
     int64_t batch_since_us;  /* when the unflushed batch was first seen; 0: none */
@@ -78,6 +78,10 @@ typedef struct Run {
     LookupExec *lkx;
     Backoff lk_backoff;
     int64_t lk_retry_at;
+
+    uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
+    uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
+    int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last out-of-memory log line */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -152,8 +156,7 @@ static void record_ack(Run *r)
     metrics_invalidations(r->metrics, METRICS_ACTION_PATTERN, st->patterns - r->applied.patterns);
     metrics_invalidations(r->metrics, METRICS_ACTION_TAG, st->tags - r->applied.tags);
     metrics_invalidations(r->metrics, METRICS_ACTION_VERSION, st->versions - r->applied.versions);
-    metrics_invalidations(r->metrics, METRICS_ACTION_PUBLISH,
-                          st->publishes - r->applied.publishes);
+    metrics_invalidations(r->metrics, METRICS_ACTION_PUBLISH, st->publishes - r->applied.publishes);
     r->applied = *st;
     /* In doubles: commit times come off the wire and must not overflow;
      * clock skew (negative) counts as 0 in the histogram. */
@@ -243,6 +246,53 @@ static int run_lookups(Run *r)
     return -1;
 }
 
+/* A target out of memory keeps receiving deletes at least this often
+ * while its refused writes are retried (sink_oom). */
+#define RUN_OOM_RETRY_MS 500
+
+/* An out-of-memory target is logged at most this often (it is retried
+ * every RUN_OOM_RETRY_MS). */
+#define RUN_OOM_LOG_US (10 * 1000000)
+
+/* Log target i's failed flush (retried in ms). */
+static void log_target_failure(Run *r, int i, int ms)
+{
+    Sink *s = r->sinks[i];
+    char lsn[LSN_TEXT_MAX];
+
+    if (sink_oom(s)) {
+        if (runtime_now_us() - r->oom_logged_us[i] < RUN_OOM_LOG_US)
+            return;
+        r->oom_logged_us[i] = runtime_now_us();
+        log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+                  "redis target %s failed: %s; retrying in %d ms (then at least every %d ms); "
+                  "reading from postgresql goes on and new deletes are applied, but nothing is "
+                  "confirmed past this position until redis accepts the refused writes (WAL is "
+                  "retained by the slot; this line repeats at most every %d s)",
+                  r->targets[i], sink_errstr(s), ms, RUN_OOM_RETRY_MS, RUN_OOM_LOG_US / 1000000);
+        return;
+    }
+    log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+              "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i], sink_errstr(s),
+              ms,
+              r->nsinks == 1 ? "reading from postgresql is paused until redis acknowledges "
+                               "(WAL is retained by the slot)"
+                             : "its batch is kept and nothing is confirmed past this position "
+                               "until it acknowledges (WAL is retained by the slot)");
+}
+
+/* Count the OOM refusals and replica shortfalls of target i's last flush. */
+static void count_refusals(Run *r, int i)
+{
+    const SinkStats *st = sink_stats(r->sinks[i]);
+
+    metrics_inc(r->metrics, METRICS_REDIS_OOM, st->oom_refusals - r->oom_seen[i]);
+    metrics_inc(r->metrics, METRICS_REPLICA_SHORTFALLS,
+                st->replica_shortfalls - r->shortfalls_seen[i]);
+    r->oom_seen[i] = st->oom_refusals;
+    r->shortfalls_seen[i] = st->replica_shortfalls;
+}
+
 /* Try every target that holds work and whose retry time has come (each
  * target has its own backoff). A target with nothing queued has applied
  * everything decoded so far. The flush LSN advances to the newest commit
@@ -278,6 +328,11 @@ static int flush_targets(Run *r)
             } else {
                 int ms = backoff_next(&r->backoff[i]);
 
+                count_refusals(r, i);
+                /* Out of memory: deletes keep flowing at a short interval. */
+                if (sink_oom(s) && ms > RUN_OOM_RETRY_MS)
+                    ms = RUN_OOM_RETRY_MS;
+
                 /* Report what was acknowledged before the failure now, not
                  * after the coalescing delay: while Redis is down the slot
                  * shows exactly the position walbust will resume from. */
@@ -292,14 +347,7 @@ static int flush_targets(Run *r)
                 r->stats.retries++;
                 metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
                 metrics_inc(r->metrics, METRICS_RETRIES, 1);
-                log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
-                          "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i],
-                          sink_errstr(s), ms,
-                          r->nsinks == 1
-                              ? "reading from postgresql is paused until redis acknowledges "
-                                "(WAL is retained by the slot)"
-                              : "its batch is kept and nothing is confirmed past this position "
-                                "until it acknowledges (WAL is retained by the slot)");
+                log_target_failure(r, i, ms);
                 notify_status("waiting for redis");
             }
         }
@@ -365,6 +413,23 @@ static int flush_wait_ms(const Run *r, int cap)
     return (int)((best + 999) / 1000);
 }
 
+/* Does every target that holds work hold only writes Redis refused for
+ * lack of memory (sink_oom)? Then reading goes on, so that deletes keep
+ * being applied, while those writes are retried and hold confirmation. */
+static bool only_oom_holds(const Run *r)
+{
+    bool any = false;
+
+    for (int i = 0; i < r->nsinks; i++) {
+        if (!sink_dirty(r->sinks[i]))
+            continue;
+        if (!sink_oom(r->sinks[i]) || sink_full(r->sinks[i]))
+            return false;
+        any = true;
+    }
+    return any;
+}
+
 /* Flush until every target acknowledged (all = true) or no target's batch
  * is full (all = false), retrying with each target's backoff; reading from
  * PostgreSQL pauses meanwhile (SPEC §1.3) while status updates keep the
@@ -374,7 +439,7 @@ static int flush_wait(Run *r, bool all)
     for (;;) {
         int holding = flush_targets(r);
 
-        if (all ? holding == 0 : !sinks_full(r))
+        if (all ? holding == 0 || only_oom_holds(r) : !sinks_full(r))
             return 0;
         if (runtime_stop)
             return -1;
@@ -443,7 +508,9 @@ static void apply_change(Run *r, const PgoMsg *m)
         (void)rules_eval_lookups(r->rules, &chg, defer_lookup, r);
     r->stats.changes++;
     metrics_change(r->metrics, chg.table,
-                   chg.op == RULES_INSERT ? "insert" : chg.op == RULES_UPDATE ? "update" : "delete");
+                   chg.op == RULES_INSERT   ? "insert"
+                   : chg.op == RULES_UPDATE ? "update"
+                                            : "delete");
     if (st.widened > 0) {
         r->stats.widened += st.widened;
         metrics_widened(r->metrics, chg.table, st.widened);
@@ -473,8 +540,8 @@ static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
     if (strcmp(m->u.message.prefix, "walbust") != 0)
         return;
     r->stats.messages++;
-    if (change_walbust_message(m->u.message.content, m->u.message.len,
-                               rules_tag_prefix(r->rules), emit_to_sinks, r, err, sizeof err) < 0)
+    if (change_walbust_message(m->u.message.content, m->u.message.len, rules_tag_prefix(r->rules),
+                               emit_to_sinks, r, err, sizeof err) < 0)
         log_event(LOG_LEVEL_ERROR, lsn_format(wal_start, lsn), NULL,
                   "ignored malformed walbust message (not emitted by sql/walbust.sql?): %s", err);
 }
@@ -653,8 +720,7 @@ static void report(Run *r, bool force)
              "confirmed=%s",
              (unsigned long long)r->stats.transactions, (unsigned long long)r->stats.changes,
              (unsigned long long)r->stats.messages, (unsigned long long)r->stats.widened,
-             (unsigned long long)r->stats.retries,
-             lsn_format(stream_confirmed(r->stream), lsn));
+             (unsigned long long)r->stats.retries, lsn_format(stream_confirmed(r->stream), lsn));
 }
 
 /* Stream until stopped or the connection fails. */
@@ -758,8 +824,8 @@ static void stream_loop(Run *r)
                 return;
             r->last_flush_us = runtime_now_us();
         } else if (!dirty) {
-            metrics_positions(r->metrics, stream_confirmed(r->stream),
-                              stream_received(r->stream), stream_server_end(r->stream));
+            metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
+                              stream_server_end(r->stream));
         }
         maybe_watermark(r);
         notify_watchdog();
@@ -781,6 +847,14 @@ static int setup_sinks(Run *r)
         sc.use_del = rules_use_del(r->rules);
         r->sinks[i] = sink_new(&sc);
         r->nsinks++;
+        if (sink_config_error(r->sinks[i]) != NULL) {
+            log_error("redis target %s: %s", r->targets[i], sink_config_error(r->sinks[i]));
+            return -1;
+        }
+        if (sc.url.insecure)
+            log_warn("redis target %s: insecure=1: the server's TLS certificate and name are "
+                     "NOT verified; anyone on the path can impersonate it",
+                     r->targets[i]);
         if (sink_connect(r->sinks[i]) != 0)
             log_warn("redis target %s: %s; will retry before the first batch", r->targets[i],
                      sink_errstr(r->sinks[i]));
@@ -827,14 +901,15 @@ static int recover_lost_slot(Run *r)
     }
     PQclear(res);
     PQfinish(conn);
-    log_warn("recreated lost slot \"%s\"; invalidating everything the rules cover",
-             r->cfg->slot);
+    log_warn("recreated lost slot \"%s\"; invalidating everything the rules cover", r->cfg->slot);
 
     snprintf(txn.lsn_text, sizeof txn.lsn_text, "0/0");
     pgtime_format(pgtime_now(), txn.time_text);
     for (size_t i = 0; i < rules_table_count(r->rules); i++) {
-        RulesChange chg = {.table = rules_table(r->rules, i), .op = RULES_TRUNCATE,
-                           .lsn = txn.lsn_text, .commit_time = txn.time_text};
+        RulesChange chg = {.table = rules_table(r->rules, i),
+                           .op = RULES_TRUNCATE,
+                           .lsn = txn.lsn_text,
+                           .commit_time = txn.time_text};
         rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
     }
     if (flush_batch(r) != 0)
@@ -863,8 +938,11 @@ static void run_free(Run *r)
 int cmd_run(const Config *cfg)
 {
     Run r = {.cfg = cfg};
-    StreamConfig sc = {.conninfo = cfg->pg, .slot = cfg->slot, .publication = cfg->publication,
-                       .create_slot = cfg->create_slot, .confirm = true};
+    StreamConfig sc = {.conninfo = cfg->pg,
+                       .slot = cfg->slot,
+                       .publication = cfg->publication,
+                       .create_slot = cfg->create_slot,
+                       .confirm = true};
     int rc = 1;
 
     r.rules = cmd_load_rules(cfg->rules, stderr);

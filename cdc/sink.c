@@ -23,22 +23,27 @@
  * leave the sink calling a missing script. Its SHA1 is learnt from Redis
  * once per sink (the first flush with tags).
  *
- * Any I/O error (including a command timeout) frees the hiredis context so
+ * Any I/O error (including a command timeout) closes the connection so
  * the next flush reconnects; an error reply keeps the connection, because
- * every reply was still read and the stream is in sync.
+ * every reply was still read and the stream is in sync. Connections are
+ * rconn.c's (TCP, unix socket or TLS); this file never sees a socket.
+ *
+ * With ?replicas=N the batch ends with WAIT N: it counts as acknowledged
+ * only when WAIT reports at least N replicas, so a failover cannot hand
+ * the promoted replica a state older than what was confirmed.
  */
 #include "sink.h"
 
 #include "cluster.h"
 #include "mem.h"
+#include "rconn.h"
+#include "sentinel.h"
 
-#include <errno.h>
 #include <hiredis/hiredis.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 
 extern const char redis_tag_invalidate_lua[];
 
@@ -50,12 +55,14 @@ extern const char redis_tag_invalidate_lua[];
 #define SINK_SCAN_COUNT "1000" /* SCAN COUNT hint */
 #define SINK_NO_OP ((size_t)-1)
 #define SINK_CLUSTER_WAIT_MS 200 /* WAIT for a replica after a cluster batch */
+#define SINK_WAIT_MS 1000        /* WAIT timeout with ?replicas=N */
 
 /* One queued invalidation; strings live in the arena. */
 typedef struct SinkOp {
     RulesInvAction action;
     size_t off, len;                 /* the key, pattern, tag or channel */
     size_t payload_off, payload_len; /* publish only */
+    bool refused;                    /* refused for lack of memory (OOM) */
 } SinkOp;
 
 /* What reply a pipelined command expects. */
@@ -64,6 +71,7 @@ typedef enum PendKind {
     PEND_INT,  /* an integer (UNLINK, DEL, INCR, EVALSHA, PUBLISH) */
     PEND_SHA,  /* the script's SHA1 (SCRIPT LOAD) */
     PEND_SCAN, /* [cursor, [keys...]] */
+    PEND_WAIT, /* WAIT: an integer >= the replicas asked for */
 } PendKind;
 
 /* A command whose reply is outstanding, with enough to name it in errors. */
@@ -77,8 +85,10 @@ typedef struct Pending {
 
 struct Sink {
     SinkConfig cfg;
-    redisContext *c;
-    Cluster *cl; /* redis+cluster:// targets: routing by cluster.c, c unused */
+    Rconn *c;
+    RconnTls *tls;        /* rediss: the CA store and client certificate */
+    char config_err[512]; /* a TLS file could not be loaded */
+    Cluster *cl;          /* redis+cluster:// targets: routing by cluster.c, c unused */
     char errstr[512];
     SinkStats stats;
 
@@ -96,11 +106,17 @@ struct Sink {
     const char **argv;
     size_t *argvlen;
     size_t argv_cap;
-    char sha[41]; /* tag script SHA1, "" until learnt */
+    char sha[41];        /* tag script SHA1, "" until learnt */
+    char why[256];       /* a formatted reason for reply_ok */
+    size_t nrefused;     /* OOM refusals in this flush */
+    bool wm_refused;     /* the watermark SET was one of them */
+    bool oom;            /* the last flush failed only on OOM refusals */
+    bool readonly;       /* a READONLY reply: reconnect (and rediscover) */
+    char oom_first[200]; /* the first refused command and Redis' words */
 };
 
 /* Cluster targets (the section at the end of this file). */
-static Cluster *cl_new(const SinkConfig *cfg);
+static Cluster *cl_new(const SinkConfig *cfg, RconnTls *tls);
 static int cl_connect(Sink *s);
 static int cl_flush(Sink *s);
 
@@ -130,15 +146,24 @@ Sink *sink_new(const SinkConfig *cfg)
         s->cfg.max_ops = SINK_DEFAULT_MAX_OPS;
     if (s->cfg.max_bytes == 0)
         s->cfg.max_bytes = SINK_DEFAULT_MAX_BYTES;
+    if (cfg->url.tls) {
+        const RedisUrl *u = &cfg->url;
+        s->tls = rconn_tls_new(u->cacert, u->cert, u->key, u->insecure, s->config_err,
+                               sizeof s->config_err);
+    }
     if (cfg->url.kind == REDISURL_CLUSTER)
-        s->cl = cl_new(&s->cfg);
+        s->cl = cl_new(&s->cfg, s->tls);
     return s;
+}
+
+const char *sink_config_error(const Sink *s)
+{
+    return s->config_err[0] != '\0' ? s->config_err : NULL;
 }
 
 static void disconnect(Sink *s)
 {
-    if (s->c != NULL)
-        redisFree(s->c);
+    rconn_close(s->c);
     s->c = NULL;
     s->npend = 0;
 }
@@ -149,6 +174,7 @@ void sink_free(Sink *s)
         return;
     disconnect(s);
     cluster_free(s->cl);
+    rconn_tls_free(s->tls);
     free(s->arena);
     free(s->ops);
     free(s->set);
@@ -347,35 +373,25 @@ static void count_applied(Sink *s)
 
 /* ---- connection ------------------------------------------------------ */
 
-static struct timeval ms_to_tv(int ms)
-{
-    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
-    return tv;
-}
-
 static const char *target(const Sink *s, char *buf, size_t len)
 {
     return redisurl_describe(&s->cfg.url, buf, len);
 }
 
-/* Record an I/O failure of the current context (during `what`) and drop the
- * connection so the next flush reconnects. Returns -1. */
+/* Record an I/O failure of the connection (during `what`) and drop it so
+ * the next flush reconnects. Returns -1. */
 static int io_fail(Sink *s, const char *what)
 {
     char t[300];
-    int saved = errno;
-    bool timeout = s->c->err == REDIS_ERR_IO && (saved == EAGAIN || saved == EWOULDBLOCK ||
-                                                 strcmp(s->c->errstr, strerror(EAGAIN)) == 0);
 
     target(s, t, sizeof t);
-    if (timeout)
+    if (rconn_timed_out(s->c))
         set_err(s,
                 "redis at %s did not answer %s within %d ms (command timeout); "
                 "the connection was closed",
                 t, what, s->cfg.command_timeout_ms);
     else
-        set_err(s, "redis I/O error at %s during %s: %s", t, what,
-                s->c->errstr[0] ? s->c->errstr : "connection lost");
+        set_err(s, "redis I/O error at %s during %s: %s", t, what, rconn_errstr(s->c));
     disconnect(s);
     return -1;
 }
@@ -386,66 +402,12 @@ static int io_fail(Sink *s, const char *what)
 static int command(Sink *s, const char *what, int argc, const char **argv, const size_t *lens,
                    redisReply **out)
 {
-    void *r = NULL;
-
-    if (redisAppendCommandArgv(s->c, argc, argv, lens) != REDIS_OK)
-        mem_oom();
-    if (redisGetReply(s->c, &r) != REDIS_OK || r == NULL)
+    if (rconn_command(s->c, out, argc, argv, lens) < 0)
         return io_fail(s, what);
-    *out = r;
     return 0;
 }
 
-static int connect_auth(Sink *s, const char *t)
-{
-    const RedisUrl *u = &s->cfg.url;
-    const char *argv[3] = {"AUTH"};
-    size_t lens[3] = {4};
-    int argc = 1;
-    redisReply *r;
-
-    if (u->user[0] != '\0') {
-        argv[argc] = u->user;
-        lens[argc++] = strlen(u->user);
-    }
-    argv[argc] = u->password;
-    lens[argc++] = strlen(u->password);
-    if (command(s, "AUTH", argc, argv, lens, &r) < 0)
-        return -1;
-    if (r->type != REDIS_REPLY_STATUS) {
-        /* Redis' AUTH errors never echo the password. */
-        set_err(s, "redis AUTH failed at %s%s%s: %s", t, u->user[0] ? " as user " : "", u->user,
-                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-        disconnect(s);
-        return -1;
-    }
-    freeReplyObject(r);
-    return 0;
-}
-
-static int connect_select(Sink *s, const char *t)
-{
-    char db[16];
-    const char *argv[2] = {"SELECT", db};
-    size_t lens[2] = {6, 0};
-    redisReply *r;
-
-    lens[1] = (size_t)snprintf(db, sizeof db, "%d", s->cfg.url.db);
-    if (command(s, "SELECT", 2, argv, lens, &r) < 0)
-        return -1;
-    if (r->type != REDIS_REPLY_STATUS) {
-        set_err(s, "redis SELECT %d failed at %s: %s", s->cfg.url.db, t,
-                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-        disconnect(s);
-        return -1;
-    }
-    freeReplyObject(r);
-    return 0;
-}
-
-/* PING on the open connection; NOAUTH gets a hint about the URL. */
+/* PING on the open connection. */
 static int ping(Sink *s)
 {
     const char *argv[1] = {"PING"};
@@ -457,9 +419,7 @@ static int ping(Sink *s)
         return -1;
     target(s, t, sizeof t);
     if (r->type == REDIS_REPLY_ERROR) {
-        bool noauth = strncmp(r->str, "NOAUTH", 6) == 0;
-        set_err(s, "redis PING failed at %s: %s%s", t, r->str,
-                noauth ? " (put the password in the URL: redis://[user]:password@host:port)" : "");
+        set_err(s, "redis PING failed at %s: %s", t, r->str);
         freeReplyObject(r);
         disconnect(s);
         return -1;
@@ -468,37 +428,64 @@ static int ping(Sink *s)
     return 0;
 }
 
+/* redis+sentinel://: ask the Sentinels for the master, connect to it
+ * (the URL's credentials and db) and make sure it is one (ROLE). */
+static int sentinel_connect(Sink *s, RconnConfig *rc)
+{
+    const RedisUrl *u = &s->cfg.url;
+    SentinelConfig sc = {.sentinels = u->seeds,
+                         .master_name = u->master_name,
+                         .user = u->sentinel_user,
+                         .password = u->sentinel_password,
+                         .has_password = u->sentinel_has_password,
+                         .tls = s->tls,
+                         .sni = u->sni,
+                         .connect_timeout_ms = s->cfg.connect_timeout_ms,
+                         .command_timeout_ms = s->cfg.command_timeout_ms};
+    char host[256];
+    int port;
+
+    if (sentinel_find_master(&sc, host, sizeof host, &port, s->errstr, sizeof s->errstr) < 0)
+        return -1;
+    rc->host = host;
+    rc->port = port;
+    s->c = rconn_open(rc, s->errstr, sizeof s->errstr);
+    if (s->c == NULL)
+        return -1;
+    if (sentinel_check_master(s->c, s->errstr, sizeof s->errstr) < 0) {
+        disconnect(s);
+        return -1;
+    }
+    return 0;
+}
+
 int sink_connect(Sink *s)
 {
     const RedisUrl *u = &s->cfg.url;
-    char t[300];
+    RconnConfig rc = {.label = "redis",
+                      .host = u->host,
+                      .port = u->port,
+                      .path = u->kind == REDISURL_UNIX ? u->path : NULL,
+                      .tls = s->tls,
+                      .sni = u->sni,
+                      .user = u->user,
+                      .password = u->password,
+                      .has_password = u->has_password,
+                      .db = u->db,
+                      .connect_timeout_ms = s->cfg.connect_timeout_ms,
+                      .command_timeout_ms = s->cfg.command_timeout_ms};
 
     disconnect(s);
-    target(s, t, sizeof t);
+    if (s->config_err[0] != '\0') {
+        set_err(s, "%s", s->config_err);
+        return -1;
+    }
     if (s->cl != NULL)
         return cl_connect(s);
-    if (u->kind == REDISURL_UNIX)
-        s->c = redisConnectUnixWithTimeout(u->path, ms_to_tv(s->cfg.connect_timeout_ms));
-    else
-        s->c = redisConnectWithTimeout(u->host, u->port, ms_to_tv(s->cfg.connect_timeout_ms));
-    if (s->c == NULL)
-        mem_oom();
-    if (s->c->err) {
-        set_err(s, "could not connect to redis at %s: %s", t, s->c->errstr);
-        disconnect(s);
-        return -1;
-    }
-    if (redisSetTimeout(s->c, ms_to_tv(s->cfg.command_timeout_ms)) != REDIS_OK) {
-        set_err(s, "could not set the command timeout on the redis connection to %s: %s", t,
-                s->c->errstr);
-        disconnect(s);
-        return -1;
-    }
-    if (u->has_password && connect_auth(s, t) < 0)
-        return -1;
-    if (u->db != 0 && connect_select(s, t) < 0)
-        return -1;
-    return ping(s);
+    if (u->kind == REDISURL_SENTINEL)
+        return sentinel_connect(s, &rc);
+    s->c = rconn_open(&rc, s->errstr, sizeof s->errstr);
+    return s->c != NULL ? 0 : -1;
 }
 
 int sink_ping(Sink *s)
@@ -521,8 +508,7 @@ static void argv_reserve(Sink *s, size_t n)
 /* Append the command in s->argv[0..argc) and remember its reply. */
 static void pipe_cmd(Sink *s, size_t argc, PendKind kind, size_t op, size_t nkeys, bool scan_match)
 {
-    if (redisAppendCommandArgv(s->c, (int)argc, s->argv, s->argvlen) != REDIS_OK)
-        mem_oom();
+    rconn_append(s->c, (int)argc, s->argv, s->argvlen);
     s->pend = xgrow(s->pend, &s->pend_cap, s->npend + 1, sizeof *s->pend);
     s->pend[s->npend++] = (Pending){kind, s->argv[0], op, nkeys, scan_match};
 }
@@ -566,8 +552,33 @@ static void describe(const Sink *s, const Pending *p, char *buf, size_t len)
         snprintf(buf, len, "%s \"%s\"", p->cmd, str);
 }
 
+/* The WAIT timeout: well inside the command timeout. */
+static int wait_ms(const Sink *s)
+{
+    int ms = s->cfg.command_timeout_ms / 2;
+    return ms < SINK_WAIT_MS ? ms : SINK_WAIT_MS;
+}
+
+/* With ?replicas=N: WAIT N, so every write sent before it on this
+ * connection is on N replicas when it answers >= N. */
+static void pipe_wait(Sink *s)
+{
+    char n[16], ms[16];
+
+    if (s->cfg.url.replicas <= 0)
+        return;
+    snprintf(n, sizeof n, "%d", s->cfg.url.replicas);
+    snprintf(ms, sizeof ms, "%d", wait_ms(s));
+    argv_reserve(s, 3);
+    arg_str(s, 0, "WAIT");
+    arg_str(s, 1, n);
+    arg_str(s, 2, ms);
+    pipe_cmd(s, 3, PEND_WAIT, SINK_NO_OP, 0, false);
+    s->pend[s->npend - 1].cmd = "WAIT for replicas";
+}
+
 /* Is r the reply that p expects? Writes a reason when not. */
-static bool reply_ok(const Sink *s, const Pending *p, const redisReply *r, const char **why)
+static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char **why)
 {
     *why = "unexpected reply type";
     if (r->type == REDIS_REPLY_ERROR) {
@@ -582,12 +593,43 @@ static bool reply_ok(const Sink *s, const Pending *p, const redisReply *r, const
     case PEND_SHA:
         *why = "SCRIPT LOAD returned an unexpected SHA1";
         return r->type == REDIS_REPLY_STRING && strcmp(r->str, s->sha) == 0;
+    case PEND_WAIT:
+        if (r->type != REDIS_REPLY_INTEGER)
+            return false;
+        if (r->integer >= s->cfg.url.replicas)
+            return true;
+        s->stats.replica_shortfalls++;
+        snprintf(s->why, sizeof s->why,
+                 "only %lld of the %d replicas asked for (replicas=%d) acknowledged the batch "
+                 "within %d ms; it is not confirmed and will be sent again",
+                 r->integer, s->cfg.url.replicas, s->cfg.url.replicas, wait_ms(s));
+        *why = s->why;
+        return false;
     case PEND_SCAN:
         return r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
                r->element[0]->type == REDIS_REPLY_STRING &&
                r->element[1]->type == REDIS_REPLY_ARRAY;
     }
     return false;
+}
+
+/* Record an OOM refusal of p's write (the watermark or an op), which
+ * keeps that op for the next flush while the rest of the batch goes on.
+ * False when p is not such a write. */
+static bool refuse(Sink *s, const Pending *p, const char *err)
+{
+    if (p->op == SINK_NO_OP && p->kind != PEND_OK)
+        return false; /* SCRIPT LOAD: the batch fails as usual */
+    if (s->nrefused++ == 0) {
+        char what[160];
+        describe(s, p, what, sizeof what);
+        snprintf(s->oom_first, sizeof s->oom_first, "%s (%s)", what, err);
+    }
+    if (p->op == SINK_NO_OP)
+        s->wm_refused = true;
+    else
+        s->ops[p->op].refused = true;
+    return true;
 }
 
 /* Read every outstanding reply. The last SCAN reply is handed to *scan
@@ -602,8 +644,8 @@ static int drain(Sink *s, redisReply **scan)
     for (size_t k = 0; k < s->npend; k++) {
         const Pending *p = &s->pend[k];
         const char *why;
-        void *v = NULL;
-        if (redisGetReply(s->c, &v) != REDIS_OK || v == NULL) {
+        redisReply *r = NULL;
+        if (rconn_read(s->c, &r) < 0) {
             describe(s, p, what, sizeof what);
             if (scan != NULL && *scan != NULL) {
                 freeReplyObject(*scan);
@@ -611,8 +653,14 @@ static int drain(Sink *s, redisReply **scan)
             }
             return io_fail(s, what);
         }
-        redisReply *r = v;
         if (!reply_ok(s, p, r, &why)) {
+            if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "READONLY", 8) == 0)
+                s->readonly = true; /* a replica now: the master moved */
+            if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "OOM", 3) == 0 &&
+                refuse(s, p, r->str)) {
+                freeReplyObject(r);
+                continue;
+            }
             if (rc == 0) {
                 char t[300];
                 describe(s, p, what, sizeof what);
@@ -817,6 +865,11 @@ static int flush_batch(Sink *s)
     bool tags = batch_has_tags(s);
     size_t i = 0;
 
+    s->nrefused = 0;
+    s->wm_refused = false;
+    for (size_t k = 0; k < s->nops; k++)
+        s->ops[k].refused = false;
+
     if (tags && learn_sha(s) < 0)
         return -1;
     s->npend = 0;
@@ -850,11 +903,83 @@ static int flush_batch(Sink *s)
         }
         i++;
     }
+    pipe_wait(s);
     return drain(s, NULL);
+}
+
+/* After a flush whose only failures were OOM refusals: count what was
+ * applied, and keep only the refused ops (and the watermark if refused)
+ * as the batch, in their order, in a fresh arena. */
+static void keep_refused(Sink *s)
+{
+    char *old = s->arena;
+    size_t n = 0;
+
+    for (size_t i = 0; i < s->nops; i++) {
+        RulesInvAction a = s->ops[i].action;
+        if (s->ops[i].refused)
+            continue;
+        s->stats.keys += a == RULES_INV_KEY;
+        s->stats.patterns += a == RULES_INV_PATTERN;
+        s->stats.tags += a == RULES_INV_TAG || a == RULES_INV_TAG_PATTERN;
+        s->stats.publishes += a == RULES_INV_PUBLISH;
+    }
+    s->arena = NULL;
+    s->arena_len = s->arena_cap = 0;
+    for (size_t i = 0; i < s->nops; i++) {
+        SinkOp op = s->ops[i];
+        if (!op.refused)
+            continue;
+        op.off = arena_put(s, old + op.off, op.len);
+        if (op.action == RULES_INV_PUBLISH)
+            op.payload_off = arena_put(s, old + op.payload_off, op.payload_len);
+        op.refused = false;
+        s->ops[n++] = op;
+    }
+    free(old);
+    s->nops = n;
+    s->set_used = 0;
+    if (s->set_cap > 0)
+        memset(s->set, 0, s->set_cap * sizeof *s->set);
+    for (size_t i = 0; i < n; i++)
+        if (s->ops[i].action != RULES_INV_PUBLISH)
+            set_insert(s, i);
+    if (!s->wm_refused) {
+        free(s->wm_key);
+        free(s->wm_value);
+        s->wm_key = s->wm_value = NULL;
+    }
+}
+
+/* The batch was sent and every delete acknowledged, but Redis refused
+ * some writes for lack of memory. Returns -1. */
+static int oom_fail(Sink *s)
+{
+    char t[300], more[64] = "";
+
+    if (s->nrefused > 1)
+        snprintf(more, sizeof more, " and %zu more writes", s->nrefused - 1);
+    keep_refused(s);
+    s->oom = true;
+    s->stats.oom_refusals += s->nrefused;
+    set_err(s,
+            "redis at %s is out of memory and refused %s%s; the deletes of the batch were "
+            "applied, the refused writes are kept and sent again (nothing is confirmed past "
+            "them): free memory in redis, raise maxmemory, or use an evicting "
+            "maxmemory-policy (allkeys-lru) on a cache",
+            target(s, t, sizeof t), s->oom_first, more);
+    return -1;
+}
+
+bool sink_oom(const Sink *s)
+{
+    return s->oom;
 }
 
 int sink_flush(Sink *s)
 {
+    s->oom = false;
+    s->readonly = false;
     if (!sink_dirty(s))
         return 0;
     if (s->cl != NULL) {
@@ -867,8 +992,12 @@ int sink_flush(Sink *s)
     if (flush_batch(s) < 0) {
         /* After an error reply the stream is in sync, but a half-drained
          * pipeline (error in an earlier drain) is not: start afresh. */
-        if (s->c != NULL && s->npend > 0)
+        if (s->c != NULL && (s->npend > 0 || s->readonly))
             disconnect(s);
+        goto fail;
+    }
+    if (s->nrefused > 0) {
+        (void)oom_fail(s);
         goto fail;
     }
 done:
@@ -896,15 +1025,18 @@ fail:
  * rather than UNLINK of the set so a member added during the walk stays
  * indexed for the next invalidation of the tag. */
 
-static Cluster *cl_new(const SinkConfig *cfg)
+static Cluster *cl_new(const SinkConfig *cfg, RconnTls *tls)
 {
     ClusterConfig cc = {.has_password = cfg->url.has_password,
                         .connect_timeout_ms = cfg->connect_timeout_ms,
-                        .command_timeout_ms = cfg->command_timeout_ms};
+                        .command_timeout_ms = cfg->command_timeout_ms,
+                        .tls = tls,
+                        .replicas = cfg->url.replicas};
 
     snprintf(cc.seeds, sizeof cc.seeds, "%s", cfg->url.seeds);
     snprintf(cc.user, sizeof cc.user, "%s", cfg->url.user);
     snprintf(cc.password, sizeof cc.password, "%s", cfg->url.password);
+    snprintf(cc.sni, sizeof cc.sni, "%s", cfg->url.sni);
     return cluster_new(&cc);
 }
 
@@ -1107,6 +1239,30 @@ static int cl_scan(Sink *s, size_t op)
     return rc;
 }
 
+/* End the batch with WAIT on the masters (see cluster_append_wait); with
+ * ?replicas=N every master must report N replicas. */
+static int cl_wait(Sink *s)
+{
+    int n = s->cfg.url.replicas;
+    int ms = n > 0 ? wait_ms(s) : SINK_CLUSTER_WAIT_MS;
+    size_t first = cluster_append_wait(s->cl, n, ms);
+
+    if (cl_exec(s) < 0)
+        return -1;
+    for (size_t i = first; n > 0 && i < cluster_queued(s->cl); i++) {
+        const redisReply *r = cluster_reply(s->cl, i);
+        if (r->type == REDIS_REPLY_INTEGER && r->integer >= n)
+            continue;
+        s->stats.replica_shortfalls++;
+        set_err(s,
+                "redis cluster: only %lld of the %d replicas asked for (replicas=%d) acknowledged "
+                "the batch on a master within %d ms; it is not confirmed and will be sent again",
+                r->type == REDIS_REPLY_INTEGER ? r->integer : 0LL, n, n, ms);
+        return -1;
+    }
+    return 0;
+}
+
 /* Queue the watermark and every simple op; run tags and patterns in
  * order, each after what precedes it was acknowledged. */
 static int cl_flush(Sink *s)
@@ -1150,6 +1306,5 @@ static int cl_flush(Sink *s)
             break;
         }
     }
-    cluster_append_wait(s->cl, SINK_CLUSTER_WAIT_MS);
-    return cl_exec(s);
+    return cl_wait(s);
 }

@@ -31,22 +31,29 @@
 
 typedef struct SinkConfig {
     RedisUrl url;
-    int connect_timeout_ms;  /* default 2000 when 0 */
-    int command_timeout_ms;  /* default 5000 when 0; SCAN loops per call */
-    bool use_del;            /* DEL instead of UNLINK */
-    size_t max_ops;          /* sink_full() threshold; default 10000 */
-    size_t max_bytes;        /* sink_full() threshold; default 8 MiB */
+    int connect_timeout_ms; /* default 2000 when 0 */
+    int command_timeout_ms; /* default 5000 when 0; SCAN loops per call */
+    bool use_del;           /* DEL instead of UNLINK */
+    size_t max_ops;         /* sink_full() threshold; default 10000 */
+    size_t max_bytes;       /* sink_full() threshold; default 8 MiB */
 } SinkConfig;
 
 typedef struct SinkStats {
     uint64_t keys, patterns, tags, versions, publishes; /* applied, cumulative */
-    uint64_t errors;         /* failed flushes */
+    uint64_t errors;                                    /* failed flushes */
+    uint64_t replica_shortfalls;                        /* WAIT reported fewer than ?replicas=N */
+    uint64_t oom_refusals; /* writes Redis refused for lack of memory */
 } SinkStats;
 
 typedef struct Sink Sink;
 
 /* Create a sink (not connected). Aborts on out of memory. cfg is copied. */
 Sink *sink_new(const SinkConfig *cfg);
+
+/* Why the target can never work as configured (a TLS file missing or
+ * unreadable, named in the message), or NULL. Checked once after
+ * sink_new(); such a sink's connects fail with the same message. */
+const char *sink_config_error(const Sink *s);
 
 /* Free the sink, closing its connection. Accepts NULL. */
 void sink_free(Sink *s);
@@ -59,8 +66,8 @@ int sink_connect(Sink *s) __attribute__((warn_unused_result));
 bool sink_connected(const Sink *s);
 
 /* Queue one invalidation (see RulesEmitFn). Copies s and payload. */
-void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len,
-              const char *payload, size_t payload_len);
+void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const char *payload,
+              size_t payload_len);
 
 /* Queue `SET key value` to run first in the next flush (the confirmed-LSN
  * watermark, SPEC §7). Replaces a previously queued watermark. */
@@ -80,6 +87,15 @@ bool sink_full(const Sink *s);
  * if it is unusable; sink_errstr() says what failed). Connects first when
  * not connected. */
 int sink_flush(Sink *s) __attribute__((warn_unused_result));
+
+/* True when the last sink_flush() failed only because Redis refused writes
+ * (the watermark SET, INCR, PUBLISH) with -OOM (maxmemory reached under
+ * noeviction): every other command of the batch was applied, and the batch
+ * now holds only the refused writes, in order, to be sent again. The
+ * caller may keep queueing (deletes keep flowing with the next flushes)
+ * but must not confirm past the refused writes while sink_dirty(). A
+ * single-node target only: a Cluster target fails the whole batch. */
+bool sink_oom(const Sink *s);
 
 /* Change DEL/UNLINK choice (after a rules reload). */
 void sink_set_use_del(Sink *s, bool use_del);

@@ -981,6 +981,124 @@ static void test_command_timeout(void **state)
     sink_free(s);
 }
 
+/* maxmemory reached under noeviction: Redis refuses SET and INCR with
+ * -OOM but still deletes. The flush fails (sink_oom), every delete of the
+ * batch is applied, the batch keeps only the refused writes (the INCR and
+ * the watermark), and later batches' deletes keep being applied; once
+ * memory is back everything held lands. */
+static void test_oom(void **state)
+{
+    char url[128];
+    redisContext *c;
+    redisReply *r;
+    Sink *s;
+    (void)state;
+
+    srv_start(&srv);
+    c = srv_connect(&srv);
+    assert_non_null(c);
+    freeReplyObject(cmd_on(c, "SET oom:a 1"));
+    freeReplyObject(cmd_on(c, "SET oom:b 1"));
+    freeReplyObject(cmd_on(c, "SET oom:ver 5"));
+    freeReplyObject(cmd_on(c, "SET oom:p:1 1"));
+    freeReplyObject(cmd_on(c, "SADD tag:oom oom:member"));
+    freeReplyObject(cmd_on(c, "SET oom:member 1"));
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory-policy noeviction"));
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory 1"));
+
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", srv.port);
+    s = new_sink_url(url, false, 0);
+    sink_set_watermark(s, "walbust:confirmed:oom", "0/10");
+    add(s, RULES_INV_KEY, "oom:a");
+    add(s, RULES_INV_VERSION, "oom:ver");
+    add(s, RULES_INV_PATTERN, "oom:p:*");
+    add(s, RULES_INV_TAG, "tag:oom");
+    sink_add(s, RULES_INV_PUBLISH, "oom:chan", 8, "m", 1);
+    assert_int_equal(sink_flush(s), -1);
+    print_message("%s\n", sink_errstr(s));
+    assert_true(sink_oom(s));
+    assert_non_null(strstr(sink_errstr(s), "out of memory and refused the watermark SET"));
+    assert_non_null(strstr(sink_errstr(s), "and 1 more writes"));
+    assert_non_null(strstr(sink_errstr(s), "maxmemory"));
+    r = cmd_on(c, "EXISTS oom:a oom:p:1 oom:member tag:oom walbust:confirmed:oom");
+    assert_int_equal(r->integer, 0); /* deletes applied, the watermark not */
+    freeReplyObject(r);
+    assert_int_equal(sink_pending(s), 1); /* only the INCR is held */
+    assert_true(sink_dirty(s));           /* and the watermark */
+    assert_int_equal(sink_stats(s)->oom_refusals, 2);
+
+    /* The next batch's deletes still go through. */
+    add(s, RULES_INV_KEY, "oom:b");
+    assert_int_equal(sink_flush(s), -1);
+    assert_true(sink_oom(s));
+    r = cmd_on(c, "EXISTS oom:b");
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    assert_int_equal(sink_pending(s), 1);
+
+    /* Memory back: the held writes land, once. */
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory 0"));
+    must_flush(s);
+    assert_false(sink_oom(s));
+    r = cmd_on(c, "GET oom:ver");
+    assert_string_equal(r->str, "6");
+    freeReplyObject(r);
+    r = cmd_on(c, "GET walbust:confirmed:oom");
+    assert_string_equal(r->str, "0/10");
+    freeReplyObject(r);
+    sink_free(s);
+    redisFree(c);
+}
+
+/* ?replicas=1 against a master without a replica: WAIT answers 0, so the
+ * batch is not acknowledged (but kept); with a replica attached it is. */
+static void test_replicas(void **state)
+{
+    Server replica = {0};
+    char url[160], port[16];
+    redisContext *c;
+    Sink *s;
+    (void)state;
+
+    srv_start(&srv);
+    c = srv_connect(&srv);
+    assert_non_null(c);
+    freeReplyObject(cmd_on(c, "SET rep:a 1"));
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d/0?replicas=1", srv.port);
+    s = new_sink_url(url, false, 0);
+    add(s, RULES_INV_KEY, "rep:a");
+    double t0 = now_s();
+    assert_int_equal(sink_flush(s), -1);
+    print_message("after %.3f s: %s\n", now_s() - t0, sink_errstr(s));
+    assert_non_null(strstr(sink_errstr(s), "only 0 of the 1 replicas asked for (replicas=1)"));
+    assert_int_equal(sink_pending(s), 1);
+    assert_int_equal(sink_stats(s)->replica_shortfalls, 1);
+
+    srv_start(&replica);
+    redisContext *rc = srv_connect(&replica);
+    assert_non_null(rc);
+    snprintf(port, sizeof port, "%d", srv.port);
+    freeReplyObject(cmd_on(rc, "REPLICAOF 127.0.0.1 %s", port));
+    for (int i = 0; i < 200; i++) {
+        redisReply *r = cmd_on(c, "INFO replication");
+        bool online = strstr(r->str, "state=online") != NULL;
+        freeReplyObject(r);
+        if (online)
+            break;
+        usleep(50 * 1000);
+    }
+    must_flush(s);
+    redisReply *r = cmd_on(rc, "EXISTS rep:a");
+    assert_int_equal(r->integer, 0); /* on the replica too */
+    freeReplyObject(r);
+    sink_free(s);
+    redisFree(rc);
+    redisFree(c);
+    srv_stop(&replica);
+    unlink(replica.sock);
+    rmdir(replica.dir);
+}
+
 static int unpause(void **state)
 {
     (void)state;
@@ -1036,6 +1154,8 @@ int main(void)
         cmocka_unit_test(test_connect_refused),
         cmocka_unit_test_teardown(test_auth_and_db, srv_teardown),
         cmocka_unit_test_teardown(test_redis_down_and_back, srv_teardown),
+        cmocka_unit_test_teardown(test_oom, srv_teardown),
+        cmocka_unit_test_teardown(test_replicas, srv_teardown),
         cmocka_unit_test_teardown(test_command_timeout, unpause),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);

@@ -3,7 +3,7 @@
 
     tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
                              [--kinds k1,k2] [--faults-per-round 2] [--targets 1]
-                             [--cluster] [--bin PATH]
+                             [--cluster] [--tls] [--bin PATH]
 
 Starts its own stack (scripts/stack start in a temp dir: PostgreSQL 15 and,
 owned by the campaign, one redis-server with AOF on /dev/shm per Redis
@@ -17,6 +17,11 @@ are then walbust_kill9, pg_restart, walsender_kill and cluster_master_kill
 (SIGKILL one master, wait for its replica's promotion and cluster_state:ok,
 restart the old node and wait until it has rejoined as a replica), and the
 checker reads the keys through redis-py's RedisCluster.
+With --tls every Redis target also listens on a TLS port that requires a
+client certificate (certificates made with the openssl CLI in the
+campaign's directory) and walbust reaches it with rediss://...?cacert=&cert=
+&key= through the proxy (which then carries TLS records: a cut connection
+is cut mid-record); the checker uses the plain port.
 Then, per round:
 
 1. fill     with no writes running and walbust caught up, cache a value for
@@ -234,13 +239,37 @@ class Stack:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+TLS_DIR = None  # --tls: where make_certs() put ca.crt, server.* and client.*
+
+
+def make_certs(workdir):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    global TLS_DIR
+    TLS_DIR = os.path.join(workdir, "tls")
+    os.makedirs(TLS_DIR, exist_ok=True)
+
+    def ossl(*a):
+        subprocess.run(["openssl", *a], check=True, cwd=TLS_DIR, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ossl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=ca", "-days", "2")
+    with open(os.path.join(TLS_DIR, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        ossl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *ext)
+
+
 class RedisServer:
     """The campaign's redis-server: AOF with appendfsync always (every
     acknowledged write survives kill -9) in a /dev/shm directory, no RDB, no
-    output limit for subscribers."""
+    output limit for subscribers; with --tls also a TLS port requiring a
+    client certificate."""
 
     def __init__(self):
         self.port = free_port()
+        self.tls_port = free_port() if TLS_DIR else None
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = tempfile.mkdtemp(prefix="walbust-campaign-redis-", dir=base)
         self.proc = None
@@ -251,6 +280,11 @@ class RedisServer:
                 "--auto-aof-rewrite-percentage", "0",
                 "--client-output-buffer-limit", "pubsub 0 0 0",
                 "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no"]
+        if self.tls_port:
+            t = lambda name: os.path.join(TLS_DIR, name)  # noqa: E731
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", t("server.crt"),
+                     "--tls-key-file", t("server.key"), "--tls-ca-cert-file", t("ca.crt"),
+                     "--tls-auth-clients", "yes"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self.ping() or self.proc.poll() is not None, 30, "redis-server to start")
         assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
@@ -355,11 +389,15 @@ class Target:
     def __init__(self, index, workdir):
         self.index = index
         self.redis = RedisServer().start()
-        self.proxy = Proxy(f"redis{index}", self.redis.port, workdir)
+        self.proxy = Proxy(f"redis{index}", self.redis.tls_port or self.redis.port, workdir)
         self.epoch = 0
         self.sub = None
 
     def url(self):
+        if TLS_DIR:
+            t = lambda name: os.path.join(TLS_DIR, name)  # noqa: E731
+            return (f"rediss://127.0.0.1:{self.proxy.port}/0?cacert={t('ca.crt')}"
+                    f"&cert={t('client.crt')}&key={t('client.key')}")
         return f"redis://127.0.0.1:{self.proxy.port}/0"
 
     def stop(self):
@@ -1215,6 +1253,8 @@ class Campaign:
         log(f"stack in {self.workdir}")
         self.pg = Postgres(self.stack)
         self.pproxy = Proxy("pg", self.pg.port, self.workdir)
+        if self.args.tls:
+            make_certs(self.workdir)
         if self.args.cluster:
             self.targets = [ClusterTarget(self.workdir)]
         else:
@@ -1543,6 +1583,8 @@ def parse(argv):
     ap.add_argument("--kinds", default=None)
     ap.add_argument("--cluster", action="store_true",
                     help="walbust's target is a 3-master Redis Cluster (scripts/cluster)")
+    ap.add_argument("--tls", action="store_true",
+                    help="walbust reaches every Redis target over mutual TLS (rediss://)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--bin", default=os.environ.get("WALBUST_BIN",
                                                     os.path.join(SRC, "build/walbust")))

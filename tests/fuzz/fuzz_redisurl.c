@@ -6,8 +6,8 @@
  *
  * Input byte 0 picks the mode:
  *  - 1..6, structured: the rest is user \x01 password \x01 tail, assembled as
- *    <scheme>user:password@tail with the scheme redis://, unix:// or
- *    redis+cluster://. The same URL is built again with a twin password
+ *    <scheme>user:password@tail with the scheme redis://, unix://,
+ *    redis+cluster://, rediss://, redis+sentinel:// or rediss+cluster://. The same URL is built again with a twin password
  *    of the same shape (every letter and non-zero digit replaced by
  *    another of its class, so percent-escapes stay valid, invalid or %00
  *    exactly as before). Parsing and redacting both must give identical
@@ -105,14 +105,18 @@ static void check_twins(const Outcome *a, const Outcome *b)
     CHECK(a->u.kind == b->u.kind && a->u.port == b->u.port && a->u.db == b->u.db &&
               a->u.has_password == b->u.has_password && strcmp(a->u.host, b->u.host) == 0 &&
               strcmp(a->u.path, b->u.path) == 0 && strcmp(a->u.user, b->u.user) == 0 &&
-              strcmp(a->u.seeds, b->u.seeds) == 0,
+              strcmp(a->u.seeds, b->u.seeds) == 0 && a->u.tls == b->u.tls &&
+              a->u.replicas == b->u.replicas && strcmp(a->u.cacert, b->u.cacert) == 0 &&
+              strcmp(a->u.master_name, b->u.master_name) == 0 &&
+              strcmp(a->u.sentinel_password, b->u.sentinel_password) == 0,
           "parsed fields other than the password depend on it");
 }
 
 static void structured(uint8_t mode, const char *rest, size_t n, size_t small)
 {
-    static const char *const schemes[] = {"redis://", "unix://", "redis+cluster://"};
-    const char *scheme = schemes[(mode - 1) % 3];
+    static const char *const schemes[] = {"redis://",  "unix://",          "redis+cluster://",
+                                          "rediss://", "redis+sentinel://", "rediss+cluster://"};
+    const char *scheme = schemes[(mode - 1) % 6];
     const char *s1 = memchr(rest, '\x01', n), *s2;
     char url[URL_MAX], twin[URL_MAX];
     size_t ulen, plen, tlen, off;
@@ -135,7 +139,7 @@ static void structured(uint8_t mode, const char *rest, size_t n, size_t small)
     /* Not a userinfo in a unix URL: an unescaped "@/" in it is ambiguous
      * (RFC 3986 wants '@' percent-encoded there; the parser ends the
      * userinfo at the last "@/"), and "unix:///..." is a socket path. */
-    if (mode % 3 == 2 && (memmem(url, off + plen, "@/", 2) != NULL || (ulen > 0 && rest[0] == '/')))
+    if (strcmp(scheme, "unix://") == 0 && (memmem(url, off + plen, "@/", 2) != NULL || (ulen > 0 && rest[0] == '/')))
         return;
     memcpy(twin, url, sizeof twin);
     for (size_t i = off; i < off + plen; i++)

@@ -100,7 +100,22 @@ static const BadCase bad[] = {
     {"redis:/h", "unknown scheme"},
     {"h:6379", "unknown scheme"},
     {"REDIS://h", "unknown scheme"},
-    {"rediss://h:6380", "TLS"},
+    {"redis://h?cacert=/x", "needs TLS: use rediss://"},
+    {"redis+cluster://h?insecure=1", "needs TLS"},
+    {"rediss://h?cert=/c", "cert= and key= go together"},
+    {"rediss://h?key=/k", "cert= and key= go together"},
+    {"rediss://h?insecure=yes", "bad insecure \"yes\""},
+    {"rediss://h?cacert=", "empty parameter cacert"},
+    {"rediss://h?cacert=%zz", "bad percent-escape in parameter cacert"},
+    {"redis://h?replicas=x", "bad replicas \"x\""},
+    {"redis://h?replicas=101", "bad replicas"},
+    {"redis://h?sentinel_user=u", "only for redis+sentinel://"},
+    {"redis+sentinel://h", "missing master name"},
+    {"redis+sentinel://h/", "missing master name"},
+    {"redis+sentinel://h/my*master", "bad character '*' in the master name"},
+    {"redis+sentinel://h/m/x", "bad database \"x\""},
+    {"redis+sentinel://h/m?sentinel_user=u", "sentinel_user= needs sentinel_password="},
+    {"rediss+cluster://a:1?db=2", "unknown parameter \"db\""},
     {"redis://", "missing host"},
     {"redis://:6379", "missing host"},
     {"redis://:pw@:6379/1", "missing host"},
@@ -116,8 +131,8 @@ static const BadCase bad[] = {
     {"redis://h/-1", "bad database \"-1\""},
     {"redis://h/1/2", "bad database \"1/2\""},
     {"redis://h/99999999999", "bad database"},
-    {"redis://h/0?db=1", "bad database"},
-    {"redis://h?x", "bad character '?'"},
+    {"redis://h/0?db=1", "unknown parameter \"db\""},
+    {"redis://h?x", "bad parameter \"x\" (want name=value)"},
     {"redis://h#frag", "bad character '#'"},
     {"redis://ho st", "bad character ' '"},
     {"redis://[::1", "unterminated IPv6"},
@@ -135,7 +150,7 @@ static const BadCase bad[] = {
     {"unix:///", "missing socket path"},
     {"unix:///tmp/r.sock?db=x", "bad database \"x\""},
     {"unix:///tmp/r.sock?db=", "bad database \"\""},
-    {"unix:///tmp/r.sock?timeout=1", "unknown parameter \"timeout=1\""},
+    {"unix:///tmp/r.sock?timeout=1", "unknown parameter \"timeout\""},
     {"redis+cluster://", "missing host"},
     {"redis+cluster://a:7000,,b:7001", "missing host"},
     {"redis+cluster://a:7000,b:x", "bad port \"x\""},
@@ -207,6 +222,10 @@ static const RedactCase redact[] = {
     {"ftp://u:s3cret@h", "ftp://u:***@h"},
     {"u:s3cret@h", "u:***@h"},
     {"s3cret@h", "***@h"},
+    {"redis+sentinel://:s3cret@s1,s2/m?sentinel_password=s3cret&replicas=1",
+     "redis+sentinel://:***@s1,s2/m?sentinel_password=***&replicas=1"},
+    {"redis+sentinel://s1/m?replicas=1&sentinel_password=s3cret",
+     "redis+sentinel://s1/m?replicas=1&sentinel_password=***"},
     {"", ""},
 };
 
@@ -224,16 +243,82 @@ static void test_redact(void **state)
     assert_string_equal(tiny, "redis://u");
 }
 
+/* TLS, replicas and Sentinel parameters. */
+static void test_params(void **state)
+{
+    RedisUrl u;
+    char err[512], desc[300];
+    (void)state;
+
+    assert_int_equal(redisurl_parse("rediss://alice:pw@cache.example:6380/2?cacert=/etc/ca%20x.pem"
+                                    "&cert=/c.pem&key=/k.pem&sni=redis.internal&replicas=2",
+                                    &u, err, sizeof err),
+                     0);
+    assert_int_equal(u.kind, REDISURL_TCP);
+    assert_true(u.tls);
+    assert_false(u.insecure);
+    assert_string_equal(u.host, "cache.example");
+    assert_int_equal(u.port, 6380);
+    assert_int_equal(u.db, 2);
+    assert_string_equal(u.cacert, "/etc/ca x.pem");
+    assert_string_equal(u.cert, "/c.pem");
+    assert_string_equal(u.key, "/k.pem");
+    assert_string_equal(u.sni, "redis.internal");
+    assert_int_equal(u.replicas, 2);
+
+    assert_int_equal(redisurl_parse("redis://h", &u, err, sizeof err), 0);
+    assert_false(u.tls);
+    assert_int_equal(u.replicas, 0);
+
+    assert_int_equal(
+        redisurl_parse("rediss+cluster://a:7000,b:7001?insecure=1", &u, err, sizeof err), 0);
+    assert_int_equal(u.kind, REDISURL_CLUSTER);
+    assert_true(u.tls);
+    assert_true(u.insecure);
+    assert_string_equal(u.seeds, "a:7000,b:7001");
+
+    assert_int_equal(redisurl_parse("unix:///tmp/r.sock?replicas=1&db=3", &u, err, sizeof err), 0);
+    assert_int_equal(u.db, 3);
+    assert_int_equal(u.replicas, 1);
+
+    assert_int_equal(redisurl_parse("redis+sentinel://:mpw@s1,s2:26380,[::1]/mymaster/4"
+                                    "?sentinel_user=sen&sentinel_password=spw%21&replicas=1",
+                                    &u, err, sizeof err),
+                     0);
+    assert_int_equal(u.kind, REDISURL_SENTINEL);
+    assert_false(u.tls);
+    assert_string_equal(u.seeds, "s1:26379,s2:26380,[::1]:26379");
+    assert_string_equal(u.master_name, "mymaster");
+    assert_int_equal(u.db, 4);
+    assert_string_equal(u.password, "mpw");
+    assert_string_equal(u.sentinel_user, "sen");
+    assert_string_equal(u.sentinel_password, "spw!");
+    assert_true(u.sentinel_has_password);
+    assert_string_equal(redisurl_describe(&u, desc, sizeof desc),
+                        "mymaster@s1:26379,s2:26380,[::1]:26379");
+
+    assert_int_equal(redisurl_parse("rediss+sentinel://s1/m", &u, err, sizeof err), 0);
+    assert_true(u.tls);
+    assert_int_equal(u.port, 26379);
+}
+
 /* Bad URLs that carry a password: the error quotes the URL redacted. */
 static void test_errors_never_show_password(void **state)
 {
     static const char *const urls[] = {
-        "redis://u:s3cret@h:0", "redis://u:s3cret@h/x", "redis://u:s3cret@",
-        "redis://:s3cret%zz@h", "unix://u:s3cret@/",    "unix://u:s3cret@/tmp/s?db=q",
-        "rediss://u:s3cret@h",  "http://u:s3cret@h",    "redis+cluster://:s3cret@a:1/2",
+        "redis://u:s3cret@h:0",
+        "redis://u:s3cret@h/x",
+        "redis://u:s3cret@",
+        "redis://:s3cret%zz@h",
+        "unix://u:s3cret@/",
+        "unix://u:s3cret@/tmp/s?db=q",
+        "rediss://u:s3cret@h?cert=c",
+        "http://u:s3cret@h",
+        "redis+cluster://:s3cret@a:1/2",
         "redis://s3cret@h",
         /* found by fuzz_redisurl: a relative unix path has no "@/" */
-        "unix://u:s3cret@relative.sock", "unix://alice:p%40s3cret@h:1",
+        "unix://u:s3cret@relative.sock",
+        "unix://alice:p%40s3cret@h:1",
     };
     (void)state;
     for (size_t i = 0; i < sizeof urls / sizeof urls[0]; i++) {
@@ -249,11 +334,9 @@ static void test_errors_never_show_password(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_good_urls),
-        cmocka_unit_test(test_bad_urls),
-        cmocka_unit_test(test_long_fields),
-        cmocka_unit_test(test_redact),
-        cmocka_unit_test(test_errors_never_show_password),
+        cmocka_unit_test(test_good_urls),   cmocka_unit_test(test_bad_urls),
+        cmocka_unit_test(test_long_fields), cmocka_unit_test(test_redact),
+        cmocka_unit_test(test_params),      cmocka_unit_test(test_errors_never_show_password),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

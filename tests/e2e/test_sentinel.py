@@ -1,0 +1,227 @@
+"""Redis Sentinel (redis+sentinel://) with real servers: a master, a
+replica and three Sentinels (redis-server --sentinel), walbust with
+?replicas=1.
+
+- walbust finds the master through the Sentinels (SENTINEL
+  get-master-addr-by-name, then ROLE) and invalidates there;
+- under continuous writes (each cached row updated once, in random order),
+  SENTINEL FAILOVER promotes the replica: walbust follows it (connection
+  killed by the Sentinels, READONLY, rediscovery) and, once caught up, not
+  one key of an updated row is left on the new master;
+- then the new master is killed with SIGKILL under writes: the Sentinels
+  promote the old master (now its replica) and, again, nothing is stale
+  once the killed server is back (empty; the Sentinels make it a replica,
+  which replicas=1 waits for before confirming).
+
+Database walbust_sentinel, slot sentinel.
+"""
+import os
+import subprocess
+import time
+
+import redis
+
+from harness import (BARRIER_RULE, BARRIER_SQL, STACK_DIR, Runner, Walbust, fresh_db, sql,
+                     wait_until, write_rules)
+from faultkit import RedisServer, Writer, free_port
+
+DB = "walbust_sentinel"
+SLOT = "sentinel"
+NAME = "walmaster"
+ROWS = 4000
+RULES = {"rules": [{"table": "items", "keys": ["sen:item:{id}"]}, BARRIER_RULE]}
+
+
+class Node(RedisServer):
+    """A redis-server with extra arguments (--replicaof)."""
+
+    def __init__(self, extra=(), port=None):
+        super().__init__(port=port)
+        self.extra = list(extra)
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "no", "--logfile",
+                os.path.join(self.dir, "redis.log"), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "redis-server to start")
+        assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
+        return self
+
+
+class Sentinel(Node):
+    def __init__(self, master_port):
+        super().__init__()
+        self.conf = os.path.join(self.dir, "sentinel.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {NAME} 127.0.0.1 {master_port} 2\n"
+                    f"sentinel down-after-milliseconds {NAME} 1000\n"
+                    f"sentinel failover-timeout {NAME} 10000\n")
+
+    def start(self):
+        args = ["redis-server", self.conf, "--sentinel", "--logfile",
+                os.path.join(self.dir, "sentinel.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "sentinel to start")
+        assert self.proc.poll() is None
+        return self
+
+    def client(self, timeout=None):
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+class Deployment:
+    def __init__(self):
+        self.master = Node().start()
+        self.replica = Node(["--replicaof", "127.0.0.1", str(self.master.port)]).start()
+        self.nodes = {self.master.port: self.master, self.replica.port: self.replica}
+        self.sentinels = [Sentinel(self.master.port).start() for _ in range(3)]
+        wait_until(self.settled, 30, "sentinels to see each other and the replica")
+
+    def settled(self):
+        for s in self.sentinels:
+            c = s.client(1)
+            try:
+                if len(c.execute_command("SENTINEL", "sentinels", NAME)) < 2:
+                    return False
+                reps = c.execute_command("SENTINEL", "replicas", NAME)
+                if not any("s_down" not in str(r) for r in reps):
+                    return False
+            except redis.RedisError:
+                return False
+        return link_up(self.replica)
+
+    def url(self):
+        addrs = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{addrs}/{NAME}?replicas=1"
+
+    def master_port(self):
+        for s in self.sentinels:
+            try:
+                return int(s.client(1).execute_command("SENTINEL", "get-master-addr-by-name",
+                                                       NAME)[1])
+            except (redis.RedisError, TypeError):
+                continue
+        raise AssertionError("no sentinel answers")
+
+    def current(self):
+        return self.nodes[self.master_port()]
+
+    def replica_of(self, master):
+        return next(n for p, n in self.nodes.items() if n is not master)
+
+    def stop(self):
+        for n in [*self.sentinels, *self.nodes.values()]:
+            n.stop()
+
+
+def link_up(node):
+    """Is node a replica in sync with its master? (The Sentinels kill its
+    clients while they reconfigure it.)"""
+    try:
+        return node.client(1).info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+
+
+def catch_up(d, timeout=60):
+    """Barrier on the current master: once its key is gone, everything
+    committed before was applied there."""
+    token = f"{time.time_ns()}"
+    d.current().client().set(f"barrier:{token}", "1")
+    sql(DB, "INSERT INTO walbust_barrier(token) VALUES (%s)", (token,))
+
+    def gone():
+        try:
+            return not d.current().client(1).exists(f"barrier:{token}")
+        except redis.RedisError:
+            return False
+    wait_until(gone, timeout, "the barrier on the current master")
+
+
+def populate(master):
+    r = master.client()
+    pipe = r.pipeline(transaction=False)
+    for i in range(1, ROWS + 1):
+        pipe.set(f"sen:item:{i}", "cached")
+    pipe.set("sen:control", "no row invalidates this")
+    pipe.execute()
+
+
+def stale_after(d, writer):
+    catch_up(d)
+    r = d.current().client()
+    written = writer.written()
+    stale = [i for i in written if r.exists(f"sen:item:{i}")]
+    left = sum(1 for i in range(1, ROWS + 1) if i not in written and r.exists(f"sen:item:{i}"))
+    return written, stale, left + r.exists("sen:control")
+
+
+def failover_round(d, w, how):
+    old = d.current()
+    populate(old)
+    wait_until(lambda: d.replica_of(old).client(1).dbsize() >= ROWS, 20, "keys on the replica")
+    writer = Writer(DB, ROWS, seed=len(how))
+    writer.set_pool(range(1, ROWS + 1), fresh=True)
+    writer.start()
+    try:
+        writer.wait_more(300)
+        if how == "failover":
+            d.sentinels[0].client().execute_command("SENTINEL", "FAILOVER", NAME)
+        else:
+            old.kill9()
+        wait_until(lambda: d.master_port() != old.port, 60, "the sentinels to promote the replica")
+        if how != "failover":
+            # Back empty on its port: the Sentinels make it a replica of the
+            # new master, which replicas=1 needs before anything confirms.
+            old.stop()
+            d.nodes[old.port] = Node(port=old.port).start()
+            wait_until(lambda: link_up(d.nodes[old.port]), 60,
+                       "the killed master back as a replica")
+        writer.wait_more(300, timeout=60)
+    finally:
+        writer.finish()
+    written, stale, left = stale_after(d, writer)
+    print(f"# {how}: {len(writer.txns)} transactions, {len(written)} rows updated, "
+          f"{len(stale)} stale keys, {left} keys of untouched rows (and a control key) left (master now "
+          f"{d.master_port()})")
+    assert w.alive(), w.read_log()
+    assert not stale, f"{len(stale)} stale keys after {how}, e.g. {sorted(stale)[:10]}"
+    assert left > 0, "every key vanished: the test would not see a missed invalidation"
+    return old
+
+
+def test_sentinel_failovers():
+    fresh_db(DB)
+    sql(DB, "CREATE TABLE items(id bigint PRIMARY KEY, v int)")
+    sql(DB, f"INSERT INTO items SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+    sql(DB, BARRIER_SQL)
+    sql(DB, "CREATE PUBLICATION walbust FOR TABLE items, walbust_barrier")
+    rules = write_rules(RULES)
+    d = Deployment()
+    w = Walbust(DB, rules, slot=SLOT, redis_urls=[d.url()])
+    try:
+        w.start().wait_streaming()
+        catch_up(d)
+        assert f"connected to redis at {NAME}@" in w.read_log(), w.read_log()
+        failover_round(d, w, "failover")
+        assert "READONLY" in w.read_log() or "redis I/O error" in w.read_log() or \
+            "connection closed" in w.read_log(), w.read_log()
+        failover_round(d, w, "kill -9")
+    finally:
+        assert w.stop() == 0, w.read_log()[-3000:]
+        d.stop()
+        sql(DB, "SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots "
+            "WHERE slot_name = %s", (SLOT, SLOT))
+
+
+def main():
+    runner = Runner("test_sentinel")
+    runner.run(test_sentinel_failovers)
+    runner.done()
+
+
+if __name__ == "__main__":
+    main()
