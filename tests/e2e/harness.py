@@ -166,14 +166,23 @@ BARRIER_RULE = {"table": "walbust_barrier", "on": ["insert"], "keys": ["barrier:
 
 
 class Runner:
-    """Tiny TAP-style runner: each test is a function; failures are counted."""
+    """Tiny TAP-style runner: each test is a function; failures are counted.
+
+    WALBUST_TEST="test_a,test_b" (set by `tests/run e2e FILE::test_a,test_b`)
+    runs only the functions with those names; the file's set-up and
+    clean-up still run. Naming a function the file does not run fails."""
 
     def __init__(self, name):
         self.name = name
         self.n = 0
         self.failed = 0
+        self.only = {t for t in os.environ.get("WALBUST_TEST", "").split(",") if t}
+        self.seen = set()
 
     def run(self, fn):
+        self.seen.add(fn.__name__)
+        if self.only and fn.__name__ not in self.only:
+            return
         self.n += 1
         t0 = time.time()
         try:
@@ -186,6 +195,11 @@ class Runner:
             sys.stdout.flush()
 
     def done(self):
+        unknown = sorted(self.only - self.seen)
+        if unknown:
+            self.failed += 1
+            print(f"not ok - WALBUST_TEST names {', '.join(unknown)}, not run by {self.name}; "
+                  f"its tests: {', '.join(sorted(self.seen))}")
         print(f"1..{self.n}")
         if self.failed:
             print(f"# {self.name}: {self.failed} of {self.n} failed")
