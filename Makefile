@@ -44,6 +44,12 @@ all: $(BUILD)/walbust
 deps:
 	$(Q)scripts/deps
 
+# Every tool and Python module the tests use is installed by scripts/deps
+# (.ci/run runs this on a fresh machine before any test).
+.PHONY: check-deps
+check-deps: deps
+	$(Q)scripts/check-deps
+
 $(BUILD)/walbust: $(LIB_OBJS) $(MAIN_OBJ)
 	@echo "  LD      $@"
 	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
