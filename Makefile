@@ -28,6 +28,7 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/pubplan.c \
             cdc/lookup_exec.c \
             cdc/rconn.c cdc/sentinel.c
+IO_SRCS  += cdc/teardown_cmd.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 

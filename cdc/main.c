@@ -42,6 +42,8 @@ int main(int argc, char **argv)
         return cmd_setup(&cfg);
     case CMD_STATUS:
         return cmd_status(&cfg);
+    case CMD_TEARDOWN:
+        return cmd_teardown(&cfg);
     default:
         opts_usage(stderr, CMD_NONE);
         return 2;

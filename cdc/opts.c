@@ -21,7 +21,8 @@ typedef enum OptKind {
 #define F_DECODE (1u << CMD_DECODE)
 #define F_SETUP (1u << CMD_SETUP)
 #define F_STATUS (1u << CMD_STATUS)
-#define F_ALL (F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS)
+#define F_TEARDOWN (1u << CMD_TEARDOWN)
+#define F_ALL (F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN)
 
 typedef struct OptSpec {
     const char *name;
@@ -49,10 +50,11 @@ static const OptSpec opt_table[] = {
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
      "rules file (JSON); required for run, check and setup"},
     {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust",
-     F_RUN | F_DECODE | F_SETUP | F_STATUS, "NAME",
+     F_RUN | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
      "logical replication slot (default: walbust; decode: a temporary slot)"},
     {"publication", "WALBUST_PUBLICATION", OPT_STRING, OFF(publication), "walbust",
-     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "NAME", "publication (default: walbust)"},
+     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
+     "publication (default: walbust)"},
     {"create-slot", NULL, OPT_BOOL, OFF(create_slot), NULL, F_RUN, NULL,
      "create the slot when it does not exist (default: a missing slot is an error)"},
     {"metrics", "WALBUST_METRICS", OPT_STRING, OFF(metrics), "127.0.0.1:9187", F_RUN, "ADDR",
@@ -72,6 +74,10 @@ static const OptSpec opt_table[] = {
     {"json", NULL, OPT_BOOL, OFF(json), NULL, F_STATUS, NULL, "print status as JSON"},
     {"replica-identity-full", NULL, OPT_BOOL, OFF(replica_identity_full), NULL, F_SETUP, NULL,
      "set REPLICA IDENTITY FULL on tables whose rules need old values"},
+    {"yes", NULL, OPT_BOOL, OFF(yes), NULL, F_TEARDOWN, NULL,
+     "drop without asking (required when stdin is not a terminal)"},
+    {"force", NULL, OPT_BOOL, OFF(force), NULL, F_TEARDOWN, NULL,
+     "drop the slot even while a consumer holds it (terminates its walsender)"},
 };
 
 #define N_OPTS (sizeof opt_table / sizeof opt_table[0])
@@ -86,6 +92,7 @@ static const struct {
     {"decode", CMD_DECODE, "print committed changes as JSON lines (with --rules: dry run)"},
     {"setup", CMD_SETUP, "create publication, slot and the walbust SQL schema"},
     {"status", CMD_STATUS, "show slot state, confirmed LSN and lag"},
+    {"teardown", CMD_TEARDOWN, "drop the publication, slot and walbust schema that setup created"},
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])

@@ -21,6 +21,7 @@ typedef enum OptsCommand {
     CMD_DECODE,
     CMD_SETUP,
     CMD_STATUS,
+    CMD_TEARDOWN,
     CMD_HELP,
     CMD_VERSION,
 } OptsCommand;
@@ -44,6 +45,8 @@ typedef struct Config {
     bool json;                          /* status --json */
     bool replica_identity_full;         /* setup */
     const char *on_slot_lost;           /* run: "fail" (default) or "flush-rules" */
+    bool yes;                           /* teardown: drop without asking */
+    bool force;                         /* teardown: terminate the slot's walsender */
 } Config;
 
 /* Parse argv and the environment into *cfg. Returns 0 on success, 2 on a
