@@ -6,10 +6,13 @@
  * ("FILE:LINE:COLUMN: message (at rules[2].keys[0])"); run, decode, setup
  * and check all load rules through it. `walbust check` adds, when a
  * database is configured (--pg or WALBUST_PG), the checks against the live
- * schema: the publication exists, every rules table and column exists and is
- * published, and every placeholder that needs an old value can get one under
- * the table's replica identity (SPEC §1.7). It prints "FILE: ok (N rules, M
- * tables)" and exits 0 only when nothing is wrong; otherwise it exits 1.
+ * server and schema: wal_level is logical, every rules table and column
+ * exists and is published, and every placeholder that needs an old value can
+ * get one under the table's replica identity (SPEC §1.7). A publication or
+ * slot that does not exist yet is what `walbust setup` will create: it is
+ * reported as such, and not a problem (a slot of that name that walbust
+ * cannot use is). It prints "FILE: ok (N rules, M tables)" and exits 0 only
+ * when nothing is wrong; otherwise it exits 1.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -173,7 +176,8 @@ static void print_list(const char *prefix, const char *const *names, size_t n, c
     fputs(suffix, stdout);
 }
 
-/* The statements that create what setup would create, in full. */
+/* A missing publication is what setup will create (not a problem); the
+ * statements that create it by hand, in full. */
 static void print_publication_hint(const Config *cfg, const Rules *rules, const Catalog *cat)
 {
     PubPlan plan;
@@ -181,8 +185,8 @@ static void print_publication_hint(const Config *cfg, const Rules *rules, const 
 
     pubplan_build(&plan, rules, cat);
     catalog_companion_name(cfg->publication, comp, sizeof comp);
-    printf("%s: publication \"%s\" does not exist; run walbust setup --rules %s, or create it "
-           "with:",
+    printf("%s: publication \"%s\" does not exist yet; walbust setup --rules %s will create "
+           "it; by hand:",
            cfg->rules, cfg->publication, cfg->rules);
     for (size_t i = 0; i < plan.nfix; i++)
         printf(" ALTER TABLE %s REPLICA IDENTITY FULL;", plan.fix[i]);
@@ -354,6 +358,52 @@ static void check_lookups(const Config *cfg, PGconn *conn, const Rules *rules, C
     rules_problems_release(&warnings);
 }
 
+/* wal_level must be logical, as setup, run and decode require: 1 problem
+ * (printed) when it is not, else 0. */
+static long check_wal_level(PGconn *conn, const char *where)
+{
+    PGresult *res = PQexec(conn, "SHOW wal_level");
+    long n = 0;
+
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+        strcmp(PQgetvalue(res, 0, 0), "logical") != 0) {
+        printf("wal_level is \"%s\" on %s; logical replication needs wal_level=logical in "
+               "postgresql.conf and a restart\n",
+               PQgetvalue(res, 0, 0), where);
+        n = 1;
+    }
+    PQclear(res);
+    return n;
+}
+
+/* The slot: missing is what setup creates (said, not a problem); one that
+ * walbust cannot use is 1 problem. */
+static long check_slot(PGconn *conn, const Config *cfg, const char *where)
+{
+    const char *params[1] = {cfg->slot};
+    const char *sql = "SELECT slot_type, coalesce(plugin, ''), coalesce(database, ''), "
+                      "database IS NOT DISTINCT FROM current_database() "
+                      "FROM pg_catalog.pg_replication_slots WHERE slot_name = $1";
+    PGresult *res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
+    long n = 0;
+
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        n = 0; /* e.g. no privilege to read it: run will say more */
+    } else if (PQntuples(res) == 0) {
+        printf("%s: slot \"%s\" does not exist yet; walbust setup --rules %s will create it\n",
+               cfg->rules, cfg->slot, cfg->rules);
+    } else if (strcmp(PQgetvalue(res, 0, 0), "logical") != 0 ||
+               strcmp(PQgetvalue(res, 0, 1), "pgoutput") != 0 || PQgetvalue(res, 0, 3)[0] != 't') {
+        printf("slot \"%s\" on %s is a %s slot (plugin \"%s\", database \"%s\"); walbust needs a "
+               "logical pgoutput slot in this database: choose another --slot\n",
+               cfg->slot, where, PQgetvalue(res, 0, 0), PQgetvalue(res, 0, 1),
+               PQgetvalue(res, 0, 2));
+        n = 1;
+    }
+    PQclear(res);
+    return n;
+}
+
 /* Check rules against the database and print what is wrong. Returns the
  * number of problems, or -1 when the database could not be consulted
  * (message already printed to stderr). */
@@ -363,12 +413,16 @@ static long check_live(const Config *cfg, const Rules *rules)
     char err[1024];
     PGconn *conn = stream_plain_connect(cfg->pg, err, sizeof err);
     Catalog *cat;
+    char where[256];
     long n = 0;
 
     if (conn == NULL) {
         fprintf(stderr, "walbust check: %s\n", err);
         return -1;
     }
+    stream_describe_conn(conn, where, sizeof where);
+    n += check_wal_level(conn, where);
+    n += check_slot(conn, cfg, where);
     cat = catalog_load(conn, rules, cfg->publication, err, sizeof err);
     if (cat == NULL) {
         PQfinish(conn);
@@ -379,7 +433,6 @@ static long check_live(const Config *cfg, const Rules *rules)
         CheckView view;
 
         print_publication_hint(cfg, rules, cat);
-        n++;
         check_view_init(&view, rules, cat);
         (void)rules_check_catalog(rules, cfg->publication, check_view_lookup, &view, &problems);
         free(view.tables);

@@ -50,7 +50,7 @@ static const OptSpec opt_table[] = {
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
      "rules file (JSON); required for run, check and setup"},
     {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust",
-     F_RUN | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
+     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
      "logical replication slot (default: walbust; decode: a temporary slot)"},
     {"publication", "WALBUST_PUBLICATION", OPT_STRING, OFF(publication), "walbust",
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",

@@ -192,9 +192,15 @@ q "CREATE TABLE users (id int PRIMARY KEY, name text, email text, team_id int);
 run wb check --rules "$tmp/good.json" --pg "$pg" --publication p_all
 expect "check --pg against a matching schema" 0 "$tmp/good.json: ok (3 rules, 2 tables)"
 
-run wb check --rules "$tmp/good.json" --pg "$pg" --publication nopub
-expect "check --pg: a missing publication names the fix" 1 'publication "nopub" does not exist' \
-    "CREATE PUBLICATION" "walbust setup" "!ok ("
+run wb check --rules "$tmp/good.json" --pg "$pg" --publication nopub --slot "${slot}_none"
+expect "check --pg before setup: missing publication and slot are what setup creates" 0 \
+    'publication "nopub" does not exist yet' "CREATE PUBLICATION" "walbust setup --rules" \
+    "slot \"${slot}_none\" does not exist yet" "$tmp/good.json: ok (3 rules, 2 tables)"
+
+q "SELECT pg_create_physical_replication_slot('${slot}_phys')" >/dev/null
+run wb check --rules "$tmp/good.json" --pg "$pg" --publication p_all --slot "${slot}_phys"
+expect "check --pg: a slot walbust cannot use is a problem" 1 "${slot}_phys" "physical" \
+    "choose another --slot" "!ok ("
 
 run wb check --rules "$tmp/good.json" --pg "$pg" --publication p_users
 expect "check --pg: a table missing from the publication is named" 1 public.teams p_users "!ok ("
@@ -234,8 +240,8 @@ if [ -f "$root/rules/example.sql" ] && [ -f "$root/rules/example.json" ]; then
     createdb "${db}_ex"
     psql -X -q -v ON_ERROR_STOP=1 -d "${db}_ex" -f "$root/rules/example.sql" >/dev/null
     run wb check --rules "$root/rules/example.json" --pg "$pg"_ex
-    expect "check --pg on the demo schema before setup: publication missing" 1 \
-        'publication "walbust" does not exist'
+    expect "check --pg on the demo schema before setup passes: setup will create the rest" 0 \
+        'publication "walbust" does not exist yet' "~example.json: ok \("
     run wb setup --rules "$root/rules/example.json" --pg "$pg"_ex --slot "${slot}_ex"
     expect "setup on the demo schema succeeds without warnings" 0 "created publication walbust" \
         "!warning:"

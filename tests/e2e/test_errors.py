@@ -81,12 +81,19 @@ def test_wal_level_replica():
         pg.start()
         assert sql_on(pg.dsn(), "SHOW wal_level") == "replica"
         rc, log = run_to_exit(walbust(rules, pg=pg.dsn()))
+        p = subprocess.run([BIN, "check", "--rules", rules, "--pg", pg.dsn()], capture_output=True,
+                           text=True, timeout=60)
+        rc_check, check = p.returncode, p.stdout + p.stderr
     finally:
         pg.stop()
     assert rc == 1, f"exit {rc}:\n{log}"
     assert_in('wal_level is "replica"', log)
     assert_in("wal_level=logical", log)
     assert_in("restart", log)
+    # check --pg looks at it too, before anything else would fail.
+    assert rc_check == 1, f"check exit {rc_check}:\n{check}"
+    assert_in('wal_level is "replica"', check)
+    assert_in("wal_level=logical", check)
 
 
 def sql_on(conninfo, query):

@@ -180,8 +180,9 @@ vg check_bad check --rules "$tmp/bad.json"
 expect_rc check_bad 1
 memcheck check_bad
 vg check_pg check --rules "$tmp/rules.json" --pg "$pg" --publication "$pub"
-# The publication does not exist yet: check --pg reports it (exit 1).
-expect_rc check_pg 1
+# The publication and slot do not exist yet: check --pg says setup will
+# create them, and passes (exit 0).
+expect_rc check_pg 0
 memcheck check_pg
 
 # ---------------------------------------------------------------- setup
