@@ -6,10 +6,10 @@
  *    sent as 'n' but are NOT NULL in the row: they become RULES_VAL_MISSING;
  *  - an update without an old tuple did not change its identity columns, so
  *    their old values equal the new ones; every other old value is missing
- *    (this is why SPEC §1.7 refuses `{col}` on non-identity columns);
+ *    (this is why docs/guarantees.md guarantee 7 refuses `{col}` on non-identity columns);
  *  - an unchanged TOASTed value ('u') in the new tuple takes the old image's
  *    value when the old image carries it (REPLICA IDENTITY FULL), else it is
- *    missing (SPEC §1.8 widens it).
+ *    missing (guarantee 8 widens it).
  */
 #ifndef WALBUST_CHANGE_H
 #define WALBUST_CHANGE_H

@@ -8,7 +8,7 @@
  * database is configured (--pg or WALBUST_PG), the checks against the live
  * server and schema: wal_level is logical, every rules table and column
  * exists and is published, and every placeholder that needs an old value can
- * get one under the table's replica identity (SPEC §1.7). A publication or
+ * get one under the table's replica identity (docs/guarantees.md guarantee 7). A publication or
  * slot that does not exist yet is what `walbust setup` will create: it is
  * reported as such, and not a problem (a slot of that name that walbust
  * cannot use is). It prints "FILE: ok (N rules, M tables)" and exits 0 only

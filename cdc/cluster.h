@@ -17,7 +17,7 @@
  * re-sends that one command as ASKING + command to the importing node. A
  * batch succeeds only when every command got a reply that is not an error.
  * -TRYAGAIN, -CLUSTERDOWN, I/O errors and timeouts fail the batch (the
- * caller retries with backoff, SPEC §1.3); an I/O error drops that node's
+ * caller retries with backoff, docs/guarantees.md guarantee 3); an I/O error drops that node's
  * connection and schedules a map refresh, which is how a failover (a
  * replica promoted in place of a dead master) is followed.
  *

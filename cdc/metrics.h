@@ -1,5 +1,5 @@
 /*
- * metrics.h — Prometheus metrics and health endpoints (SPEC §4).
+ * metrics.h — Prometheus metrics and health endpoints (docs/operations.md, Metrics and health).
  *
  * The daemon's loop records events with the functions below (cheap, lock-
  * free or briefly locked; callable from the loop while the HTTP thread
@@ -10,7 +10,7 @@
  *   GET /healthz  200 "ok" while the process runs
  *   GET /readyz   200 only while streaming from PostgreSQL and Redis answers,
  *                 else 503 with the reason
- * Metric names and kinds are those of SPEC §4 (walbust_changes_total{table,op},
+ * Metric names and kinds are those of docs/operations.md (walbust_changes_total{table,op},
  * walbust_transactions_total, walbust_invalidations_total{action},
  * walbust_widened_total{table}, walbust_redis_errors_total,
  * walbust_retries_total, walbust_confirmed_lsn, walbust_received_lsn,

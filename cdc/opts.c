@@ -87,35 +87,73 @@ static const struct {
     OptsCommand cmd;
     const char *summary;
 } commands[] = {
-    {"run", CMD_RUN, "stream changes, apply rules, invalidate Redis, confirm"},
+    {"run", CMD_RUN, "the daemon: stream changes, apply rules, invalidate Redis, confirm"},
     {"check", CMD_CHECK, "validate a rules file (with --pg: against the live schema)"},
     {"decode", CMD_DECODE, "print committed changes as JSON lines (with --rules: dry run)"},
     {"setup", CMD_SETUP, "create publication, slot and the walbust SQL schema"},
-    {"status", CMD_STATUS, "show slot state, confirmed LSN and lag"},
+    {"status", CMD_STATUS, "show slot state, confirmed LSN, lag and publication coverage"},
     {"teardown", CMD_TEARDOWN, "drop the publication, slot and walbust schema that setup created"},
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
 
+/* Help column layout: options in the left column, wrapped text on the right
+ * from HELP_COL; an option name wider than its column gets a line of its own. */
+#define HELP_COL 30
+#define HELP_WIDTH 79
+
+/* Print text from column `col` (the cursor is there), wrapped at HELP_WIDTH;
+ * continuation lines are indented to col. */
+static void print_wrapped(FILE *out, const char *text, int col)
+{
+    int at = col;
+
+    while (*text != '\0') {
+        int len = (int)strcspn(text, " ");
+
+        if (at > col && at + 1 + len > HELP_WIDTH) {
+            fprintf(out, "\n%*s", col, "");
+            at = col;
+        } else if (at > col) {
+            fputc(' ', out);
+            at++;
+        }
+        fprintf(out, "%.*s", len, text);
+        at += len;
+        text += len;
+        while (*text == ' ')
+            text++;
+    }
+    fputc('\n', out);
+}
+
 void opts_usage(FILE *out, OptsCommand cmd)
 {
-    fprintf(out, "usage: walbust <command> [options]\n       walbust --help | --version\n\n");
+    fprintf(out, "usage: walbust <command> [options]\n       walbust <command> --help\n"
+                 "       walbust -h | --help | -V | --version\n\n");
     fprintf(out, "commands:\n");
     for (size_t i = 0; i < N_COMMANDS; i++)
-        if (cmd == CMD_NONE || cmd == commands[i].cmd)
-            fprintf(out, "  %-8s %s\n", commands[i].name, commands[i].summary);
+        if (cmd == CMD_NONE || cmd == commands[i].cmd) {
+            fprintf(out, "  %-10s", commands[i].name);
+            print_wrapped(out, commands[i].summary, 13);
+        }
     fprintf(out, "\noptions (each also read from the environment variable shown; a flag wins):\n");
     for (size_t i = 0; i < N_OPTS; i++) {
         const OptSpec *o = &opt_table[i];
-        char left[64];
+        char left[96], text[512];
+        int n;
 
         if (cmd != CMD_NONE && !(o->commands & (1u << cmd)))
             continue;
-        snprintf(left, sizeof left, "--%s%s%s", o->name, o->arg ? " " : "", o->arg ? o->arg : "");
-        fprintf(out, "  %-28s %s", left, o->help);
-        if (o->env != NULL)
-            fprintf(out, " [%s]", o->env);
-        fputc('\n', out);
+        n = snprintf(left, sizeof left, "  --%s%s%s", o->name, o->arg ? " " : "",
+                     o->arg ? o->arg : "");
+        if (n > HELP_COL - 1)
+            fprintf(out, "%s\n%*s", left, HELP_COL, "");
+        else
+            fprintf(out, "%-*s", HELP_COL, left);
+        snprintf(text, sizeof text, "%s%s%s%s", o->help, o->env ? " [" : "", o->env ? o->env : "",
+                 o->env ? "]" : "");
+        print_wrapped(out, text, HELP_COL);
     }
     fprintf(out, "\nexit codes: 0 clean stop, 1 runtime or configuration error, 2 usage error\n"
                  "signals (run): SIGTERM/SIGINT drain and exit, SIGHUP reloads the rules file\n");
@@ -203,7 +241,8 @@ int opts_parse(int argc, char **argv, Config *cfg)
         cfg->command = CMD_HELP;
         return 0;
     }
-    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0 ||
+        strcmp(argv[1], "version") == 0) {
         cfg->command = CMD_VERSION;
         return 0;
     }

@@ -1,5 +1,5 @@
 /*
- * opts.h — command line and environment options (SPEC §2).
+ * opts.h — command line and environment options (docs/cli.md).
  *
  * Options are described by one table (opts.c): long name, environment
  * variable, argument, default, the subcommands that accept it and the help

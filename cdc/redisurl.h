@@ -1,7 +1,7 @@
 /*
  * redisurl.h — parse Redis target URLs (pure).
  *
- * Accepted forms:
+ * Accepted forms (docs/cli.md):
  *   redis://[[user]:password@]host[:port][/db][?params]
  *   rediss://...                              (the same over TLS)
  *   unix://[[user]:password@]/path/to/redis.sock[?db=N&params]

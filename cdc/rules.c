@@ -1,5 +1,5 @@
 /*
- * rules.c — loading the rules file (see rules.h, docs/rules.md, SPEC §3).
+ * rules.c — loading the rules file (see rules.h, docs/rules.md).
  *
  * The file is parsed with cJSON, then walked field by field against tables
  * of known fields; every problem (unknown field, wrong type, bad template,

@@ -9,7 +9,7 @@
  * logging, no exit. Errors are collected as RulesProblem entries with line
  * and column where the file has them.
  *
- * Rendering (SPEC §1.7, §1.8, §3):
+ * Rendering (docs/guarantees.md guarantees 7 and 8, docs/rules.md):
  *  - `{col}` renders from the new row on insert, the old row on delete and
  *    from both images on update (duplicates merged); `{new.col}`/`{old.col}`
  *    pick one image; a template whose image does not exist for the event
@@ -84,7 +84,7 @@ typedef void (*RulesEmitFn)(void *arg, RulesInvAction action, const char *s, siz
 
 typedef struct RulesEvalStats {
     unsigned matched;  /* rules that fired */
-    unsigned widened;  /* renderings widened to a pattern (SPEC §1.8) */
+    unsigned widened;  /* renderings widened to a pattern (docs/guarantees.md guarantee 8) */
     unsigned emitted;  /* invalidations emitted */
 } RulesEvalStats;
 
@@ -228,7 +228,7 @@ typedef struct RulesTableInfo {
 /* Check the rules against the live schema: tables and columns that do not
  * exist, tables missing from the publication (named in the message), and
  * `{col}`/`{old.col}` placeholders in rules firing on update or delete that
- * need a non-identity column's old value (SPEC §1.7; the message names the
+ * need a non-identity column's old value (docs/guarantees.md guarantee 7; the message names the
  * table, the template and both fixes: `ALTER TABLE <t> REPLICA IDENTITY FULL`
  * or `{new.col}`). lookup returns NULL for a table the caller knows nothing
  * about (treated as not existing). Appends to *problems; returns the number

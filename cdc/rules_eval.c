@@ -1,6 +1,7 @@
 /*
  * rules_eval.c — evaluating compiled rules against row changes, and checking
- * them against the live catalog (see rules.h, SPEC §1.7, §1.8, §3).
+ * them against the live catalog (see rules.h; docs/guarantees.md guarantees 7
+ * and 8, docs/rules.md).
  *
  * For each change the rules for its table are found through the table hash;
  * each rule resolves its column names to the change's column indexes once

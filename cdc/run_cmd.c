@@ -8,11 +8,11 @@
  * trip, a lone commit is applied at once) or when a batch is full (a huge
  * transaction is applied in chunks). Only after every target acknowledged a
  * batch does the flush LSN advance, to the end of the newest transaction
- * whose COMMIT was decoded before the flush (SPEC §1.2).
+ * whose COMMIT was decoded before the flush (docs/guarantees.md guarantee 2).
  *
  * pgoutput without streaming sends a transaction only after it committed,
  * so applying the chunks of a large transaction before its COMMIT message
- * arrives never invalidates for aborted work (SPEC §1.1); confirmation still
+ * arrives never invalidates for aborted work (docs/guarantees.md guarantee 1); confirmation still
  * waits for the COMMIT.
  */
 #include <stdio.h>
@@ -296,7 +296,7 @@ static void count_refusals(Run *r, int i)
 /* Try every target that holds work and whose retry time has come (each
  * target has its own backoff). A target with nothing queued has applied
  * everything decoded so far. The flush LSN advances to the newest commit
- * that every target acknowledged (SPEC §1.2). Returns the number of targets
+ * that every target acknowledged (docs/guarantees.md guarantee 2). Returns the number of targets
  * still holding unacknowledged work. */
 static int flush_targets(Run *r)
 {
@@ -364,7 +364,7 @@ static int flush_targets(Run *r)
          * restart without persistence, a failover): chunks of a transaction
          * applied before the failure would then be gone while the rest of
          * it is retried. Do not confirm past the failure; replay from the
-         * confirmed position instead, as after a crash (SPEC §1.2). */
+         * confirmed position instead, as after a crash (docs/guarantees.md guarantee 2). */
         r->replay_after_recovery = false;
         log_info("redis recovered; replaying from %s so that nothing applied only to the "
                  "failed redis is missed",
@@ -432,7 +432,7 @@ static bool only_oom_holds(const Run *r)
 
 /* Flush until every target acknowledged (all = true) or no target's batch
  * is full (all = false), retrying with each target's backoff; reading from
- * PostgreSQL pauses meanwhile (SPEC §1.3) while status updates keep the
+ * PostgreSQL pauses meanwhile (docs/guarantees.md guarantee 3) while status updates keep the
  * connection alive. Returns 0, or -1 when asked to stop first. */
 static int flush_wait(Run *r, bool all)
 {
@@ -452,7 +452,7 @@ static int flush_batch(Run *r)
     return flush_wait(r, /* all= */ true);
 }
 
-/* Record the confirmed position in Redis for readers (SPEC §7); it rides
+/* Record the confirmed position in Redis for readers (docs/freshness.md); it rides
  * with the next flush. */
 static void maybe_watermark(Run *r)
 {
@@ -812,7 +812,7 @@ static void stream_loop(Run *r)
             break;
         }
         /* Nothing more is ready: apply what was gathered. One target:
-         * wait for it (reading pauses while Redis fails, SPEC §1.3).
+         * wait for it (reading pauses while Redis fails, docs/guarantees.md guarantee 3).
          * Several: a failing target keeps its batch (bounded by sink_full)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */

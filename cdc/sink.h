@@ -70,7 +70,7 @@ void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const
               size_t payload_len);
 
 /* Queue `SET key value` to run first in the next flush (the confirmed-LSN
- * watermark, SPEC §7). Replaces a previously queued watermark. */
+ * watermark, docs/freshness.md). Replaces a previously queued watermark. */
 void sink_set_watermark(Sink *s, const char *key, const char *value);
 
 /* Queued invalidations (after deduplication), not counting the watermark. */

@@ -12,7 +12,7 @@
  * at once; a status update is sent at least every status interval. When the
  * caller declares itself idle (stream_set_idle: nothing decoded but not yet
  * acknowledged), keepalive positions are confirmed so an idle or unpublished
- * workload does not pin WAL (SPEC §1.5).
+ * workload does not pin WAL (docs/guarantees.md guarantee 5).
  *
  * The module logs nothing; errors go to stream_errstr() and are classified
  * so the caller can decide to retry, stand by or stop.

@@ -1,6 +1,6 @@
 #!lua name=walbust
 -- walbust.lua: the `walbust` Redis Function library (Redis 7+), the read side
--- of walbust's freshness protocol (SPEC §7, docs/freshness.md).
+-- of walbust's freshness protocol (docs/freshness.md).
 --
 --   FCALL walbust_get       1 <key> <lease_ms>
 --       -> {"hit", value} | {"lease", token} | {"wait", ms}

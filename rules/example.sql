@@ -4,7 +4,7 @@
 -- of columns outside the primary key ({team_id} on users; {sku} and
 -- {category} on products), and under REPLICA IDENTITY DEFAULT PostgreSQL
 -- sends only key columns for updates and deletes (walbust check --pg refuses
--- such rules, SPEC §1.7). teams only uses {id}, its key, so DEFAULT is enough.
+-- such rules, docs/guarantees.md guarantee 7). teams only uses {id}, its key, so DEFAULT is enough.
 
 CREATE TABLE IF NOT EXISTS public.users (
     id      bigint PRIMARY KEY,

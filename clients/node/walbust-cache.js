@@ -1,7 +1,7 @@
 // walbust-cache.js: cache-aside without the read/invalidate race (Node.js).
 //
 // A small client for walbust's freshness protocol (docs/freshness.md,
-// SPEC §7) over an ioredis client and node-postgres:
+// docs/freshness.md) over an ioredis client and node-postgres:
 //
 //   const Redis = require('ioredis');
 //   const { Client } = require('pg');

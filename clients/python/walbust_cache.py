@@ -1,6 +1,6 @@
 """walbust_cache: cache-aside without the read/invalidate race (Python).
 
-A small client for walbust's freshness protocol (docs/freshness.md, SPEC §7):
+A small client for walbust's freshness protocol (docs/freshness.md):
 
     import psycopg2, redis
     from walbust_cache import WalbustCache

@@ -1,4 +1,4 @@
-"""Bounded memory: a transaction of any size is applied in chunks (SPEC §1.6).
+"""Bounded memory: a transaction of any size is applied in chunks (docs/guarantees.md guarantee 6).
 
 One walbust applies a 10,000-row transaction and then a 1,000,000-row one
 (INSERT ... SELECT generate_series) into a table whose rule renders two keys

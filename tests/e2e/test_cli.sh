@@ -89,7 +89,7 @@ rules() { cat >"$tmp/$1"; }
 
 # ------------------------------------------------------- usage and version
 run wb --help
-expect "walbust --help exits 0 and lists every command" 0 run check decode setup status
+expect "walbust --help exits 0 and lists every command" 0 run check decode setup status teardown
 run wb --help
 expect "walbust --help lists every option" 0 --pg --redis --rules --slot --publication \
     --create-slot --metrics --log-format --log-level --until --max-changes --json \

@@ -1,4 +1,4 @@
-"""walbust against a real Redis Cluster, and with several targets (SPEC §1,
+"""walbust against a real Redis Cluster, and with several targets (docs/guarantees.md,
 issue 8).
 
 The module starts its own cluster with scripts/cluster (3 masters, 1

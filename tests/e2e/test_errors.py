@@ -1,4 +1,4 @@
-"""Bad input gets a clear error (SPEC §2: what failed, the value involved,
+"""Bad input gets a clear error (docs/cli.md: what failed, the value involved,
 what to do; passwords never shown).
 
 Each test provokes one misconfiguration against real servers and asserts

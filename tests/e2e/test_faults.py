@@ -1,4 +1,4 @@
-"""Nothing is lost under real faults (SPEC §1.2, §1.3).
+"""Nothing is lost under real faults (docs/guarantees.md, guarantees 2 and 3).
 
 Every test caches a key for each row of items(id, v), runs a writer that
 commits thousands of small transactions updating random rows, injects one

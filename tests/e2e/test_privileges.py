@@ -387,7 +387,7 @@ def test_metrics_bind_loopback_by_default():
     127.0.0.1:9187 only (when that port is free here)."""
     help_text = subprocess.run([BIN, "run", "--help"], capture_output=True, text=True,
                                timeout=10)
-    text = help_text.stdout + help_text.stderr
+    text = " ".join((help_text.stdout + help_text.stderr).split())  # --help wraps lines
     assert re.search(r"--metrics ADDR.*default: 127\.0\.0\.1:9187", text), text
     rules = setup_db()
     sql(DB, f"CREATE PUBLICATION {PUB} FOR TABLE items, priv_barrier")

@@ -243,7 +243,7 @@ def test_changed_filter():
         e.gone("user:1")
 
         # REPLICA IDENTITY DEFAULT: the old name is unknown, which counts as
-        # changed (SPEC 3), so even an email-only update fires.
+        # changed (docs/rules.md), so even an email-only update fires.
         e.q("INSERT INTO people VALUES (1, 'pat', 'p@x')")
         setkeys(r, "person:1")
         e.q("UPDATE people SET email = 'q@x' WHERE id = 1")

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Randomized fault campaign: walbust loses no invalidation (SPEC §1.2-1.3).
+"""Randomized fault campaign: walbust loses no invalidation (docs/guarantees.md, guarantees 2-3).
 
     tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
                              [--kinds k1,k2] [--faults-per-round 2] [--targets 1]
@@ -40,7 +40,7 @@ Then, per round:
             really happened; a subscriber listens on the publish channel;
 3. quiesce  writers stopped, faults healed: wait until the slot's
             confirmed_flush_lsn is at or past pg_current_wal_lsn() taken after
-            the last commit. By SPEC §1.2 every invalidation of every commit
+            the last commit. By docs/guarantees.md guarantee 2 every invalidation of every commit
             before it is now in Redis;
 4. check    from the exact record of what each committed transaction touched
             (old and new ids of key changes, old and new groups): every key

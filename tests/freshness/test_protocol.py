@@ -1,6 +1,6 @@
 """The walbust freshness calls (redis/walbust.lua) against a real Redis, both
 as a Function library (FCALL after FUNCTION LOAD) and as the EVALSHA script
-(redis/walbust_eval.lua, the Redis 6.2 path): every reply of SPEC §7, lease
+(redis/walbust_eval.lua, the Redis 6.2 path): every reply of docs/freshness.md, lease
 revocation by UNLINK and by expiry, token replacement, argument errors, the
 LSN comparison, and a randomized check that a lease marker is never returned
 as a hit. No walbust process is needed here.

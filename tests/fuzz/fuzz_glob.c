@@ -1,5 +1,5 @@
 /*
- * fuzz_glob.c — libFuzzer target for rules_glob_escape() (SPEC §3: values
+ * fuzz_glob.c — libFuzzer target for rules_glob_escape() (docs/rules.md: values
  * substituted into a pattern are glob-escaped, "so a row whose name is `*`
  * can never wipe the cache").
  *

@@ -1,7 +1,7 @@
 /*
  * fuzz_redisurl.c — libFuzzer target for redisurl_parse(), redisurl_redact()
  * and redisurl_describe(): no crash on any input, and a password never
- * shows in a redacted URL, an error message or a description (SPEC §2:
+ * shows in a redacted URL, an error message or a description (docs/security.md:
  * "Passwords never appear in logs or errors").
  *
  * Input byte 0 picks the mode:

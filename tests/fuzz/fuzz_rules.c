@@ -25,7 +25,7 @@
  *  - evaluation is deterministic, also when the same column-name array is
  *    reused with its columns permuted in place (the resolution cache must
  *    notice);
- *  - widening never loses an invalidation (SPEC §1.8): when some columns
+ *  - widening never loses an invalidation (docs/guarantees.md guarantee 8): when some columns
  *    become "not carried", every key, tag and version emitted with full
  *    values is still emitted, or matched by an emitted pattern under Redis'
  *    MATCH semantics (globmatch.h).
