@@ -1,8 +1,8 @@
 /*
  * teardown_cmd.c — `walbust teardown`: remove what `walbust setup` made.
  *
- * Drops, in this order, the publication (and its insert-only companion
- * "<publication>_insert_only" when there is one), the replication slot, the
+ * Drops, in this order, the publication (and its insert-only companion,
+ * catalog_companion_name(), when there is one), the replication slot, the
  * event triggers whose functions live in schema walbust, and schema walbust
  * itself (DROP SCHEMA walbust CASCADE). The publication goes first so that a
  * walbust that reconnects in between stops with "publication does not
@@ -26,12 +26,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "catalog.h"
 #include "cmds.h"
 #include "mem.h"
 #include "stream.h"
 
-/* Suffix of the insert-only companion publication setup may create. */
-#define COMPANION_SUFFIX "_insert_only"
 #define MAX_EVENT_TRIGGERS 32
 /* How long --force keeps terminating a walsender that comes back. */
 #define FORCE_SECONDS 15
@@ -124,7 +123,7 @@ static int plan_objects(Plan *p)
     const char *schema = "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'walbust'";
     PGresult *res;
 
-    snprintf(p->companion, sizeof p->companion, "%s%s", p->cfg->publication, COMPANION_SUFFIX);
+    catalog_companion_name(p->cfg->publication, p->companion, sizeof p->companion);
     if ((res = query(p, pubs, 2, p->cfg->publication, p->companion)) == NULL)
         return -1;
     for (int i = 0; i < PQntuples(res); i++) {
