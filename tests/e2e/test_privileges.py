@@ -238,7 +238,7 @@ def test_minimal_role_and_acl_user_end_to_end():
             except redis.exceptions.NoPermissionError:
                 pass
         mine.close()
-        for cmd in (["check", "--rules", rules], ["status", "--slot", SLOT]):
+        for cmd in (["check", "--rules", rules, "--slot", SLOT], ["status", "--slot", SLOT]):
             p = subprocess.run([BIN] + cmd + ["--pg", pg_conninfo(ROLE), "--publication", PUB],
                                capture_output=True, text=True, timeout=30)
             out = p.stdout + p.stderr
