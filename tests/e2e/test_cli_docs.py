@@ -153,7 +153,9 @@ def test_version_flags_and_help_layout():
     texts = [wb("--help")] + [wb(c, "--help") for c in help_sections(wb("--help"))["commands"]]
     for text in texts:
         for line in text.splitlines():
-            assert len(line) <= 79, f"--help line wider than 79 columns: {line!r}"
+            # wider only when one word (a URL form) does not fit
+            assert len(line) <= 79 or " " not in line.strip(), \
+                f"--help line wider than 79 columns: {line!r}"
             if line.startswith("  --") and not re.fullmatch(r"  --[a-z-]+( \S+)?", line):
                 # the text starts at the help column (a long option is alone on its line)
                 assert line[HELP_COL - 1] == " " and line[HELP_COL] != " ", \
