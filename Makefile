@@ -20,12 +20,12 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
 PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
-            cdc/lookup.c
+            cdc/lookup.c cdc/relmap.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
             cdc/metrics.c cdc/notify.c cdc/cluster.c cdc/visible.c \
-            cdc/pubplan.c \
+            cdc/pubplan.c cdc/route.c \
             cdc/lookup_exec.c \
             cdc/rconn.c cdc/sentinel.c
 IO_SRCS  += cdc/teardown_cmd.c

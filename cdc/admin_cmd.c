@@ -31,6 +31,7 @@
 #include "cmds.h"
 #include "stream.h"
 #include "mem.h"
+#include "pubplan.h"
 
 /* sql/walbust.sql, embedded by the Makefile (build/gen/redis_scripts.c). */
 extern const char walbust_sql[];
@@ -203,87 +204,200 @@ static int setup_preflight(Setup *s)
     return missing ? -1 : 0;
 }
 
-static int setup_create_publication(Setup *s, const char *qpub)
+/* Run the statements in sql (";"-separated) as one transaction, so a table
+ * moved between publications is never out of both. */
+static int exec_transaction(Setup *s, const char *sql, const char *what)
 {
-    StrBuf sql = {0};
-    size_t n = rules_table_count(s->rules);
+    StrBuf b = {0};
     int rc;
 
-    sb_add(&sql, "CREATE PUBLICATION ");
-    sb_add(&sql, qpub);
-    sb_add(&sql, " FOR TABLE ");
-    for (size_t i = 0; i < n; i++) {
-        char *qt = quote_table(s->conn, rules_table(s->rules, i));
-        if (i > 0)
-            sb_add(&sql, ", ");
-        sb_add(&sql, qt ? qt : rules_table(s->rules, i));
-        free(qt);
-    }
-    rc = exec_command(s->conn, sql.s, "setup", "create the publication", s->where);
-    if (rc == 0)
-        printf("created publication %s for %zu table%s\n", s->cfg->publication, n,
-               n == 1 ? "" : "s");
-    free(sql.s);
+    sb_add(&b, "BEGIN; ");
+    sb_add(&b, sql);
+    sb_add(&b, "; COMMIT");
+    rc = exec_command(s->conn, b.s, "setup", what, s->where);
+    if (rc < 0)
+        PQclear(PQexec(s->conn, "ROLLBACK"));
+    free(b.s);
     return rc;
 }
 
-/* Add every rules table the publication lacks; never drop any. */
-static int setup_extend_publication(Setup *s, const char *qpub)
+/* Which publication (0: the publication, 1: its companion) a member is
+ * published by now. */
+static bool member_in(const CatalogMember *m, int k)
 {
-    StrBuf added = {0};
-    size_t nadded = 0;
+    return k == 0 ? m->in_main : m->in_companion;
+}
 
-    for (size_t i = 0; i < rules_table_count(s->rules); i++) {
-        const char *t = rules_table(s->rules, i);
-        const RulesTableInfo *info = catalog_lookup(s->cat, t);
-        StrBuf sql = {0};
-        char *qt;
-        int rc;
+/* Is table in the ", "-separated list? */
+static bool listed(const StrBuf *list, const char *table)
+{
+    size_t n = strlen(table);
 
-        if (info == NULL || info->in_publication)
-            continue;
-        qt = quote_table(s->conn, t);
-        sb_add(&sql, "ALTER PUBLICATION ");
-        sb_add(&sql, qpub);
-        sb_add(&sql, " ADD TABLE ");
-        sb_add(&sql, qt ? qt : t);
-        rc = exec_command(s->conn, sql.s, "setup", "add a table to the publication", s->where);
-        free(qt);
-        free(sql.s);
-        if (rc < 0) {
-            free(added.s);
-            return -1;
+    for (const char *p = list->s; p != NULL && (p = strstr(p, table)) != NULL; p += n)
+        if ((p == list->s || p[-1] == ' ') && (p[n] == ',' || p[n] == '\0'))
+            return true;
+    return false;
+}
+
+/* Add to sql what publication k lacks of planned table idx (the table and
+ * its inheritance children; partitions come with their root), and to drops
+ * the statements that take them out of the other publication. */
+static void plan_members(Setup *s, int k, size_t idx, bool exists, const char *qname,
+                         const char *qother, StrBuf *sql, StrBuf *drops, StrBuf *added,
+                         size_t *nadded, StrBuf *moved)
+{
+    size_t total = catalog_member_count(s->cat);
+
+    for (size_t j = idx; j < total; j++) {
+        const CatalogMember *m = catalog_member(s->cat, j);
+        if (j > idx && m->depth == 0)
+            break;
+        if (member_in(m, k) || (j > idx && (m->partition || !m->holds_rows)) ||
+            listed(added, m->table))
+            continue; /* covered, a partition its root brings along, or listed */
+        if (qother != NULL && (k == 0 ? m->direct_companion : m->direct_main)) {
+            sb_add(drops, "; ALTER PUBLICATION ");
+            sb_add(drops, qother);
+            sb_add(drops, " DROP TABLE ");
+            sb_add(drops, m->sql_name);
+            sb_add(moved, moved->len ? ", " : "");
+            sb_add(moved, m->table);
         }
-        sb_add(&added, nadded++ ? ", " : "");
-        sb_add(&added, t);
+        /* ONLY: each table is listed itself, children included. */
+        if (exists) {
+            sb_add(sql, sql->len ? "; ALTER PUBLICATION " : "ALTER PUBLICATION ");
+            sb_add(sql, qname);
+            sb_add(sql, " ADD TABLE ONLY ");
+        } else {
+            sb_add(sql, *nadded ? ", ONLY " : " FOR TABLE ONLY ");
+        }
+        sb_add(sql, m->sql_name);
+        sb_add(added, *nadded ? ", " : "");
+        sb_add(added, m->table);
+        (*nadded)++;
     }
-    if (nadded == 0)
-        printf("publication %s already covers the rules' tables\n", s->cfg->publication);
-    else
-        printf("added %zu table%s to publication %s: %s\n", nadded, nadded == 1 ? "" : "s",
-               s->cfg->publication, added.s);
+}
+
+/* Make publication k (0 main, 1 companion) publish the planned tables (the
+ * catalog members idx[0..n)) and their inheritance children, creating it
+ * when missing. A table the other publication holds is moved: the DROP and
+ * the ADD commit together, so its changes are never out of both. */
+static int setup_one_publication(Setup *s, int k, const char *name, size_t n, const size_t *idx)
+{
+    StrBuf sql = {0}, drops = {0}, added = {0}, moved = {0};
+    size_t nadded = 0;
+    const char *comp;
+    bool exists = k == 0 ? catalog_publication(s->cat) != 0 : catalog_companion(s->cat, &comp);
+    bool other_exists = k == 0 ? catalog_companion(s->cat, &comp) : catalog_publication(s->cat);
+    char *qname = quote_ident(s->conn, name);
+    char *qother = quote_ident(s->conn, k == 0 ? comp : s->cfg->publication);
+    int rc = 0;
+
+    if (!exists) {
+        sb_add(&sql, "CREATE PUBLICATION ");
+        sb_add(&sql, qname);
+    }
+    for (size_t i = 0; i < n; i++)
+        plan_members(s, k, idx[i], exists, qname, other_exists ? qother : NULL, &sql, &drops,
+                     &added, &nadded, &moved);
+    if (!exists && k == 1)
+        sb_add(&sql, " WITH (publish = 'insert, truncate')");
+    if (sql.len > 0) {
+        sb_add(&sql, drops.s ? drops.s : "");
+        rc = exec_transaction(s, sql.s,
+                              exists ? "add tables to the publication" : "create the publication");
+    }
+    if (rc == 0 && !exists)
+        printf("created publication %s for %zu table%s%s\n", name, nadded, nadded == 1 ? "" : "s",
+               k == 1 ? " (inserts and truncates only: tables without a replica identity whose "
+                        "rules need nothing else)"
+                      : "");
+    else if (rc == 0 && nadded > 0)
+        printf("added %zu table%s to publication %s: %s\n", nadded, nadded == 1 ? "" : "s", name,
+               added.s);
+    else if (rc == 0 && k == 0)
+        printf("publication %s already covers the rules' tables\n", name);
+    if (rc == 0 && moved.len > 0)
+        printf("moved %s from publication %s to %s%s\n", moved.s,
+               k == 0 ? comp : s->cfg->publication, name,
+               k == 1 ? " (it has no replica identity and its rules only need inserts: "
+                        "publishing its updates and deletes would make PostgreSQL refuse them)"
+                      : " (its rules need updates or deletes)");
+    free(moved.s);
+    free(sql.s);
+    free(drops.s);
     free(added.s);
-    return 0;
+    free(qname);
+    free(qother);
+    return rc;
 }
 
 static int setup_publication(Setup *s)
 {
-    char *qpub = quote_ident(s->conn, s->cfg->publication);
+    PubPlan plan;
+    const char *comp;
     int rc = 0;
 
-    switch (catalog_publication(s->cat)) {
-    case 0:
-        rc = setup_create_publication(s, qpub);
-        break;
-    case 2:
+    pubplan_build(&plan, s->rules, s->cat);
+    catalog_companion(s->cat, &comp);
+    if (catalog_publication(s->cat) == 2) {
         printf("publication %s is FOR ALL TABLES: it covers the rules' tables\n",
                s->cfg->publication);
-        break;
-    default:
-        rc = setup_extend_publication(s, qpub);
-        break;
+        if (plan.ninsert > 0)
+            fprintf(stderr,
+                    "warning: publication %s is FOR ALL TABLES and publishes updates and deletes "
+                    "of tables without a replica identity (%s...), which makes PostgreSQL refuse "
+                    "the application's UPDATE and DELETE on them; use a publication FOR TABLE "
+                    "(walbust setup --publication NAME creates one)\n",
+                    s->cfg->publication, plan.insert_only[0]);
+    } else {
+        rc = setup_one_publication(s, 0, s->cfg->publication, plan.nmain, plan.main_member);
     }
-    free(qpub);
+    /* The companion always exists (possibly empty), so a running walbust
+     * streams it from the start and a table moved into it later is seen. */
+    if (rc == 0 && comp[0] != '\0')
+        rc = setup_one_publication(s, 1, comp, plan.ninsert, plan.insert_member);
+    pubplan_release(&plan);
+    return rc;
+}
+
+/* Tables without a replica identity whose rules need updates or deletes:
+ * publishing those would make PostgreSQL refuse the application's UPDATE
+ * and DELETE. Give them REPLICA IDENTITY FULL when asked, else refuse
+ * before changing anything. */
+static int setup_keyless(Setup *s)
+{
+    PubPlan plan;
+    int rc = 0;
+
+    pubplan_build(&plan, s->rules, s->cat);
+    for (size_t i = 0; i < plan.nfix && (rc == 0 || !s->cfg->replica_identity_full); i++) {
+        if (s->cfg->replica_identity_full) {
+            StrBuf sql = {0};
+            sb_add(&sql, "ALTER TABLE ");
+            sb_add(&sql, plan.fix[i]);
+            sb_add(&sql, " REPLICA IDENTITY FULL");
+            rc = exec_command(s->conn, sql.s, "setup", "set REPLICA IDENTITY FULL", s->where);
+            if (rc == 0)
+                printf("set REPLICA IDENTITY FULL on %s (it has no replica identity and the "
+                       "rules for %s fire on update or delete)\n",
+                       plan.fix[i], plan.fix_rules[i]);
+            free(sql.s);
+        } else {
+            fprintf(stderr,
+                    "walbust setup: table %s has no replica identity (no primary key, or "
+                    "REPLICA IDENTITY NOTHING) and the rules for %s fire on update or delete; "
+                    "publishing it for those would make PostgreSQL refuse the application's "
+                    "UPDATE and DELETE on it. Run ALTER TABLE %s REPLICA IDENTITY FULL (or add a "
+                    "primary key), or walbust setup --replica-identity-full; nothing was "
+                    "changed\n",
+                    plan.fix[i], plan.fix_rules[i], plan.fix[i]);
+            rc = -1;
+        }
+    }
+    pubplan_release(&plan);
+    if (rc == 0 && plan.nfix > 0)
+        rc = setup_load_catalog(s);
     return rc;
 }
 
@@ -507,8 +621,9 @@ int cmd_setup(const Config *cfg)
     s.conn = admin_connect(cfg, "setup", s.where, sizeof s.where);
     if (s.conn == NULL)
         goto cleanup;
-    if (setup_preflight(&s) < 0 || setup_publication(&s) < 0 || setup_schema(&s) < 0 ||
-        setup_replica_identity(&s) < 0 || setup_slot(&s) < 0 || setup_report(&s) < 0)
+    if (setup_preflight(&s) < 0 || setup_keyless(&s) < 0 || setup_publication(&s) < 0 ||
+        setup_schema(&s) < 0 || setup_replica_identity(&s) < 0 || setup_slot(&s) < 0 ||
+        setup_report(&s) < 0)
         goto cleanup;
     rc = 0;
 cleanup:

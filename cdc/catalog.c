@@ -508,6 +508,58 @@ const CatalogMember *catalog_member(const Catalog *c, size_t i)
     return i < c->nmembers ? &c->members[i] : NULL;
 }
 
+int catalog_relation(PGconn *conn, unsigned relid, const char *publication, CatalogRelation *out,
+                     char *err, size_t errlen)
+{
+    char comp[80], oid[32];
+    Sql sql = {0};
+    PGresult *res;
+
+    memset(out, 0, sizeof *out);
+    catalog_companion_name(publication, comp, sizeof comp);
+    snprintf(oid, sizeof oid, "%u", relid);
+    sql_add(&sql, "WITH RECURSIVE up(relid, depth) AS (SELECT ");
+    sql_add(&sql, oid);
+    sql_add(&sql, "::oid, 0 UNION SELECT h.inhparent, up.depth + 1 FROM up "
+                  "JOIN pg_catalog.pg_inherits h ON h.inhrelid = up.relid WHERE up.depth < 64) "
+                  "SELECT up.depth, n.nspname || '.' || c.relname, c.relispartition, "
+                  "EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, "
+                  "LATERAL pg_catalog.pg_get_publication_tables(p.pubname) t "
+                  "WHERE p.pubname IN (");
+    sql_literal(&sql, conn, publication, strlen(publication));
+    sql_add(&sql, ", ");
+    sql_literal(&sql, conn, comp, strlen(comp));
+    sql_add(&sql, ") AND t.relid = ");
+    sql_add(&sql, oid);
+    sql_add(&sql, "::oid) FROM up JOIN pg_catalog.pg_class c ON c.oid = up.relid "
+                  "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                  "ORDER BY up.depth, 2");
+    res = query(conn, sql.s, err, errlen);
+    free(sql.s);
+    if (res == NULL)
+        return -1;
+    out->ancestors = xcalloc((size_t)PQntuples(res) + 1, sizeof *out->ancestors);
+    for (int i = 0; i < PQntuples(res); i++) {
+        if (atoi(PQgetvalue(res, i, 0)) == 0) {
+            out->exists = true;
+            out->partition = col_true(res, i, 2);
+            out->published = col_true(res, i, 3);
+        } else {
+            out->ancestors[out->nancestors++] = xstrdup(PQgetvalue(res, i, 1));
+        }
+    }
+    PQclear(res);
+    return 0;
+}
+
+void catalog_relation_release(CatalogRelation *r)
+{
+    for (size_t i = 0; i < r->nancestors; i++)
+        free(r->ancestors[i]);
+    free(r->ancestors);
+    memset(r, 0, sizeof *r);
+}
+
 void catalog_free(Catalog *c)
 {
     if (c == NULL)

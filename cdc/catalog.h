@@ -73,6 +73,25 @@ const CatalogMember *catalog_member(const Catalog *c, size_t i);
  * would be longer than PostgreSQL's 63 characters). */
 void catalog_companion_name(const char *publication, char *out, size_t len);
 
+/* One relation as the stream names it (by OID), for mapping its changes to
+ * the rules tables above it. */
+typedef struct CatalogRelation {
+    bool exists;
+    bool partition; /* a declarative partition */
+    bool published; /* the publication or its companion publishes it now */
+    size_t nancestors;
+    char **ancestors; /* "schema.table", nearest first (partition parents and
+                       * inheritance parents, recursively) */
+} CatalogRelation;
+
+/* Look up relation relid: its ancestors and whether it is published now.
+ * One query; works on any plain connection. Returns 0, or -1 with the
+ * message in err. Release *out with catalog_relation_release(). */
+int catalog_relation(PGconn *conn, unsigned relid, const char *publication, CatalogRelation *out,
+                     char *err, size_t errlen) __attribute__((warn_unused_result));
+
+void catalog_relation_release(CatalogRelation *r);
+
 void catalog_free(Catalog *c);
 
 #endif

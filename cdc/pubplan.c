@@ -28,10 +28,13 @@ static void plan_table(PubPlan *p, const Rules *rules, const Catalog *cat, size_
             p->fix_rules[p->nfix++] = own->rules_table;
         }
     }
-    if (keyless && !(ops & PUBPLAN_WRITES))
+    if (keyless && !(ops & PUBPLAN_WRITES)) {
+        p->insert_member[p->ninsert] = first;
         p->insert_only[p->ninsert++] = own->sql_name;
-    else
+    } else {
+        p->main_member[p->nmain] = first;
         p->main[p->nmain++] = own->sql_name;
+    }
 }
 
 void pubplan_build(PubPlan *p, const Rules *rules, const Catalog *cat)
@@ -45,6 +48,8 @@ void pubplan_build(PubPlan *p, const Rules *rules, const Catalog *cat)
     p->fix = xcalloc(n + 1, sizeof *p->fix);
     p->fix_rules = xcalloc(n + 1, sizeof *p->fix_rules);
     p->breaking = xcalloc(n + 1, sizeof *p->breaking);
+    p->main_member = xcalloc(n + 1, sizeof *p->main_member);
+    p->insert_member = xcalloc(n + 1, sizeof *p->insert_member);
     while (i < n) {
         size_t end = i + 1;
         while (end < n && catalog_member(cat, end)->depth > 0)
@@ -62,4 +67,6 @@ void pubplan_release(PubPlan *p)
     free(p->fix);
     free(p->fix_rules);
     free(p->breaking);
+    free(p->main_member);
+    free(p->insert_member);
 }

@@ -29,6 +29,8 @@ typedef struct PubPlan {
     size_t nmain, ninsert, nfix, nbreaking;
     const char **main;        /* rules tables for the publication, SQL names */
     const char **insert_only; /* rules tables for the companion, SQL names */
+    size_t *main_member;      /* catalog_member() index of each main[i] */
+    size_t *insert_member;    /* and of each insert_only[i] */
     const char **fix;         /* tables holding rows that need a replica identity */
     const char **fix_rules;   /* the rules table each of those belongs to */
     /* Tables whose current publication already publishes update or delete

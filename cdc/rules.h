@@ -74,6 +74,12 @@ typedef struct RulesChange {
     const char *lsn;             /* commit LSN as "X/X" */
     uint32_t xid;
     const char *commit_time;     /* RFC 3339 UTC */
+    /* An insert or delete on a declarative partition: it may be one half of
+     * an UPDATE that moved the row to another partition, which PostgreSQL
+     * publishes as a delete plus an insert. Rules that fire on update then
+     * fire too, rendering from the one image present; `changed` counts as
+     * changed. */
+    bool partition_row;
 } RulesChange;
 
 /* Receives each invalidation. `s` is NUL-terminated and valid only during the

@@ -402,6 +402,15 @@ static void emit_publishes(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats
     }
 }
 
+/* Does the rule fire on the change's event? A partition_row insert or
+ * delete may be half of an update that moved the row (rules.h). */
+static bool rule_fires(const Rule *rule, const RulesChange *chg)
+{
+    return (rule->on & chg->op) ||
+           (chg->partition_row && (rule->on & RULES_UPDATE) &&
+            (chg->op == RULES_INSERT || chg->op == RULES_DELETE));
+}
+
 static bool valid_op(RulesOp op)
 {
     return op == RULES_INSERT || op == RULES_UPDATE || op == RULES_DELETE || op == RULES_TRUNCATE;
@@ -423,7 +432,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     for (size_t i = 0; i < te->nrules; i++) {
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
-        if (!(rule->on & chg->op) || (rule->lookup != NULL && chg->op != RULES_TRUNCATE))
+        if (!rule_fires(rule, chg) || (rule->lookup != NULL && chg->op != RULES_TRUNCATE))
             continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
         resolve_cols(rule, chg);
         if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
@@ -546,7 +555,7 @@ unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupC
     for (size_t i = 0; i < te->nrules; i++) {
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
-        if (rule->lookup == NULL || !(rule->on & chg->op))
+        if (rule->lookup == NULL || !rule_fires(rule, chg))
             continue;
         resolve_cols(rule, chg);
         if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))

@@ -26,10 +26,12 @@
 #include "log.h"
 #include "lookup_exec.h"
 #include "lsn.h"
+#include "mem.h"
 #include "metrics.h"
 #include "notify.h"
 #include "pgo.h"
 #include "redisurl.h"
+#include "route.h"
 #include "runtime.h"
 #include "visible.h"
 #include "sink.h"
@@ -82,6 +84,7 @@ typedef struct Run {
     uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
     int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last out-of-memory log line */
+    Route *route;            /* partitions/children → the rules tables above */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -497,24 +500,18 @@ static void defer_lookup(void *arg, const RulesLookupCall *call)
     lookup_batch_add(r->lk, call);
 }
 
-static void apply_change(Run *r, const PgoMsg *m)
+/* Evaluate one change against the rules of chg->table. */
+static void eval_change(Run *r, const RulesChange *chg)
 {
-    RulesChange chg;
     RulesEvalStats st = {0};
 
-    change_from_pgo(&r->cbuf, &r->txn, m, &chg);
-    rules_eval(r->rules, &chg, emit_to_sinks, r, &st);
+    rules_eval(r->rules, chg, emit_to_sinks, r, &st);
     if (r->lkx != NULL)
-        (void)rules_eval_lookups(r->rules, &chg, defer_lookup, r);
-    r->stats.changes++;
-    metrics_change(r->metrics, chg.table,
-                   chg.op == RULES_INSERT   ? "insert"
-                   : chg.op == RULES_UPDATE ? "update"
-                                            : "delete");
+        (void)rules_eval_lookups(r->rules, chg, defer_lookup, r);
     if (st.widened > 0) {
         r->stats.widened += st.widened;
-        metrics_widened(r->metrics, chg.table, st.widened);
-        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg.table,
+        metrics_widened(r->metrics, chg->table, st.widened);
+        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg->table,
                   "%u invalidation(s) widened to patterns: the change does not carry a value "
                   "a template needs (replica identity changed, or an unchanged TOASTed value "
                   "without old image)",
@@ -522,15 +519,93 @@ static void apply_change(Run *r, const PgoMsg *m)
     }
 }
 
-static void apply_truncate(Run *r, const PgoMsg *m)
+/* Tables already invalidated as a whole by this message: a TRUNCATE of a
+ * partitioned table lists every partition, and each maps to the same root;
+ * its rules are widened once, not once per partition. */
+typedef struct TruncSeen {
+    const char **tables;
+    size_t n, cap;
+} TruncSeen;
+
+static bool trunc_seen(TruncSeen *seen, const char *table)
 {
-    for (uint32_t i = 0; i < m->u.truncate.nrels; i++) {
+    for (size_t i = 0; i < seen->n; i++)
+        if (strcmp(seen->tables[i], table) == 0)
+            return true;
+    seen->tables = xgrow(seen->tables, &seen->cap, seen->n + 1, sizeof *seen->tables);
+    seen->tables[seen->n++] = table;
+    return false;
+}
+
+/* Evaluate chg against every rules table route_change() names for rel:
+ * the relation itself and the partitioned or inheritance parents above it.
+ * Returns -1 when the catalog could not be asked (replay: nothing past this
+ * change is confirmed). */
+static int eval_routed(Run *r, const PgoRelation *rel, RulesChange *chg, TruncSeen *seen)
+{
+    RouteResult rr;
+    char err[512];
+
+    if (route_change(r->route, r->rules, rel, &rr, err, sizeof err) != 0) {
+        log_event(LOG_LEVEL_ERROR, r->txn.lsn_text, rel->qualname,
+                  "could not look up the partitions and parents of this table: %s; reconnecting "
+                  "to replay from the confirmed position",
+                  err);
+        return -1;
+    }
+    if (rr.orphan)
+        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, rel->qualname,
+                  "changes of a table that is neither published nor under a rules table any "
+                  "more (detached or dropped since): invalidating everything the rules of the "
+                  "%zu partitioned or parent table(s) cover",
+                  rr.n);
+    chg->partition_row = rr.partition_row && chg->op != RULES_TRUNCATE;
+    for (size_t i = 0; i < rr.n; i++) {
+        RulesChange c = *chg;
+        c.table = rr.targets[i].table;
+        if ((chg->op == RULES_TRUNCATE || rr.targets[i].widen) && trunc_seen(seen, c.table))
+            continue;
+        if (rr.targets[i].widen) {
+            c.op = RULES_TRUNCATE;
+            c.ncols = 0;
+            c.colnames = NULL;
+            c.old_vals = c.new_vals = NULL;
+            c.partition_row = false;
+        }
+        eval_change(r, &c);
+    }
+    return 0;
+}
+
+static int apply_change(Run *r, const PgoMsg *m)
+{
+    RulesChange chg;
+    TruncSeen seen = {0};
+    int rc;
+
+    change_from_pgo(&r->cbuf, &r->txn, m, &chg);
+    r->stats.changes++;
+    metrics_change(r->metrics, chg.table,
+                   chg.op == RULES_INSERT ? "insert" : chg.op == RULES_UPDATE ? "update" : "delete");
+    rc = eval_routed(r, m->u.change.rel, &chg, &seen);
+    free(seen.tables);
+    return rc;
+}
+
+static int apply_truncate(Run *r, const PgoMsg *m)
+{
+    TruncSeen seen = {0};
+    int rc = 0;
+
+    for (uint32_t i = 0; i < m->u.truncate.nrels && rc == 0; i++) {
         RulesChange chg;
         change_truncate(&r->txn, m->u.truncate.rels[i], &chg);
-        rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
         r->stats.changes++;
         metrics_change(r->metrics, chg.table, "truncate");
+        rc = eval_routed(r, m->u.truncate.rels[i], &chg, &seen);
     }
+    free(seen.tables);
+    return rc;
 }
 
 static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
@@ -609,10 +684,12 @@ static int on_data(Run *r, const StreamData *data)
     case PGO_INSERT:
     case PGO_UPDATE:
     case PGO_DELETE:
-        apply_change(r, &m);
+        if (apply_change(r, &m) != 0)
+            return -1;
         break;
     case PGO_TRUNCATE:
-        apply_truncate(r, &m);
+        if (apply_truncate(r, &m) != 0)
+            return -1;
         break;
     case PGO_MESSAGE:
         apply_message(r, &m, data->wal_start);
@@ -703,6 +780,7 @@ static void reload_rules(Run *r)
         r->lkx = lookup_exec_new(r->cfg->pg, RUN_LOOKUP_TIMEOUT_MS);
     rules_free(r->rules);
     r->rules = fresh;
+    route_rules_changed(r->route);
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
@@ -923,6 +1001,7 @@ static int recover_lost_slot(Run *r)
 static void run_free(Run *r)
 {
     metrics_free(r->metrics);
+    route_free(r->route);
     visible_free(r->vis);
     lookup_exec_free(r->lkx);
     lookup_batch_free(r->lk);
@@ -955,6 +1034,7 @@ int cmd_run(const Config *cfg)
     r.lk = lookup_batch_new();
     if (rules_has_lookups(r.rules))
         r.lkx = lookup_exec_new(cfg->pg, RUN_LOOKUP_TIMEOUT_MS);
+    r.route = route_new(cfg->pg, cfg->publication);
     r.commit_times = malloc(COMMIT_SAMPLES * sizeof *r.commit_times);
     if (r.commit_times == NULL)
         abort();

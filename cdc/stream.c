@@ -43,6 +43,7 @@ struct Stream {
     int64_t last_recv_us;   /* when messages were last seen */
     int64_t ping_sent_us;   /* when a reply was requested for silence; 0: none */
     int server_version;
+    bool companion;         /* "<publication>_insert_only" exists: stream it too */
     char desc[256];
     char errstr[1024];
 };
@@ -312,12 +313,22 @@ static StreamStatus check_publication(Stream *s)
     PGresult *res;
     bool found;
 
-    snprintf(sql, sizeof sql, "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = '%s'",
-             s->cfg.publication);
+    /* The insert-only companion walbust setup creates for tables without a
+     * replica identity (docs/operations.md) is streamed along when present. */
+    snprintf(sql, sizeof sql,
+             "SELECT pubname = '%s' FROM pg_catalog.pg_publication WHERE pubname IN ('%s', "
+             "'%s_insert_only')",
+             s->cfg.publication, s->cfg.publication, s->cfg.publication);
     res = simple_query(s, sql, PGRES_TUPLES_OK);
     if (res == NULL)
         return STREAM_RETRY;
-    found = PQntuples(res) == 1;
+    found = false;
+    s->companion = false;
+    for (int i = 0; i < PQntuples(res); i++) {
+        found = found || PQgetvalue(res, i, 0)[0] == 't';
+        s->companion = s->companion ||
+                       (PQgetvalue(res, i, 0)[0] == 'f' && strlen(s->cfg.publication) + 12 <= 63);
+    }
     PQclear(res);
     if (!found) {
         snprintf(s->errstr, sizeof s->errstr,
@@ -486,20 +497,25 @@ StreamStatus stream_connect(Stream *s)
 
 StreamStatus stream_start(Stream *s, uint64_t start_lsn)
 {
-    char sql[512], lsn[LSN_TEXT_MAX], msg[768];
+    char sql[512], lsn[LSN_TEXT_MAX], msg[768], pubs[160];
     PGresult *res;
     const char *state;
 
+    if (s->companion)
+        snprintf(pubs, sizeof pubs, "\"%s\",\"%s_insert_only\"", s->cfg.publication,
+                 s->cfg.publication);
+    else
+        snprintf(pubs, sizeof pubs, "\"%s\"", s->cfg.publication);
     if (s->server_version >= 140000)
         snprintf(sql, sizeof sql,
                  "START_REPLICATION SLOT \"%s\" LOGICAL %s (proto_version '2', "
-                 "publication_names '\"%s\"', messages 'true')",
-                 s->cfg.slot, lsn_format(start_lsn, lsn), s->cfg.publication);
+                 "publication_names '%s', messages 'true')",
+                 s->cfg.slot, lsn_format(start_lsn, lsn), pubs);
     else
         snprintf(sql, sizeof sql,
                  "START_REPLICATION SLOT \"%s\" LOGICAL %s (proto_version '1', "
-                 "publication_names '\"%s\"')",
-                 s->cfg.slot, lsn_format(start_lsn, lsn), s->cfg.publication);
+                 "publication_names '%s')",
+                 s->cfg.slot, lsn_format(start_lsn, lsn), pubs);
     res = PQexec(s->conn, sql);
     if (PQresultStatus(res) == PGRES_COPY_BOTH) {
         PQclear(res);

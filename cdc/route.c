@@ -1,0 +1,153 @@
+/*
+ * route.c — change → rules tables, through partitions and inheritance
+ * (see route.h).
+ */
+#include "route.h"
+#include "catalog.h"
+#include "mem.h"
+#include "relmap.h"
+#include "stream.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct Route {
+    const char *conninfo, *publication;
+    PGconn *conn;
+    RelMap *map;
+    RouteTarget *targets;
+    size_t cap;
+    char **hier; /* rules tables with partitions or children; NULL: not loaded */
+    size_t nhier;
+};
+
+Route *route_new(const char *conninfo, const char *publication)
+{
+    Route *rt = xcalloc(1, sizeof *rt);
+
+    rt->conninfo = conninfo;
+    rt->publication = publication;
+    rt->map = relmap_new();
+    return rt;
+}
+
+void route_rules_changed(Route *rt)
+{
+    for (size_t i = 0; i < rt->nhier; i++)
+        free(rt->hier[i]);
+    free(rt->hier);
+    rt->hier = NULL;
+    rt->nhier = 0;
+}
+
+void route_free(Route *rt)
+{
+    if (rt == NULL)
+        return;
+    route_rules_changed(rt);
+    relmap_free(rt->map);
+    PQfinish(rt->conn);
+    free(rt->targets);
+    free(rt);
+}
+
+static int ensure_conn(Route *rt, char *err, size_t errlen)
+{
+    if (rt->conn != NULL && PQstatus(rt->conn) == CONNECTION_OK)
+        return 0;
+    PQfinish(rt->conn);
+    rt->conn = stream_plain_connect(rt->conninfo, err, errlen);
+    return rt->conn != NULL ? 0 : -1;
+}
+
+static void drop_conn(Route *rt)
+{
+    PQfinish(rt->conn);
+    rt->conn = NULL;
+}
+
+/* The rules tables that have partitions or inheritance children, from the
+ * catalog (once per rules). */
+static int load_hier(Route *rt, const Rules *rules, char *err, size_t errlen)
+{
+    Catalog *cat;
+    size_t n;
+
+    if (rt->hier != NULL)
+        return 0;
+    if (ensure_conn(rt, err, errlen) < 0)
+        return -1;
+    cat = catalog_load(rt->conn, rules, rt->publication, err, errlen);
+    if (cat == NULL) {
+        drop_conn(rt);
+        return -1;
+    }
+    n = catalog_member_count(cat);
+    rt->hier = xcalloc(n + 1, sizeof *rt->hier);
+    for (size_t i = 0; i < n; i++) {
+        const CatalogMember *m = catalog_member(cat, i);
+        bool hier = m->depth > 0 || m->relkind == 'p';
+        for (size_t j = 0; hier && j < rt->nhier; j++)
+            hier = strcmp(rt->hier[j], m->rules_table) != 0;
+        if (hier)
+            rt->hier[rt->nhier++] = xstrdup(m->rules_table);
+    }
+    catalog_free(cat);
+    return 0;
+}
+
+static const RelMapEntry *lookup(Route *rt, const PgoRelation *rel, bool *fresh, char *err,
+                                 size_t errlen)
+{
+    const RelMapEntry *e = relmap_find(rt->map, rel->relid, rel->generation);
+    CatalogRelation cr;
+
+    *fresh = false;
+    if (e != NULL)
+        return e;
+    if (ensure_conn(rt, err, errlen) < 0)
+        return NULL;
+    if (catalog_relation(rt->conn, rel->relid, rt->publication, &cr, err, errlen) != 0) {
+        drop_conn(rt);
+        return NULL;
+    }
+    e = relmap_put(rt->map, rel->relid, rel->generation, cr.partition, cr.published,
+                   (const char *const *)cr.ancestors, cr.nancestors);
+    catalog_relation_release(&cr);
+    *fresh = true;
+    return e;
+}
+
+static void add_target(Route *rt, RouteResult *out, const char *table, bool widen)
+{
+    rt->targets = xgrow(rt->targets, &rt->cap, out->n + 1, sizeof *rt->targets);
+    rt->targets[out->n++] = (RouteTarget){table, widen};
+}
+
+int route_change(Route *rt, const Rules *rules, const PgoRelation *rel, RouteResult *out, char *err,
+                 size_t errlen)
+{
+    bool fresh, named = rules_has_table(rules, rel->qualname);
+    const RelMapEntry *e = lookup(rt, rel, &fresh, err, errlen);
+
+    memset(out, 0, sizeof *out);
+    if (e == NULL)
+        return -1;
+    out->partition_row = e->partition;
+    if (named)
+        add_target(rt, out, rel->qualname, false);
+    for (size_t i = 0; i < e->nancestors; i++)
+        if (rules_has_table(rules, e->ancestors[i]))
+            add_target(rt, out, e->ancestors[i], false);
+    if (out->n == 0 && !e->published) {
+        if (load_hier(rt, rules, err, errlen) < 0)
+            return -1;
+        for (size_t i = 0; i < rt->nhier; i++)
+            add_target(rt, out, rt->hier[i], true);
+        out->orphan = fresh && rt->nhier > 0;
+    }
+    out->targets = rt->targets;
+    return 0;
+}
