@@ -307,7 +307,11 @@ static int setup_one_publication(Setup *s, int k, const char *name, size_t n, co
         rc = exec_transaction(s, sql.s,
                               exists ? "add tables to the publication" : "create the publication");
     }
-    if (rc == 0 && !exists)
+    if (rc == 0 && !exists && k == 1 && nadded == 0)
+        printf("created publication %s (empty; it publishes only inserts and truncates, for "
+               "tables without a replica identity whose rules need nothing else)\n",
+               name);
+    else if (rc == 0 && !exists)
         printf("created publication %s for %zu table%s%s\n", name, nadded, nadded == 1 ? "" : "s",
                k == 1 ? " (inserts and truncates only: tables without a replica identity whose "
                         "rules need nothing else)"
@@ -493,22 +497,33 @@ static size_t ri_count(const Setup *s, RiView *v)
     return n;
 }
 
-static int ri_set_full(Setup *s, const char *table)
+/* REPLICA IDENTITY FULL on every table holding the rows of info's table:
+ * itself, or each partition or inheritance child (the setting on a
+ * partitioned table does not reach its partitions). */
+static int ri_set_full(Setup *s, const RulesTableInfo *info)
 {
-    char *qt = quote_table(s->conn, table);
-    StrBuf sql = {0};
-    int rc;
+    char *qt = quote_table(s->conn, info->table);
+    size_t n = info->nnot_full ? info->nnot_full : 1;
+    int rc = 0;
 
-    sb_add(&sql, "ALTER TABLE ");
-    sb_add(&sql, qt ? qt : table);
-    sb_add(&sql, " REPLICA IDENTITY FULL");
-    rc = exec_command(s->conn, sql.s, "setup", "set REPLICA IDENTITY FULL", s->where);
-    if (rc == 0)
-        printf("set REPLICA IDENTITY FULL on %s (its rules need old values of columns "
-               "outside the replica identity)\n",
-               table);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const char *t = info->nnot_full ? info->not_full[i] : qt ? qt : info->table;
+        StrBuf sql = {0};
+        sb_add(&sql, "ALTER TABLE ");
+        sb_add(&sql, t);
+        sb_add(&sql, " REPLICA IDENTITY FULL");
+        rc = exec_command(s->conn, sql.s, "setup", "set REPLICA IDENTITY FULL", s->where);
+        if (rc == 0 && strcmp(t, info->sql_name ? info->sql_name : "") != 0 && info->nnot_full)
+            printf("set REPLICA IDENTITY FULL on %s (its rules, on %s, need old values of "
+                   "columns outside the replica identity)\n",
+                   t, info->table);
+        else if (rc == 0)
+            printf("set REPLICA IDENTITY FULL on %s (its rules need old values of columns "
+                   "outside the replica identity)\n",
+                   info->table);
+        free(sql.s);
+    }
     free(qt);
-    free(sql.s);
     return rc;
 }
 
@@ -533,7 +548,7 @@ static int setup_replica_identity(Setup *s)
         if (!needs)
             continue;
         if (s->cfg->replica_identity_full) {
-            rc = ri_set_full(s, v.real[i].table);
+            rc = ri_set_full(s, &v.real[i]);
         } else {
             sb_add(&names, names.len ? ", " : "");
             sb_add(&names, v.real[i].table);
@@ -802,8 +817,9 @@ static int status_verdict(const Config *cfg, const cJSON *obj, const char *where
     if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(obj, "exists"))) {
         fprintf(stderr,
                 "walbust status: replication slot \"%s\" does not exist on %s; create it with "
-                "walbust setup --rules %s (or start walbust run with --create-slot)\n",
-                cfg->slot, where, rules);
+                "walbust setup --rules %s --slot %s (or start walbust run with --slot %s "
+                "--create-slot)\n",
+                cfg->slot, where, rules, cfg->slot, cfg->slot);
         rc = 1;
     } else if (strcmp(jstr(obj, "wal_status"), "lost") == 0) {
         fprintf(stderr,

@@ -580,7 +580,8 @@ void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfi
                         call->new_vals,
                         NULL,
                         0,
-                        NULL};
+                        NULL,
+                        false};
     Eval ev = {r, &fake, r->scratch, NULL};
     RulesEvalStats st = {0, 0, 0};
 

@@ -15,6 +15,8 @@
  * arrives never invalidates for aborted work (docs/guarantees.md guarantee 1); confirmation still
  * waits for the COMMIT.
  */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +87,12 @@ typedef struct Run {
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
     int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last out-of-memory log line */
     Route *route;            /* partitions/children → the rules tables above */
+    struct {
+        pthread_t thread;
+        bool running;        /* a reload thread was started and not joined */
+        atomic_int done;     /* set by the thread when fresh is final */
+        Rules *fresh;        /* its result: validated rules, or NULL */
+    } reload;
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -743,32 +751,63 @@ static int startup_check(void *arg, PGconn *conn)
 /* statement_timeout of the lookup connection. */
 #define RUN_LOOKUP_TIMEOUT_MS 5000
 
-static void reload_rules(Run *r)
+/* The reload thread: compile the new rules and validate them against the
+ * catalog on a connection of its own, while the loop keeps streaming with
+ * the old rules. Only reads r->cfg; hands the result over in r->reload. */
+static void *reload_thread(void *arg)
 {
-    Rules *fresh;
+    Run *r = arg;
+    Rules *fresh = cmd_load_rules(r->cfg->rules, stderr);
     PGconn *conn;
     char err[512];
 
-    runtime_reload = 0;
-    log_info("SIGHUP: reloading rules from %s", r->cfg->rules);
-    fresh = cmd_load_rules(r->cfg->rules, stderr);
     if (fresh == NULL) {
         log_error("rules reload failed (problems above); keeping the previous rules");
-        return;
-    }
-    conn = stream_plain_connect(r->cfg->pg, err, sizeof err);
-    if (conn == NULL) {
+    } else if ((conn = stream_plain_connect(r->cfg->pg, err, sizeof err)) == NULL) {
         log_error("rules reload: %s; keeping the previous rules", err);
         rules_free(fresh);
-        return;
-    }
-    if (check_catalog(r, conn, fresh) != 0) {
-        log_error("rules reload refused; keeping the previous rules");
-        rules_free(fresh);
+        fresh = NULL;
+    } else {
+        if (check_catalog(r, conn, fresh) != 0) {
+            log_error("rules reload refused; keeping the previous rules");
+            rules_free(fresh);
+            fresh = NULL;
+        }
         PQfinish(conn);
+    }
+    r->reload.fresh = fresh;
+    atomic_store(&r->reload.done, 1);
+    return NULL;
+}
+
+/* SIGHUP: start the reload thread (one at a time; a SIGHUP meanwhile starts
+ * another one after it). */
+static void reload_begin(Run *r)
+{
+    runtime_reload = 0;
+    log_info("SIGHUP: reloading rules from %s (streaming goes on meanwhile)", r->cfg->rules);
+    atomic_store(&r->reload.done, 0);
+    r->reload.fresh = NULL;
+    if (pthread_create(&r->reload.thread, NULL, reload_thread, r) != 0) {
+        log_error("rules reload: could not start a thread; keeping the previous rules");
         return;
     }
-    PQfinish(conn);
+    r->reload.running = true;
+}
+
+/* Swap in the validated rules once the thread is done (between changes:
+ * a transaction may see the old rules for its first changes and the new
+ * ones after, as with any reload). */
+static void reload_finish(Run *r)
+{
+    Rules *fresh;
+
+    pthread_join(r->reload.thread, NULL);
+    r->reload.running = false;
+    fresh = r->reload.fresh;
+    r->reload.fresh = NULL;
+    if (fresh == NULL)
+        return;
     if (lookup_batch_calls(r->lk) > 0) {
         /* Queued calls belong to the old rules: apply them widened. */
         log_warn("rules reload: %zu queued lookup(s) applied widened to patterns",
@@ -784,6 +823,14 @@ static void reload_rules(Run *r)
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
+}
+
+static void reload_rules(Run *r)
+{
+    if (r->reload.running && atomic_load(&r->reload.done))
+        reload_finish(r);
+    if (runtime_reload && !r->reload.running)
+        reload_begin(r);
 }
 
 static void report(Run *r, bool force)
@@ -867,7 +914,7 @@ static void stream_loop(Run *r)
             wait_ms = hold_ms;
         }
 
-        if (runtime_reload)
+        if (runtime_reload || r->reload.running)
             reload_rules(r);
         stream_set_idle(r->stream,
                         !r->in_txn && !sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn);
@@ -1000,6 +1047,10 @@ static int recover_lost_slot(Run *r)
 
 static void run_free(Run *r)
 {
+    if (r->reload.running) {
+        pthread_join(r->reload.thread, NULL);
+        rules_free(r->reload.fresh);
+    }
     metrics_free(r->metrics);
     route_free(r->route);
     visible_free(r->vis);

@@ -387,11 +387,18 @@ static StreamStatus check_slot(Stream *s)
         PQclear(res);
         if (s->cfg.create_slot)
             return create_slot(s);
-        snprintf(s->errstr, sizeof s->errstr,
-                 "replication slot \"%s\" does not exist in %s; start walbust with --create-slot, "
-                 "run walbust setup, or SELECT pg_create_logical_replication_slot('%s', "
-                 "'pgoutput')",
-                 s->cfg.slot, s->desc, s->cfg.slot);
+        if (s->cfg.confirm) /* walbust run */
+            snprintf(s->errstr, sizeof s->errstr,
+                     "replication slot \"%s\" does not exist in %s; run walbust setup --rules FILE "
+                     "--slot %s, start walbust run with --slot %s --create-slot, or SELECT "
+                     "pg_create_logical_replication_slot('%s', 'pgoutput')",
+                     s->cfg.slot, s->desc, s->cfg.slot, s->cfg.slot, s->cfg.slot);
+        else /* walbust decode --slot: reads an existing slot, never creates one */
+            snprintf(s->errstr, sizeof s->errstr,
+                     "replication slot \"%s\" does not exist in %s; run walbust setup --rules FILE "
+                     "--slot %s, or run walbust decode without --slot (it then uses a temporary "
+                     "slot)",
+                     s->cfg.slot, s->desc, s->cfg.slot);
         return STREAM_FATAL;
     }
     plugin = PQgetvalue(res, 0, 0);

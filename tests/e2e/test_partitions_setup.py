@@ -331,6 +331,64 @@ def test_hints_paste():
     assert 'did you mean "body"?' in out, out
 
 
+def test_reload_keeps_streaming():
+    """A SIGHUP reload validates the new rules against the catalog in a
+    thread of its own: while that validation is held up (the test holds a
+    lock on pg_inherits, which the catalog query reads), changes keep being
+    invalidated under the old rules; once it passes, the new rules apply."""
+    db = fresh_db("parts_reload")
+    sql(db, "CREATE TABLE items (id int PRIMARY KEY, v int)")
+    sql(db, BARRIER_SQL)
+    rules_path = write_rules({"rules": [{"table": "public.items", "keys": ["item:{id}"]},
+                                        BARRIER_RULE]})
+    r = redis_client(RDB)
+    r.flushdb()
+    walbust("setup", "--rules", rules_path, "--slot", "parts_reload", db=db, check=0)
+    wb = Walbust(db, rules_path, slot="parts_reload", redis_urls=[URL]).start().wait_streaming()
+    lock = None
+    try:
+        r.set("item:1", "c")
+        sql(db, "INSERT INTO items VALUES (1, 1)")
+        gone(r, "item:1")
+        barrier(db, r)
+
+        lock = psycopg2_conn(db)
+        with lock.cursor() as cur:
+            cur.execute("LOCK TABLE pg_catalog.pg_inherits IN ACCESS EXCLUSIVE MODE")
+        with open(rules_path, "w") as f:
+            f.write('{"rules": [{"table": "public.items", "keys": ["item2:{id}"]}, '
+                    '{"table": "walbust_barrier", "on": ["insert"], '
+                    '"keys": ["barrier:{token}"]}]}')
+        wb.proc.send_signal(__import__("signal").SIGHUP)
+        wait_until(lambda: "SIGHUP: reloading rules" in wb.read_log(), 20, "the reload to start")
+        t0 = time.time()
+        for i in range(2, 6):
+            r.set(f"item:{i}", "c")
+            sql(db, "INSERT INTO items VALUES (%s, 0)", (i,))
+        gone(r, *[f"item:{i}" for i in range(2, 6)])
+        print(f"# 4 invalidations applied {time.time() - t0:.2f}s into a held-up reload",
+              flush=True)
+        assert "rules reloaded" not in wb.read_log(), "the reload should still be held up"
+        lock.rollback()
+        wait_until(lambda: "rules reloaded: 2 tables" in wb.read_log(), 30, "the reload to finish")
+        r.set("item2:6", "c")
+        sql(db, "INSERT INTO items VALUES (6, 0)")
+        gone(r, "item2:6")
+        lsn = current_lsn(db)
+        barrier(db, r)
+        assert_confirmed_past(db, "parts_reload", lsn)
+    finally:
+        if lock is not None:
+            lock.close()
+        wb.stop()
+    sql("postgres", "SELECT pg_drop_replication_slot('parts_reload')")
+
+
+def psycopg2_conn(db):
+    from harness import connect
+    return connect(db, autocommit=False)
+
+
 def test_2000_tables_timing():
     """2,000 rules tables: check and setup load the catalog with a constant
     number of queries. Prints the figures (not asserted: machines vary)."""
@@ -361,5 +419,6 @@ if __name__ == "__main__":
     t.run(test_detached_partition_replayed_is_widened)
     t.run(test_keyless_update_rule_refused_with_fix)
     t.run(test_hints_paste)
+    t.run(test_reload_keeps_streaming)
     t.run(test_2000_tables_timing)
     t.done()
