@@ -36,7 +36,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -80,6 +80,7 @@ $(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/
                           $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
+$(BUILD)/tests/test_relmap: $(BUILD)/obj/relmap.o
 $(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o
 $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o $(BUILD)/obj/rconn.o

@@ -736,6 +736,9 @@ static int status_coverage(PGconn *conn, const Config *cfg, const Rules *rules, 
         const RulesTableInfo *info = catalog_lookup(cat, t);
         if (info == NULL || !info->exists || !info->in_publication)
             cJSON_AddItemToArray(missing, cJSON_CreateString(t));
+        /* Inheritance children the publication lacks are uncovered too. */
+        for (size_t j = 0; info != NULL && info->in_publication && j < info->nunpublished; j++)
+            cJSON_AddItemToArray(missing, cJSON_CreateString(info->unpublished[j]));
     }
     catalog_free(cat);
     return 0;

@@ -20,6 +20,7 @@
 #include "lookup_exec.h"
 #include "lsn.h"
 #include "pgo.h"
+#include "route.h"
 #include "runtime.h"
 #include "mem.h"
 
@@ -37,6 +38,7 @@ typedef struct Decode {
     LookupBatch *lk;
     LookupExec *lkx; /* NULL unless a rule has a lookup */
     unsigned lk_widened;
+    Route *route; /* with --rules: partitions/children → the rules tables above */
 } Decode;
 
 static void print_line(cJSON *o)
@@ -150,7 +152,36 @@ static void add_lookups(Decode *d, const RulesChange *chg)
     lookup_batch_clear(d->lk);
 }
 
-static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
+/* Evaluate chg as walbust run does: against the relation's own rules and
+ * those of the partitioned or inheritance parents above it (route.h). */
+static void eval_routed(Decode *d, const PgoRelation *rel, const RulesChange *chg,
+                        RulesEvalStats *st)
+{
+    RouteResult rr;
+    char err[512];
+
+    if (route_change(d->route, d->rules, rel, &rr, err, sizeof err) != 0) {
+        fprintf(stderr, "walbust decode: %s: %s; showing only its own rules\n", rel->qualname,
+                err);
+        rules_eval(d->rules, chg, collect, d, st);
+        add_lookups(d, chg);
+        return;
+    }
+    for (size_t i = 0; i < rr.n; i++) {
+        RulesChange c = *chg;
+        c.table = rr.targets[i].table;
+        c.partition_row = rr.partition_row && chg->op != RULES_TRUNCATE;
+        if (rr.targets[i].widen) {
+            c = (RulesChange){.table = c.table, .op = RULES_TRUNCATE, .lsn = chg->lsn,
+                              .xid = chg->xid, .commit_time = chg->commit_time};
+        }
+        rules_eval(d->rules, &c, collect, d, st);
+        add_lookups(d, &c);
+    }
+}
+
+static void add_invalidations(Decode *d, cJSON *line, const PgoRelation *rel,
+                              const RulesChange *chg)
 {
     RulesEvalStats st = {0};
 
@@ -158,8 +189,7 @@ static void add_invalidations(Decode *d, cJSON *line, const RulesChange *chg)
         return;
     d->inv = mem_check(cJSON_CreateObject());
     d->lk_widened = 0;
-    rules_eval(d->rules, chg, collect, d, &st);
-    add_lookups(d, chg);
+    eval_routed(d, rel, chg, &st);
     st.widened += d->lk_widened;
     if (st.widened > 0)
         cJSON_AddNumberToObject(d->inv, "widened", st.widened);
@@ -184,7 +214,7 @@ static void on_change(Decode *d, const PgoMsg *m)
         cJSON_AddItemToObject(o, "new", tuple_json(rel, &m->u.change.new_tuple, 0, unchanged));
     cJSON_AddItemToObject(o, "unchanged", unchanged);
     change_from_pgo(&d->cbuf, &d->txn, m, &chg);
-    add_invalidations(d, o, &chg);
+    add_invalidations(d, o, rel, &chg);
     print_line(o);
     d->changes++;
     if (d->cfg->max_changes > 0 && d->changes >= d->cfg->max_changes)
@@ -206,7 +236,7 @@ static void on_truncate(Decode *d, const PgoMsg *m)
         for (uint32_t i = 0; i < m->u.truncate.nrels; i++) {
             RulesChange chg;
             change_truncate(&d->txn, m->u.truncate.rels[i], &chg);
-            rules_eval(d->rules, &chg, collect, d, NULL);
+            eval_routed(d, m->u.truncate.rels[i], &chg, NULL);
         }
         cJSON_AddItemToObject(o, "invalidations", d->inv);
         d->inv = NULL;
@@ -327,6 +357,8 @@ int cmd_decode(const Config *cfg)
     d.lk = lookup_batch_new();
     if (rules_has_lookups(d.rules))
         d.lkx = lookup_exec_new(cfg->pg, 5000);
+    if (d.rules != NULL)
+        d.route = route_new(cfg->pg, cfg->publication);
     if (!cfg->slot_given) {
         snprintf(tmpslot, sizeof tmpslot, "walbust_decode_%d", (int)getpid());
         sc.slot = tmpslot;
@@ -359,6 +391,7 @@ int cmd_decode(const Config *cfg)
     change_buf_release(&d.cbuf);
     lookup_exec_free(d.lkx);
     lookup_batch_free(d.lk);
+    route_free(d.route);
     rules_free(d.rules);
     return rc;
 }

@@ -244,6 +244,30 @@ def test_detached_partition_replayed_is_widened():
     sql("postgres", "SELECT pg_drop_replication_slot('parts_detach')")
 
 
+def test_decode_dry_run_routes_partitions():
+    """`walbust decode --rules` shows what run would do: a change on a
+    partition lists the invalidations of the partitioned table's rules."""
+    db = fresh_db("parts_decode")
+    sql(db, SCHEMA)
+    sql(db, BARRIER_SQL)
+    rules = write_rules({"rules": RULES})
+    walbust("setup", "--rules", rules, "--slot", "parts_decode", db=db, check=0)
+    sql("postgres", "SELECT pg_drop_replication_slot('parts_decode')")
+    wb = Walbust(db, rules, cmd="decode", extra=["--max-changes", "1"])
+    i = wb.args.index("--slot")
+    del wb.args[i:i + 2]  # a temporary slot that starts now
+    wb.start()
+    try:
+        wait_until(lambda: "streaming from" in wb.read_log() or wb.proc.poll() is not None, 20,
+                   "decode to stream")
+        sql(db, "INSERT INTO events VALUES (5, 12, 0)")
+        wait_until(lambda: wb.proc.poll() is not None, 20, "decode to print one change and exit")
+        out = wb.read_log()
+        assert '"table":"public.events_b"' in out and '"ev:5"' in out, out
+    finally:
+        wb.stop()
+
+
 def test_keyless_update_rule_refused_with_fix():
     db = fresh_db("parts_keyless")
     sql(db, "CREATE TABLE audit (who text, what text)")
@@ -417,6 +441,7 @@ if __name__ == "__main__":
     t = Runner("test_partitions_setup")
     t.run(test_setup_partitions_inheritance_keyless)
     t.run(test_detached_partition_replayed_is_widened)
+    t.run(test_decode_dry_run_routes_partitions)
     t.run(test_keyless_update_rule_refused_with_fix)
     t.run(test_hints_paste)
     t.run(test_reload_keeps_streaming)

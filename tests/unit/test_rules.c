@@ -340,7 +340,7 @@ typedef struct Image {
 
 typedef struct ChangeSpec {
     char table[128], lsn[64], time[64];
-    bool has_lsn, has_time;
+    bool has_lsn, has_time, partition_row;
     RulesOp op;
     uint32_t xid;
     Token coltoks[MAX_COLS];
@@ -401,6 +401,8 @@ static void change_parse(char *body, ChangeSpec *cs)
             snprintf(cs->time, sizeof cs->time, "%s", rest);
         } else if (strncmp(line, "xid ", 4) == 0)
             cs->xid = (uint32_t)strtoul(rest, NULL, 10);
+        else if (strcmp(line, "partition_row") == 0)
+            cs->partition_row = true;
         else
             fail_msg("unknown change line: %s", line);
     }
@@ -452,7 +454,8 @@ static void run_change(const Rules *r, Section *chg, Section *exp, Section *st, 
                      cs.new.present ? cs.new.vals : NULL,
                      cs.has_lsn ? cs.lsn : NULL,
                      cs.xid,
-                     cs.has_time ? cs.time : NULL};
+                     cs.has_time ? cs.time : NULL,
+                     cs.partition_row};
     matched = rules_eval(r, &c, collect, &got, &stats);
     cur = exp->body;
     while ((line = next_line(&cur, buf, sizeof buf)) != NULL) {
@@ -908,7 +911,7 @@ static void test_random_glob_escape(void **state)
         char v[40], v2[40], probe[128];
         size_t vl = random_value(v, sizeof v), v2l = random_value(v2, sizeof v2);
         RulesValue vals[2] = {{RULES_VAL_TEXT, v, vl}, {RULES_VAL_MISSING, NULL, 0}};
-        RulesChange c = {"public.t", RULES_INSERT, 2, cols, NULL, vals, "0/1", 1, "t"};
+        RulesChange c = {"public.t", RULES_INSERT, 2, cols, NULL, vals, "0/1", 1, "t", false};
         Collector got = {.n = 0};
 
         assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
@@ -947,7 +950,7 @@ static void test_column_cache(void **state)
     static const char json[] = "{\"rules\": [{\"table\": \"public.t\", \"keys\": [\"k:{b}\"]}]}";
     const char *names[2] = {"a", "b"};
     RulesValue vals[2] = {{RULES_VAL_TEXT, "1", 1}, {RULES_VAL_TEXT, "2", 1}};
-    RulesChange c = {"public.t", RULES_INSERT, 2, names, NULL, vals, "0/1", 1, "t"};
+    RulesChange c = {"public.t", RULES_INSERT, 2, names, NULL, vals, "0/1", 1, "t", false};
     Collector got = {.n = 0};
     Rules *r;
 
@@ -976,7 +979,7 @@ static void test_stats_accumulate(void **state)
     static const char json[] = "{\"rules\": [{\"table\": \"t\", \"keys\": [\"k:{a}\"]}]}";
     const char *names[1] = {"a"};
     RulesValue vals[1] = {{RULES_VAL_MISSING, NULL, 0}};
-    RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL};
+    RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL, false};
     RulesEvalStats st = {0, 0, 0};
     Collector got = {.n = 0};
     Rules *r;
