@@ -358,7 +358,7 @@ static void summarize(Catalog *c)
         const CatalogMember *own;
         size_t first = mi, nm, nu = 0, nf = 0;
         unsigned ops = RULES_INSERT | RULES_UPDATE | RULES_DELETE | RULES_TRUNCATE;
-        bool rows_covered = true, any_rows = false, in_comp_only = false;
+        bool any_rows = false, in_comp_only = false;
 
         while (mi < c->nmembers && c->members[mi].rules_table == t->table)
             mi++;
@@ -381,7 +381,6 @@ static void summarize(Catalog *c)
             if (m->in_main || m->in_companion)
                 ops &= m->pub_ops;
             in_comp_only = in_comp_only || (!m->in_main && m->in_companion);
-            rows_covered = rows_covered && (m->in_main || m->in_companion);
             if (m->depth > 0 && !m->in_main && !m->in_companion)
                 t->unpublished[nu++] = m->sql_name;
             if (m->replident != 'f' && m->relkind == 'r')
@@ -389,7 +388,11 @@ static void summarize(Catalog *c)
             if (c->pub[0].via_root && m->in_main && (m->partition || own->relkind == 'p'))
                 t->info.via_root = true;
         }
-        t->info.in_publication = own->in_main || own->in_companion || (any_rows && rows_covered);
+        /* The table itself, not only its rows today: a partitioned table
+         * whose partitions are listed one by one would miss partitions
+         * attached later, so it counts as published only when it (or an
+         * ancestor) is in the publication. */
+        t->info.in_publication = own->in_main || own->in_companion;
         t->info.replident = weakest_replident(&c->members[first], nm, own->replident);
         t->info.pub_ops = t->info.in_publication && any_rows ? ops : 0;
         t->ops_publication = xstrdup(c->pub[in_comp_only ? 1 : 0].name);
@@ -523,7 +526,13 @@ int catalog_relation(PGconn *conn, unsigned relid, const char *publication, Cata
     sql_add(&sql, "::oid, 0 UNION SELECT h.inhparent, up.depth + 1 FROM up "
                   "JOIN pg_catalog.pg_inherits h ON h.inhrelid = up.relid WHERE up.depth < 64) "
                   "SELECT up.depth, n.nspname || '.' || c.relname, c.relispartition, "
-                  "EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, "
+                  "EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.puballtables "
+                  "AND p.pubname IN (");
+    sql_literal(&sql, conn, publication, strlen(publication));
+    sql_add(&sql, ", ");
+    sql_literal(&sql, conn, comp, strlen(comp));
+    /* FOR ALL TABLES first: listing all its tables would cost a scan. */
+    sql_add(&sql, ")) OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, "
                   "LATERAL pg_catalog.pg_get_publication_tables(p.pubname) t "
                   "WHERE p.pubname IN (");
     sql_literal(&sql, conn, publication, strlen(publication));

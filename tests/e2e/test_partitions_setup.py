@@ -331,7 +331,19 @@ def test_hints_paste():
     psql(db, m.group(1))
     walbust("check", "--rules", rules, db=db, check=0)
 
-    # 5. An existing publication that breaks the application's writes.
+    # 5. Partitions listed one by one instead of the partitioned table:
+    #    partitions attached later would be missed; the ADD TABLE pastes
+    #    although the partitions are members already (not circular).
+    sql(db, "CREATE PUBLICATION p_leaves FOR TABLE events_a, events_b")
+    only_events = write_rules({"rules": [{"table": "public.events", "keys": ["ev:{id}"]}]})
+    rc, out = walbust("check", "--rules", only_events, "--publication", "p_leaves", db=db,
+                      check=1)
+    m = re.search(r"run (ALTER PUBLICATION p_leaves ADD TABLE public.events) \(or walbust", out)
+    assert m, out
+    psql(db, m.group(1))
+    walbust("check", "--rules", only_events, "--publication", "p_leaves", db=db, check=0)
+
+    # 6. An existing publication that breaks the application's writes.
     sql(db, "CREATE PUBLICATION p_bad FOR TABLE audit")
     try:
         sql(db, "UPDATE audit SET what = 'z'")
@@ -347,7 +359,7 @@ def test_hints_paste():
     walbust("check", "--rules", rules, "--publication", "p_bad", db=db, check=0)
     sql("postgres", "SELECT pg_drop_replication_slot('parts_hints')")
 
-    # 6. Typos: "did you mean" for a table and a column.
+    # 7. Typos: "did you mean" for a table and a column.
     typo = write_rules({"rules": [{"table": "public.Orders", "keys": ["o:{id}"]},
                                   {"table": "public.docs", "keys": ["d:{bdy}"]}]})
     rc, out = walbust("check", "--rules", typo, db=db, check=1)
