@@ -107,11 +107,17 @@ static const RelMapEntry *lookup(Route *rt, const PgoRelation *rel, bool *fresh,
     *fresh = false;
     if (e != NULL)
         return e;
-    if (ensure_conn(rt, err, errlen) < 0)
-        return NULL;
-    if (catalog_relation(rt->conn, rel->relid, rt->publication, &cr, err, errlen) != 0) {
+    /* A connection idle since the last lookup may have died (a server
+     * restart): one retry on a fresh one before giving up. */
+    for (int attempt = 0;; attempt++) {
+        bool reused = rt->conn != NULL;
+        if (ensure_conn(rt, err, errlen) < 0)
+            return NULL;
+        if (catalog_relation(rt->conn, rel->relid, rt->publication, &cr, err, errlen) == 0)
+            break;
         drop_conn(rt);
-        return NULL;
+        if (!reused || attempt > 0)
+            return NULL;
     }
     e = relmap_put(rt->map, rel->relid, rel->generation, cr.partition, cr.published,
                    (const char *const *)cr.ancestors, cr.nancestors);
