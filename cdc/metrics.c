@@ -45,30 +45,34 @@
 
 /* Upper bounds (seconds) of walbust_commit_to_ack_seconds; +Inf is implied. */
 static const double ack_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                     0.5,   1,      2.5,   5,    10,    30,    60,  300};
+                                     0.5,   1,      2.5,   5,    10,    30,   60,  300};
 #define ACK_NBUCKETS (sizeof ack_buckets / sizeof ack_buckets[0])
 
-static const char *const action_names[METRICS_ACTION_COUNT] = {"key", "pattern", "tag",
-                                                               "version", "publish"};
+static const char *const action_names[METRICS_ACTION_COUNT] = {"key", "pattern", "tag", "version",
+                                                               "publish"};
 
 typedef struct LabelEntry {
-    char *a;        /* first label value */
-    char *b;        /* second label value, or NULL for a one-label metric */
+    char *a; /* first label value */
+    char *b; /* second label value, or NULL for a one-label metric */
     uint32_t hash;
     uint64_t value;
 } LabelEntry;
 
 typedef struct LabelMap {
-    LabelEntry *entries;    /* in first-seen order */
+    LabelEntry *entries; /* in first-seen order */
     size_t n, cap;
-    uint32_t *index;        /* entry position + 1; 0 = empty slot */
-    size_t index_cap;       /* power of two, kept at most half full */
+    uint32_t *index;  /* entry position + 1; 0 = empty slot */
+    size_t index_cap; /* power of two, kept at most half full */
 } LabelMap;
 
 typedef struct RedisTarget {
-    char *name;             /* NULL: index never reported */
+    char *name; /* NULL: index never reported */
     bool up;
+    char *reason; /* why it is down; NULL: none given */
 } RedisTarget;
+
+static const char *const cond_names[METRICS_COND_COUNT] = {"rules_valid", "publication", "slot"};
+static const char *const role_names[METRICS_ROLE_COUNT] = {"starting", "active", "standby"};
 
 struct Metrics {
     atomic_uint_fast64_t counters[METRICS_COUNTER_COUNT];
@@ -76,11 +80,15 @@ struct Metrics {
     atomic_uint_fast64_t confirmed, received, server_end;
     atomic_bool postgres_up;
 
-    pthread_mutex_t lock;   /* guards everything below */
-    LabelMap changes;       /* table, op */
-    LabelMap widened;       /* table */
+    pthread_mutex_t lock; /* guards everything below */
+    LabelMap changes;     /* table, op */
+    LabelMap widened;     /* table */
     RedisTarget targets[METRICS_MAX_TARGETS];
-    uint64_t ack_counts[ACK_NBUCKETS + 1];  /* per bucket, not cumulative; last = +Inf */
+    bool cond_failed[METRICS_COND_COUNT];
+    char *cond_reason[METRICS_COND_COUNT];
+    MetricsRole role;
+    char *role_detail;
+    uint64_t ack_counts[ACK_NBUCKETS + 1]; /* per bucket, not cumulative; last = +Inf */
     double ack_sum;
     uint64_t ack_count;
 
@@ -181,8 +189,13 @@ void metrics_free(Metrics *m)
         MHD_stop_daemon(m->daemon); /* joins the HTTP thread, closes the socket */
     labelmap_release(&m->changes);
     labelmap_release(&m->widened);
-    for (int i = 0; i < METRICS_MAX_TARGETS; i++)
+    for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
         free(m->targets[i].name);
+        free(m->targets[i].reason);
+    }
+    for (int i = 0; i < METRICS_COND_COUNT; i++)
+        free(m->cond_reason[i]);
+    free(m->role_detail);
     pthread_mutex_destroy(&m->lock);
     free(m);
 }
@@ -255,25 +268,61 @@ void metrics_postgres_up(Metrics *m, bool up)
     atomic_store_explicit(&m->postgres_up, up, memory_order_relaxed);
 }
 
-void metrics_redis_up(Metrics *m, int index, const char *target, bool up)
+/* Replace *slot with a copy of v (NULL clears it), without reallocating
+ * when the text is unchanged (the loop reports every batch). */
+static void set_text(char **slot, const char *v)
+{
+    if (v == NULL) {
+        free(*slot);
+        *slot = NULL;
+    } else if (*slot == NULL || strcmp(*slot, v) != 0) {
+        free(*slot);
+        *slot = xstrdup(v);
+    }
+}
+
+void metrics_redis_target(Metrics *m, int index, const char *target, bool up, const char *reason)
 {
     if (m == NULL || index < 0 || index >= METRICS_MAX_TARGETS)
         return;
     pthread_mutex_lock(&m->lock);
     RedisTarget *t = &m->targets[index];
-    if (target != NULL && (t->name == NULL || strcmp(t->name, target) != 0)) {
-        free(t->name);
-        t->name = xstrdup(target);
-    } else if (t->name == NULL) {
+    if (target != NULL)
+        set_text(&t->name, target);
+    else if (t->name == NULL)
         t->name = xstrdup("");
-    }
     t->up = up;
+    set_text(&t->reason, up ? NULL : reason);
     pthread_mutex_unlock(&m->lock);
 }
 
-/* Every reported target up and at least one reported. Caller holds lock.
- * On false, writes the reason into why (when why != NULL). */
-static bool redis_all_up_locked(const Metrics *m, char *why, size_t whylen)
+void metrics_redis_up(Metrics *m, int index, const char *target, bool up)
+{
+    metrics_redis_target(m, index, target, up, NULL);
+}
+
+void metrics_set_condition(Metrics *m, MetricsCondition c, bool ok, const char *reason)
+{
+    if (m == NULL || (int)c < 0 || c >= METRICS_COND_COUNT)
+        return;
+    pthread_mutex_lock(&m->lock);
+    m->cond_failed[c] = !ok;
+    set_text(&m->cond_reason[c], ok ? NULL : reason);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_role(Metrics *m, MetricsRole role, const char *detail)
+{
+    if (m == NULL || (int)role < 0 || role >= METRICS_ROLE_COUNT)
+        return;
+    pthread_mutex_lock(&m->lock);
+    m->role = role;
+    set_text(&m->role_detail, detail);
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* Every reported target up and at least one reported. Caller holds lock. */
+static bool redis_all_up_locked(const Metrics *m)
 {
     int seen = 0;
 
@@ -281,36 +330,87 @@ static bool redis_all_up_locked(const Metrics *m, char *why, size_t whylen)
         if (m->targets[i].name == NULL)
             continue;
         seen++;
-        if (!m->targets[i].up) {
-            if (why != NULL)
-                snprintf(why, whylen, "redis target %s is down", m->targets[i].name);
+        if (!m->targets[i].up)
             return false;
-        }
     }
-    if (seen == 0 && why != NULL)
-        snprintf(why, whylen, "no redis target has answered yet");
     return seen > 0;
 }
 
-/* Readiness with the reason it is not ready. */
-static bool metrics_ready_why(Metrics *m, char *why, size_t whylen)
-{
-    bool ok;
+/* Append one reason line to buf (used bytes in *used), cut at len. */
+static void why_line(char *buf, size_t len, size_t *used, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
-    if (!atomic_load_explicit(&m->postgres_up, memory_order_relaxed)) {
-        snprintf(why, whylen, "not streaming from postgresql");
+static void why_line(char *buf, size_t len, size_t *used, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (*used + 1 >= len)
+        return;
+    va_start(ap, fmt);
+    n = vsnprintf(buf + *used, len - *used, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    *used += (size_t)n < len - *used ? (size_t)n : len - *used - 1;
+    if (*used + 1 < len) {
+        buf[(*used)++] = '\n';
+        buf[*used] = '\0';
+    }
+}
+
+/* Every Redis target's reason for not being ready. Caller holds lock. */
+static void redis_reasons_locked(const Metrics *m, char *buf, size_t len, size_t *used)
+{
+    int seen = 0;
+
+    for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
+        const RedisTarget *t = &m->targets[i];
+        if (t->name == NULL)
+            continue;
+        seen++;
+        if (t->up)
+            continue;
+        if (t->reason != NULL)
+            why_line(buf, len, used, "redis target %s is down: %s", t->name, t->reason);
+        else
+            why_line(buf, len, used, "redis target %s is down", t->name);
+    }
+    if (seen == 0)
+        why_line(buf, len, used, "no redis target has answered yet");
+}
+
+bool metrics_ready_reasons(Metrics *m, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    if (len == 0)
+        return m != NULL && metrics_ready(m);
+    buf[0] = '\0';
+    if (m == NULL) {
+        why_line(buf, len, &used, "no metrics registry");
         return false;
     }
     pthread_mutex_lock(&m->lock);
-    ok = redis_all_up_locked(m, why, whylen);
+    if (m->role == METRICS_ROLE_STANDBY)
+        why_line(buf, len, &used, "standing by: %s",
+                 m->role_detail ? m->role_detail : "the slot is active in another process");
+    else if (!atomic_load_explicit(&m->postgres_up, memory_order_relaxed))
+        why_line(buf, len, &used, "not streaming from postgresql%s%s", m->role_detail ? ": " : "",
+                 m->role_detail ? m->role_detail : "");
+    redis_reasons_locked(m, buf, len, &used);
+    for (int c = 0; c < METRICS_COND_COUNT; c++)
+        if (m->cond_failed[c])
+            why_line(buf, len, &used, "%s: %s", cond_names[c],
+                     m->cond_reason[c] ? m->cond_reason[c] : "not ok");
     pthread_mutex_unlock(&m->lock);
-    return ok;
+    return used == 0;
 }
 
 bool metrics_ready(Metrics *m)
 {
-    char why[256];
-    return m != NULL && metrics_ready_why(m, why, sizeof why);
+    char why[1024];
+    return m != NULL && metrics_ready_reasons(m, why, sizeof why);
 }
 
 /* ---- rendering ---------------------------------------------------------- */
@@ -363,15 +463,14 @@ static void sb_header(StrBuf *sb, const char *name, const char *type, const char
     sb_printf(sb, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void sb_scalar(StrBuf *sb, const char *name, const char *type, const char *help,
-                      uint64_t v)
+static void sb_scalar(StrBuf *sb, const char *name, const char *type, const char *help, uint64_t v)
 {
     sb_header(sb, name, type, help);
     sb_printf(sb, "%s %llu\n", name, (unsigned long long)v);
 }
 
-static void render_labelmap(StrBuf *sb, const char *name, const LabelMap *map,
-                            const char *la, const char *lb)
+static void render_labelmap(StrBuf *sb, const char *name, const LabelMap *map, const char *la,
+                            const char *lb)
 {
     for (size_t i = 0; i < map->n; i++) {
         const LabelEntry *e = &map->entries[i];
@@ -390,15 +489,13 @@ static void render_counters(StrBuf *sb, Metrics *m)
     sb_header(sb, "walbust_changes_total", "counter",
               "Row changes decoded from committed transactions, by table and operation.");
     render_labelmap(sb, "walbust_changes_total", &m->changes, "table", "op");
-    sb_scalar(sb, "walbust_transactions_total", "counter",
-              "Committed transactions decoded.",
+    sb_scalar(sb, "walbust_transactions_total", "counter", "Committed transactions decoded.",
               atomic_load_explicit(&m->counters[METRICS_TRANSACTIONS], memory_order_relaxed));
     sb_header(sb, "walbust_invalidations_total", "counter",
               "Invalidations applied to Redis, by action.");
     for (int a = 0; a < METRICS_ACTION_COUNT; a++)
         sb_printf(sb, "walbust_invalidations_total{action=\"%s\"} %llu\n", action_names[a],
-                  (unsigned long long)atomic_load_explicit(&m->actions[a],
-                                                           memory_order_relaxed));
+                  (unsigned long long)atomic_load_explicit(&m->actions[a], memory_order_relaxed));
     sb_header(sb, "walbust_widened_total", "counter",
               "Keys widened to patterns because a needed value was missing, by table.");
     render_labelmap(sb, "walbust_widened_total", &m->widened, "table", NULL);
@@ -408,8 +505,7 @@ static void render_counters(StrBuf *sb, Metrics *m)
               atomic_load_explicit(&m->counters[METRICS_RETRIES], memory_order_relaxed));
     sb_scalar(sb, "walbust_visibility_queries_total", "counter",
               "pg_current_snapshot() queries asking whether decoded commits are visible yet.",
-              atomic_load_explicit(&m->counters[METRICS_VISIBILITY_QUERIES],
-                                   memory_order_relaxed));
+              atomic_load_explicit(&m->counters[METRICS_VISIBILITY_QUERIES], memory_order_relaxed));
     sb_scalar(sb, "walbust_visibility_waits_total", "counter",
               "Snapshots that did not yet see a decoded commit (walbust waited and asked again; "
               "steady growth means commits wait, e.g. for a synchronous standby).",
@@ -467,13 +563,13 @@ static void render_histogram(StrBuf *sb, Metrics *m)
 
 static void render_health(StrBuf *sb, Metrics *m)
 {
-    sb_scalar(sb, "walbust_postgres_up", "gauge",
-              "1 while streaming from PostgreSQL, else 0.",
+    sb_scalar(sb, "walbust_postgres_up", "gauge", "1 while streaming from PostgreSQL, else 0.",
               atomic_load_explicit(&m->postgres_up, memory_order_relaxed) ? 1 : 0);
     sb_scalar(sb, "walbust_redis_up", "gauge",
-              "1 while every Redis target answers, else 0.",
-              redis_all_up_locked(m, NULL, 0) ? 1 : 0);
-    sb_header(sb, "walbust_redis_target_up", "gauge", "1 while this Redis target answers.");
+              "1 while every Redis target accepts batches (a standby: answers PING), else 0.",
+              redis_all_up_locked(m) ? 1 : 0);
+    sb_header(sb, "walbust_redis_target_up", "gauge",
+              "1 while this Redis target accepts batches (a standby: answers PING).");
     for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
         if (m->targets[i].name == NULL)
             continue;
@@ -481,6 +577,16 @@ static void render_health(StrBuf *sb, Metrics *m)
         sb_label(sb, m->targets[i].name);
         sb_printf(sb, "\"} %d\n", m->targets[i].up ? 1 : 0);
     }
+    sb_header(sb, "walbust_role", "gauge",
+              "1 for this instance's role: starting, active (holds the slot) or standby "
+              "(the slot is active in another process).");
+    for (int r = 0; r < METRICS_ROLE_COUNT; r++)
+        sb_printf(sb, "walbust_role{role=\"%s\"} %d\n", role_names[r], (int)m->role == r ? 1 : 0);
+    sb_header(sb, "walbust_condition", "gauge",
+              "1 while this readiness condition holds (rules_valid, publication, slot).");
+    for (int c = 0; c < METRICS_COND_COUNT; c++)
+        sb_printf(sb, "walbust_condition{condition=\"%s\"} %d\n", cond_names[c],
+                  m->cond_failed[c] ? 0 : 1);
 }
 
 char *metrics_render(Metrics *m)
@@ -496,6 +602,10 @@ char *metrics_render(Metrics *m)
     render_histogram(&sb, m);
     render_health(&sb, m);
     pthread_mutex_unlock(&m->lock);
+    /* Computed outside the lock (it takes it); a scrape needs no snapshot. */
+    sb_scalar(&sb, "walbust_ready", "gauge",
+              "1 while /readyz answers 200: invalidations are being applied.",
+              metrics_ready(m) ? 1 : 0);
     return sb.data;
 }
 
@@ -524,7 +634,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
 {
     static const char text[] = "text/plain; charset=utf-8";
     Metrics *m = cls;
-    char why[300];
+    char why[4096];
 
     (void)version;
     (void)upload_data;
@@ -533,13 +643,13 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
         return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, xstrdup("method not allowed\n"), text);
     if (strcmp(url, "/metrics") == 0)
-        return reply(conn, MHD_HTTP_OK, metrics_render(m), "text/plain; version=0.0.4; charset=utf-8");
+        return reply(conn, MHD_HTTP_OK, metrics_render(m),
+                     "text/plain; version=0.0.4; charset=utf-8");
     if (strcmp(url, "/healthz") == 0)
         return reply(conn, MHD_HTTP_OK, xstrdup("ok\n"), text);
     if (strcmp(url, "/readyz") == 0) {
-        if (metrics_ready_why(m, why, sizeof why - 1))
+        if (metrics_ready_reasons(m, why, sizeof why))
             return reply(conn, MHD_HTTP_OK, xstrdup("ready\n"), text);
-        strcat(why, "\n");
         return reply(conn, MHD_HTTP_SERVICE_UNAVAILABLE, xstrdup(why), text);
     }
     return reply(conn, MHD_HTTP_NOT_FOUND,
@@ -649,9 +759,8 @@ int metrics_listen(Metrics *m, const char *addr, char *err, size_t errlen)
     if (fd < 0)
         return -1;
     m->daemon = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, NULL, NULL, handle, m,
-                                 MHD_OPTION_LISTEN_SOCKET, fd,
-                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10,
+                                 MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+                                 (unsigned int)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10,
                                  MHD_OPTION_END);
     if (m->daemon == NULL) {
         /* Whether libmicrohttpd closed the socket on failure depends on its

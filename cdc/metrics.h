@@ -8,15 +8,19 @@
  * interfaces) answering:
  *   GET /metrics  Prometheus text format 0.0.4
  *   GET /healthz  200 "ok" while the process runs
- *   GET /readyz   200 only while streaming from PostgreSQL and Redis answers,
- *                 else 503 with the reason
+ *   GET /readyz   200 "ready" only while invalidations are being applied:
+ *                 streaming from PostgreSQL (the active instance, not a
+ *                 standby), every Redis target accepting batches, and every
+ *                 MetricsCondition ok; else 503 with one failing reason per
+ *                 line
  * Metric names and kinds are those of docs/operations.md (walbust_changes_total{table,op},
  * walbust_transactions_total, walbust_invalidations_total{action},
  * walbust_widened_total{table}, walbust_redis_errors_total,
  * walbust_retries_total, walbust_confirmed_lsn, walbust_received_lsn,
  * walbust_lag_bytes, walbust_commit_to_ack_seconds histogram,
  * walbust_postgres_up, walbust_redis_up) plus per-target
- * walbust_redis_target_up{target}.
+ * walbust_redis_target_up{target}, walbust_role{role}, walbust_ready and
+ * walbust_condition{condition}.
  */
 #ifndef WALBUST_METRICS_H
 #define WALBUST_METRICS_H
@@ -45,6 +49,23 @@ typedef enum MetricsAction {
     METRICS_ACTION_COUNT,
 } MetricsAction;
 
+/* Readiness conditions other modules flag (metrics_set_condition). Each is
+ * ok until flagged otherwise; any one not ok makes /readyz 503. */
+typedef enum MetricsCondition {
+    METRICS_COND_RULES_VALID, /* the rules validate against the live schema */
+    METRICS_COND_PUBLICATION, /* the publication exists and is usable */
+    METRICS_COND_SLOT,        /* the replication slot exists and is not lost */
+    METRICS_COND_COUNT,
+} MetricsCondition;
+
+/* What this instance does with the slot (walbust_role{role}). */
+typedef enum MetricsRole {
+    METRICS_ROLE_STARTING, /* not streamed yet: connecting, checking */
+    METRICS_ROLE_ACTIVE,   /* holds the slot (streaming, or reconnecting to it) */
+    METRICS_ROLE_STANDBY,  /* the slot is active in another process */
+    METRICS_ROLE_COUNT,
+} MetricsRole;
+
 typedef struct Metrics Metrics;
 
 /* Create the registry (no server yet). Aborts on out of memory. */
@@ -70,14 +91,35 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
 void metrics_commit_to_ack(Metrics *m, double seconds);
 
 void metrics_postgres_up(Metrics *m, bool up);
-/* target: a password-free description; index < 8. */
+/* target: a password-free description; index < 8. Same as
+ * metrics_redis_target() without a reason. */
 void metrics_redis_up(Metrics *m, int index, const char *target, bool up);
+
+/* Record whether Redis target `index` (< 8) accepts batches. up = false
+ * with reason (copied; NULL: "is down"), e.g. the error reply that refused
+ * the last batch ("OOM command not allowed ..."), shown by /readyz. */
+void metrics_redis_target(Metrics *m, int index, const char *target, bool up, const char *reason);
+
+/* Flag a readiness condition: ok = false makes /readyz answer 503 with
+ * reason (copied; NULL: the condition's name) until it is set ok again.
+ * Callable from any module holding the Metrics; NULL m is ignored. */
+void metrics_set_condition(Metrics *m, MetricsCondition c, bool ok, const char *reason);
+
+/* Record this instance's role; a standby is not ready (it applies nothing)
+ * but its Redis targets keep their own up/down state. detail (copied, may
+ * be NULL) says why, e.g. the PostgreSQL message naming the active PID. */
+void metrics_role(Metrics *m, MetricsRole role, const char *detail);
 
 /* Render the Prometheus text into a malloc'd NUL-terminated string the
  * caller frees (what GET /metrics returns). */
 char *metrics_render(Metrics *m);
 
-/* Is the daemon ready (streaming and every Redis target up)? */
+/* Is the daemon ready (streaming, every Redis target up, every condition
+ * ok)? */
 bool metrics_ready(Metrics *m);
+
+/* Why the daemon is not ready: every failing reason, one per line, into
+ * buf (NUL-terminated, cut at len). Returns true (buf = "") when ready. */
+bool metrics_ready_reasons(Metrics *m, char *buf, size_t len);
 
 #endif

@@ -75,6 +75,7 @@ typedef struct Run {
     Visible *vis;            /* xids whose invalidations wait for visibility */
     VisibleStats vis_seen;   /* visible_stats() already counted in metrics */
     uint32_t xid;            /* xid of the transaction being decoded */
+    bool ever_streamed;      /* held the slot at least once (role active) */
 
     /* Lookups (lookup.h): calls the unflushed batch needs, the executor
      * (NULL when no rule has a lookup), its retry schedule. */
@@ -304,6 +305,17 @@ static void count_refusals(Run *r, int i)
     r->shortfalls_seen[i] = st->replica_shortfalls;
 }
 
+/* Report target i's state to the metrics while its last batch succeeded
+ * (a failed one is reported with its error where it failed): up while
+ * connected. */
+static void report_target(Run *r, int i)
+{
+    const char *err = sink_errstr(r->sinks[i]);
+    bool up = sink_connected(r->sinks[i]);
+
+    metrics_redis_target(r->metrics, i, r->targets[i], up, err[0] ? err : "not connected");
+}
+
 /* Try every target that holds work and whose retry time has come (each
  * target has its own backoff). A target with nothing queued has applied
  * everything decoded so far. The flush LSN advances to the newest commit
@@ -344,6 +356,11 @@ static int flush_targets(Run *r)
                 if (sink_oom(s) && ms > RUN_OOM_RETRY_MS)
                     ms = RUN_OOM_RETRY_MS;
 
+                /* Any failed batch means the target is not applying
+                 * invalidations, whether the connection is gone or Redis
+                 * answers with an error (OOM, READONLY, NOPERM, ...). */
+                metrics_redis_target(r->metrics, i, r->targets[i], false, sink_errstr(s));
+
                 /* Report what was acknowledged before the failure now, not
                  * after the coalescing delay: while Redis is down the slot
                  * shows exactly the position walbust will resume from. */
@@ -368,7 +385,8 @@ static int flush_targets(Run *r)
             holding++;
         if (r->target_acked[i] < acked)
             acked = r->target_acked[i];
-        metrics_redis_up(r->metrics, i, r->targets[i], sink_connected(s));
+        if (r->backoff[i].attempt == 0)
+            report_target(r, i);
     }
     if (holding == 0 && r->replay_after_recovery) {
         /* A failed Redis may have lost what it acknowledged earlier (a
@@ -985,8 +1003,36 @@ static int setup_sinks(Run *r)
                      sink_errstr(r->sinks[i]));
         else
             log_info("connected to redis at %s", r->targets[i]);
+        report_target(r, i);
     }
     return 0;
+}
+
+/* runtime_open_stream() reports what it is doing: the role gauge follows,
+ * and a standby, which applies nothing, keeps its Redis gauges true by
+ * PINGing each target (once a second, as it polls the slot) rather than
+ * showing Redis down. */
+static void on_runtime_state(void *arg, RuntimeState state, const char *detail)
+{
+    Run *r = arg;
+
+    switch (state) {
+    case RUNTIME_STREAMING:
+        metrics_role(r->metrics, METRICS_ROLE_ACTIVE, NULL);
+        r->ever_streamed = true;
+        break;
+    case RUNTIME_STANDBY:
+        metrics_role(r->metrics, METRICS_ROLE_STANDBY, detail);
+        for (int i = 0; i < r->nsinks; i++) {
+            bool up = sink_ping(r->sinks[i]) == 0;
+            metrics_redis_target(r->metrics, i, r->targets[i], up, sink_errstr(r->sinks[i]));
+        }
+        break;
+    case RUNTIME_CONNECTING:
+        metrics_role(r->metrics, r->ever_streamed ? METRICS_ROLE_ACTIVE : METRICS_ROLE_STARTING,
+                     detail);
+        break;
+    }
 }
 
 /* --on-slot-lost=flush-rules: the slot's WAL is gone, so changes since its
@@ -1101,6 +1147,7 @@ int cmd_run(const Config *cfg)
     if (setup_sinks(&r) != 0)
         goto done;
     notify_ready("connecting to postgresql");
+    runtime_on_state(on_runtime_state, &r);
     r.dec = pgo_new();
     r.stream = stream_new(&sc);
     r.last_report_us = runtime_now_us();
@@ -1153,6 +1200,7 @@ int cmd_run(const Config *cfg)
         rc = 0;
     }
 done:
+    runtime_on_state(NULL, NULL);
     run_free(&r);
     return rc;
 }

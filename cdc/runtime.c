@@ -14,6 +14,21 @@
 volatile sig_atomic_t runtime_stop = 0;
 volatile sig_atomic_t runtime_reload = 0;
 
+static RuntimeStateFn state_fn;
+static void *state_arg;
+
+void runtime_on_state(RuntimeStateFn fn, void *arg)
+{
+    state_fn = fn;
+    state_arg = arg;
+}
+
+static void report_state(RuntimeState state, const char *detail)
+{
+    if (state_fn != NULL)
+        state_fn(state_arg, state, detail);
+}
+
 static void on_stop(int sig)
 {
     (void)sig;
@@ -110,6 +125,7 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
             st = stream_start(s, start_lsn);
         switch (st) {
         case STREAM_OK:
+            report_state(RUNTIME_STREAMING, NULL);
             log_info("streaming from %s (slot position %s)", stream_describe(s),
                      lsn_format(start_lsn, lsn));
             return 0;
@@ -126,11 +142,13 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
                 notify_status("standing by: the slot is active in another process");
             }
             standby_logged = true;
+            report_state(RUNTIME_STANDBY, stream_errstr(s));
             runtime_sleep(1000, NULL, NULL);
             break;
         case STREAM_RETRY: {
             int ms = backoff_next(&b);
             log_error("%s; retrying in %d ms", stream_errstr(s), ms);
+            report_state(RUNTIME_CONNECTING, stream_errstr(s));
             notify_status("waiting for postgresql");
             runtime_sleep(ms, NULL, NULL);
             break;

@@ -38,6 +38,20 @@ void runtime_sleep(int ms, void (*tick)(void *), void *arg);
  * -1 to stop with a fatal error (already logged). */
 typedef int (*RuntimeCheckFn)(void *arg, PGconn *conn);
 
+/* What runtime_open_stream() is doing, for a caller that reports it (the
+ * metrics' role gauge). detail: the server's message, or NULL. */
+typedef enum RuntimeState {
+    RUNTIME_CONNECTING, /* connecting, or waiting to retry after detail */
+    RUNTIME_STANDBY,    /* the slot is active in another process (detail says which) */
+    RUNTIME_STREAMING,  /* streaming */
+} RuntimeState;
+
+typedef void (*RuntimeStateFn)(void *arg, RuntimeState state, const char *detail);
+
+/* Have runtime_open_stream() call fn(arg, ...) on each attempt's outcome
+ * (standing by: about once a second); fn = NULL stops it. */
+void runtime_on_state(RuntimeStateFn fn, void *arg);
+
 /* Connect and start streaming from start_lsn, retrying transient errors
  * with backoff and standing by while the slot is active elsewhere.
  * Returns 0 when streaming, -2 when the slot is lost (logged), -1 on another

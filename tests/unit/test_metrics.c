@@ -170,6 +170,9 @@ static void test_render_families(void **state)
         {"walbust_postgres_up", "gauge"},
         {"walbust_redis_up", "gauge"},
         {"walbust_redis_target_up", "gauge"},
+        {"walbust_role", "gauge"},
+        {"walbust_condition", "gauge"},
+        {"walbust_ready", "gauge"},
     };
     (void)state;
     Metrics *m = metrics_new();
@@ -193,6 +196,13 @@ static void test_render_families(void **state)
     assert_true(sample(text, "walbust_postgres_up") == 0);
     assert_true(sample(text, "walbust_redis_up") == 0);
     assert_true(sample(text, "walbust_commit_to_ack_seconds_count") == 0);
+    assert_true(sample(text, "walbust_role{role=\"starting\"}") == 1);
+    assert_true(sample(text, "walbust_role{role=\"active\"}") == 0);
+    assert_true(sample(text, "walbust_role{role=\"standby\"}") == 0);
+    assert_true(sample(text, "walbust_condition{condition=\"rules_valid\"}") == 1);
+    assert_true(sample(text, "walbust_condition{condition=\"publication\"}") == 1);
+    assert_true(sample(text, "walbust_condition{condition=\"slot\"}") == 1);
+    assert_true(sample(text, "walbust_ready") == 0);
     free(text);
     metrics_free(m);
 }
@@ -405,6 +415,69 @@ static void test_ready(void **state)
     metrics_free(NULL);
 }
 
+/* A target refusing batches, a failed condition and a standby each make
+ * the instance unready, and /readyz's reasons name every one of them. */
+static void test_ready_reasons(void **state)
+{
+    (void)state;
+    Metrics *m = metrics_new();
+    char why[1024], small[40];
+    char *text;
+
+    metrics_postgres_up(m, true);
+    metrics_role(m, METRICS_ROLE_ACTIVE, NULL);
+    metrics_redis_target(m, 0, "redis://a:6379", true, NULL);
+    assert_true(metrics_ready_reasons(m, why, sizeof why));
+    assert_string_equal(why, "");
+
+    metrics_redis_target(m, 0, "redis://a:6379", false,
+                         "OOM command not allowed when used memory > 'maxmemory'.");
+    metrics_set_condition(m, METRICS_COND_RULES_VALID, false,
+                          "column public.users.name no longer exists");
+    metrics_set_condition(m, METRICS_COND_SLOT, false, NULL);
+    assert_false(metrics_ready_reasons(m, why, sizeof why));
+    assert_string_equal(why, "redis target redis://a:6379 is down: OOM command not allowed "
+                             "when used memory > 'maxmemory'.\n"
+                             "rules_valid: column public.users.name no longer exists\n"
+                             "slot: not ok\n");
+    text = metrics_render(m);
+    assert_true(sample(text, "walbust_redis_up") == 0);
+    assert_true(sample(text, "walbust_condition{condition=\"rules_valid\"}") == 0);
+    assert_true(sample(text, "walbust_condition{condition=\"publication\"}") == 1);
+    assert_true(sample(text, "walbust_condition{condition=\"slot\"}") == 0);
+    assert_true(sample(text, "walbust_ready") == 0);
+    free(text);
+    /* Cut to the buffer, still NUL-terminated. */
+    assert_false(metrics_ready_reasons(m, small, sizeof small));
+    assert_int_equal(strlen(small), sizeof small - 1);
+
+    metrics_redis_target(m, 0, "redis://a:6379", true, "ignored when up");
+    metrics_set_condition(m, METRICS_COND_RULES_VALID, true, NULL);
+    metrics_set_condition(m, METRICS_COND_SLOT, true, "ignored");
+    assert_true(metrics_ready_reasons(m, why, sizeof why));
+    text = metrics_render(m);
+    assert_true(sample(text, "walbust_ready") == 1);
+    assert_true(sample(text, "walbust_role{role=\"active\"}") == 1);
+    free(text);
+
+    /* A standby: not ready, says why, but its Redis stays up. */
+    metrics_postgres_up(m, false);
+    metrics_role(m, METRICS_ROLE_STANDBY, "replication slot \"s\" is active for PID 42");
+    assert_false(metrics_ready_reasons(m, why, sizeof why));
+    assert_string_equal(why, "standing by: replication slot \"s\" is active for PID 42\n");
+    text = metrics_render(m);
+    assert_true(sample(text, "walbust_role{role=\"standby\"}") == 1);
+    assert_true(sample(text, "walbust_role{role=\"active\"}") == 0);
+    assert_true(sample(text, "walbust_redis_up") == 1);
+    free(text);
+    metrics_set_condition(m, METRICS_COND_COUNT, false, "out of range: ignored");
+    metrics_set_condition(NULL, METRICS_COND_SLOT, false, "no registry: ignored");
+    metrics_role(m, METRICS_ROLE_ACTIVE, NULL);
+    metrics_postgres_up(m, true);
+    assert_true(metrics_ready(m));
+    metrics_free(m);
+}
+
 /* ---- concurrency -------------------------------------------------------- */
 
 #define WORKERS 4
@@ -538,6 +611,18 @@ static void test_http_endpoints(void **state)
     metrics_redis_up(m, 0, "redis://127.0.0.1:6379", true);
     assert_int_equal(http(AF_INET, port, "GET", "/readyz", &resp), 200);
     free(resp);
+    metrics_redis_target(m, 0, "redis://127.0.0.1:6379", false, "READONLY You can't write");
+    metrics_set_condition(m, METRICS_COND_PUBLICATION, false, "publication \"p\" was dropped");
+    assert_int_equal(http(AF_INET, port, "GET", "/readyz", &resp), 503);
+    assert_string_equal(body_of(resp), "redis target redis://127.0.0.1:6379 is down: READONLY "
+                                       "You can't write\npublication: publication \"p\" was "
+                                       "dropped\n");
+    free(resp);
+    metrics_redis_target(m, 0, "redis://127.0.0.1:6379", true, NULL);
+    metrics_set_condition(m, METRICS_COND_PUBLICATION, true, NULL);
+    assert_int_equal(http(AF_INET, port, "GET", "/readyz", &resp), 200);
+    assert_string_equal(body_of(resp), "ready\n");
+    free(resp);
 
     metrics_inc(m, METRICS_TRANSACTIONS, 41);
     assert_int_equal(http(AF_INET, port, "GET", "/metrics", &resp), 200);
@@ -626,6 +711,7 @@ int main(void)
         cmocka_unit_test(test_histogram),
         cmocka_unit_test(test_positions),
         cmocka_unit_test(test_ready),
+        cmocka_unit_test(test_ready_reasons),
         cmocka_unit_test(test_concurrent_recording),
         cmocka_unit_test(test_http_endpoints),
         cmocka_unit_test(test_listen_addresses),
