@@ -338,6 +338,31 @@ static int decode_loop(Decode *d, Stream *s)
     return 0;
 }
 
+/* The first connection, tried once: a dry run against a server that is
+ * unreachable, refuses or never answers (connect_timeout) fails at once,
+ * naming it, instead of retrying for ever like the daemon. A slot active in
+ * another process is waited for, as before. Returns 0 when streaming, -1
+ * (logged) otherwise. */
+static int open_first(Stream *s)
+{
+    StreamStatus st = stream_connect(s);
+
+    if (st == STREAM_OK)
+        st = stream_start(s, 0);
+    if (st == STREAM_OK) {
+        log_info("streaming from %s", stream_describe(s));
+        return 0;
+    }
+    if (runtime_stop) {
+        log_info("stopped while connecting to postgresql");
+        return -1;
+    }
+    if (st == STREAM_BUSY)
+        return runtime_open_stream(s, 0, NULL, NULL);
+    log_error("%s", stream_errstr(s));
+    return -1;
+}
+
 int cmd_decode(const Config *cfg)
 {
     Decode d = {.cfg = cfg};
@@ -367,9 +392,9 @@ int cmd_decode(const Config *cfg)
     runtime_signals();
     d.dec = pgo_new();
     s = stream_new(&sc);
-    for (;;) {
+    for (bool first = true;; first = false) {
         int lr;
-        if (runtime_open_stream(s, 0, NULL, NULL) != 0)
+        if ((first ? open_first(s) : runtime_open_stream(s, 0, NULL, NULL)) != 0)
             break;
         lr = decode_loop(&d, s);
         if (lr == 0) {

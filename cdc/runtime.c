@@ -54,6 +54,7 @@ void runtime_signals(void)
     sigaction(SIGHUP, &sa, NULL);
     sa.sa_handler = SIG_IGN;
     sigaction(SIGPIPE, &sa, NULL);
+    stream_cancel_on(&runtime_stop); /* a stop also ends a connection attempt */
 }
 
 int64_t runtime_now_us(void)
@@ -147,6 +148,9 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
             break;
         case STREAM_RETRY: {
             int ms = backoff_next(&b);
+
+            if (runtime_stop)
+                break; /* the attempt was cut short by the stop request */
             log_error("%s; retrying in %d ms", stream_errstr(s), ms);
             report_state(RUNTIME_CONNECTING, stream_errstr(s));
             notify_status("waiting for postgresql");

@@ -16,7 +16,8 @@
 extern volatile sig_atomic_t runtime_stop;   /* SIGTERM / SIGINT */
 extern volatile sig_atomic_t runtime_reload; /* SIGHUP */
 
-/* Install handlers that only set the flags above; ignore SIGPIPE. */
+/* Install handlers that only set the flags above; ignore SIGPIPE. A stop
+ * request also ends connection attempts (stream_cancel_on). */
 void runtime_signals(void);
 
 typedef struct Backoff {

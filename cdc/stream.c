@@ -189,17 +189,108 @@ static void pq_message(PGconn *conn, char *buf, size_t len)
         buf[--n] = '\0';
 }
 
-static PGconn *open_conn(const char *conninfo, bool replication)
-{
-    const char *keys[] = {"dbname", "replication", "fallback_application_name", NULL};
-    const char *vals[] = {conninfo, replication ? "database" : NULL, "walbust", NULL};
+/* stream_cancel_on(): connection attempts give up when *cancel_flag is set. */
+static const volatile sig_atomic_t *cancel_flag;
 
-    if (!replication) {
-        keys[1] = "fallback_application_name";
-        vals[1] = "walbust";
-        keys[2] = NULL;
+void stream_cancel_on(const volatile sig_atomic_t *flag)
+{
+    cancel_flag = flag;
+}
+
+/* The connection's effective connect_timeout in seconds (the conninfo's,
+ * PGCONNECT_TIMEOUT's, or ours); 0: none. libpq, like PostgreSQL, reads
+ * values below 2 as 2. */
+static int connect_timeout_s(PGconn *conn)
+{
+    PQconninfoOption *opts = PQconninfo(conn);
+    int secs = STREAM_CONNECT_TIMEOUT_S;
+
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        if (strcmp(o->keyword, "connect_timeout") == 0 && o->val != NULL && o->val[0] != '\0')
+            secs = atoi(o->val);
+    PQconninfoFree(opts);
+    return secs <= 0 ? 0 : secs < 2 ? 2 : secs;
+}
+
+/* Drive PQconnectPoll() to the end: poll() in slices so a stop request
+ * (stream_cancel_on) is seen within 100 ms, and a server that accepts but
+ * never answers times out (libpq enforces connect_timeout only in its
+ * blocking connect). Leaves why empty when libpq's own message tells what
+ * ended the attempt, else says why (a timeout, a stop request). */
+static void connect_poll(PGconn *conn, char *why, size_t whylen)
+{
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    int timeout_s = connect_timeout_s(conn);
+    int64_t deadline = timeout_s > 0 ? mono_us() + (int64_t)timeout_s * 1000000 : 0;
+
+    while (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED) {
+        struct pollfd pfd = {.fd = PQsocket(conn),
+                             .events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT};
+        int64_t left_ms = deadline ? (deadline - mono_us()) / 1000 : 100;
+        int rc;
+
+        if (cancel_flag != NULL && *cancel_flag) {
+            snprintf(why, whylen, "interrupted by a stop request");
+            return;
+        }
+        if (left_ms <= 0) {
+            snprintf(why, whylen,
+                     "no answer within %d s (connect_timeout; set it in the conninfo)", timeout_s);
+            return;
+        }
+        rc = poll(&pfd, pfd.fd >= 0 ? 1 : 0, left_ms > 100 ? 100 : (int)left_ms);
+        if (rc > 0 || pfd.fd < 0)
+            st = PQconnectPoll(conn);
+        else if (rc < 0 && errno != EINTR) {
+            snprintf(why, whylen, "poll failed: %s", strerror(errno));
+            return;
+        }
     }
-    return PQconnectdbParams(keys, vals, /* expand_dbname= */ 1);
+}
+
+/* Connect to conninfo (a replication connection when asked). connect_timeout
+ * defaults to STREAM_CONNECT_TIMEOUT_S unless the conninfo or
+ * PGCONNECT_TIMEOUT sets one: keywords are processed in order and the last
+ * one set wins, so ours comes before the expanded conninfo. Returns the
+ * connection (check PQstatus; NULL: out of memory); on failure why says
+ * what ended the attempt when libpq's message does not (else it is ""). */
+static PGconn *open_conn(const char *conninfo, bool replication, char *why, size_t whylen)
+{
+    const char *keys[6], *vals[6];
+    char timeout[16];
+    int n = 0;
+    PGconn *conn;
+
+    snprintf(timeout, sizeof timeout, "%d", STREAM_CONNECT_TIMEOUT_S);
+    if (getenv("PGCONNECT_TIMEOUT") == NULL) {
+        keys[n] = "connect_timeout";
+        vals[n++] = timeout;
+    }
+    keys[n] = "dbname";
+    vals[n++] = conninfo;
+    if (replication) {
+        keys[n] = "replication";
+        vals[n++] = "database";
+    }
+    keys[n] = "fallback_application_name";
+    vals[n++] = "walbust";
+    keys[n] = NULL;
+    vals[n] = NULL;
+    why[0] = '\0';
+    conn = PQconnectStartParams(keys, vals, /* expand_dbname= */ 1);
+    if (conn != NULL && PQstatus(conn) != CONNECTION_BAD)
+        connect_poll(conn, why, whylen);
+    return conn;
+}
+
+/* The message of a failed connection: libpq's, or ours (why) when libpq
+ * has none (a timeout or stop request ends the attempt before libpq does). */
+static void connect_message(PGconn *conn, const char *why, char *buf, size_t len)
+{
+    if (why[0] != '\0')
+        snprintf(buf, len, "%s", why);
+    else
+        pq_message(conn, buf, len);
 }
 
 /* Where a failed connection was headed, without the password. */
@@ -231,13 +322,13 @@ static void describe_target(const char *conninfo, char *buf, size_t len)
 
 PGconn *stream_plain_connect(const char *conninfo, char *err, size_t errlen)
 {
-    PGconn *conn = open_conn(conninfo ? conninfo : "", false);
-    char where[256], msg[768];
+    char where[256], msg[768], why[128];
+    PGconn *conn = open_conn(conninfo ? conninfo : "", false, why, sizeof why);
 
     if (conn != NULL && PQstatus(conn) == CONNECTION_OK)
         return conn;
     describe_target(conninfo ? conninfo : "", where, sizeof where);
-    pq_message(conn, msg, sizeof msg);
+    connect_message(conn, why, msg, sizeof msg);
     snprintf(err, errlen, "could not connect to postgresql at %s: %s", where, msg);
     PQfinish(conn);
     return NULL;
@@ -449,7 +540,7 @@ static void adapt_status_interval(Stream *s)
 
 StreamStatus stream_connect(Stream *s)
 {
-    char msg[768], where[256];
+    char msg[768], where[256], why[128];
     PGresult *res;
     StreamStatus st;
 
@@ -461,10 +552,10 @@ StreamStatus stream_connect(Stream *s)
                  s->cfg.slot, s->cfg.publication);
         return STREAM_FATAL;
     }
-    s->conn = open_conn(s->cfg.conninfo, true);
+    s->conn = open_conn(s->cfg.conninfo, true, why, sizeof why);
     if (s->conn == NULL || PQstatus(s->conn) != CONNECTION_OK) {
         describe_target(s->cfg.conninfo, where, sizeof where);
-        pq_message(s->conn, msg, sizeof msg);
+        connect_message(s->conn, why, msg, sizeof msg);
         snprintf(s->errstr, sizeof s->errstr, "could not connect to postgresql at %s: %s", where,
                  msg);
         st = classify_connect_error(msg);

@@ -21,6 +21,7 @@
 #define WALBUST_STREAM_H
 
 #include <libpq-fe.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -116,6 +117,15 @@ const char *stream_describe(const Stream *s); /* "host:port/db", no password */
 void stream_close(Stream *s);
 
 const char *stream_errstr(const Stream *s);
+
+/* Default connect_timeout (seconds) of every connection, replication or
+ * plain, unless the conninfo or PGCONNECT_TIMEOUT sets one. */
+#define STREAM_CONNECT_TIMEOUT_S 10
+
+/* Make every later connection attempt (stream_connect, stream_plain_connect)
+ * give up within 100 ms once *flag is nonzero (a SIGTERM flag); NULL: never.
+ * The flag is borrowed for the life of the process. */
+void stream_cancel_on(const volatile sig_atomic_t *flag);
 
 /* Open a plain (non-replication) connection to conninfo. Returns NULL with
  * a message in err (no password) on failure. Caller PQfinish()es. */
