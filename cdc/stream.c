@@ -256,7 +256,7 @@ static void connect_poll(PGconn *conn, char *why, size_t whylen)
  * what ended the attempt when libpq's message does not (else it is ""). */
 static PGconn *open_conn(const char *conninfo, bool replication, char *why, size_t whylen)
 {
-    const char *keys[6], *vals[6];
+    const char *keys[7], *vals[7];
     char timeout[16];
     int n = 0;
     PGconn *conn;
@@ -274,9 +274,22 @@ static PGconn *open_conn(const char *conninfo, bool replication, char *why, size
     }
     keys[n] = "fallback_application_name";
     vals[n++] = "walbust";
+    if (replication) {
+        /* After the conninfo: values are sent in this encoding (see
+         * pin_session). */
+        keys[n] = "client_encoding";
+        vals[n++] = "UTF8";
+    }
     keys[n] = NULL;
     vals[n] = NULL;
     why[0] = '\0';
+    if (replication) {
+        /* libpq sends these as session settings the server cannot tell
+         * from the database's own; keys must not depend on walbust's
+         * environment (see pin_session). */
+        unsetenv("PGTZ");
+        unsetenv("PGDATESTYLE");
+    }
     conn = PQconnectStartParams(keys, vals, /* expand_dbname= */ 1);
     if (conn != NULL && PQstatus(conn) != CONNECTION_BAD)
         connect_poll(conn, why, whylen);
@@ -538,6 +551,24 @@ static void adapt_status_interval(Stream *s)
     PQclear(res);
 }
 
+/* The walsender renders every value pgoutput sends with the session's
+ * settings, and keys are built from that text: pin the output settings so
+ * the same row gives the same key wherever walbust runs. TimeZone stays the
+ * server's own (postgresql.conf, ALTER DATABASE/ROLE ... SET): PGTZ and
+ * PGDATESTYLE are ignored (open_conn); client_encoding is UTF8. */
+static StreamStatus pin_session(Stream *s)
+{
+    PGresult *res = simple_query(s,
+                                 "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
+                                 "SET extra_float_digits = 3",
+                                 PGRES_COMMAND_OK);
+
+    if (res == NULL)
+        return STREAM_RETRY;
+    PQclear(res);
+    return STREAM_OK;
+}
+
 StreamStatus stream_connect(Stream *s)
 {
     char msg[768], where[256], why[128];
@@ -585,6 +616,10 @@ StreamStatus stream_connect(Stream *s)
     PQclear(res);
 
     adapt_status_interval(s);
+    if ((st = pin_session(s)) != STREAM_OK) {
+        stream_close(s);
+        return st;
+    }
     if ((st = check_wal_level(s)) != STREAM_OK || (st = check_publication(s)) != STREAM_OK ||
         (st = check_slot(s)) != STREAM_OK) {
         stream_close(s);
