@@ -25,6 +25,7 @@
 #include "catalog.h"
 #include "lookup.h"
 #include "cmds.h"
+#include "log.h"
 #include "stream.h"
 #include "mem.h"
 #include "pubplan.h"
@@ -65,22 +66,32 @@ static char *read_file(const char *path, size_t *len)
 }
 
 /* See cmds.h. */
+void cmd_format_problem(char *buf, size_t len, const char *path, const RulesProblem *p)
+{
+    int n;
+
+    if (p->line > 0 && p->column > 0)
+        n = snprintf(buf, len, "%s:%d:%d: %s", path, p->line, p->column, p->msg);
+    else if (p->line > 0)
+        n = snprintf(buf, len, "%s:%d: %s", path, p->line, p->msg);
+    else
+        n = snprintf(buf, len, "%s: %s", path, p->msg);
+    if (p->path[0] != '\0' && n >= 0 && (size_t)n < len)
+        snprintf(buf + n, len - (size_t)n, " (at %s)", p->path);
+}
+
+/* See cmds.h. */
 void cmd_print_problems(FILE *out, const char *prefix, const char *path,
                         const RulesProblems *problems)
 {
-    for (size_t i = 0; i < problems->count; i++) {
-        const RulesProblem *p = &problems->items[i];
+    char line[2048];
 
-        fputs(prefix, out);
-        if (p->line > 0 && p->column > 0)
-            fprintf(out, "%s:%d:%d: %s", path, p->line, p->column, p->msg);
-        else if (p->line > 0)
-            fprintf(out, "%s:%d: %s", path, p->line, p->msg);
+    for (size_t i = 0; i < problems->count; i++) {
+        cmd_format_problem(line, sizeof line, path, &problems->items[i]);
+        if (out != NULL)
+            fprintf(out, "%s%s\n", prefix, line);
         else
-            fprintf(out, "%s: %s", path, p->msg);
-        if (p->path[0] != '\0')
-            fprintf(out, " (at %s)", p->path);
-        fputc('\n', out);
+            log_error("%s%s", prefix, line);
     }
 }
 
@@ -90,16 +101,25 @@ static Rules *load_rules_text(const char *path, FILE *report, char **text, size_
     RulesProblems problems = {0};
     Rules *rules;
 
+    /* Under --log-format json a log shipper must get the problems as
+     * events; in text they stay in the compiler-style form editors read. */
+    if (report == NULL && !log_is_json())
+        report = stderr;
     *text = read_file(path, len);
     if (*text == NULL) {
-        fprintf(report, "walbust: could not read rules file %s: %s\n", path, strerror(errno));
+        if (report != NULL)
+            fprintf(report, "walbust: could not read rules file %s: %s\n", path, strerror(errno));
+        else
+            log_error("could not read rules file %s: %s", path, strerror(errno));
         return NULL;
     }
     rules = rules_parse(*text, *len, &problems);
     if (rules == NULL) {
         cmd_print_problems(report, "", path, &problems);
-        if (problems.count == 0)
+        if (problems.count == 0 && report != NULL)
             fprintf(report, "%s: the rules file could not be compiled\n", path);
+        else if (problems.count == 0)
+            log_error("%s: the rules file could not be compiled", path);
         rules_problems_release(&problems);
         free(*text);
         *text = NULL;

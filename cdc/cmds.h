@@ -18,13 +18,19 @@ int cmd_status(const Config *cfg);
 int cmd_teardown(const Config *cfg);
 
 /* Read and compile a rules file. On failure prints every problem as
- * "FILE:LINE:COLUMN: message" (or "FILE: message") to report and returns
- * NULL. (check_cmd.c) */
+ * "FILE:LINE:COLUMN: message" (or "FILE: message") to report, or logs each
+ * as an error event (log.h: a JSON line under --log-format json) when
+ * report is NULL, and returns NULL. (check_cmd.c) */
 Rules *cmd_load_rules(const char *path, FILE *report);
 
 /* Print each problem on its own line as "PREFIXFILE:LINE:COLUMN: message
- * (at json.path)", dropping the parts that are unknown. (check_cmd.c) */
+ * (at json.path)", dropping the parts that are unknown; out = NULL logs
+ * each as an error event instead. (check_cmd.c) */
 void cmd_print_problems(FILE *out, const char *prefix, const char *path,
                         const RulesProblems *problems);
+
+/* One problem as "FILE:LINE:COLUMN: message (at json.path)" into buf (cut
+ * at len). (check_cmd.c) */
+void cmd_format_problem(char *buf, size_t len, const char *path, const RulesProblem *p);
 
 #endif

@@ -244,14 +244,90 @@ static void on_truncate(Decode *d, const PgoMsg *m)
     print_line(o);
 }
 
+/* Is buf valid UTF-8 without NUL bytes (printable as a JSON string)?
+ * Rejects overlong forms and surrogates, as JSON readers do. */
+static bool valid_utf8(const char *buf, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)buf, *end = p + len;
+
+    while (p < end) {
+        unsigned c = *p;
+        size_t n;
+
+        if (c == 0)
+            return false;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        n = c >= 0xc2 && c <= 0xdf   ? 1
+            : c >= 0xe0 && c <= 0xef ? 2
+            : c >= 0xf0 && c <= 0xf4 ? 3
+                                     : 0;
+        if (n == 0 || (size_t)(end - p) <= n)
+            return false;
+        for (size_t i = 1; i <= n; i++)
+            if ((p[i] & 0xc0) != 0x80)
+                return false;
+        if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] >= 0xa0) ||
+            (c == 0xf0 && p[1] < 0x90) || (c == 0xf4 && p[1] >= 0x90))
+            return false;
+        p += n + 1;
+    }
+    return true;
+}
+
+/* buf in base64 (RFC 4648, padded), malloc'd; the caller frees. */
+static char *base64(const char *buf, size_t len)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = (const unsigned char *)buf;
+    char *out = xmalloc((len + 2) / 3 * 4 + 1), *o = out;
+
+    for (size_t i = 0; i < len; i += 3) {
+        unsigned v = (unsigned)p[i] << 16;
+        if (i + 1 < len)
+            v |= (unsigned)p[i + 1] << 8;
+        if (i + 2 < len)
+            v |= p[i + 2];
+        *o++ = tab[(v >> 18) & 63];
+        *o++ = tab[(v >> 12) & 63];
+        *o++ = i + 1 < len ? tab[(v >> 6) & 63] : '=';
+        *o++ = i + 2 < len ? tab[v & 63] : '=';
+    }
+    *o = '\0';
+    return out;
+}
+
+/* The message content: its JSON value when it parses as JSON, else a
+ * string when it is UTF-8 text, else base64 under "content_base64". */
+static void add_content(cJSON *o, const char *buf, size_t len)
+{
+    cJSON *content = valid_utf8(buf, len) ? cJSON_ParseWithLength(buf, len) : NULL;
+    char *text;
+
+    if (content == NULL && valid_utf8(buf, len)) {
+        text = xstrndup(buf, len);
+        content = mem_check(cJSON_CreateString(text));
+        free(text);
+    }
+    if (content != NULL) {
+        cJSON_AddItemToObject(o, "content", content);
+        return;
+    }
+    text = base64(buf, len);
+    cJSON_AddStringToObject(o, "content_base64", text);
+    free(text);
+}
+
+/* Logical messages of every prefix are printed; the rules only act on
+ * those with the prefix "walbust" (sql/walbust.sql). */
 static void on_message(Decode *d, const PgoMsg *m)
 {
-    cJSON *o, *content;
-    char *text;
+    cJSON *o;
     char err[256];
+    bool ours = strcmp(m->u.message.prefix, "walbust") == 0;
 
-    if (strcmp(m->u.message.prefix, "walbust") != 0)
-        return;
     o = line_header(d, "message");
     if (!m->u.message.transactional) {
         /* Not part of a transaction: no commit facts. */
@@ -261,14 +337,8 @@ static void on_message(Decode *d, const PgoMsg *m)
     }
     cJSON_AddStringToObject(o, "prefix", m->u.message.prefix);
     cJSON_AddBoolToObject(o, "transactional", m->u.message.transactional);
-    content = cJSON_ParseWithLength(m->u.message.content, m->u.message.len);
-    if (content == NULL) {
-        text = xstrndup(m->u.message.content, m->u.message.len);
-        content = cJSON_CreateString(text);
-        free(text);
-    }
-    cJSON_AddItemToObject(o, "content", content);
-    if (d->rules != NULL) {
+    add_content(o, m->u.message.content, m->u.message.len);
+    if (d->rules != NULL && ours) {
         d->inv = mem_check(cJSON_CreateObject());
         if (change_walbust_message(m->u.message.content, m->u.message.len,
                                    rules_tag_prefix(d->rules), collect, d, err, sizeof err) < 0)

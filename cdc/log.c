@@ -43,6 +43,11 @@ int log_configure(const char *format, const char *level)
     return 0;
 }
 
+bool log_is_json(void)
+{
+    return log_json;
+}
+
 bool log_enabled(LogLevel level)
 {
     return level >= log_min;

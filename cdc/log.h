@@ -22,6 +22,9 @@ typedef enum LogLevel {
  * error. Returns -1 (and changes nothing) on an unknown value. */
 int log_configure(const char *format, const char *level);
 
+/* Is the output JSON (--log-format json)? */
+bool log_is_json(void);
+
 /* Would a message at this level be written? */
 bool log_enabled(LogLevel level);
 

@@ -728,7 +728,9 @@ static int on_data(Run *r, const StreamData *data)
     return 0;
 }
 
-static int check_catalog(Run *r, PGconn *conn, const Rules *rules)
+/* Validate rules against the live catalog, logging each problem. reload:
+ * a SIGHUP's new rules (refused, the old ones stay), else start-up. */
+static int check_catalog(Run *r, PGconn *conn, const Rules *rules, bool reload)
 {
     char err[512];
     RulesProblems problems = {0};
@@ -740,12 +742,17 @@ static int check_catalog(Run *r, PGconn *conn, const Rules *rules)
         return -1;
     }
     if (rules_check_catalog(rules, r->cfg->publication, catalog_lookup, cat, &problems) > 0) {
-        for (size_t i = 0; i < problems.count; i++)
-            log_error("%s:%d:%d: %s", r->cfg->rules, problems.items[i].line,
-                      problems.items[i].column, problems.items[i].msg);
-        log_error("refusing to start: the rules above would miss invalidations; fix them, "
-                  "then restart (walbust check --rules %s --pg ... shows the same)",
-                  r->cfg->rules);
+        cmd_print_problems(NULL, "", r->cfg->rules, &problems); /* as log events */
+        if (reload)
+            log_error("rules reload refused: the %zu problem(s) logged above would miss "
+                      "invalidations; keeping the previous rules (fix %s and reload again; "
+                      "walbust check --rules %s --pg ... shows the same)",
+                      problems.count, r->cfg->rules, r->cfg->rules);
+        else
+            log_error("refusing to start: the %zu problem(s) logged above would miss "
+                      "invalidations; fix them, then restart (walbust check --rules %s --pg "
+                      "... shows the same)",
+                      problems.count, r->cfg->rules);
         rc = -1;
     }
     rules_problems_release(&problems);
@@ -760,7 +767,7 @@ static int startup_check(void *arg, PGconn *conn)
 
     if (checked)
         return 0;
-    if (check_catalog(r, conn, r->rules) != 0)
+    if (check_catalog(r, conn, r->rules, /* reload= */ false) != 0)
         return -1;
     checked = true;
     return 0;
@@ -775,19 +782,20 @@ static int startup_check(void *arg, PGconn *conn)
 static void *reload_thread(void *arg)
 {
     Run *r = arg;
-    Rules *fresh = cmd_load_rules(r->cfg->rules, stderr);
+    Rules *fresh = cmd_load_rules(r->cfg->rules, NULL);
     PGconn *conn;
     char err[512];
 
     if (fresh == NULL) {
-        log_error("rules reload failed (problems above); keeping the previous rules");
+        log_error("rules reload failed: %s has the problems logged above; keeping the previous "
+                  "rules (fix the file and reload again)",
+                  r->cfg->rules);
     } else if ((conn = stream_plain_connect(r->cfg->pg, err, sizeof err)) == NULL) {
         log_error("rules reload: %s; keeping the previous rules", err);
         rules_free(fresh);
         fresh = NULL;
     } else {
-        if (check_catalog(r, conn, fresh) != 0) {
-            log_error("rules reload refused; keeping the previous rules");
+        if (check_catalog(r, conn, fresh, /* reload= */ true) != 0) {
             rules_free(fresh);
             fresh = NULL;
         }
@@ -1121,7 +1129,7 @@ int cmd_run(const Config *cfg)
                        .confirm = true};
     int rc = 1;
 
-    r.rules = cmd_load_rules(cfg->rules, stderr);
+    r.rules = cmd_load_rules(cfg->rules, NULL);
     if (r.rules == NULL)
         return 1;
     snprintf(r.watermark_key, sizeof r.watermark_key, "walbust:confirmed:%s", cfg->slot);
@@ -1168,6 +1176,10 @@ int cmd_run(const Config *cfg)
         }
         if (open_rc != 0)
             break;
+        /* Everything before the slot's position was acknowledged before
+         * (by this or an earlier run): what a stop would replay from. */
+        if (r.acked_lsn < stream_confirmed(r.stream))
+            r.acked_lsn = r.pending_lsn = stream_confirmed(r.stream);
         r.pg_lost = false;
         metrics_postgres_up(r.metrics, true);
         notify_status("streaming");

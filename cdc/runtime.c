@@ -128,7 +128,7 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
         case STREAM_OK:
             report_state(RUNTIME_STREAMING, NULL);
             log_info("streaming from %s (slot position %s)", stream_describe(s),
-                     lsn_format(start_lsn, lsn));
+                     lsn_format(stream_confirmed(s), lsn));
             return 0;
         case STREAM_FATAL:
             log_error("%s", stream_errstr(s));

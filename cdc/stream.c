@@ -628,6 +628,27 @@ StreamStatus stream_connect(Stream *s)
     return STREAM_OK;
 }
 
+/* The slot's confirmed position: where START_REPLICATION from an older
+ * LSN (or 0/0) really starts. Raises s->confirmed to it, so logs, metrics
+ * and status updates show the real position from the start. A failed
+ * query changes nothing (START_REPLICATION reports the real problem). */
+static void slot_position(Stream *s)
+{
+    char sql[256];
+    PGresult *res;
+    uint64_t pos;
+
+    snprintf(sql, sizeof sql,
+             "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots "
+             "WHERE slot_name = '%s' AND confirmed_flush_lsn IS NOT NULL",
+             s->cfg.slot);
+    res = PQexec(s->conn, sql);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+        lsn_parse(PQgetvalue(res, 0, 0), &pos) && pos > s->confirmed)
+        s->confirmed = pos;
+    PQclear(res);
+}
+
 StreamStatus stream_start(Stream *s, uint64_t start_lsn)
 {
     char sql[512], lsn[LSN_TEXT_MAX], msg[768], pubs[160];
@@ -649,6 +670,7 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
                  "START_REPLICATION SLOT \"%s\" LOGICAL %s (proto_version '1', "
                  "publication_names '%s')",
                  s->cfg.slot, lsn_format(start_lsn, lsn), pubs);
+    slot_position(s);
     res = PQexec(s->conn, sql);
     if (PQresultStatus(res) == PGRES_COPY_BOTH) {
         PQclear(res);

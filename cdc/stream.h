@@ -71,7 +71,9 @@ StreamStatus stream_connect(Stream *s) __attribute__((warn_unused_result));
 PGconn *stream_conn(Stream *s);
 
 /* START_REPLICATION from start_lsn (0: the slot's confirmed position).
- * STREAM_BUSY when the slot is active for another PID. */
+ * STREAM_BUSY when the slot is active for another PID. Afterwards
+ * stream_confirmed() is where streaming really starts: the larger of
+ * start_lsn and the slot's confirmed position. */
 StreamStatus stream_start(Stream *s, uint64_t start_lsn) __attribute__((warn_unused_result));
 
 /* Wait up to timeout_ms (0: do not wait) for the next XLogData message.
