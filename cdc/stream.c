@@ -197,6 +197,21 @@ void stream_cancel_on(const volatile sig_atomic_t *flag)
     cancel_flag = flag;
 }
 
+/* Does the connection list several hosts (host=a,b: libpq tries each in
+ * turn, with connect_timeout per host)? */
+static bool several_hosts(PGconn *conn)
+{
+    PQconninfoOption *opts = PQconninfo(conn);
+    bool several = false;
+
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        if ((strcmp(o->keyword, "host") == 0 || strcmp(o->keyword, "hostaddr") == 0) &&
+            o->val != NULL && strchr(o->val, ',') != NULL)
+            several = true;
+    PQconninfoFree(opts);
+    return several;
+}
+
 /* The connection's effective connect_timeout in seconds (the conninfo's,
  * PGCONNECT_TIMEOUT's, or ours); 0: none. libpq, like PostgreSQL, reads
  * values below 2 as 2. */
@@ -291,6 +306,12 @@ static PGconn *open_conn(const char *conninfo, bool replication, char *why, size
         unsetenv("PGDATESTYLE");
     }
     conn = PQconnectStartParams(keys, vals, /* expand_dbname= */ 1);
+    if (conn != NULL && PQstatus(conn) != CONNECTION_BAD && several_hosts(conn)) {
+        /* Only libpq's blocking connect moves on to the next host when one
+         * times out; a stop then waits for the attempt to end. */
+        PQfinish(conn);
+        return PQconnectdbParams(keys, vals, /* expand_dbname= */ 1);
+    }
     if (conn != NULL && PQstatus(conn) != CONNECTION_BAD)
         connect_poll(conn, why, whylen);
     return conn;
