@@ -197,9 +197,10 @@ class Runner:
     def done(self):
         unknown = sorted(self.only - self.seen)
         if unknown:
+            self.n += 1
             self.failed += 1
-            print(f"not ok - WALBUST_TEST names {', '.join(unknown)}, not run by {self.name}; "
-                  f"its tests: {', '.join(sorted(self.seen))}")
+            print(f"not ok {self.n} - WALBUST_TEST names {', '.join(unknown)}, which "
+                  f"{self.name} does not have; its tests: {', '.join(sorted(self.seen))}")
         print(f"1..{self.n}")
         if self.failed:
             print(f"# {self.name}: {self.failed} of {self.n} failed")
