@@ -457,9 +457,11 @@ static StreamStatus check_publication(Stream *s)
     PQclear(res);
     if (!found) {
         snprintf(s->errstr, sizeof s->errstr,
-                 "publication \"%s\" does not exist in %s; create it with CREATE PUBLICATION %s "
-                 "FOR TABLE <tables in your rules>, or run walbust setup --rules FILE",
-                 s->cfg.publication, s->desc, s->cfg.publication);
+                 "publication \"%s\" does not exist in %s; run walbust setup --rules FILE "
+                 "--publication %s, or create it by hand: walbust check --rules FILE --pg ... "
+                 "--publication %s prints the full CREATE PUBLICATION %s ... statements",
+                 s->cfg.publication, s->desc, s->cfg.publication, s->cfg.publication,
+                 s->cfg.publication);
         return STREAM_FATAL;
     }
     return STREAM_OK;
