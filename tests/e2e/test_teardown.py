@@ -51,7 +51,10 @@ def prepare():
                                    BARRIER_RULE]})
     rc, out = walbust("setup", "--rules", rules, "--slot", SLOT, "--publication", PUB)
     assert rc == 0, out
-    sql(DB, f"CREATE PUBLICATION {PUB}_insert_only FOR TABLE items WITH (publish = 'insert')")
+    # setup creates the insert-only companion itself (empty here: items has
+    # a key); it must exist for teardown to drop it.
+    assert sql(DB, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
+               (f"{PUB}_insert_only",), fetch=True)[0][0] == 1, "setup created no companion"
     sql(DB, "CREATE FUNCTION walbust.td_ddl() RETURNS event_trigger LANGUAGE plpgsql "
             "AS $$BEGIN END$$")
     sql(DB, "CREATE EVENT TRIGGER walbust_td_ddl ON ddl_command_end "
