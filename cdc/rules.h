@@ -20,6 +20,9 @@
  *    the key is emitted as a pattern with every other value and literal text
  *    glob-escaped; RulesEvalStats.widened counts these.
  *  - values inside pattern templates are glob-escaped (`*?[]\`).
+ *  - `changed` (updates only): the rule fires when a listed column's value
+ *    differs, is not carried (MISSING), or the column is not in the table at
+ *    all (renamed or dropped: RulesEvalStats.changed_missing counts these).
  *  - truncate: keys, patterns and tags widened in full and emitted as
  *    patterns (tags as patterns over tag set names, RULES_INV_TAG_PATTERN);
  *    versions as RULES_INV_VERSION_PATTERN; one publish per channel.
@@ -92,6 +95,8 @@ typedef struct RulesEvalStats {
     unsigned matched;  /* rules that fired */
     unsigned widened;  /* renderings widened to a pattern (docs/guarantees.md guarantee 8) */
     unsigned emitted;  /* invalidations emitted */
+    unsigned changed_missing; /* rules that fired on update because a column
+                                 named in `changed` is not in the table */
 } RulesEvalStats;
 
 /* One problem found while loading or checking rules. */

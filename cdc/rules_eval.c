@@ -6,7 +6,7 @@
  * For each change the rules for its table are found through the table hash;
  * each rule resolves its column names to the change's column indexes once
  * per relation shape (cached by colnames pointer and ncols, and verified by
- * name so a recycled pointer is re-resolved; a stale miss can only widen).
+ * name so a recycled pointer is re-resolved).
  * Renderings are collected into scratch memory owned by the Rules (no
  * allocation per change once warm), deduplicated, and emitted keys →
  * patterns → tags → versions → publishes. Because of that scratch memory and
@@ -32,15 +32,18 @@ static long find_col(const RulesChange *chg, const char *name)
 }
 
 /* Map the rule's column names to the change's column indexes, reusing the
- * last mapping while the relation shape (colnames pointer, ncols) is the same
- * and every column it found still has the same name. */
+ * last mapping while the relation shape (colnames pointer, ncols) is the same,
+ * every column it found still has the same name and every column it missed
+ * is still missing (a recycled array may hold it now; a missing `changed`
+ * column fires on every update, so a stale miss must not linger). */
 static void resolve_cols(const Rule *rule, const RulesChange *chg)
 {
     ColCache *cc = rule->cache;
     bool same = cc->valid && cc->names == chg->colnames && cc->ncols == chg->ncols;
 
     for (size_t k = 0; same && k < rule->ncols; k++)
-        same = cc->idx[k] < 0 || strcmp(chg->colnames[cc->idx[k]], rule->cols[k]) == 0;
+        same = cc->idx[k] < 0 ? find_col(chg, rule->cols[k]) < 0
+                              : strcmp(chg->colnames[cc->idx[k]], rule->cols[k]) == 0;
     if (same)
         return;
     for (size_t k = 0; k < rule->ncols; k++)
@@ -64,15 +67,19 @@ static const RulesValue *col_value(const Rule *rule, const RulesChange *chg, siz
 }
 
 /* The `changed` filter for an update: did any listed column change? A value
- * not carried (MISSING) counts as changed; a column the table lacks, not. */
-static bool changed_hit(const Rule *rule, const RulesChange *chg)
+ * not carried (MISSING) counts as changed, and so does a column the table
+ * lacks (renamed or dropped by a migration: firing is the safe side; never
+ * skip). *missing is set when that happened. */
+static bool changed_hit(const Rule *rule, const RulesChange *chg, bool *missing)
 {
     for (size_t i = 0; i < rule->nchanged; i++) {
         size_t k = rule->changed[i];
         const RulesValue *o = col_value(rule, chg, k, true);
         const RulesValue *n = col_value(rule, chg, k, false);
-        if (rule->cache->idx[k] < 0)
-            continue;
+        if (rule->cache->idx[k] < 0) {
+            *missing = true;
+            return true;
+        }
         if (o->kind == RULES_VAL_MISSING || o->kind != n->kind)
             return true;
         if (o->kind == RULES_VAL_TEXT &&
@@ -420,7 +427,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
                     RulesEvalStats *stats)
 {
     const TableEnt *te = rules_table_find(r, chg->table);
-    RulesEvalStats st = {0, 0, 0};
+    RulesEvalStats st = {0, 0, 0, 0};
     Eval ev = {r, chg, NULL, NULL};
 
     if (te == NULL || !valid_op(chg->op))
@@ -435,8 +442,12 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
         if (!rule_fires(rule, chg) || (rule->lookup != NULL && chg->op != RULES_TRUNCATE))
             continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
         resolve_cols(rule, chg);
-        if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
-            continue;
+        if (chg->op == RULES_UPDATE && rule->nchanged > 0) {
+            bool missing = false;
+            if (!changed_hit(rule, chg, &missing))
+                continue;
+            st.changed_missing += missing;
+        }
         ev.sc->fired[ev.sc->nfired++] = ri;
         for (int k = 0; k < TPL_NKINDS; k++)
             for (size_t t = 0; t < rule->ntpl[k]; t++)
@@ -449,6 +460,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
         stats->matched += st.matched;
         stats->widened += st.widened;
         stats->emitted += st.emitted;
+        stats->changed_missing += st.changed_missing;
     }
     return st.matched;
 }
@@ -558,8 +570,11 @@ unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupC
         if (rule->lookup == NULL || !rule_fires(rule, chg))
             continue;
         resolve_cols(rule, chg);
-        if (chg->op == RULES_UPDATE && rule->nchanged > 0 && !changed_hit(rule, chg))
-            continue;
+        if (chg->op == RULES_UPDATE && rule->nchanged > 0) {
+            bool missing = false; /* counted by rules_eval() for the same change */
+            if (!changed_hit(rule, chg, &missing))
+                continue;
+        }
         fired++;
         lookup_rule_calls(&ev, ri, fn, arg);
     }
@@ -583,7 +598,7 @@ void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfi
                         NULL,
                         false};
     Eval ev = {r, &fake, r->scratch, NULL};
-    RulesEvalStats st = {0, 0, 0};
+    RulesEvalStats st = {0, 0, 0, 0};
 
     for (size_t k = 0; k < rule->ncols; k++)
         for (size_t j = 0; j < nfields && lk[k] == NULL; j++)

@@ -24,8 +24,9 @@ SELECT pass('second install of sql/walbust.sql succeeds');
 SELECT is(
     (SELECT array_agg(p.proname::text ORDER BY p.proname)
        FROM pg_proc p WHERE p.pronamespace = 'walbust'::regnamespace),
-    ARRAY['invalidate', 'invalidate_pattern', 'invalidate_tag', 'version'],
-    'schema walbust holds exactly the four functions, no duplicates after reinstall');
+    ARRAY['ddl_message', 'invalidate', 'invalidate_pattern', 'invalidate_tag', 'on_ddl_end',
+          'on_sql_drop', 'version'],
+    'schema walbust holds exactly the seven functions, no duplicates after reinstall');
 
 -- Signatures.
 SELECT has_function('walbust', 'invalidate', ARRAY['text[]'],
@@ -90,7 +91,7 @@ SELECT is(
     (SELECT count(*)::int FROM pg_proc p
       WHERE p.pronamespace = 'walbust'::regnamespace
         AND coalesce(obj_description(p.oid, 'pg_proc'), '') <> ''),
-    4,
+    7,
     'every walbust function has a COMMENT');
 SELECT ok(obj_description('walbust'::regnamespace, 'pg_namespace') IS NOT NULL,
     'schema walbust has a COMMENT');
@@ -99,7 +100,7 @@ SELECT is(
     (SELECT count(*)::int FROM pg_proc p, aclexplode(p.proacl) a
       WHERE p.pronamespace = 'walbust'::regnamespace
         AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'),
-    4,
+    7,
     'EXECUTE on every walbust function is granted explicitly to PUBLIC');
 SELECT is(
     (SELECT count(*)::int FROM pg_namespace n, aclexplode(n.nspacl) a

@@ -442,7 +442,7 @@ static void run_change(const Rules *r, Section *chg, Section *exp, Section *st, 
     size_t nwant = 0;
     char buf[2048];
     char *cur, *line;
-    RulesEvalStats stats = {0, 0, 0};
+    RulesEvalStats stats = {0, 0, 0, 0};
     unsigned matched;
 
     change_parse(chg->body, &cs);
@@ -474,11 +474,16 @@ static void run_change(const Rules *r, Section *chg, Section *exp, Section *st, 
     assert_int_equal(matched, stats.matched);
     assert_int_equal(stats.emitted, got.n);
     if (st != NULL) {
-        unsigned m, w, e;
-        assert_int_equal(sscanf(st->body, " matched %u widened %u emitted %u", &m, &w, &e), 3);
-        if (m != stats.matched || w != stats.widened || e != stats.emitted)
-            fail_msg("%s: line %d: stats matched %u widened %u emitted %u, expected %u %u %u", file,
-                     chg->line, stats.matched, stats.widened, stats.emitted, m, w, e);
+        unsigned m, w, e, cm = 0; /* changed_missing: 0 unless given */
+        int n = sscanf(st->body, " matched %u widened %u emitted %u changed_missing %u", &m, &w,
+                       &e, &cm);
+        assert_true(n == 3 || n == 4);
+        if (m != stats.matched || w != stats.widened || e != stats.emitted ||
+            cm != stats.changed_missing)
+            fail_msg("%s: line %d: stats matched %u widened %u emitted %u changed_missing %u, "
+                     "expected %u %u %u %u",
+                     file, chg->line, stats.matched, stats.widened, stats.emitted,
+                     stats.changed_missing, m, w, e, cm);
     }
 }
 
@@ -980,7 +985,7 @@ static void test_stats_accumulate(void **state)
     const char *names[1] = {"a"};
     RulesValue vals[1] = {{RULES_VAL_MISSING, NULL, 0}};
     RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL, false};
-    RulesEvalStats st = {0, 0, 0};
+    RulesEvalStats st = {0, 0, 0, 0};
     Collector got = {.n = 0};
     Rules *r;
 
