@@ -22,7 +22,7 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
             cdc/lookup.c cdc/relmap.c
 # Modules that talk to servers or the OS.
-IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/sink.c cdc/log.c cdc/opts.c \
+IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
             cdc/metrics.c cdc/notify.c cdc/cluster.c cdc/visible.c \
             cdc/pubplan.c cdc/route.c \

@@ -278,6 +278,18 @@ static void plan_members(Setup *s, int k, size_t idx, bool exists, const char *q
     }
 }
 
+/* Append the COMMENT that marks a publication setup created as walbust's:
+ * after a migration re-creates a rules table, walbust run adds it back to a
+ * publication whose comment starts with "walbust:", and stops on any other
+ * (schema.h). */
+static void mark_managed(StrBuf *sql, const char *qname)
+{
+    sb_add(sql, "; COMMENT ON PUBLICATION ");
+    sb_add(sql, qname);
+    sb_add(sql, " IS 'walbust: managed by walbust (created by walbust setup); walbust run adds "
+                "rules tables back to it after a migration re-creates them'");
+}
+
 /* Make publication k (0 main, 1 companion) publish the planned tables (the
  * catalog members idx[0..n)) and their inheritance children, creating it
  * when missing. A table the other publication holds is moved: the DROP and
@@ -304,6 +316,8 @@ static int setup_one_publication(Setup *s, int k, const char *name, size_t n, co
         sb_add(&sql, " WITH (publish = 'insert, truncate')");
     if (sql.len > 0) {
         sb_add(&sql, drops.s ? drops.s : "");
+        if (!exists) /* walbust's own: run puts re-created rules tables back (schema.h) */
+            mark_managed(&sql, qname);
         rc = exec_transaction(s, sql.s,
                               exists ? "add tables to the publication" : "create the publication");
     }

@@ -71,6 +71,10 @@ static const OptSpec opt_table[] = {
      "fail|flush-rules",
      "when the slot is lost: exit with a runbook message (fail, default), or recreate it and "
      "invalidate everything the rules cover before streaming again (flush-rules)"},
+    {"schema-recheck", "WALBUST_SCHEMA_RECHECK", OPT_LONG, OFF(schema_recheck), NULL, F_RUN,
+     "SECONDS",
+     "re-check the rules' tables in the catalog this often, for schema changes the DDL event "
+     "trigger cannot report (default: 30)"},
     {"json", NULL, OPT_BOOL, OFF(json), NULL, F_STATUS, NULL, "print status as JSON"},
     {"replica-identity-full", NULL, OPT_BOOL, OFF(replica_identity_full), NULL, F_SETUP, NULL,
      "set REPLICA IDENTITY FULL on tables whose rules need old values"},

@@ -47,6 +47,7 @@ typedef struct Config {
     const char *on_slot_lost;           /* run: "fail" (default) or "flush-rules" */
     bool yes;                           /* teardown: drop without asking */
     bool force;                         /* teardown: terminate the slot's walsender */
+    long schema_recheck;                /* run: seconds between catalog re-checks; 0 = 30 */
 } Config;
 
 /* Parse argv and the environment into *cfg. Returns 0 on success, 2 on a

@@ -35,6 +35,7 @@
 #include "redisurl.h"
 #include "route.h"
 #include "runtime.h"
+#include "schema.h"
 #include "visible.h"
 #include "sink.h"
 
@@ -94,6 +95,8 @@ typedef struct Run {
         atomic_int done;     /* set by the thread when fresh is final */
         Rules *fresh;        /* its result: validated rules, or NULL */
     } reload;
+    Schema *schema;          /* schema changes on the rules' tables (schema.h) */
+    bool schema_stop;        /* a schema change walbust cannot follow: exit 1 */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -534,13 +537,14 @@ static void eval_change(Run *r, const RulesChange *chg)
     rules_eval(r->rules, chg, emit_to_sinks, r, &st);
     if (r->lkx != NULL)
         (void)rules_eval_lookups(r->rules, chg, defer_lookup, r);
+    schema_note_eval(r->schema, chg->table, &st);
     if (st.widened > 0) {
         r->stats.widened += st.widened;
         metrics_widened(r->metrics, chg->table, st.widened);
         log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg->table,
                   "%u invalidation(s) widened to patterns: the change does not carry a value "
-                  "a template needs (replica identity changed, or an unchanged TOASTed value "
-                  "without old image)",
+                  "a template needs (replica identity changed, a column the template names was "
+                  "dropped or renamed, or an unchanged TOASTed value without old image)",
                   st.widened);
     }
 }
@@ -638,7 +642,7 @@ static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
 {
     char err[256], lsn[LSN_TEXT_MAX];
 
-    if (strcmp(m->u.message.prefix, "walbust") != 0)
+    if (schema_on_message(r->schema, m) || strcmp(m->u.message.prefix, "walbust") != 0)
         return;
     r->stats.messages++;
     if (change_walbust_message(m->u.message.content, m->u.message.len, rules_tag_prefix(r->rules),
@@ -667,6 +671,25 @@ static void pace_reads(Run *r, int64_t commit_time)
     stream_set_pace(r->stream, age > RUN_BACKLOG_AGE_US ? RUN_BACKLOG_READ_PACE_US : 0);
 }
 
+/* A schema change on the rules' tables was seen in this transaction (or the
+ * periodic re-check is due): re-validate and act before its COMMIT counts
+ * (schema.h). Its invalidations join the batch that confirms the COMMIT.
+ * Returns -1 when walbust must stop (logged). */
+static int on_schema_change(Run *r)
+{
+    char err[1024], lsn[LSN_TEXT_MAX];
+
+    lsn_format(r->in_txn ? r->txn.final_lsn : r->pending_lsn, lsn);
+    if (schema_apply(r->schema, lsn, err, sizeof err) == 0)
+        return 0;
+    if (!runtime_stop) {
+        log_event(LOG_LEVEL_ERROR, lsn, NULL, "%s", err);
+        r->schema_stop = true;
+        runtime_stop = 1;
+    }
+    return -1;
+}
+
 /* Returns 0, or -1 when the message could not be decoded (reconnect and
  * replay: nothing is confirmed past it). */
 static int on_data(Run *r, const StreamData *data)
@@ -692,6 +715,8 @@ static int on_data(Run *r, const StreamData *data)
             visible_prefetch(r->vis, r->xid);
         break;
     case PGO_COMMIT:
+        if (schema_due(r->schema, /* idle= */ false) && on_schema_change(r) != 0)
+            return -1; /* not confirmed: replayed on restart */
         r->in_txn = false;
         r->pending_lsn = m.u.commit.end_lsn;
         pace_reads(r, m.u.commit.commit_time);
@@ -716,6 +741,9 @@ static int on_data(Run *r, const StreamData *data)
     case PGO_TRUNCATE:
         if (apply_truncate(r, &m) != 0)
             return -1;
+        break;
+    case PGO_RELATION:
+        schema_on_relation(r->schema, m.u.relation.rel);
         break;
     case PGO_MESSAGE:
         apply_message(r, &m, data->wal_start);
@@ -764,9 +792,14 @@ static int startup_check(void *arg, PGconn *conn)
 {
     Run *r = arg;
     static bool checked = false;
+    char err[1024];
 
     if (checked)
         return 0;
+    if (schema_startup(r->schema, "start", err, sizeof err) != 0) {
+        log_error("%s", err);
+        return -1;
+    }
     if (check_catalog(r, conn, r->rules, /* reload= */ false) != 0)
         return -1;
     checked = true;
@@ -846,6 +879,7 @@ static void reload_finish(Run *r)
     rules_free(r->rules);
     r->rules = fresh;
     route_rules_changed(r->route);
+    schema_set_rules(r->schema, fresh);
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
@@ -978,6 +1012,8 @@ static void stream_loop(Run *r)
             metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
                               stream_server_end(r->stream));
         }
+        if (!r->in_txn && schema_due(r->schema, /* idle= */ true) && on_schema_change(r) != 0)
+            return;
         maybe_watermark(r);
         notify_watchdog();
         report(r, false);
@@ -1101,6 +1137,7 @@ static int recover_lost_slot(Run *r)
 
 static void run_free(Run *r)
 {
+    schema_free(r->schema);
     if (r->reload.running) {
         pthread_join(r->reload.thread, NULL);
         rules_free(r->reload.fresh);
@@ -1158,6 +1195,16 @@ int cmd_run(const Config *cfg)
     runtime_on_state(on_runtime_state, &r);
     r.dec = pgo_new();
     r.stream = stream_new(&sc);
+    {
+        SchemaConfig schc = {.conninfo = cfg->pg,
+                             .publication = cfg->publication,
+                             .rules_path = cfg->rules,
+                             .recheck_s = (int)cfg->schema_recheck,
+                             .emit = emit_to_sinks,
+                             .tick = keepalive_tick,
+                             .arg = &r};
+        r.schema = schema_new(&schc, r.rules);
+    }
     r.last_report_us = runtime_now_us();
     while (!runtime_stop) {
         uint64_t start = stream_confirmed(r.stream);
@@ -1209,7 +1256,7 @@ int cmd_run(const Config *cfg)
             (void)stream_confirm(r.stream, r.acked_lsn, true);
         report(&r, true);
         log_info("stopped");
-        rc = 0;
+        rc = r.schema_stop ? 1 : 0;
     }
 done:
     runtime_on_state(NULL, NULL);

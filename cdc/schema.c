@@ -1,0 +1,647 @@
+/*
+ * schema.c — schema changes on the rules' tables while walbust runs (see
+ * schema.h). Reads the catalog on its own plain connection; acts through the
+ * daemon's emit callback; logs what it finds and does.
+ */
+#include "schema.h"
+
+#include <cjson/cJSON.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "catalog.h"
+#include "log.h"
+#include "lsn.h"
+#include "mem.h"
+#include "runtime.h"
+#include "stream.h"
+
+/* What is known about one rules table. */
+typedef struct SchemaTable {
+    char *name;          /* "schema.table" */
+    bool learnt;         /* relid below is from a catalog check */
+    uint32_t relid;      /* 0: the table did not exist at the last check */
+    bool recreated;      /* a DDL message created a table under this name */
+    uint32_t relmsg_id;  /* relid of the last Relation message; 0: none yet */
+    uint64_t relmsg_sig; /* its column names, hashed */
+    bool warned_changed; /* the missing-`changed`-column warning was logged */
+} SchemaTable;
+
+struct Schema {
+    SchemaConfig cfg;
+    const Rules *rules;
+    SchemaTable *tables;
+    size_t ntables;
+    PGconn *conn;
+    bool pending;
+    int64_t last_check_us;
+    char *problems; /* the rules problems logged last; NULL: none */
+    bool pub_missing_warned;
+};
+
+/* Publication facts for one check. */
+typedef struct PubInfo {
+    bool exists, all_tables, managed;
+    char *quoted; /* the publication name as an SQL identifier */
+} PubInfo;
+
+static SchemaTable *find_table(Schema *s, const char *name, size_t len)
+{
+    for (size_t i = 0; i < s->ntables; i++)
+        if (strlen(s->tables[i].name) == len && memcmp(s->tables[i].name, name, len) == 0)
+            return &s->tables[i];
+    return NULL;
+}
+
+static SchemaTable *find_relid(Schema *s, uint32_t relid)
+{
+    for (size_t i = 0; relid != 0 && i < s->ntables; i++)
+        if (s->tables[i].relid == relid)
+            return &s->tables[i];
+    return NULL;
+}
+
+Schema *schema_new(const SchemaConfig *cfg, const Rules *rules)
+{
+    Schema *s = xcalloc(1, sizeof *s);
+
+    s->cfg = *cfg;
+    if (s->cfg.recheck_s <= 0)
+        s->cfg.recheck_s = SCHEMA_RECHECK_DEFAULT_S;
+    s->last_check_us = runtime_now_us();
+    schema_set_rules(s, rules);
+    return s;
+}
+
+static void free_tables(SchemaTable *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(t[i].name);
+    free(t);
+}
+
+void schema_free(Schema *s)
+{
+    if (s == NULL)
+        return;
+    free_tables(s->tables, s->ntables);
+    PQfinish(s->conn);
+    free(s->problems);
+    free(s);
+}
+
+void schema_set_rules(Schema *s, const Rules *rules)
+{
+    size_t n = rules_table_count(rules);
+    SchemaTable *t = xcalloc(n ? n : 1, sizeof *t);
+
+    for (size_t i = 0; i < n; i++) {
+        const char *name = rules_table(rules, i);
+        const SchemaTable *old = find_table(s, name, strlen(name));
+        if (old != NULL)
+            t[i] = *old;
+        else
+            memset(&t[i], 0, sizeof t[i]);
+        t[i].name = xstrdup(name);
+    }
+    free_tables(s->tables, s->ntables);
+    s->tables = t;
+    s->ntables = n;
+    s->rules = rules;
+}
+
+/* ---- noticing changes ------------------------------------------------------------ */
+
+/* Does one object of a DDL message concern the rules? */
+static void note_object(Schema *s, const char *tag, const char *type, const char *identity,
+                        uint32_t oid)
+{
+    SchemaTable *t = NULL;
+    size_t len = strlen(identity);
+
+    if (strcmp(type, "table") == 0) {
+        t = find_table(s, identity, len);
+        /* CREATE TABLE, CREATE TABLE AS, SELECT INTO: a new table under a
+         * rules table's name (drop/create). A rename into the name shows as
+         * ALTER TABLE and is found by its relid at the check. */
+        if (t != NULL && (strncmp(tag, "CREATE TABLE", 12) == 0 || strcmp(tag, "SELECT INTO") == 0))
+            t->recreated = true;
+    } else if (strcmp(type, "table column") == 0) {
+        const char *dot = strrchr(identity, '.');
+        t = dot != NULL ? find_table(s, identity, (size_t)(dot - identity)) : NULL;
+    } else if (strcmp(type, "index") == 0 || strcmp(type, "schema") == 0 ||
+               strncmp(type, "publication", 11) == 0) {
+        s->pending = true; /* replica identity index, schema rename, membership */
+        return;
+    }
+    if (t != NULL || find_relid(s, oid) != NULL)
+        s->pending = true;
+}
+
+bool schema_on_message(Schema *s, const PgoMsg *m)
+{
+    cJSON *root, *objs, *o;
+    const cJSON *tag;
+
+    if (strcmp(m->u.message.prefix, SCHEMA_DDL_PREFIX) != 0)
+        return false;
+    root = cJSON_ParseWithLength(m->u.message.content, m->u.message.len);
+    tag = cJSON_GetObjectItemCaseSensitive(root, "tag");
+    objs = cJSON_GetObjectItemCaseSensitive(root, "objects");
+    if (!cJSON_IsString(tag) || !cJSON_IsArray(objs)) {
+        /* Not ours to judge: re-check the catalog, the safe side. */
+        s->pending = true;
+        cJSON_Delete(root);
+        return true;
+    }
+    cJSON_ArrayForEach(o, objs)
+    {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(o, "type");
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "identity");
+        const cJSON *oid = cJSON_GetObjectItemCaseSensitive(o, "oid");
+        if (!cJSON_IsString(type) || !cJSON_IsString(id)) {
+            s->pending = true;
+            continue;
+        }
+        note_object(s, tag->valuestring, type->valuestring, id->valuestring,
+                    cJSON_IsNumber(oid) ? (uint32_t)oid->valuedouble : 0);
+    }
+    cJSON_Delete(root);
+    return true;
+}
+
+static uint64_t columns_sig(const PgoRelation *rel)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a over the names, NUL-separated */
+
+    for (uint16_t i = 0; i < rel->ncols; i++)
+        for (const char *p = rel->cols[i].name;; p++) {
+            h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+            if (*p == '\0')
+                break;
+        }
+    return h ^ rel->ncols;
+}
+
+void schema_on_relation(Schema *s, const PgoRelation *rel)
+{
+    SchemaTable *t = find_table(s, rel->qualname, strlen(rel->qualname));
+    uint64_t sig;
+
+    if (t == NULL)
+        return;
+    sig = columns_sig(rel);
+    /* The first Relation message after a (re)connect only tells what the
+     * start-up check already saw; a different relid or shape later is news. */
+    if (t->relmsg_id != 0 && (t->relmsg_id != rel->relid || t->relmsg_sig != sig))
+        s->pending = true;
+    if (t->learnt && t->relid != 0 && t->relid != rel->relid)
+        s->pending = true;
+    t->relmsg_id = rel->relid;
+    t->relmsg_sig = sig;
+}
+
+void schema_note_eval(Schema *s, const char *table, const RulesEvalStats *st)
+{
+    SchemaTable *t;
+
+    if (st->changed_missing == 0)
+        return;
+    t = find_table(s, table, strlen(table));
+    if (t == NULL || t->warned_changed)
+        return;
+    t->warned_changed = true;
+    log_event(LOG_LEVEL_WARN, NULL, table,
+              "a column named in \"changed\" of a rule for %s is not in the table (renamed or "
+              "dropped?); the rule now fires on every update of %s, never skipping one; fix "
+              "\"changed\" in %s and reload (SIGHUP) to filter again",
+              table, table, s->cfg.rules_path);
+}
+
+bool schema_due(const Schema *s, bool idle)
+{
+    return s->pending ||
+           (idle && runtime_now_us() - s->last_check_us >= (int64_t)s->cfg.recheck_s * 1000000);
+}
+
+/* ---- reading the catalog ---------------------------------------------------------- */
+
+/* Run one statement on the plain connection; NULL with err set on failure. */
+static PGresult *exec_sql(Schema *s, const char *sql, int nparams, const char *const *params,
+                          ExecStatusType want, char *err, size_t errlen)
+{
+    PGresult *res = PQexecParams(s->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    char *nl;
+
+    if (PQresultStatus(res) == want)
+        return res;
+    snprintf(err, errlen, "%s", PQerrorMessage(s->conn));
+    if ((nl = strchr(err, '\n')) != NULL)
+        *nl = '\0';
+    PQclear(res);
+    return NULL;
+}
+
+static bool ensure_conn(Schema *s, char *err, size_t errlen)
+{
+    if (s->conn != NULL && PQstatus(s->conn) == CONNECTION_OK)
+        return true;
+    PQfinish(s->conn);
+    s->conn = stream_plain_connect(s->cfg.conninfo, err, errlen);
+    return s->conn != NULL;
+}
+
+static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
+{
+    const char *params[1] = {s->cfg.publication};
+    PGresult *res = exec_sql(s,
+                             "SELECT p.puballtables, coalesce(pg_catalog.obj_description(p.oid, "
+                             "'pg_publication'), '') LIKE 'walbust:%' "
+                             "FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
+                             1, params, PGRES_TUPLES_OK, err, errlen);
+    char *q;
+
+    if (res == NULL)
+        return -1;
+    pub->exists = PQntuples(res) == 1;
+    pub->all_tables = pub->exists && PQgetvalue(res, 0, 0)[0] == 't';
+    pub->managed = pub->exists && PQgetvalue(res, 0, 1)[0] == 't';
+    PQclear(res);
+    q = PQescapeIdentifier(s->conn, s->cfg.publication, strlen(s->cfg.publication));
+    if (q == NULL)
+        mem_oom();
+    pub->quoted = xstrdup(q);
+    PQfreemem(q);
+    return 0;
+}
+
+/* The relid of the ordinary or partitioned table named "schema.table"; 0
+ * when there is none. */
+static int load_relid(Schema *s, const char *name, uint32_t *relid, char *err, size_t errlen)
+{
+    const char *dot = strchr(name, '.');
+    char *nsp;
+    const char *params[2];
+    PGresult *res;
+
+    *relid = 0;
+    if (dot == NULL)
+        return 0;
+    nsp = xstrdup(name);
+    nsp[dot - name] = '\0';
+    params[0] = nsp;
+    params[1] = dot + 1;
+    res = exec_sql(s,
+                   "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                   "ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 "
+                   "AND c.relkind IN ('r', 'p')",
+                   2, params, PGRES_TUPLES_OK, err, errlen);
+    free(nsp);
+    if (res == NULL)
+        return -1;
+    if (PQntuples(res) == 1)
+        *relid = (uint32_t)strtoul(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    return 0;
+}
+
+/* "schema"."table" for SQL; caller frees. */
+static char *quoted_table(PGconn *conn, const char *name)
+{
+    const char *dot = strchr(name, '.');
+    char *nsp, *rel, *out;
+    size_t len;
+
+    if (dot == NULL)
+        return xstrdup(name);
+    nsp = PQescapeIdentifier(conn, name, (size_t)(dot - name));
+    rel = PQescapeIdentifier(conn, dot + 1, strlen(dot + 1));
+    if (nsp == NULL || rel == NULL)
+        mem_oom();
+    len = strlen(nsp) + strlen(rel) + 2;
+    out = xcalloc(1, len);
+    snprintf(out, len, "%s.%s", nsp, rel);
+    PQfreemem(nsp);
+    PQfreemem(rel);
+    return out;
+}
+
+/* A name ("schema.table" or a publication) as SQL for messages: each part
+ * as written when it is a plain lowercase identifier, else double-quoted. */
+static void sql_display(const char *name, bool dotted, char *out, size_t n)
+{
+    size_t o = 0;
+    const char *p = name;
+
+    while (o + 1 < n) {
+        const char *end = dotted ? strchr(p, '.') : NULL;
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        bool plain = len > 0 && !(p[0] >= '0' && p[0] <= '9');
+
+        for (size_t i = 0; i < len; i++)
+            plain = plain && ((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= '0' && p[i] <= '9') ||
+                              p[i] == '_' || p[i] == '$');
+        o += (size_t)snprintf(out + o, n - o, plain ? "%.*s" : "\"", (int)len, p);
+        for (size_t i = 0; !plain && i < len && o + 2 < n; i++) {
+            if (p[i] == '"')
+                out[o++] = '"';
+            out[o++] = p[i];
+        }
+        if (!plain && o + 1 < n)
+            out[o++] = '"';
+        out[o < n ? o : n - 1] = '\0';
+        if (end == NULL || o + 1 >= n)
+            break;
+        out[o++] = '.';
+        p = end + 1;
+        dotted = false; /* "schema.table": split at the first dot only */
+    }
+    out[o < n ? o : n - 1] = '\0';
+}
+
+/* ---- acting ---------------------------------------------------------------------- */
+
+/* Invalidate everything the rules for table cover, widened as for a
+ * truncate. Returns the number of invalidations emitted. */
+static unsigned widen_table(Schema *s, const char *table, const char *lsn)
+{
+    char when[PGTIME_TEXT_MAX];
+    RulesChange chg = {.table = table,
+                       .op = RULES_TRUNCATE,
+                       .lsn = lsn,
+                       .commit_time = pgtime_format(pgtime_now(), when)};
+    RulesEvalStats st = {0, 0, 0, 0};
+
+    rules_eval(s->rules, &chg, s->cfg.emit, s->cfg.arg, &st);
+    return st.emitted;
+}
+
+static int add_to_publication(Schema *s, const PubInfo *pub, const char *table, char *err,
+                              size_t errlen)
+{
+    char *qt = quoted_table(s->conn, table);
+    size_t len = strlen(pub->quoted) + strlen(qt) + 64;
+    char *sql = xcalloc(1, len), msg[512];
+    PGresult *res;
+
+    snprintf(sql, len, "ALTER PUBLICATION %s ADD TABLE %s", pub->quoted, qt);
+    res = exec_sql(s, sql, 0, NULL, PGRES_COMMAND_OK, msg, sizeof msg);
+    if (res == NULL)
+        snprintf(err, errlen,
+                 "could not add table %s back to publication \"%s\": %s; run %s as the table's "
+                 "owner, then restart walbust (it replays the change and invalidates everything "
+                 "the rules for %s cover)",
+                 table, s->cfg.publication, msg, sql, table);
+    PQclear(res);
+    free(sql);
+    free(qt);
+    return res == NULL ? -1 : 0;
+}
+
+/* Wait until every transaction that was running when the table was added
+ * back has ended: such a transaction may have written the table under a
+ * snapshot that did not publish it, and the widened invalidation must come
+ * after its writes. */
+static int wait_in_flight(Schema *s, const char *table, char *err, size_t errlen)
+{
+    PGresult *res =
+        exec_sql(s, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())", 0, NULL,
+                 PGRES_TUPLES_OK, err, errlen);
+    char xmax[32];
+    const char *params[1] = {xmax};
+    int64_t start = runtime_now_us();
+    bool warned = false;
+
+    if (res == NULL)
+        return -1;
+    snprintf(xmax, sizeof xmax, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    for (;;) {
+        bool done;
+        res = exec_sql(s,
+                       "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) >= "
+                       "$1::pg_catalog.xid8",
+                       1, params, PGRES_TUPLES_OK, err, errlen);
+        if (res == NULL)
+            return -1;
+        done = PQgetvalue(res, 0, 0)[0] == 't';
+        PQclear(res);
+        if (done)
+            return 0;
+        if (!warned && runtime_now_us() - start > 10 * 1000000LL) {
+            log_event(LOG_LEVEL_WARN, NULL, table,
+                      "waiting for transactions that were running when %s was added back to "
+                      "the publication to end (see pg_stat_activity: xact_start); nothing is "
+                      "confirmed meanwhile",
+                      table);
+            warned = true;
+        }
+        runtime_sleep(50, s->cfg.tick, s->cfg.arg);
+        if (runtime_stop) {
+            snprintf(err, errlen,
+                     "stopping while waiting for transactions that were running "
+                     "when %s was added back to the publication",
+                     table);
+            return -1;
+        }
+    }
+}
+
+/* Put a re-created (or removed) table back into the publication, or fail
+ * when walbust does not manage it. */
+static int restore_membership(Schema *s, const PubInfo *pub, SchemaTable *t, const char *what,
+                              const char *lsn, char *err, size_t errlen)
+{
+    char qt[300], qp[200];
+
+    sql_display(t->name, true, qt, sizeof qt);
+    sql_display(s->cfg.publication, false, qp, sizeof qp);
+    if (!pub->managed) {
+        snprintf(err, errlen,
+                 "table %s %s and is not in publication \"%s\", which walbust does not manage "
+                 "(walbust setup did not create it): its changes cannot be decoded, so walbust "
+                 "stops without confirming %s. Fix: ALTER PUBLICATION %s ADD TABLE %s; then "
+                 "restart walbust: it replays the change and invalidates everything the rules "
+                 "for %s cover. To let walbust do this itself after migrations: COMMENT ON "
+                 "PUBLICATION %s IS 'walbust: managed'",
+                 t->name, what, s->cfg.publication, lsn, qp, qt, t->name, qp);
+        return -1;
+    }
+    if (add_to_publication(s, pub, t->name, err, errlen) != 0)
+        return -1;
+    log_event(LOG_LEVEL_WARN, lsn, t->name,
+              "table %s %s; added it back to publication \"%s\" (managed by walbust)", t->name,
+              what, s->cfg.publication);
+    return wait_in_flight(s, t->name, err, errlen);
+}
+
+/* Compare one rules table with the catalog and act. */
+static int check_table(Schema *s, const PubInfo *pub, SchemaTable *t, const RulesTableInfo *info,
+                       uint32_t relid, const char *lsn, char *err, size_t errlen)
+{
+    bool in_pub = info != NULL && info->exists && info->in_publication;
+    const char *what;
+    unsigned n;
+
+    if (relid == 0) {
+        if (t->learnt && t->relid != 0) {
+            n = widen_table(s, t->name, lsn);
+            log_event(LOG_LEVEL_WARN, lsn, t->name,
+                      "table %s was dropped (or renamed away); invalidated everything its rules "
+                      "cover (%u widened invalidations); its rules apply again when a table of "
+                      "this name is back",
+                      t->name, n);
+        }
+        t->relid = 0;
+        t->learnt = true;
+        t->recreated = false;
+        return 0;
+    }
+    if (t->learnt && t->relid != relid)
+        what = t->relid == 0 ? "was created again"
+                             : "was replaced by another table of the same name (dropped and "
+                               "re-created, or renamed)";
+    else if (t->recreated)
+        what = "was created again (CREATE TABLE)";
+    else if (!in_pub && pub->exists && (t->learnt || pub->managed))
+        what = t->learnt ? "was removed from the publication" : "is not in the publication";
+    else {
+        t->relid = relid;
+        t->learnt = true;
+        return 0;
+    }
+    if (!in_pub && pub->exists && restore_membership(s, pub, t, what, lsn, err, errlen) != 0)
+        return -1;
+    n = widen_table(s, t->name, lsn);
+    log_event(LOG_LEVEL_WARN, lsn, t->name,
+              "table %s %s: invalidated everything its rules cover (%u widened invalidations): "
+              "the rows it replaced went without decodable deletes, and its changes before it "
+              "was in the publication cannot be decoded",
+              t->name, what, n);
+    t->relid = relid;
+    t->learnt = true;
+    t->recreated = false;
+    return 0;
+}
+
+/* Log the rules problems against the live schema when they differ from the
+ * ones logged last. They are warnings: what is missing at run time fires
+ * (`changed`) or widens (templates). */
+static void log_problems(Schema *s, Catalog *cat, const char *lsn)
+{
+    RulesProblems pr = {0, NULL};
+    char *all = NULL;
+    size_t len = 0;
+
+    rules_check_catalog(s->rules, s->cfg.publication, catalog_lookup, cat, &pr);
+    for (size_t i = 0; i < pr.count; i++) {
+        size_t m = strlen(pr.items[i].msg);
+        all = xrealloc(all, len + m + 2);
+        memcpy(all + len, pr.items[i].msg, m);
+        all[len + m] = '\n';
+        all[len + m + 1] = '\0';
+        len += m + 1;
+    }
+    if ((all == NULL) != (s->problems == NULL) || (all != NULL && strcmp(all, s->problems) != 0)) {
+        for (size_t i = 0; i < pr.count; i++)
+            log_event(LOG_LEVEL_WARN, lsn, NULL,
+                      "the rules no longer match the schema: %s:%d:%d: %s (walbust keeps "
+                      "running: a missing \"changed\" column fires, a missing template value "
+                      "widens; fix the rules or the schema, then reload with SIGHUP)",
+                      s->cfg.rules_path, pr.items[i].line, pr.items[i].column, pr.items[i].msg);
+        if (all == NULL)
+            log_event(LOG_LEVEL_INFO, lsn, NULL, "the rules match the schema again");
+        free(s->problems);
+        s->problems = all;
+    } else {
+        free(all);
+    }
+    rules_problems_release(&pr);
+}
+
+/* One check. Returns 0, -1 (must stop; err set) or -2 (the catalog could
+ * not be read; err set). */
+static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
+{
+    PubInfo pub = {false, false, false, NULL};
+    Catalog *cat = NULL;
+    int rc = -2;
+
+    if (!ensure_conn(s, err, errlen) || load_pub(s, &pub, err, errlen) != 0 ||
+        (cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen)) == NULL)
+        goto cleanup;
+    if (!pub.exists && !s->pub_missing_warned)
+        log_event(LOG_LEVEL_WARN, lsn, NULL,
+                  "publication \"%s\" does not exist; tables cannot be put back into it",
+                  s->cfg.publication);
+    s->pub_missing_warned = !pub.exists;
+    for (size_t i = 0; i < s->ntables; i++) {
+        SchemaTable *t = &s->tables[i];
+        uint32_t relid;
+
+        if (load_relid(s, t->name, &relid, err, errlen) != 0)
+            goto cleanup;
+        if (check_table(s, &pub, t, catalog_lookup(cat, t->name), relid, lsn, err, errlen) != 0) {
+            rc = -1;
+            goto cleanup;
+        }
+    }
+    /* Re-read after acting: membership may have changed. */
+    catalog_free(cat);
+    cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen);
+    if (cat != NULL)
+        log_problems(s, cat, lsn);
+    rc = 0;
+cleanup:
+    catalog_free(cat);
+    free(pub.quoted);
+    return rc;
+}
+
+int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
+{
+    Backoff b = {0, 200, 5000};
+
+    for (;;) {
+        int rc = check_once(s, lsn, err, errlen);
+
+        if (rc != -2 || !s->pending) {
+            if (rc == -2) /* only the backstop: try again at its next turn */
+                log_warn("periodic schema re-check failed: %s", err);
+            s->last_check_us = runtime_now_us();
+            if (rc != -1)
+                s->pending = false;
+            return rc == -1 ? -1 : 0;
+        }
+        /* A schema change is waiting to be checked: never go past it. */
+        log_event(LOG_LEVEL_WARN, lsn, NULL,
+                  "could not check the schema after a schema change: %s; retrying (nothing is "
+                  "confirmed past this position meanwhile)",
+                  err);
+        runtime_sleep(backoff_next(&b), s->cfg.tick, s->cfg.arg);
+        if (runtime_stop) {
+            snprintf(err, errlen,
+                     "stopping before the schema change at %s was checked; it is "
+                     "replayed on restart",
+                     lsn);
+            return -1;
+        }
+    }
+}
+
+int schema_startup(Schema *s, const char *lsn, char *err, size_t errlen)
+{
+    void (*tick)(void *) = s->cfg.tick;
+    int rc;
+
+    /* Nothing streams yet: no keepalives to send while waiting. */
+    s->cfg.tick = NULL;
+    rc = check_once(s, lsn, err, errlen);
+    s->cfg.tick = tick;
+    s->last_check_us = runtime_now_us();
+    if (rc == 0)
+        s->pending = false;
+    return rc == 0 ? 0 : -1;
+}
