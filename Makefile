@@ -36,7 +36,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
             $(BUILD)/obj/redis_scripts.o
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
-UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap
+UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap schema
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -88,6 +88,10 @@ $(BUILD)/tests/test_rconn: $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_sentinel: $(BUILD)/obj/sentinel.o $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
                            $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
+$(BUILD)/tests/test_schema: $(BUILD)/obj/schema.o $(BUILD)/obj/catalog.o $(BUILD)/obj/rules.o \
+                          $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o $(BUILD)/obj/runtime.o \
+                          $(BUILD)/obj/stream.o $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o \
+                          $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/obj/mem.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
