@@ -88,7 +88,8 @@ $(BUILD)/tests/test_rconn: $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_sentinel: $(BUILD)/obj/sentinel.o $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
                            $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
-$(BUILD)/tests/test_schema: $(BUILD)/obj/schema.o $(BUILD)/obj/catalog.o $(BUILD)/obj/rules.o \
+$(BUILD)/tests/test_schema: $(BUILD)/obj/schema.o $(BUILD)/obj/catalog.o $(BUILD)/obj/pubplan.o \
+                          $(BUILD)/obj/rules.o \
                           $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o $(BUILD)/obj/runtime.o \
                           $(BUILD)/obj/stream.o $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o \
                           $(BUILD)/obj/notify.o

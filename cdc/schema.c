@@ -15,6 +15,7 @@
 #include "log.h"
 #include "lsn.h"
 #include "mem.h"
+#include "pubplan.h"
 #include "runtime.h"
 #include "stream.h"
 
@@ -44,7 +45,6 @@ struct Schema {
 /* Publication facts for one check. */
 typedef struct PubInfo {
     bool exists, all_tables, managed;
-    char *quoted; /* the publication name as an SQL identifier */
 } PubInfo;
 
 static SchemaTable *find_table(Schema *s, const char *name, size_t len)
@@ -261,7 +261,6 @@ static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
                              "'pg_publication'), '') LIKE 'walbust:%' "
                              "FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
                              1, params, PGRES_TUPLES_OK, err, errlen);
-    char *q;
 
     if (res == NULL)
         return -1;
@@ -269,11 +268,6 @@ static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
     pub->all_tables = pub->exists && PQgetvalue(res, 0, 0)[0] == 't';
     pub->managed = pub->exists && PQgetvalue(res, 0, 1)[0] == 't';
     PQclear(res);
-    q = PQescapeIdentifier(s->conn, s->cfg.publication, strlen(s->cfg.publication));
-    if (q == NULL)
-        mem_oom();
-    pub->quoted = xstrdup(q);
-    PQfreemem(q);
     return 0;
 }
 
@@ -378,26 +372,78 @@ static unsigned widen_table(Schema *s, const char *table, const char *lsn)
     return st.emitted;
 }
 
-static int add_to_publication(Schema *s, const PubInfo *pub, const char *table, char *err,
+static int add_to_publication(Schema *s, const char *publication, const char *table, char *err,
                               size_t errlen)
 {
     char *qt = quoted_table(s->conn, table);
-    size_t len = strlen(pub->quoted) + strlen(qt) + 64;
-    char *sql = xcalloc(1, len), msg[512];
+    char *qp = PQescapeIdentifier(s->conn, publication, strlen(publication));
+    size_t len;
+    char *sql, msg[512];
     PGresult *res;
 
-    snprintf(sql, len, "ALTER PUBLICATION %s ADD TABLE %s", pub->quoted, qt);
+    if (qp == NULL)
+        mem_oom();
+    len = strlen(qp) + strlen(qt) + 64;
+    sql = xcalloc(1, len);
+    snprintf(sql, len, "ALTER PUBLICATION %s ADD TABLE %s", qp, qt);
     res = exec_sql(s, sql, 0, NULL, PGRES_COMMAND_OK, msg, sizeof msg);
     if (res == NULL)
         snprintf(err, errlen,
                  "could not add table %s back to publication \"%s\": %s; run %s as the table's "
                  "owner, then restart walbust (it replays the change and invalidates everything "
                  "the rules for %s cover)",
-                 table, s->cfg.publication, msg, sql, table);
+                 table, publication, msg, sql, table);
     PQclear(res);
+    PQfreemem(qp);
     free(sql);
     free(qt);
     return res == NULL ? -1 : 0;
+}
+
+/* Which publication the table goes back into, the way walbust setup
+ * decides (pubplan.h): the publication, or its insert-only companion for a
+ * table without a replica identity whose rules need only inserts. A table
+ * without a replica identity whose rules need updates or deletes is not
+ * added anywhere: the application's UPDATE and DELETE on it would fail.
+ * Returns the publication name (valid while cat lives), or NULL with err
+ * set. */
+static const char *target_publication(Schema *s, const Catalog *cat, const RulesTableInfo *info,
+                                      const char *what, char *err, size_t errlen)
+{
+    PubPlan plan;
+    const char *target = s->cfg.publication, *companion = NULL;
+    const char *sqln = info != NULL && info->sql_name != NULL ? info->sql_name : "";
+
+    if (info == NULL)
+        return target;
+    pubplan_build(&plan, s->rules, cat);
+    for (size_t i = 0; i < plan.nfix && target != NULL; i++)
+        if (strcmp(plan.fix_rules[i], info->table) == 0) {
+            snprintf(err, errlen,
+                     "table %s %s, and %s has no replica identity (no primary key) while the "
+                     "rules for it need updates or deletes: adding it to publication \"%s\" "
+                     "would make the application's UPDATE and DELETE on it fail, so walbust "
+                     "stops. Fix: give it a replica identity (ALTER TABLE %s ADD PRIMARY KEY "
+                     "(...), or ALTER TABLE %s REPLICA IDENTITY FULL), then run walbust setup "
+                     "and restart walbust",
+                     info->table, what, plan.fix[i], s->cfg.publication, plan.fix[i], plan.fix[i]);
+            target = NULL;
+        }
+    for (size_t i = 0; i < plan.ninsert && target != NULL; i++)
+        if (strcmp(plan.insert_only[i], sqln) == 0) {
+            if (catalog_companion(cat, &companion)) {
+                target = companion;
+            } else {
+                snprintf(err, errlen,
+                         "table %s %s and has no replica identity; its rules need only "
+                         "inserts, which belong in the insert-only companion publication, and "
+                         "that does not exist. Fix: run walbust setup, then restart walbust",
+                         info->table, what);
+                target = NULL;
+            }
+        }
+    pubplan_release(&plan);
+    return target;
 }
 
 /* Wait until every transaction that was running when the table was added
@@ -451,10 +497,12 @@ static int wait_in_flight(Schema *s, const char *table, char *err, size_t errlen
 
 /* Put a re-created (or removed) table back into the publication, or fail
  * when walbust does not manage it. */
-static int restore_membership(Schema *s, const PubInfo *pub, SchemaTable *t, const char *what,
+static int restore_membership(Schema *s, const PubInfo *pub, const Catalog *cat,
+                              const RulesTableInfo *info, SchemaTable *t, const char *what,
                               const char *lsn, char *err, size_t errlen)
 {
     char qt[300], qp[200];
+    const char *target;
 
     sql_display(t->name, true, qt, sizeof qt);
     sql_display(s->cfg.publication, false, qp, sizeof qp);
@@ -469,18 +517,20 @@ static int restore_membership(Schema *s, const PubInfo *pub, SchemaTable *t, con
                  t->name, what, s->cfg.publication, lsn, qp, qt, t->name, qp);
         return -1;
     }
-    if (add_to_publication(s, pub, t->name, err, errlen) != 0)
+    target = target_publication(s, cat, info, what, err, errlen);
+    if (target == NULL || add_to_publication(s, target, t->name, err, errlen) != 0)
         return -1;
     log_event(LOG_LEVEL_WARN, lsn, t->name,
               "table %s %s; added it back to publication \"%s\" (managed by walbust)", t->name,
-              what, s->cfg.publication);
+              what, target);
     return wait_in_flight(s, t->name, err, errlen);
 }
 
 /* Compare one rules table with the catalog and act. */
-static int check_table(Schema *s, const PubInfo *pub, SchemaTable *t, const RulesTableInfo *info,
+static int check_table(Schema *s, const PubInfo *pub, const Catalog *cat, SchemaTable *t,
                        uint32_t relid, const char *lsn, char *err, size_t errlen)
 {
+    const RulesTableInfo *info = catalog_lookup((void *)cat, t->name);
     bool in_pub = info != NULL && info->exists && info->in_publication;
     const char *what;
     unsigned n;
@@ -512,7 +562,8 @@ static int check_table(Schema *s, const PubInfo *pub, SchemaTable *t, const Rule
         t->learnt = true;
         return 0;
     }
-    if (!in_pub && pub->exists && restore_membership(s, pub, t, what, lsn, err, errlen) != 0)
+    if (!in_pub && pub->exists &&
+        restore_membership(s, pub, cat, info, t, what, lsn, err, errlen) != 0)
         return -1;
     n = widen_table(s, t->name, lsn);
     log_event(LOG_LEVEL_WARN, lsn, t->name,
@@ -565,7 +616,7 @@ static void log_problems(Schema *s, Catalog *cat, const char *lsn)
  * not be read; err set). */
 static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
 {
-    PubInfo pub = {false, false, false, NULL};
+    PubInfo pub = {false, false, false};
     Catalog *cat = NULL;
     int rc = -2;
 
@@ -583,7 +634,7 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
 
         if (load_relid(s, t->name, &relid, err, errlen) != 0)
             goto cleanup;
-        if (check_table(s, &pub, t, catalog_lookup(cat, t->name), relid, lsn, err, errlen) != 0) {
+        if (check_table(s, &pub, cat, t, relid, lsn, err, errlen) != 0) {
             rc = -1;
             goto cleanup;
         }
@@ -596,7 +647,6 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     rc = 0;
 cleanup:
     catalog_free(cat);
-    free(pub.quoted);
     return rc;
 }
 
