@@ -39,6 +39,7 @@ struct Schema {
     bool pending;
     int64_t last_check_us;
     char *problems; /* the rules problems logged last; NULL: none */
+    size_t nproblems;
     bool pub_missing_warned;
 };
 
@@ -587,6 +588,7 @@ static void log_problems(Schema *s, Catalog *cat, const char *lsn)
     size_t len = 0;
 
     rules_check_catalog(s->rules, s->cfg.publication, catalog_lookup, cat, &pr);
+    s->nproblems = pr.count;
     for (size_t i = 0; i < pr.count; i++) {
         size_t m = strlen(pr.items[i].msg);
         all = xrealloc(all, len + m + 2);
@@ -694,4 +696,9 @@ int schema_startup(Schema *s, const char *lsn, char *err, size_t errlen)
     if (rc == 0)
         s->pending = false;
     return rc == 0 ? 0 : -1;
+}
+
+size_t schema_problems(const Schema *s)
+{
+    return s->nproblems;
 }

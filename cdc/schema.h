@@ -108,4 +108,8 @@ bool schema_due(const Schema *s, bool idle);
 int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
     __attribute__((warn_unused_result));
 
+/* How many rules problems the last catalog check found (0: the rules match
+ * the live schema), e.g. for a readiness check. */
+size_t schema_problems(const Schema *s);
+
 #endif
