@@ -61,7 +61,9 @@ def prepare():
             "EXECUTE FUNCTION walbust.td_ddl()")
     left = leftovers()
     assert left == {"slot": [SLOT], "publication": [PUB, f"{PUB}_insert_only"],
-                    "schema": ["walbust"], "event trigger": ["walbust_td_ddl"]}, left
+                    "schema": ["walbust"],
+                    # walbust_ddl_*: the DDL event triggers sql/walbust.sql installs
+                    "event trigger": ["walbust_ddl_drop", "walbust_ddl_end", "walbust_td_ddl"]}, left
     return rules
 
 
