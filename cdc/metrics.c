@@ -520,6 +520,13 @@ static void render_counters(StrBuf *sb, Metrics *m)
               "is sent again and not confirmed.",
               atomic_load_explicit(&m->counters[METRICS_REPLICA_SHORTFALLS],
                                    memory_order_relaxed));
+    sb_scalar(sb, "walbust_lookup_queries_total", "counter",
+              "Lookup queries run (rules with a lookup; one per distinct rule and arguments per "
+              "batch).",
+              atomic_load_explicit(&m->counters[METRICS_LOOKUP_QUERIES], memory_order_relaxed));
+    sb_scalar(sb, "walbust_lookup_errors_total", "counter",
+              "Failed lookup runs; the batch is held and retried, nothing is confirmed past it.",
+              atomic_load_explicit(&m->counters[METRICS_LOOKUP_ERRORS], memory_order_relaxed));
 }
 
 static void render_positions(StrBuf *sb, Metrics *m)

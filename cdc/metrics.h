@@ -37,6 +37,8 @@ typedef enum MetricsCounter {
     METRICS_VISIBILITY_WAITS,
     METRICS_REDIS_OOM,          /* writes Redis refused with -OOM */
     METRICS_REPLICA_SHORTFALLS, /* batches WAIT did not see on ?replicas=N */
+    METRICS_LOOKUP_QUERIES,
+    METRICS_LOOKUP_ERRORS,
     METRICS_COUNTER_COUNT,
 } MetricsCounter;
 

@@ -229,15 +229,19 @@ static int run_lookups(Run *r)
 {
     LookupRenderStats st = {0, 0, 0};
     char lsn[LSN_TEXT_MAX];
-    int ms;
+    unsigned long long queries;
+    int ms, rc;
 
     if (lookup_batch_calls(r->lk) == 0)
         return 0;
     if (runtime_now_us() < r->lk_retry_at)
         return -1;
     wait_visible(r);
-    if (lookup_exec_run(r->lkx, r->rules, r->lk, emit_derived, lookup_widened, r, keepalive_tick, r,
-                        &st) == 0) {
+    queries = lookup_exec_stats(r->lkx)->queries;
+    rc = lookup_exec_run(r->lkx, r->rules, r->lk, emit_derived, lookup_widened, r, keepalive_tick,
+                         r, &st);
+    metrics_inc(r->metrics, METRICS_LOOKUP_QUERIES, lookup_exec_stats(r->lkx)->queries - queries);
+    if (rc == 0) {
         if (r->lk_backoff.attempt > 0)
             log_info("lookups succeeded after %d retries; resuming", r->lk_backoff.attempt);
         if (st.over_limit > 0)
@@ -253,7 +257,7 @@ static int run_lookups(Run *r)
     ms = backoff_next(&r->lk_backoff);
     r->lk_retry_at = runtime_now_us() + (int64_t)ms * 1000;
     r->stats.retries++;
-    metrics_inc(r->metrics, METRICS_RETRIES, 1);
+    metrics_inc(r->metrics, METRICS_LOOKUP_ERRORS, 1);
     log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
               "%s; retrying in %d ms; nothing is confirmed past this position until the "
               "lookups succeed (WAL is retained by the slot)",

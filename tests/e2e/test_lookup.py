@@ -16,6 +16,7 @@ import os
 import socket
 import urllib.request
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -188,6 +189,8 @@ def test_over_limit_widens_to_pattern():
         assert re.search(r"1 lookup\(s\) returned more rows than their rule's limit", log), \
             log[-2000:]
         wait_until(lambda: metric(port, widened) == 1, 10, "walbust_widened_total to count it")
+        assert metric(port, "walbust_lookup_queries_total") == 2
+        assert metric(port, "walbust_lookup_errors_total") == 0
     finally:
         e.close()
 
@@ -200,7 +203,8 @@ def test_failing_lookup_is_retried_and_never_confirmed_past():
     e = Env("retry", 3, [user_rule(), MEMBER_RULE, USER_KEY_RULE])
     try:
         e.seed([1], [10, 11, 12], [(10, 1), (11, 1), (12, 1)])
-        e.start()
+        port = free_port()
+        e.start(metrics_port=port)
         barrier(e.db, e.r)
         e.setkeys(*TEAM_KEYS, "user:1")
         e.q("ALTER TABLE team_members RENAME TO team_members_away")
@@ -210,6 +214,7 @@ def test_failing_lookup_is_retried_and_never_confirmed_past():
                    "the failing lookup to be retried 3 times")
         log = e.wb.read_log()
         assert "team_members" in log and "does not exist" in log, log[-2000:]
+        assert metric(port, "walbust_lookup_errors_total") >= 3
         # Held: nothing of the batch applied, nothing confirmed past it.
         deadline = time.time() + 2
         while time.time() < deadline:
@@ -225,6 +230,30 @@ def test_failing_lookup_is_retried_and_never_confirmed_past():
         wait_until(lambda: lsn_le(e.db, after, slot_confirmed(e.db)), 20,
                    "the slot to confirm past the change")
         assert "lookups succeeded after" in e.wb.read_log()
+    finally:
+        e.close()
+
+
+def test_sighup_adds_a_lookup_rule():
+    """Rules without lookups, then SIGHUP with a lookup rule: the reloaded
+    rules run it (the executor is created on reload)."""
+    e = Env("reload", 5, [MEMBER_RULE, USER_KEY_RULE])
+    try:
+        e.seed([1], [10, 11, 12], [(10, 1), (11, 1)])
+        e.start()
+        e.setkeys(*TEAM_KEYS, "user:1")
+        e.q("UPDATE users SET name = 'Ada' WHERE id = 1")
+        wait_until(lambda: not e.r.exists("user:1"), 20, "user:1 invalidated")
+        barrier(e.db, e.r)
+        assert e.existing(TEAM_KEYS) == TEAM_KEYS
+        with open(e.rules, "w") as f:
+            json.dump({"rules": [user_rule(), MEMBER_RULE, USER_KEY_RULE, BARRIER_RULE]}, f)
+        e.wb.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "rules reloaded" in e.wb.read_log(), 20, "the reload")
+        e.q("UPDATE users SET name = 'Bea' WHERE id = 1")
+        wait_until(lambda: not e.existing(TEAM_KEYS[:2]), 20, "teams 10 and 11 invalidated")
+        barrier(e.db, e.r)
+        assert e.existing(TEAM_KEYS) == TEAM_KEYS[2:]
     finally:
         e.close()
 
@@ -322,7 +351,8 @@ def main():
     t = Runner("test_lookup")
     for fn in (test_fan_out_exactly_the_users_teams, test_over_limit_widens_to_pattern,
                test_failing_lookup_is_retried_and_never_confirmed_past,
-               test_decode_dry_run_runs_lookups, test_check_pg_prepares_lookups):
+               test_sighup_adds_a_lookup_rule, test_decode_dry_run_runs_lookups,
+               test_check_pg_prepares_lookups):
         if not sys.argv[1:] or any(a in fn.__name__ for a in sys.argv[1:]):
             t.run(fn)
     t.done()

@@ -2,7 +2,8 @@
  * fuzz_rules.c — libFuzzer target for the rules engine: rules_parse() on
  * arbitrary JSON text and, when it compiles, rules_eval() on synthetic
  * changes (template rendering, NULL suppression, widening, glob escaping,
- * the `changed` filter, publish payloads, the column-resolution cache).
+ * the `changed` filter, publish payloads, the column-resolution cache),
+ * and lookups: calls, their batch, rendering one-row results and widening.
  *
  * Input: rules text, optionally followed by "\0CHANGE\0" and change bytes:
  *   [0] op (bits 0-1: insert, update, delete, truncate; bits 2-7: which
@@ -30,6 +31,7 @@
  *    values is still emitted, or matched by an emitted pattern under Redis'
  *    MATCH semantics (globmatch.h).
  */
+#include "lookup.h"
 #include "rules.h"
 
 #include "globmatch.h"
@@ -155,6 +157,43 @@ static void sink_release(Sink *k)
     }
     free(k->items);
     memset(k, 0, sizeof *k);
+}
+
+static void count_emit(void *arg, RulesInvAction action, const char *s, size_t len,
+                       const char *payload, size_t payload_len)
+{
+    CHECK(action != RULES_INV_PUBLISH && payload == NULL && payload_len == 0,
+          "a lookup rendering emitted a publish");
+    CHECK(strlen(s) == len, "lookup rendering: length %zu for a %zu-byte string", len, strlen(s));
+    (*(size_t *)arg)++;
+}
+
+static void defer_lookup(void *arg, const RulesLookupCall *call)
+{
+    CHECK(call->nargs == 0 || call->args != NULL, "lookup call without its arguments");
+    lookup_batch_add(arg, call);
+}
+
+/* Lookups of chg: every query answered with one row that has the change's
+ * columns and new (else old) values, then everything widened. */
+static void lookups_of(const Rules *r, const RulesChange *chg)
+{
+    LookupBatch *b = lookup_batch_new();
+    LookupRows *rows;
+    LookupRenderStats st = {0, 0, 0};
+    size_t n = 0, nq;
+    const RulesValue *vals = chg->new_vals ? chg->new_vals : chg->old_vals;
+
+    (void)rules_eval_lookups(r, chg, defer_lookup, b);
+    nq = lookup_batch_queries(b);
+    rows = xrealloc(NULL, (nq + 1) * sizeof *rows);
+    for (size_t q = 0; q < nq; q++)
+        rows[q] = (LookupRows){chg->ncols, chg->colnames, vals ? 1 : 0, vals};
+    lookup_batch_render(b, r, rows, count_emit, NULL, &n, &st);
+    CHECK(st.rows <= nq, "%zu rows rendered from %zu one-row results", st.rows, nq);
+    lookup_batch_widen(b, r, count_emit, NULL, &n);
+    free(rows);
+    lookup_batch_free(b);
 }
 
 /* Evaluate chg into a fresh sink, checking the stats against it. */
@@ -427,6 +466,7 @@ static void exercise(const Rules *r, const char *text, size_t tlen, const uint8_
 
     fill_images(&sy, hdr, cb, clen, 0);
     eval_into(r, &sy.chg, &full);
+    lookups_of(r, &sy.chg);
     eval_into(r, &sy.chg, &again);
     check_same(&full, &again, "same change twice");
     permute_in_place(&sy);

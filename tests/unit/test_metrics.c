@@ -163,6 +163,8 @@ static void test_render_families(void **state)
         {"walbust_retries_total", "counter"},
         {"walbust_visibility_queries_total", "counter"},
         {"walbust_visibility_waits_total", "counter"},
+        {"walbust_lookup_queries_total", "counter"},
+        {"walbust_lookup_errors_total", "counter"},
         {"walbust_confirmed_lsn", "gauge"},
         {"walbust_received_lsn", "gauge"},
         {"walbust_lag_bytes", "gauge"},
