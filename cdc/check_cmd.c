@@ -264,8 +264,31 @@ static void plan_tables(const cJSON *node, char ***tables, size_t *n)
         plan_tables(c, tables, n);
 }
 
+/* A partition the plan scans stands for its partitioned root table when
+ * the rules name the root and not the partition. */
+static void partition_roots(PGconn *conn, const Rules *rules, char **tables, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const char *params[1] = {tables[i]};
+        PGresult *res;
+        if (rules_has_table(rules, tables[i]))
+            continue;
+        res = PQexecParams(conn,
+                           "SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c "
+                           "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                           "WHERE c.oid = pg_catalog.pg_partition_root($1::regclass)",
+                           1, NULL, params, NULL, NULL, 0);
+        if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+            rules_has_table(rules, PQgetvalue(res, 0, 0))) {
+            free(tables[i]);
+            tables[i] = xstrdup(PQgetvalue(res, 0, 0));
+        }
+        PQclear(res);
+    }
+}
+
 /* The tables a prepared lookup reads: its generic plan, EXPLAINed with
- * NULL arguments (a generic plan keeps every scan). */
+ * NULL arguments. */
 static void lookup_tables(PGconn *conn, const char *stmt, int nparams, char ***tables, size_t *n)
 {
     char sql[4096];
@@ -273,7 +296,11 @@ static void lookup_tables(PGconn *conn, const char *stmt, int nparams, char ***t
     PGresult *res;
     cJSON *plan;
 
-    PQclear(PQexec(conn, "SET plan_cache_mode = force_generic_plan"));
+    /* A generic plan keeps $N unknown; without pruning every partition
+     * a partitioned table could read shows up (NULL arguments would prune
+     * them all at executor start-up). */
+    PQclear(PQexec(conn, "SET plan_cache_mode = force_generic_plan; "
+                         "SET enable_partition_pruning = off"));
     o = (size_t)snprintf(sql, sizeof sql, "EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE %s", stmt);
     for (int i = 0; i < nparams && o + 8 < sizeof sql; i++)
         o += (size_t)snprintf(sql + o, sizeof sql - o, "%sNULL", i ? ", " : "(");
@@ -318,7 +345,8 @@ static void shape_error(ShapeBuf *b, const PGresult *res, const char *prefix)
     b->sh.error_pos = pos != NULL && prefix[0] == '\0' ? atoi(pos) : 0;
 }
 
-static void lookup_shape(PGconn *conn, const RulesLookupInfo *info, size_t i, ShapeBuf *b)
+static void lookup_shape(PGconn *conn, const Rules *rules, const RulesLookupInfo *info, size_t i,
+                         ShapeBuf *b)
 {
     char name[64], wname[64];
     char *wrapped = lookup_wrap_sql(info->sql, info->limit);
@@ -348,6 +376,7 @@ static void lookup_shape(PGconn *conn, const RulesLookupInfo *info, size_t i, Sh
         b->fields[k] = xstrdup(PQfname(res, (int)k));
     PQclear(res);
     lookup_tables(conn, name, b->sh.nparams, &b->tables, &b->ntables);
+    partition_roots(conn, rules, b->tables, b->ntables);
     b->sh.nfields = b->nfields;
     b->sh.fields = (const char *const *)b->fields;
     b->sh.ntables = b->ntables;
@@ -369,7 +398,7 @@ static void check_lookups(const Config *cfg, PGconn *conn, const Rules *rules, C
         ShapeBuf b;
         if (!rules_lookup_info(rules, i, &info))
             continue;
-        lookup_shape(conn, &info, i, &b);
+        lookup_shape(conn, rules, &info, i, &b);
         (void)rules_check_lookup(rules, i, &b.sh, catalog_lookup(cat, info.table), problems,
                                  &warnings);
         shape_release(&b);

@@ -214,25 +214,37 @@ static void render_call(const LookupBatch *b, const Rules *r, const Call *c, con
         widened(arg, info.table, es.widened);
 }
 
-void lookup_batch_render(const LookupBatch *b, const Rules *r, const LookupRows *results,
-                         RulesEmitFn emit, LookupWidenedFn widened, void *arg,
-                         LookupRenderStats *st)
+void lookup_batch_render_range(const LookupBatch *b, const Rules *r, size_t from, size_t to,
+                               const LookupRows *results, RulesEmitFn emit, LookupWidenedFn widened,
+                               void *arg, LookupRenderStats *st)
 {
     LookupRenderStats local = {0, 0, 0};
 
     if (st == NULL)
         st = &local;
-    for (size_t q = 0; q < b->nqueries; q++) {
+    if (to > b->nqueries)
+        to = b->nqueries;
+    for (size_t q = from; q < to; q++) {
         RulesLookupInfo info;
         if (!b->queries[q].run || !rules_lookup_info(r, b->queries[q].rule, &info))
             continue;
-        if (results[q].nrows > info.limit)
+        if (results[q - from].nrows > info.limit)
             st->over_limit++;
         else
-            st->rows += results[q].nrows;
+            st->rows += results[q - from].nrows;
     }
-    for (size_t i = 0; i < b->ncalls; i++)
-        render_call(b, r, &b->calls[i], &results[b->calls[i].query], emit, widened, arg, st);
+    for (size_t i = 0; i < b->ncalls; i++) {
+        size_t q = b->calls[i].query;
+        if (q >= from && q < to)
+            render_call(b, r, &b->calls[i], &results[q - from], emit, widened, arg, st);
+    }
+}
+
+void lookup_batch_render(const LookupBatch *b, const Rules *r, const LookupRows *results,
+                         RulesEmitFn emit, LookupWidenedFn widened, void *arg,
+                         LookupRenderStats *st)
+{
+    lookup_batch_render_range(b, r, 0, b->nqueries, results, emit, widened, arg, st);
 }
 
 void lookup_batch_widen(const LookupBatch *b, const Rules *r, RulesEmitFn emit,

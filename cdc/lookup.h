@@ -27,8 +27,11 @@
 
 typedef struct LookupBatch LookupBatch;
 
+/* An empty batch. Never NULL (aborts on out of memory). */
 LookupBatch *lookup_batch_new(void);
-void lookup_batch_free(LookupBatch *b); /* accepts NULL */
+
+/* Free b and every copied call. Accepts NULL. */
+void lookup_batch_free(LookupBatch *b);
 
 /* Copy one call (see RulesLookupCallFn). */
 void lookup_batch_add(LookupBatch *b, const RulesLookupCall *call);
@@ -82,6 +85,12 @@ typedef void (*LookupWidenedFn)(void *arg, const char *table, unsigned n);
 void lookup_batch_render(const LookupBatch *b, const Rules *r, const LookupRows *results,
                          RulesEmitFn emit, LookupWidenedFn widened, void *arg,
                          LookupRenderStats *st);
+
+/* The same for the calls of queries [from, to) only, results[q - from]
+ * holding query q's result: a large batch is rendered chunk by chunk. */
+void lookup_batch_render_range(const LookupBatch *b, const Rules *r, size_t from, size_t to,
+                               const LookupRows *results, RulesEmitFn emit, LookupWidenedFn widened,
+                               void *arg, LookupRenderStats *st);
 
 /* Render every call with the lookup's placeholders as `*`, without
  * running anything (the rules are about to be replaced, or the lookups

@@ -209,7 +209,8 @@ static int wait_ready(LookupExec *x, int64_t deadline, void (*tick)(void *), voi
     return 0;
 }
 
-/* Send queries [from, to) in one pipeline and collect their results. */
+/* Send queries [from, to) in one pipeline and collect their results in
+ * out[q - from]. */
 static int run_chunk(LookupExec *x, const Rules *r, const LookupBatch *b, size_t from, size_t to,
                      PGresult **out, void (*tick)(void *), void *targ)
 {
@@ -251,7 +252,7 @@ static int run_chunk(LookupExec *x, const Rules *r, const LookupBatch *b, size_t
             PQclear(res);
             return rc;
         }
-        out[q] = res;
+        out[q - from] = res;
         if (wait_ready(x, deadline, tick, targ) != 0)
             return -1;
         PQclear(PQgetResult(x->conn)); /* the NULL that ends this query's results */
@@ -288,14 +289,36 @@ static void rows_of(const PGresult *res, const Stmt *s, LookupRows *out, RulesVa
     *out = (LookupRows){nf, (const char *const *)s->fields, nr, *vals};
 }
 
+/* Run queries [from, to) and render their calls. */
+static int run_range(LookupExec *x, const Rules *r, const LookupBatch *b, size_t from, size_t to,
+                     RulesEmitFn emit, LookupWidenedFn widened, void *arg, void (*tick)(void *),
+                     void *targ, LookupRenderStats *st)
+{
+    PGresult *res[LOOKUP_EXEC_PIPELINE] = {NULL};
+    LookupRows rows[LOOKUP_EXEC_PIPELINE];
+    RulesValue *vals[LOOKUP_EXEC_PIPELINE] = {NULL};
+    int rc = run_chunk(x, r, b, from, to, res, tick, targ);
+
+    if (rc == 0) {
+        for (size_t q = from; q < to; q++) {
+            LookupQuery lq;
+            lookup_batch_query(b, q, &lq);
+            rows_of(res[q - from], &x->stmts[lq.rule], &rows[q - from], &vals[q - from]);
+        }
+        lookup_batch_render_range(b, r, from, to, rows, emit, widened, arg, st);
+    }
+    for (size_t i = 0; i < to - from; i++) {
+        PQclear(res[i]);
+        free(vals[i]);
+    }
+    return rc;
+}
+
 int lookup_exec_run(LookupExec *x, const Rules *r, const LookupBatch *b, RulesEmitFn emit,
                     LookupWidenedFn widened, void *arg, void (*tick)(void *), void *targ,
                     LookupRenderStats *st)
 {
     size_t n = lookup_batch_queries(b);
-    PGresult **res = xcalloc(n + 1, sizeof *res);
-    LookupRows *rows = xcalloc(n + 1, sizeof *rows);
-    RulesValue **vals = xcalloc(n + 1, sizeof *vals);
     int rc;
 
     x->errstr[0] = '\0';
@@ -305,24 +328,13 @@ int lookup_exec_run(LookupExec *x, const Rules *r, const LookupBatch *b, RulesEm
         lookup_batch_query(b, q, &lq);
         rc = ensure_stmt(x, r, lq.rule);
     }
+    /* Rendered chunk by chunk, so at most LOOKUP_EXEC_PIPELINE results are
+     * held; a later chunk failing leaves earlier renderings in the targets'
+     * batches, which the retry renders again (invalidations are idempotent
+     * and each batch applies a string once). */
     for (size_t q = 0; rc == 0 && q < n; q += LOOKUP_EXEC_PIPELINE)
-        rc = run_chunk(x, r, b, q, q + LOOKUP_EXEC_PIPELINE < n ? q + LOOKUP_EXEC_PIPELINE : n, res,
-                       tick, targ);
-    if (rc == 0) {
-        for (size_t q = 0; q < n; q++) {
-            LookupQuery lq;
-            lookup_batch_query(b, q, &lq);
-            rows_of(res[q], &x->stmts[lq.rule], &rows[q], &vals[q]);
-        }
-        lookup_batch_render(b, r, rows, emit, widened, arg, st);
-    }
-    for (size_t q = 0; q < n; q++) {
-        PQclear(res[q]);
-        free(vals[q]);
-    }
-    free(res);
-    free(rows);
-    free(vals);
+        rc = run_range(x, r, b, q, q + LOOKUP_EXEC_PIPELINE < n ? q + LOOKUP_EXEC_PIPELINE : n,
+                       emit, widened, arg, tick, targ, st);
     return rc;
 }
 

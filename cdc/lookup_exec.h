@@ -6,7 +6,8 @@
  * per connection, wrapped to return at most limit + 1 rows
  * (lookup_wrap_sql()). A batch's distinct queries are sent in pipeline mode
  * (up to LOOKUP_EXEC_PIPELINE per round trip), so a flush costs one round
- * trip per 128 distinct lookups instead of one per changed row. Any error —
+ * trip per 128 distinct lookups instead of one per changed row, and each
+ * chunk is rendered before the next is sent (bounded memory). Any error —
  * a query, the connection, the client-side deadline — fails the whole run
  * and drops the connection (re-prepared on the next try): the caller keeps
  * the batch, retries with backoff, and confirms nothing past it.
@@ -25,12 +26,15 @@ typedef struct LookupExec LookupExec;
  * client gives up 2 s after it). Never NULL; connects on first use. */
 LookupExec *lookup_exec_new(const char *conninfo, int timeout_ms);
 
-void lookup_exec_free(LookupExec *x); /* accepts NULL */
+/* Close the connection and free x. Accepts NULL. */
+void lookup_exec_free(LookupExec *x);
 
 /* Run every query of b for rules r and render the results through emit
- * and widened (lookup_batch_render()). tick(arg) is called about every
- * 100 ms while waiting. Returns 0 when everything was rendered (the caller
- * then clears b), -1 otherwise (nothing emitted; lookup_exec_errstr()). */
+ * and widened (lookup_batch_render_range()). tick(arg) is called about
+ * every 100 ms while waiting. Returns 0 when everything was rendered (the
+ * caller then clears b), -1 otherwise (lookup_exec_errstr(); chunks
+ * rendered before the failure may have been emitted: the caller must not
+ * apply or confirm the batch, and renders them again on retry). */
 int lookup_exec_run(LookupExec *x, const Rules *r, const LookupBatch *b, RulesEmitFn emit,
                     LookupWidenedFn widened, void *arg, void (*tick)(void *), void *targ,
                     LookupRenderStats *st);

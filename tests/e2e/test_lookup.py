@@ -162,6 +162,28 @@ def test_fan_out_exactly_the_users_teams():
         e.close()
 
 
+def test_many_distinct_lookups_in_one_batch():
+    """One transaction renaming 300 users: 300 distinct lookups, sent in
+    pipelines of 128 and rendered chunk by chunk; every team's list goes."""
+    e = Env("many", 6, [user_rule(), MEMBER_RULE])
+    try:
+        e.q("INSERT INTO users SELECT g, 'u' || g, NULL FROM generate_series(1, 300) g")
+        e.q("INSERT INTO teams SELECT g, 't' || g FROM generate_series(1, 150) g")
+        e.q("INSERT INTO team_members SELECT 1 + g % 150, g FROM generate_series(1, 300) g")
+        port = free_port()
+        e.start(metrics_port=port)
+        keys = [f"team:{t}:members" for t in range(1, 151)]
+        e.setkeys(*keys, "team:151:members")
+        e.q("UPDATE users SET name = name || '!'")
+        wait_until(lambda: not e.existing(keys), 30, "all 150 member lists invalidated")
+        barrier(e.db, e.r)
+        assert e.r.exists("team:151:members")
+        assert metric(port, "walbust_lookup_queries_total") == 300
+        assert metric(port, "walbust_lookup_errors_total") == 0
+    finally:
+        e.close()
+
+
 def test_over_limit_widens_to_pattern():
     """More result rows than the limit: the lookup's placeholder becomes *
     and the key a pattern (every team's member list), counted as widened."""
@@ -317,6 +339,21 @@ def test_check_pg_prepares_lookups():
         assert re.search(re.escape(path) + r":\d+:\d+: warning: .*reads public\.team_members, "
                          r"which has no rule of its own", out), out
 
+        # A partitioned join table: the plan scans partitions, the rule
+        # names the partitioned table; no warning.
+        sql(db, "CREATE TABLE tm_part(team_id int, user_id int, PRIMARY KEY (team_id, user_id)) "
+                "PARTITION BY HASH (user_id); "
+                "CREATE TABLE tm_part_0 PARTITION OF tm_part FOR VALUES WITH (MODULUS 2, "
+                "REMAINDER 0); CREATE TABLE tm_part_1 PARTITION OF tm_part FOR VALUES WITH "
+                "(MODULUS 2, REMAINDER 1); ALTER PUBLICATION walbust ADD TABLE tm_part")
+        part = user_rule()
+        part["lookup"]["sql"] = "SELECT team_id FROM public.tm_part WHERE user_id = $1"
+        rc, out, path = check(db, [part, {"table": "public.tm_part",
+                                          "keys": ["team:{team_id}:members"]}])
+        assert rc == 0 and "warning" not in out, out
+        rc, out, path = check(db, [part])
+        assert rc == 0 and "reads public.tm_part_0, which has no rule" in out, out
+
         bad = user_rule()
         bad["lookup"]["sql"] = "SELECT team_id FROM public.team_membrs WHERE user_id = $1"
         rc, out, path = check(db, [bad, MEMBER_RULE])
@@ -349,7 +386,8 @@ def main():
         print(f"WALBUST_BIN is not an executable walbust ({BIN!r}); run make first")
         sys.exit(1)
     t = Runner("test_lookup")
-    for fn in (test_fan_out_exactly_the_users_teams, test_over_limit_widens_to_pattern,
+    for fn in (test_fan_out_exactly_the_users_teams, test_many_distinct_lookups_in_one_batch,
+               test_over_limit_widens_to_pattern,
                test_failing_lookup_is_retried_and_never_confirmed_past,
                test_sighup_adds_a_lookup_rule, test_decode_dry_run_runs_lookups,
                test_check_pg_prepares_lookups):
