@@ -106,7 +106,8 @@ KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "walbust_sigte
          "redis_sigstop", "redis_restart_empty", "redis_restart_aof", "redis_restart_lagging", "pg_restart",
          "pg_crash",
          "walsender_kill", "pg_proxy_cut", "pg_proxy_slow", "pg_proxy_blackhole",
-         "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole"]
+         "redis_proxy_cut", "redis_proxy_slow", "redis_proxy_blackhole",
+         "ddl_add_drop_column", "ddl_swap_table"]
 
 CLUSTER_KINDS = ["walbust_kill9", "pg_restart", "walsender_kill", "cluster_master_kill"]
 
@@ -1135,6 +1136,52 @@ class Faults:
         ws = wait_until(lambda: c.pg.slot()[0], 60, "a walsender on the slot")
         return f"crashed ({state!r}), postmaster {pm1}->{pm2}, walsender {ws}"
 
+    # Migrations: routine schema changes under the write storm. walbust must
+    # follow them (docs/design.md, "Schema changes") without missing anything.
+
+    def ddl_add_drop_column(self):
+        """ALTER TABLE items ADD COLUMN, then DROP COLUMN, while writers
+        write: the rules' columns are untouched, so nothing may be missed or
+        over-invalidated, and walbust must keep streaming."""
+        c = self.camp
+        c.pg.q("ALTER TABLE items ADD COLUMN mig_extra text DEFAULT 'm'")
+        self.pause(0.2, 1.5)
+        c.pg.q("ALTER TABLE items DROP COLUMN mig_extra")
+        left = c.pg.q("SELECT count(*) FROM pg_attribute WHERE attrelid = 'items'::regclass "
+                      "AND attname = 'mig_extra' AND NOT attisdropped")[0][0]
+        assert left == 0, "the migration's column is still there"
+        return "items: column added and dropped"
+
+    def ddl_swap_table(self):
+        """The rename-swap migration on a rules table, under writes to it:
+        CREATE side_new (LIKE side), copy, RENAME side TO side_old, RENAME
+        side_new TO side, DROP side_old, in one transaction. The new table is
+        not in the publication until walbust puts it back, so walbust must
+        invalidate the table's whole coverage once it has (recorded like a
+        TRUNCATE of side: every c:side key must be gone), and rows written to
+        the new table afterwards must be invalidated as usual."""
+        c = self.camp
+        oid1 = c.pg.q("SELECT 'side'::regclass::oid")[0][0]
+        c.pg.q("BEGIN; LOCK TABLE side IN ACCESS EXCLUSIVE MODE;"
+               "CREATE TABLE side_new (LIKE side INCLUDING ALL);"
+               "INSERT INTO side_new SELECT * FROM side;"
+               "ALTER TABLE side RENAME TO side_old; ALTER TABLE side_new RENAME TO side;"
+               "DROP TABLE side_old; COMMIT")
+        t = Txn("ddl_swap_table")
+        t.truncated = True
+        t.lsn = c.pg.wal_lsn()
+        t.xid = -1
+        c.migrations.append(t)
+        oid2 = c.pg.q("SELECT 'side'::regclass::oid")[0][0]
+        assert oid1 != oid2, "side was not swapped"
+
+        def back():
+            return c.pg.q("SELECT count(*) FROM pg_publication_tables WHERE pubname = %s "
+                          "AND schemaname = 'public' AND tablename = 'side'", (PUB,))[0][0] == 1
+        t0 = time.time()
+        wait_until(back, 60, "walbust to put the swapped side table back into the publication")
+        return f"side {oid1}->{oid2}, back in the publication after {time.time() - t0:.1f}s"
+
     def walsender_kill(self):
         c = self.camp
         pid1 = wait_until(lambda: c.pg.slot()[0], 30, "a walsender on the slot")
@@ -1236,6 +1283,7 @@ class Campaign:
         self.stack = self.pproxy = self.walbust = None
         self.targets = []
         self.truncates_left = 0
+        self.migrations = []  # Txn records of migrations that count as a TRUNCATE
         self.results = []
         self._token = 0
         self._token_lock = threading.Lock()
@@ -1283,7 +1331,10 @@ class Campaign:
                   "CREATE TABLE side(id bigint PRIMARY KEY);"
                   "CREATE TABLE cbarrier(id bigserial PRIMARY KEY, token text);"
                   "CREATE TABLE txlog(token bigint PRIMARY KEY);"
-                  f"CREATE PUBLICATION {PUB} FOR TABLE items, side, cbarrier")
+                  f"CREATE PUBLICATION {PUB} FOR TABLE items, side, cbarrier;"
+                  # As walbust setup marks it: walbust may put a swapped
+                  # rules table back (the ddl_swap_table migration).
+                  f"COMMENT ON PUBLICATION {PUB} IS 'walbust: managed (fault campaign)'")
         self.pg.q("INSERT INTO items(id, grp) SELECT i, (i * 7919) %% %s FROM "
                   "generate_series(1, %s) i WHERE i %% 3 <> 0", (self.ngroups, self.nids))
 
@@ -1449,6 +1500,7 @@ class Campaign:
             t.sub = Subscriber(self, t)
             t.sub.start()
         self.truncates_left = self.rnd.randint(0, 2)
+        self.migrations = []
         rows, side = self.load_rows()
         for t in self.targets:
             if not t.sub.ready.wait(30):
@@ -1494,7 +1546,8 @@ class Campaign:
         if not self.walbust.alive():
             raise AssertionError(f"walbust exited ({self.walbust.proc.returncode}); log "
                                  f"{self.walbust.log_path}")
-        txns = [t for w in writers for t in w.committed]
+        txns = [t for w in writers for t in w.committed] + self.migrations
+        self.migrations = []
         aborted = [x for w in writers for x in w.aborted]
         qtime = self.quiesce()
         for t in self.targets:
