@@ -7,7 +7,8 @@ per round drawn from the quick kinds (walbust
 kill -9, kill -9 while its redis batch is held and then dropped, walsender
 terminated, PostgreSQL fast restart, Redis restart from its AOF or from an
 older copy of it (acknowledged writes lost), cut of the proxied path to
-each server), quiesce and check. The campaign starts and
+each server, and the two migrations: a column added and dropped, a rules
+table rename-swapped), quiesce and check. The campaign starts and
 stops its own stack (scripts/stack in a temp dir, its own redis-server and
 proxies), so restarting PostgreSQL here disturbs no other test. It must
 finish in well under a minute, report zero missed and zero over-invalidated
@@ -22,7 +23,8 @@ import sys
 from harness import BIN, SRC, Runner
 
 KINDS = ["walbust_kill9", "kill9_redis_held", "walsender_kill", "pg_restart",
-         "redis_restart_aof", "redis_restart_lagging", "pg_proxy_cut", "redis_proxy_cut"]
+         "redis_restart_aof", "redis_restart_lagging", "pg_proxy_cut", "redis_proxy_cut",
+         "ddl_add_drop_column", "ddl_swap_table"]
 ROUNDS = 3
 
 

@@ -63,6 +63,12 @@ walbust must still invalidate the ones written since. A restart from an older
 copy of the AOF (Redis lost writes it had acknowledged) starts a new epoch
 at the slot's confirmed position once walbust saw the failure.
 
+Migrations are fault kinds too: ddl_add_drop_column (a column of items added
+and dropped under the storm) and ddl_swap_table (the rename-swap of the side
+rules table under writes to it; walbust must put the new table back into the
+managed publication and invalidate its whole coverage, checked like a
+TRUNCATE of side).
+
 --broken runs build/broken/walbust (`make broken`: confirms the LSN when the
 COMMIT is decoded, before Redis acknowledged) through kill -9 faults and must
 report missed invalidations: exit status 0 only when it did (proof that the
