@@ -47,6 +47,7 @@ typedef struct ClusterCmd {
     bool asking;   /* next send goes to node, preceded by ASKING */
     int sent_to;   /* node this round, or CLUSTER_NO_NODE */
     bool sent_ask; /* ASKING preceded it this round */
+    bool oom;      /* refused with -OOM in the last exec */
     redisReply *reply;
     char name[96]; /* `UNLINK "key"` for messages */
 } ClusterCmd;
@@ -573,6 +574,30 @@ const redisReply *cluster_reply(const Cluster *c, size_t i)
     return c->cmds[i].reply;
 }
 
+bool cluster_refused_oom(const Cluster *c, size_t i)
+{
+    return c->cmds[i].reply == NULL && c->cmds[i].oom;
+}
+
+bool cluster_only_oom(const Cluster *c)
+{
+    size_t oom = 0;
+
+    for (size_t i = 0; i < c->ncmds; i++) {
+        if (c->cmds[i].reply != NULL)
+            continue;
+        if (!c->cmds[i].oom)
+            return false;
+        oom++;
+    }
+    return oom > 0;
+}
+
+const char *cluster_command_name(const Cluster *c, size_t i)
+{
+    return c->cmds[i].name;
+}
+
 /* ---- exec -------------------------------------------------------------- */
 
 /* Which node should get cmd now, or CLUSTER_NO_NODE (error set). */
@@ -601,6 +626,7 @@ static size_t send_round(Cluster *c)
         ClusterCmd *cmd = &c->cmds[i];
         int id;
         cmd->sent_to = CLUSTER_NO_NODE;
+        cmd->oom = false;
         if (cmd->reply != NULL)
             continue;
         id = route(c, cmd);
@@ -665,6 +691,7 @@ static bool on_error_reply(Cluster *c, ClusterCmd *cmd, int id, const char *err)
      * retries with backoff; after CLUSTERDOWN the map is re-read first. */
     if (strncmp(err, "CLUSTERDOWN", 11) == 0)
         c->need_refresh = true;
+    cmd->oom = strncmp(err, "OOM", 3) == 0;
     set_err(c, "redis cluster node %s refused %s: %s", c->nodes[id].addr, cmd->name, err);
     return false;
 }

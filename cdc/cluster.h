@@ -153,6 +153,16 @@ int cluster_exec(Cluster *c) __attribute__((warn_unused_result));
  * cluster until cluster_reset(). */
 const redisReply *cluster_reply(const Cluster *c, size_t i);
 
+/* After a failed cluster_exec(): did every command without a reply fail
+ * only because its node refused it with -OOM (maxmemory reached under
+ * noeviction), so every other command was applied? And was command i one
+ * of those? */
+bool cluster_only_oom(const Cluster *c);
+bool cluster_refused_oom(const Cluster *c, size_t i);
+
+/* Command i for messages: `INCR "key"`. */
+const char *cluster_command_name(const Cluster *c, size_t i);
+
 const char *cluster_errstr(const Cluster *c);
 
 #endif

@@ -1,14 +1,9 @@
 /*
  * sink.c — the Redis sink (see sink.h for the contract).
  *
- * A batch is an arena of bytes (every queued string and payload, each
- * NUL-terminated, addressed by offset so the arena may move when it grows)
- * plus an array of SinkOp in queue order. An open-addressing hash set of op
- * indices, keyed by (action, string), drops duplicates within the batch;
- * publishes bypass it because every message counts.
- *
- * sink_flush() walks the ops in order and appends commands to hiredis'
- * output buffer (one pipeline): the watermark SET first, SCRIPT LOAD when
+ * The batch (queue order, deduplication) is batch.c's, which has no I/O.
+ * sink_flush() walks its ops in order and appends commands to the
+ * connection's output buffer (one pipeline): the watermark SET first, SCRIPT LOAD when
  * the batch has tags, then UNLINK/DEL (consecutive keys grouped, at most
  * SINK_KEYS_PER_CMD per command), EVALSHA of the tag script, INCR and
  * PUBLISH. Every appended command is remembered in a pending list so each
@@ -34,6 +29,7 @@
  */
 #include "sink.h"
 
+#include "batch.h"
 #include "cluster.h"
 #include "mem.h"
 #include "rconn.h"
@@ -54,16 +50,9 @@ extern const char redis_tag_invalidate_lua[];
 #define SINK_KEYS_PER_CMD 512  /* keys per UNLINK/DEL command */
 #define SINK_SCAN_COUNT "1000" /* SCAN COUNT hint */
 #define SINK_NO_OP ((size_t)-1)
-#define SINK_CLUSTER_WAIT_MS 200 /* WAIT for a replica after a cluster batch */
-#define SINK_WAIT_MS 1000        /* WAIT timeout with ?replicas=N */
-
-/* One queued invalidation; strings live in the arena. */
-typedef struct SinkOp {
-    RulesInvAction action;
-    size_t off, len;                 /* the key, pattern, tag or channel */
-    size_t payload_off, payload_len; /* publish only */
-    bool refused;                    /* refused for lack of memory (OOM) */
-} SinkOp;
+#define SINK_NO_OWNER ((size_t)-2) /* a cluster command that is no op's */
+#define SINK_CLUSTER_WAIT_MS 200   /* WAIT for a replica after a cluster batch */
+#define SINK_WAIT_MS 1000          /* WAIT timeout with ?replicas=N */
 
 /* What reply a pipelined command expects. */
 typedef enum PendKind {
@@ -92,13 +81,7 @@ struct Sink {
     char errstr[512];
     SinkStats stats;
 
-    char *arena;
-    size_t arena_len, arena_cap;
-    SinkOp *ops;
-    size_t nops, ops_cap;
-    uint32_t *set;  /* op index + 1; 0 = empty slot */
-    size_t set_cap; /* power of two, or 0 */
-    size_t set_used;
+    Batch b; /* the queued invalidations (batch.c) */
     char *wm_key, *wm_value;
 
     Pending *pend;
@@ -113,6 +96,9 @@ struct Sink {
     bool oom;            /* the last flush failed only on OOM refusals */
     bool readonly;       /* a READONLY reply: reconnect (and rediscover) */
     char oom_first[200]; /* the first refused command and Redis' words */
+    size_t *cl_owner;    /* cluster command index -> op (SINK_NO_OP: watermark) */
+    size_t ncl_owner, cl_owner_cap;
+    size_t cl_op; /* the op cl_cmd() queues for */
 };
 
 /* Cluster targets (the section at the end of this file). */
@@ -175,9 +161,8 @@ void sink_free(Sink *s)
     disconnect(s);
     cluster_free(s->cl);
     rconn_tls_free(s->tls);
-    free(s->arena);
-    free(s->ops);
-    free(s->set);
+    batch_release(&s->b);
+    free(s->cl_owner);
     free(s->wm_key);
     free(s->wm_value);
     free(s->pend);
@@ -210,98 +195,10 @@ void sink_set_use_del(Sink *s, bool use_del)
 
 /* ---- batch ----------------------------------------------------------- */
 
-static uint64_t op_hash(RulesInvAction action, const char *p, size_t n)
-{
-    uint64_t h = UINT64_C(1469598103934665603) ^ (uint64_t)action;
-
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)p[i];
-        h *= UINT64_C(1099511628211);
-    }
-    return h;
-}
-
-/* Insert op index i into the set (the caller ensured room). */
-static void set_insert(Sink *s, size_t i)
-{
-    const SinkOp *op = &s->ops[i];
-    size_t mask = s->set_cap - 1;
-    size_t j = (size_t)op_hash(op->action, s->arena + op->off, op->len) & mask;
-
-    while (s->set[j] != 0)
-        j = (j + 1) & mask;
-    s->set[j] = (uint32_t)(i + 1);
-    s->set_used++;
-}
-
-/* Keep the load factor under 1/2, rehashing every deduplicated op. */
-static void set_reserve(Sink *s)
-{
-    size_t cap = s->set_cap ? s->set_cap : 64;
-
-    if ((s->set_used + 1) * 2 <= s->set_cap)
-        return;
-    while ((s->set_used + 1) * 2 > cap)
-        cap *= 2;
-    free(s->set);
-    s->set = xrealloc(NULL, cap * sizeof *s->set);
-    memset(s->set, 0, cap * sizeof *s->set);
-    s->set_cap = cap;
-    s->set_used = 0;
-    for (size_t i = 0; i < s->nops; i++)
-        if (s->ops[i].action != RULES_INV_PUBLISH)
-            set_insert(s, i);
-}
-
-static bool set_contains(const Sink *s, RulesInvAction action, const char *p, size_t n)
-{
-    size_t mask, j;
-
-    if (s->set_cap == 0)
-        return false;
-    mask = s->set_cap - 1;
-    j = (size_t)op_hash(action, p, n) & mask;
-    for (; s->set[j] != 0; j = (j + 1) & mask) {
-        const SinkOp *op = &s->ops[s->set[j] - 1];
-        if (op->action == action && op->len == n && memcmp(s->arena + op->off, p, n) == 0)
-            return true;
-    }
-    return false;
-}
-
-/* Copy n bytes plus a NUL into the arena; returns their offset. */
-static size_t arena_put(Sink *s, const char *p, size_t n)
-{
-    size_t off = s->arena_len;
-
-    s->arena = xgrow(s->arena, &s->arena_cap, off + n + 1, 1);
-    if (n > 0)
-        memcpy(s->arena + off, p, n);
-    s->arena[off + n] = '\0';
-    s->arena_len = off + n + 1;
-    return off;
-}
-
 void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const char *payload,
               size_t payload_len)
 {
-    SinkOp op = {.action = action};
-
-    if (action != RULES_INV_PUBLISH) {
-        if (set_contains(s, action, str, len))
-            return;
-        set_reserve(s); /* before the op is pushed: a rehash must not see it */
-    }
-    op.off = arena_put(s, str, len);
-    op.len = len;
-    if (action == RULES_INV_PUBLISH) {
-        op.payload_off = arena_put(s, payload, payload_len);
-        op.payload_len = payload_len;
-    }
-    s->ops = xgrow(s->ops, &s->ops_cap, s->nops + 1, sizeof *s->ops);
-    s->ops[s->nops++] = op;
-    if (action != RULES_INV_PUBLISH)
-        set_insert(s, s->nops - 1);
+    (void)batch_add(&s->b, action, str, len, payload, payload_len);
 }
 
 void sink_set_watermark(Sink *s, const char *key, const char *value)
@@ -314,33 +211,23 @@ void sink_set_watermark(Sink *s, const char *key, const char *value)
 
 size_t sink_pending(const Sink *s)
 {
-    return s->nops;
+    return s->b.nops;
 }
 
 bool sink_dirty(const Sink *s)
 {
-    return s->nops > 0 || s->wm_key != NULL;
+    return s->b.nops > 0 || s->wm_key != NULL;
 }
 
 bool sink_full(const Sink *s)
 {
-    size_t bytes = s->arena_len + s->nops * sizeof *s->ops + s->set_cap * sizeof *s->set;
-    return s->nops >= s->cfg.max_ops || bytes >= s->cfg.max_bytes;
+    return s->b.nops >= s->cfg.max_ops || batch_bytes(&s->b) >= s->cfg.max_bytes;
 }
 
 /* Forget the batch after it was applied; give back oversized buffers. */
-static void batch_clear(Sink *s)
+static void clear_batch(Sink *s)
 {
-    s->nops = 0;
-    s->arena_len = 0;
-    s->set_used = 0;
-    if (s->set_cap > 0)
-        memset(s->set, 0, s->set_cap * sizeof *s->set);
-    if (s->arena_cap > s->cfg.max_bytes) {
-        free(s->arena);
-        s->arena = NULL;
-        s->arena_cap = 0;
-    }
+    batch_clear(&s->b, s->cfg.max_bytes);
     free(s->wm_key);
     free(s->wm_value);
     s->wm_key = s->wm_value = NULL;
@@ -348,8 +235,8 @@ static void batch_clear(Sink *s)
 
 static void count_applied(Sink *s)
 {
-    for (size_t i = 0; i < s->nops; i++) {
-        switch (s->ops[i].action) {
+    for (size_t i = 0; i < s->b.nops; i++) {
+        switch (s->b.ops[i].action) {
         case RULES_INV_KEY:
             s->stats.keys++;
             break;
@@ -536,9 +423,9 @@ static void describe(const Sink *s, const Pending *p, char *buf, size_t len)
         snprintf(buf, len, "%s", p->cmd);
         return;
     }
-    const SinkOp *op = &s->ops[p->op];
+    const BatchOp *op = &s->b.ops[p->op];
     for (; n < op->len && n < 64; n++) {
-        unsigned char c = (unsigned char)s->arena[op->off + n];
+        unsigned char c = (unsigned char)s->b.arena[op->off + n];
         str[n] = c >= 0x20 && c < 0x7f ? (char)c : '?';
     }
     if (n < op->len)
@@ -628,7 +515,7 @@ static bool refuse(Sink *s, const Pending *p, const char *err)
     if (p->op == SINK_NO_OP)
         s->wm_refused = true;
     else
-        s->ops[p->op].refused = true;
+        batch_mark(&s->b, p->op);
     return true;
 }
 
@@ -724,9 +611,9 @@ static size_t pipe_key_run(Sink *s, size_t i)
 
     argv_reserve(s, SINK_KEYS_PER_CMD + 1);
     arg_str(s, 0, s->cfg.use_del ? "DEL" : "UNLINK");
-    while (i + n < s->nops && n < SINK_KEYS_PER_CMD && s->ops[i + n].action == RULES_INV_KEY) {
-        const SinkOp *op = &s->ops[i + n];
-        arg(s, 1 + n, s->arena + op->off, op->len);
+    while (i + n < s->b.nops && n < SINK_KEYS_PER_CMD && s->b.ops[i + n].action == RULES_INV_KEY) {
+        const BatchOp *op = &s->b.ops[i + n];
+        arg(s, 1 + n, batch_str(&s->b, op), op->len);
         n++;
     }
     pipe_cmd(s, n + 1, PEND_INT, i, n, false);
@@ -737,13 +624,13 @@ static size_t pipe_key_run(Sink *s, size_t i)
 
 static void pipe_scan(Sink *s, const char *cursor, size_t op)
 {
-    const SinkOp *o = &s->ops[op];
+    const BatchOp *o = &s->b.ops[op];
 
     argv_reserve(s, 6);
     arg_str(s, 0, "SCAN");
     arg_str(s, 1, cursor);
     arg_str(s, 2, "MATCH");
-    arg(s, 3, s->arena + o->off, o->len);
+    arg(s, 3, batch_str(&s->b, o), o->len);
     arg_str(s, 4, "COUNT");
     arg_str(s, 5, SINK_SCAN_COUNT);
     pipe_cmd(s, 6, PEND_SCAN, op, 0, false);
@@ -760,7 +647,7 @@ static void pipe_matches(Sink *s, size_t op, const redisReply *keys)
         kp[i] = keys->element[i]->str;
         kl[i] = keys->element[i]->len;
     }
-    switch (s->ops[op].action) {
+    switch (s->b.ops[op].action) {
     case RULES_INV_TAG_PATTERN:
         for (size_t i = 0; i < n; i++)
             pipe_tag(s, kp[i], kl[i], op, true);
@@ -808,14 +695,6 @@ static int run_scan(Sink *s, size_t op)
 
 /* ---- flush ----------------------------------------------------------- */
 
-static bool batch_has_tags(const Sink *s)
-{
-    for (size_t i = 0; i < s->nops; i++)
-        if (s->ops[i].action == RULES_INV_TAG || s->ops[i].action == RULES_INV_TAG_PATTERN)
-            return true;
-    return false;
-}
-
 /* Learn the tag script's SHA1 (once per sink) with a synchronous SCRIPT LOAD. */
 static int learn_sha(Sink *s)
 {
@@ -862,21 +741,20 @@ static void pipe_prologue(Sink *s, bool tags)
 
 static int flush_batch(Sink *s)
 {
-    bool tags = batch_has_tags(s);
+    bool tags = batch_has_tags(&s->b);
     size_t i = 0;
 
     s->nrefused = 0;
     s->wm_refused = false;
-    for (size_t k = 0; k < s->nops; k++)
-        s->ops[k].refused = false;
+    batch_unmark_all(&s->b);
 
     if (tags && learn_sha(s) < 0)
         return -1;
     s->npend = 0;
     pipe_prologue(s, tags);
-    while (i < s->nops) {
-        const SinkOp *op = &s->ops[i];
-        const char *str = s->arena + op->off;
+    while (i < s->b.nops) {
+        const BatchOp *op = &s->b.ops[i];
+        const char *str = batch_str(&s->b, op);
         switch (op->action) {
         case RULES_INV_KEY:
             i = pipe_key_run(s, i);
@@ -891,7 +769,7 @@ static int flush_batch(Sink *s)
             argv_reserve(s, 3);
             arg_str(s, 0, "PUBLISH");
             arg(s, 1, str, op->len);
-            arg(s, 2, s->arena + op->payload_off, op->payload_len);
+            arg(s, 2, batch_payload(&s->b, op), op->payload_len);
             pipe_cmd(s, 3, PEND_INT, i, 1, false);
             break;
         case RULES_INV_PATTERN:
@@ -912,38 +790,16 @@ static int flush_batch(Sink *s)
  * as the batch, in their order, in a fresh arena. */
 static void keep_refused(Sink *s)
 {
-    char *old = s->arena;
-    size_t n = 0;
-
-    for (size_t i = 0; i < s->nops; i++) {
-        RulesInvAction a = s->ops[i].action;
-        if (s->ops[i].refused)
+    for (size_t i = 0; i < s->b.nops; i++) {
+        RulesInvAction a = s->b.ops[i].action;
+        if (s->b.ops[i].refused)
             continue;
         s->stats.keys += a == RULES_INV_KEY;
         s->stats.patterns += a == RULES_INV_PATTERN;
         s->stats.tags += a == RULES_INV_TAG || a == RULES_INV_TAG_PATTERN;
         s->stats.publishes += a == RULES_INV_PUBLISH;
     }
-    s->arena = NULL;
-    s->arena_len = s->arena_cap = 0;
-    for (size_t i = 0; i < s->nops; i++) {
-        SinkOp op = s->ops[i];
-        if (!op.refused)
-            continue;
-        op.off = arena_put(s, old + op.off, op.len);
-        if (op.action == RULES_INV_PUBLISH)
-            op.payload_off = arena_put(s, old + op.payload_off, op.payload_len);
-        op.refused = false;
-        s->ops[n++] = op;
-    }
-    free(old);
-    s->nops = n;
-    s->set_used = 0;
-    if (s->set_cap > 0)
-        memset(s->set, 0, s->set_cap * sizeof *s->set);
-    for (size_t i = 0; i < n; i++)
-        if (s->ops[i].action != RULES_INV_PUBLISH)
-            set_insert(s, i);
+    batch_keep_marked(&s->b);
     if (!s->wm_refused) {
         free(s->wm_key);
         free(s->wm_value);
@@ -985,6 +841,10 @@ int sink_flush(Sink *s)
     if (s->cl != NULL) {
         if (cl_flush(s) < 0)
             goto fail;
+        if (s->nrefused > 0) {
+            (void)oom_fail(s);
+            goto fail;
+        }
         goto done;
     }
     if (s->c == NULL && sink_connect(s) < 0)
@@ -1002,7 +862,7 @@ int sink_flush(Sink *s)
     }
 done:
     count_applied(s);
-    batch_clear(s);
+    clear_batch(s);
     return 0;
 fail:
     s->stats.errors++;
@@ -1048,18 +908,60 @@ static int cl_connect(Sink *s)
     return -1;
 }
 
+/* The commands of a failed exec were refused only for lack of memory:
+ * record them (their ops are kept, see refuse()) and go on. False when
+ * one of them belongs to no op (it cannot be kept). */
+static bool cl_refuse(Sink *s)
+{
+    size_t n = cluster_queued(s->cl);
+
+    for (size_t i = 0; i < n; i++)
+        if (cluster_refused_oom(s->cl, i) && (i >= s->ncl_owner || s->cl_owner[i] == SINK_NO_OWNER))
+            return false;
+    for (size_t i = 0; i < n; i++) {
+        size_t op = s->cl_owner[i];
+        if (!cluster_refused_oom(s->cl, i))
+            continue;
+        if (s->nrefused++ == 0)
+            snprintf(s->oom_first, sizeof s->oom_first, "%s (OOM)", cluster_command_name(s->cl, i));
+        if (op == SINK_NO_OP)
+            s->wm_refused = true;
+        else
+            batch_mark(&s->b, op);
+    }
+    return true;
+}
+
 static int cl_exec(Sink *s)
 {
-    if (cluster_exec(s->cl) == 0)
+    if (cluster_exec(s->cl) == 0 || (cluster_only_oom(s->cl) && cl_refuse(s)))
         return 0;
     set_err(s, "%s", cluster_errstr(s->cl));
     return -1;
 }
 
-/* Queue s->argv[0..argc), routed by argv[1]. */
+/* Record that cluster command i was queued for op owner. */
+static void cl_own(Sink *s, size_t i, size_t owner)
+{
+    size_t cap = s->cl_owner_cap;
+
+    s->cl_owner = xgrow(s->cl_owner, &cap, i + 1, sizeof *s->cl_owner);
+    s->cl_owner_cap = cap;
+    s->cl_owner[i] = owner;
+    s->ncl_owner = i + 1;
+}
+
+/* Empty the cluster's queue (and the owners). */
+static void cl_reset(Sink *s)
+{
+    cluster_reset(s->cl);
+    s->ncl_owner = 0;
+}
+
+/* Queue s->argv[0..argc), routed by argv[1], for op s->cl_op. */
 static void cl_cmd(Sink *s, size_t argc)
 {
-    (void)cluster_append_key(s->cl, 1, (int)argc, s->argv, s->argvlen);
+    cl_own(s, cluster_append_key(s->cl, 1, (int)argc, s->argv, s->argvlen), s->cl_op);
 }
 
 static void cl_key_cmd(Sink *s, const char *cmd, const char *key, size_t len)
@@ -1114,7 +1016,7 @@ static int cl_tag(Sink *s, const char *tag, size_t len)
     char cursor[32] = "0";
     const redisReply *r;
 
-    cluster_reset(s->cl);
+    cl_reset(s);
     cl_key_cmd(s, "TYPE", tag, len);
     if (cl_exec(s) < 0)
         return -1;
@@ -1126,12 +1028,12 @@ static int cl_tag(Sink *s, const char *tag, size_t len)
     if (strcmp(r->str, "none") == 0)
         return 0;
     if (strcmp(r->str, "set") != 0) { /* another type in the tag namespace */
-        cluster_reset(s->cl);
+        cl_reset(s);
         cl_key_cmd(s, cl_del(s), tag, len);
         return cl_exec(s);
     }
     do {
-        cluster_reset(s->cl);
+        cl_reset(s);
         argv_reserve(s, 5);
         arg_str(s, 0, "SSCAN");
         arg(s, 1, tag, len);
@@ -1150,7 +1052,7 @@ static int cl_tag(Sink *s, const char *tag, size_t len)
         if (cl_tag_page(s, tag, len, r->element[1]) < 0)
             return -1;
     } while (strcmp(cursor, "0") != 0);
-    cluster_reset(s->cl);
+    cl_reset(s);
     return 0;
 }
 
@@ -1183,20 +1085,20 @@ static int cl_tags_of_page(Sink *s, const redisReply *keys)
 /* SCAN node id for pattern op `op` and apply it to every match. */
 static int cl_scan_node(Sink *s, size_t op, int id)
 {
-    const SinkOp *o = &s->ops[op];
+    const BatchOp *o = &s->b.ops[op];
     char cursor[32] = "0";
 
     do {
         const redisReply *r;
-        cluster_reset(s->cl);
+        cl_reset(s);
         argv_reserve(s, 6);
         arg_str(s, 0, "SCAN");
         arg_str(s, 1, cursor);
         arg_str(s, 2, "MATCH");
-        arg(s, 3, s->arena + o->off, o->len);
+        arg(s, 3, batch_str(&s->b, o), o->len);
         arg_str(s, 4, "COUNT");
         arg_str(s, 5, SINK_SCAN_COUNT);
-        (void)cluster_append_node(s->cl, id, 6, s->argv, s->argvlen);
+        cl_own(s, cluster_append_node(s->cl, id, 6, s->argv, s->argvlen), SINK_NO_OWNER);
         if (cl_exec(s) < 0)
             return -1;
         r = cluster_reply(s->cl, 0);
@@ -1219,7 +1121,7 @@ static int cl_scan_node(Sink *s, size_t op, int id)
         if (cl_exec(s) < 0)
             return -1;
     } while (strcmp(cursor, "0") != 0);
-    cluster_reset(s->cl);
+    cl_reset(s);
     return 0;
 }
 
@@ -1247,6 +1149,8 @@ static int cl_wait(Sink *s)
     int ms = n > 0 ? wait_ms(s) : SINK_CLUSTER_WAIT_MS;
     size_t first = cluster_append_wait(s->cl, n, ms);
 
+    for (size_t i = first; i < cluster_queued(s->cl); i++)
+        cl_own(s, i, SINK_NO_OWNER);
     if (cl_exec(s) < 0)
         return -1;
     for (size_t i = first; n > 0 && i < cluster_queued(s->cl); i++) {
@@ -1269,7 +1173,11 @@ static int cl_flush(Sink *s)
 {
     if (!cluster_connected(s->cl) && cl_connect(s) < 0)
         return -1;
-    cluster_reset(s->cl);
+    cl_reset(s);
+    s->nrefused = 0;
+    s->wm_refused = false;
+    batch_unmark_all(&s->b);
+    s->cl_op = SINK_NO_OP;
     if (s->wm_key != NULL) {
         argv_reserve(s, 3);
         arg_str(s, 0, "SET");
@@ -1277,9 +1185,10 @@ static int cl_flush(Sink *s)
         arg_str(s, 2, s->wm_value);
         cl_cmd(s, 3);
     }
-    for (size_t i = 0; i < s->nops; i++) {
-        const SinkOp *op = &s->ops[i];
-        const char *str = s->arena + op->off;
+    for (size_t i = 0; i < s->b.nops; i++) {
+        const BatchOp *op = &s->b.ops[i];
+        const char *str = batch_str(&s->b, op);
+        s->cl_op = i;
         switch (op->action) {
         case RULES_INV_KEY:
             cl_key_cmd(s, cl_del(s), str, op->len);
@@ -1291,7 +1200,7 @@ static int cl_flush(Sink *s)
             argv_reserve(s, 3);
             arg_str(s, 0, "PUBLISH");
             arg(s, 1, str, op->len);
-            arg(s, 2, s->arena + op->payload_off, op->payload_len);
+            arg(s, 2, batch_payload(&s->b, op), op->payload_len);
             cl_cmd(s, 3);
             break;
         case RULES_INV_TAG:

@@ -93,8 +93,8 @@ int sink_flush(Sink *s) __attribute__((warn_unused_result));
  * noeviction): every other command of the batch was applied, and the batch
  * now holds only the refused writes, in order, to be sent again. The
  * caller may keep queueing (deletes keep flowing with the next flushes)
- * but must not confirm past the refused writes while sink_dirty(). A
- * single-node target only: a Cluster target fails the whole batch. */
+ * but must not confirm past the refused writes while sink_dirty(). On a
+ * Cluster target the same holds for refusals from any master. */
 bool sink_oom(const Sink *s);
 
 /* Change DEL/UNLINK choice (after a rules reload). */

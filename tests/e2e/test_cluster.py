@@ -524,6 +524,45 @@ def test_master_failover_during_write_storm():
         scene.close()
 
 
+def test_full_masters_keep_deleting():
+    """Every master at maxmemory under noeviction: Redis refuses the
+    version INCRs and the watermark SET with -OOM; the deletes (UNLINK on
+    every master, a pattern's SCAN + UNLINK) are still applied, the slot is
+    not confirmed past the refused writes, and once memory is back the
+    INCRs land and the slot moves on."""
+    CL.flush()
+    rules = setup({"versions": ["clu:ver:{id}"], "patterns": ["clu:team:{team}:*"]})
+    rc = CL.client()
+    seed(rc, range(1, 301))
+    rc.set("clu:team:3:a", "1")
+    masters = CL.masters()
+    scene = Scene()
+    try:
+        w = start_walbust(scene, rules, [CL.url])
+        barrier_all([rc])
+        confirmed = slot_confirmed(DB, SLOT)
+        for p in masters:
+            CL.node(p).config_set("maxmemory-policy", "noeviction")
+            CL.node(p).config_set("maxmemory", "1")
+        sql(DB, "UPDATE items SET v = v + 1 WHERE id <= 300")
+        wait_until(lambda: not present(rc, range(1, 301)) and not rc.exists("clu:team:3:a"), 30,
+                   "deletes applied on full masters")
+        wait_until(lambda: "out of memory" in w.read_log(), 20, "an out-of-memory error")
+        assert not any(rc.exists(f"clu:ver:{i}") for i in (1, 150, 300)), "INCR despite OOM"
+        assert lsn_eq(slot_confirmed(DB, SLOT), confirmed), "confirmed past refused writes"
+        print("# " + [ln for ln in w.read_log().splitlines() if "out of memory" in ln][0][:300])
+        for p in masters:
+            CL.node(p).config_set("maxmemory", "0")
+        wait_until(lambda: all(rc.exists(f"clu:ver:{i}") for i in (1, 150, 300)), 30,
+                   "the held INCRs applied once memory is back")
+        barrier_all([rc])
+        assert not lsn_eq(slot_confirmed(DB, SLOT), confirmed), "the slot did not move on"
+    finally:
+        for p in CL.masters():
+            CL.node(p).config_set("maxmemory", "0")
+        scene.close()
+
+
 def main():
     global CL
     runner = Runner("cluster")
@@ -531,7 +570,8 @@ def main():
     try:
         for t in (test_keys_land_on_owning_masters, test_patterns_scan_every_master,
                   test_tags_across_slots, test_two_targets_one_paused,
-                  test_reshard_during_write_storm, test_master_failover_during_write_storm):
+                  test_reshard_during_write_storm, test_master_failover_during_write_storm,
+                  test_full_masters_keep_deleting):
             runner.run(t)
     finally:
         CL.stop()

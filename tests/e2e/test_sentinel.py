@@ -2,6 +2,8 @@
 replica and three Sentinels (redis-server --sentinel), walbust with
 ?replicas=1.
 
+- master, replica and Sentinels require passwords (the URL's userinfo is
+  the master's, sentinel_password= the Sentinels'); none shows in the log;
 - walbust finds the master through the Sentinels (SENTINEL
   get-master-addr-by-name, then ROLE) and invalidates there;
 - under continuous writes (each cached row updated once, in random order),
@@ -29,6 +31,8 @@ DB = "walbust_sentinel"
 SLOT = "sentinel"
 NAME = "walmaster"
 ROWS = 4000
+MPW = "master-s3cret"    # requirepass of master and replica (masterauth too)
+SPW = "sentinel-s3cret"  # the Sentinels' own requirepass
 RULES = {"rules": [{"table": "items", "keys": ["sen:item:{id}"]}, BARRIER_RULE]}
 
 
@@ -39,10 +43,15 @@ class Node(RedisServer):
         super().__init__(port=port)
         self.extra = list(extra)
 
+    def client(self, timeout=None):
+        return redis.Redis(host="127.0.0.1", port=self.port, password=MPW, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
     def start(self):
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "no", "--logfile",
-                os.path.join(self.dir, "redis.log"), *self.extra]
+                os.path.join(self.dir, "redis.log"), "--requirepass", MPW, "--masterauth", MPW,
+                *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "redis-server to start")
         assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
@@ -56,6 +65,8 @@ class Sentinel(Node):
         with open(self.conf, "w") as f:
             f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
                     f"sentinel monitor {NAME} 127.0.0.1 {master_port} 2\n"
+                    f"sentinel auth-pass {NAME} {MPW}\n"
+                    f"requirepass {SPW}\nsentinel sentinel-pass {SPW}\n"
                     f"sentinel down-after-milliseconds {NAME} 1000\n"
                     f"sentinel failover-timeout {NAME} 10000\n")
 
@@ -68,7 +79,7 @@ class Sentinel(Node):
         return self
 
     def client(self, timeout=None):
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+        return redis.Redis(host="127.0.0.1", port=self.port, password=SPW, decode_responses=True,
                            socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
@@ -95,7 +106,7 @@ class Deployment:
 
     def url(self):
         addrs = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{addrs}/{NAME}?replicas=1"
+        return f"redis+sentinel://:{MPW}@{addrs}/{NAME}?replicas=1&sentinel_password={SPW}"
 
     def master_port(self):
         for s in self.sentinels:
@@ -210,6 +221,7 @@ def test_sentinel_failovers():
         assert "READONLY" in w.read_log() or "redis I/O error" in w.read_log() or \
             "connection closed" in w.read_log(), w.read_log()
         failover_round(d, w, "kill -9")
+        assert "s3cret" not in w.read_log(), "a password in walbust's log"
     finally:
         assert w.stop() == 0, w.read_log()[-3000:]
         d.stop()

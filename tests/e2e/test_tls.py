@@ -207,6 +207,33 @@ def test_expired_certificate():
         srv.stop()
 
 
+def test_tls_sentinel():
+    """rediss+sentinel://: a Sentinel on a TLS port monitoring a master on
+    a TLS port (tls-replication yes); walbust asks the Sentinel over TLS,
+    connects to the master it names (127.0.0.1, verified against the
+    certificate's IP entry) over TLS, and invalidates there."""
+    srv = TlsRedis().start()
+    sdir = tempfile.mkdtemp(prefix="tls-sentinel-", dir=STACK_DIR)
+    sport = free_port()
+    conf = os.path.join(sdir, "sentinel.conf")
+    with open(conf, "w") as f:
+        f.write(f"port 0\ntls-port {sport}\nbind 127.0.0.1\ndir {sdir}\n"
+                f"tls-cert-file {cert('server.crt')}\ntls-key-file {cert('server.key')}\n"
+                f"tls-ca-cert-file {cert('ca.crt')}\ntls-auth-clients no\ntls-replication yes\n"
+                f"sentinel monitor tlsmaster 127.0.0.1 {srv.tls_port} 1\n")
+    sen = subprocess.Popen(["redis-server", conf, "--sentinel", "--logfile",
+                            os.path.join(sdir, "sentinel.log")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = (f"rediss+sentinel://localhost:{sport}/tlsmaster/0?cacert={cert('ca.crt')}")
+        w = applied_over(srv, url, [30, 31])
+        assert "connected to redis at tlsmaster@localhost:" in w.read_log(), w.read_log()
+    finally:
+        sen.kill()
+        sen.wait()
+        srv.stop()
+
+
 def test_missing_cacert_file():
     missing = os.path.join(CERTS, "nonexistent-ca.pem")
     w = run(f"rediss://localhost:{free_port()}/0?cacert={missing}")
@@ -234,7 +261,8 @@ def main():
     RULES_PATH = setup()
     runner = Runner("test_tls")
     for t in (test_tls_invalidation, test_mutual_tls, test_wrong_ca, test_missing_client_cert,
-              test_wrong_server_name, test_expired_certificate, test_missing_cacert_file,
+              test_wrong_server_name, test_expired_certificate, test_tls_sentinel,
+              test_missing_cacert_file,
               test_plain_url_to_tls_port):
         runner.run(t)
     sql(DB, "SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots WHERE slot_name = %s",
