@@ -12,7 +12,7 @@ replica and three Sentinels (redis-server --sentinel), walbust with
   one key of an updated row is left on the new master;
 - then the new master is killed with SIGKILL under writes: the Sentinels
   promote the old master (now its replica) and, again, nothing is stale
-  once the killed server is back (empty; the Sentinels make it a replica,
+  once the killed server is back (empty, as a replica of the new master,
   which replicas=1 waits for before confirming).
 
 Database walbust_sentinel, slot sentinel.
@@ -185,10 +185,12 @@ def failover_round(d, w, how):
             old.kill9()
         wait_until(lambda: d.master_port() != old.port, 60, "the sentinels to promote the replica")
         if how != "failover":
-            # Back empty on its port: the Sentinels make it a replica of the
-            # new master, which replicas=1 needs before anything confirms.
+            # Back empty on its port as a replica of the new master (as an
+            # operator restarts it), which replicas=1 needs before anything
+            # confirms.
             old.stop()
-            d.nodes[old.port] = Node(port=old.port).start()
+            d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(d.master_port())],
+                                     port=old.port).start()
             wait_until(lambda: link_up(d.nodes[old.port]), 60,
                        "the killed master back as a replica")
         writer.wait_more(300, timeout=60)
