@@ -675,6 +675,15 @@ static void pace_reads(Run *r, int64_t commit_time)
     stream_set_pace(r->stream, age > RUN_BACKLOG_AGE_US ? RUN_BACKLOG_READ_PACE_US : 0);
 }
 
+/* /readyz: not ready while the rules do not validate against the schema. */
+static void schema_readiness(Run *r)
+{
+    const char *first;
+    size_t n = schema_problems(r->schema, &first);
+
+    metrics_set_condition(r->metrics, METRICS_COND_RULES_VALID, n == 0, first);
+}
+
 /* A schema change on the rules' tables was seen in this transaction (or the
  * periodic re-check is due): re-validate and act before its COMMIT counts
  * (schema.h). Its invalidations join the batch that confirms the COMMIT.
@@ -684,8 +693,10 @@ static int on_schema_change(Run *r)
     char err[1024], lsn[LSN_TEXT_MAX];
 
     lsn_format(r->in_txn ? r->txn.final_lsn : r->pending_lsn, lsn);
-    if (schema_apply(r->schema, lsn, err, sizeof err) == 0)
+    if (schema_apply(r->schema, lsn, err, sizeof err) == 0) {
+        schema_readiness(r);
         return 0;
+    }
     if (!runtime_stop) {
         log_event(LOG_LEVEL_ERROR, lsn, NULL, "%s", err);
         r->schema_stop = true;
@@ -804,6 +815,7 @@ static int startup_check(void *arg, PGconn *conn)
         log_error("%s", err);
         return -1;
     }
+    schema_readiness(r);
     if (check_catalog(r, conn, r->rules, /* reload= */ false) != 0)
         return -1;
     checked = true;

@@ -40,6 +40,7 @@ struct Schema {
     int64_t last_check_us;
     char *problems; /* the rules problems logged last; NULL: none */
     size_t nproblems;
+    char first_problem[512]; /* the first of them, for /readyz */
     bool pub_missing_warned;
 };
 
@@ -73,6 +74,7 @@ Schema *schema_new(const SchemaConfig *cfg, const Rules *rules)
         s->cfg.recheck_s = SCHEMA_RECHECK_DEFAULT_S;
     s->last_check_us = runtime_now_us();
     schema_set_rules(s, rules);
+    s->pending = false; /* schema_startup() checks first */
     return s;
 }
 
@@ -111,6 +113,7 @@ void schema_set_rules(Schema *s, const Rules *rules)
     s->tables = t;
     s->ntables = n;
     s->rules = rules;
+    s->pending = true; /* validate the new rules against the catalog soon */
 }
 
 /* ---- noticing changes ------------------------------------------------------------ */
@@ -589,6 +592,9 @@ static void log_problems(Schema *s, Catalog *cat, const char *lsn)
 
     rules_check_catalog(s->rules, s->cfg.publication, catalog_lookup, cat, &pr);
     s->nproblems = pr.count;
+    if (pr.count > 0)
+        snprintf(s->first_problem, sizeof s->first_problem, "%s%s", pr.items[0].msg,
+                 pr.count > 1 ? " (and more: see the log)" : "");
     for (size_t i = 0; i < pr.count; i++) {
         size_t m = strlen(pr.items[i].msg);
         all = xrealloc(all, len + m + 2);
@@ -698,7 +704,9 @@ int schema_startup(Schema *s, const char *lsn, char *err, size_t errlen)
     return rc == 0 ? 0 : -1;
 }
 
-size_t schema_problems(const Schema *s)
+size_t schema_problems(const Schema *s, const char **first)
 {
+    if (first != NULL)
+        *first = s->nproblems > 0 ? s->first_problem : NULL;
     return s->nproblems;
 }

@@ -69,7 +69,8 @@ Schema *schema_new(const SchemaConfig *cfg, const Rules *rules);
 void schema_free(Schema *s);
 
 /* The rules changed (SIGHUP): watch these instead (borrowed). Tables new to
- * the rules are learnt at the next check without acting on them. */
+ * the rules are learnt at the next check (due at once) without acting on
+ * them. */
 void schema_set_rules(Schema *s, const Rules *rules);
 
 /* Before streaming: learn each rules table's relid, and put a rules table
@@ -109,7 +110,8 @@ int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
     __attribute__((warn_unused_result));
 
 /* How many rules problems the last catalog check found (0: the rules match
- * the live schema), e.g. for a readiness check. */
-size_t schema_problems(const Schema *s);
+ * the live schema), e.g. for a readiness check; *first (when first is not
+ * NULL) is the first problem's text, valid until the next check, or NULL. */
+size_t schema_problems(const Schema *s, const char **first);
 
 #endif

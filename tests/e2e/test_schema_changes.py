@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,14 @@ def metric(port, name, labels):
         if line.startswith(name + "{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def readyz(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 class Env:
@@ -272,6 +281,9 @@ def test_template_columns_dropped_and_added_widen():
         wait_until(lambda: metric(mport, "walbust_widened_total", 'table="public.docs"') >= 1, 10,
                    "walbust_widened_total to count the widening")
         e.log_has(r'column "slug" in template "doc:\{id\}:\{slug\}" does not exist in public\.docs')
+        code, body = wait_until(lambda: (lambda c: c if c[0] == 503 else None)(readyz(mport)), 10,
+                                "/readyz to report the rules problem")
+        assert "rules_valid" in body and "slug" in body, body
 
         # The column comes back: exact keys again, no more widening.
         e.q("ALTER TABLE docs ADD COLUMN slug text")
@@ -284,6 +296,7 @@ def test_template_columns_dropped_and_added_widen():
         assert e.r.exists("doc:1:other2"), "an exact key again, not a pattern"
         assert metric(mport, "walbust_widened_total", 'table="public.docs"') == before
         e.log_has(r"the rules match the schema again")
+        wait_until(lambda: readyz(mport)[0] == 200, 10, "/readyz to be ready again")
         e.confirmed_past(current_lsn(e.db))
     finally:
         e.close()
