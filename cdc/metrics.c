@@ -71,7 +71,8 @@ typedef struct RedisTarget {
     char *reason; /* why it is down; NULL: none given */
 } RedisTarget;
 
-static const char *const cond_names[METRICS_COND_COUNT] = {"rules_valid", "publication", "slot"};
+static const char *const cond_names[METRICS_COND_COUNT] = {"rules_valid", "publication", "slot",
+                                                           "lookups"};
 static const char *const role_names[METRICS_ROLE_COUNT] = {"starting", "active", "standby"};
 
 struct Metrics {
@@ -590,7 +591,7 @@ static void render_health(StrBuf *sb, Metrics *m)
     for (int r = 0; r < METRICS_ROLE_COUNT; r++)
         sb_printf(sb, "walbust_role{role=\"%s\"} %d\n", role_names[r], (int)m->role == r ? 1 : 0);
     sb_header(sb, "walbust_condition", "gauge",
-              "1 while this readiness condition holds (rules_valid, publication, slot).");
+              "1 while this readiness condition holds (rules_valid, publication, slot, lookups).");
     for (int c = 0; c < METRICS_COND_COUNT; c++)
         sb_printf(sb, "walbust_condition{condition=\"%s\"} %d\n", cond_names[c],
                   m->cond_failed[c] ? 0 : 1);

@@ -57,6 +57,7 @@ typedef enum MetricsCondition {
     METRICS_COND_RULES_VALID, /* the rules validate against the live schema */
     METRICS_COND_PUBLICATION, /* the publication exists and is usable */
     METRICS_COND_SLOT,        /* the replication slot exists and is not lost */
+    METRICS_COND_LOOKUPS,     /* the batch's lookup queries run (lookup.h) */
     METRICS_COND_COUNT,
 } MetricsCondition;
 

@@ -232,8 +232,16 @@ static int run_lookups(Run *r)
     unsigned long long queries;
     int ms, rc;
 
-    if (lookup_batch_calls(r->lk) == 0)
+    if (lookup_batch_calls(r->lk) == 0) {
+        if (r->lk_backoff.attempt > 0) {
+            /* The failing calls were dropped (a reload applied them
+             * widened): nothing is held any more. */
+            backoff_reset(&r->lk_backoff);
+            r->lk_retry_at = 0;
+            metrics_set_condition(r->metrics, METRICS_COND_LOOKUPS, true, NULL);
+        }
         return 0;
+    }
     if (runtime_now_us() < r->lk_retry_at)
         return -1;
     wait_visible(r);
@@ -252,8 +260,11 @@ static int run_lookups(Run *r)
         lookup_batch_clear(r->lk);
         backoff_reset(&r->lk_backoff);
         r->lk_retry_at = 0;
+        metrics_set_condition(r->metrics, METRICS_COND_LOOKUPS, true, NULL);
         return 0;
     }
+    /* The batch is held: no invalidation is applied until they succeed. */
+    metrics_set_condition(r->metrics, METRICS_COND_LOOKUPS, false, lookup_exec_errstr(r->lkx));
     ms = backoff_next(&r->lk_backoff);
     r->lk_retry_at = runtime_now_us() + (int64_t)ms * 1000;
     r->stats.retries++;

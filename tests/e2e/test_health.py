@@ -224,8 +224,56 @@ def test_standby_reports_its_role():
             "WHERE slot_name = %s AND NOT active", (SLOT,))
 
 
+def test_failing_lookup_is_not_ready():
+    """A lookup whose query fails holds its batch: not ready, naming the
+    query's error, until the table is back."""
+    db = fresh_db("health_lookup")
+    sql(db, "CREATE TABLE users(id int PRIMARY KEY, name text)")
+    sql(db, "CREATE TABLE team_members(team_id int, user_id int, PRIMARY KEY (team_id, user_id))")
+    sql(db, "ALTER TABLE users REPLICA IDENTITY FULL")
+    sql(db, "CREATE PUBLICATION walbust FOR TABLE users, team_members")
+    sql(db, "INSERT INTO users VALUES (1, 'a'); INSERT INTO team_members VALUES (10, 1)")
+    rules = write_rules({"rules": [
+        {"table": "public.users", "changed": ["name"],
+         "lookup": {"sql": "SELECT team_id FROM public.team_members WHERE user_id = $1",
+                    "args": ["{id}"]},
+         "keys": ["hteam:{team_id}"]},
+        {"table": "public.team_members", "keys": ["hteam:{team_id}"]}]})
+    rd = PrivateRedis("health-redis-lookup").start()
+    r = rd.admin
+    mport = free_port()
+    wb = Walbust(db, rules, slot="health_lookup", redis_urls=[f"redis://127.0.0.1:{rd.port}"])
+    wb.args[wb.args.index("--metrics") + 1] = f"127.0.0.1:{mport}"
+    try:
+        wb.start().wait_streaming()
+        wait_ready(mport, "while streaming")
+        r.set("hteam:10", "cached")
+        sql(db, "ALTER TABLE team_members RENAME TO team_members_away")
+        sql(db, "UPDATE users SET name = 'b' WHERE id = 1")
+        status, body = wait_until(
+            lambda: (lambda s: s if s[0] == 503 and "lookups:" in s[1] else None)(readyz(mport)),
+            30, "/readyz 503 naming the failing lookup")
+        assert "team_members" in body and "does not exist" in body, body
+        m = scrape(mport)
+        assert m['walbust_condition{condition="lookups"}'] == 0 and m["walbust_ready"] == 0, m
+        assert m["walbust_redis_up"] == 1, m  # Redis is fine: only the lookup fails
+        assert r.exists("hteam:10")
+        sql(db, "ALTER TABLE team_members_away RENAME TO team_members")
+        wait_ready(mport, "once the lookup runs again")
+        wait_until(lambda: not r.exists("hteam:10"), 20, "the held invalidation")
+        assert scrape(mport)['walbust_condition{condition="lookups"}'] == 1
+        assert wb.stop() == 0
+    finally:
+        if wb.alive():
+            wb.proc.send_signal(signal.SIGKILL)
+        rd.stop()
+        sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = 'health_lookup' AND NOT active")
+
+
 if __name__ == "__main__":
     t = Runner("test_health")
     t.run(test_refusing_redis_is_down)
     t.run(test_standby_reports_its_role)
+    t.run(test_failing_lookup_is_not_ready)
     t.done()

@@ -204,6 +204,7 @@ static void test_render_families(void **state)
     assert_true(sample(text, "walbust_condition{condition=\"rules_valid\"}") == 1);
     assert_true(sample(text, "walbust_condition{condition=\"publication\"}") == 1);
     assert_true(sample(text, "walbust_condition{condition=\"slot\"}") == 1);
+    assert_true(sample(text, "walbust_condition{condition=\"lookups\"}") == 1);
     assert_true(sample(text, "walbust_ready") == 0);
     free(text);
     metrics_free(m);
