@@ -271,9 +271,49 @@ def test_failing_lookup_is_not_ready():
             "WHERE slot_name = 'health_lookup' AND NOT active")
 
 
+def test_rules_invalid_against_live_schema_is_not_ready():
+    """A migration renames a column named in "changed": walbust fires
+    (never skips) but is not ready until the rules match the schema again."""
+    db = fresh_db("health_schema")
+    sql(db, "CREATE TABLE users(id int PRIMARY KEY, name text, email text)")
+    sql(db, "ALTER TABLE users REPLICA IDENTITY FULL")
+    sql(db, "CREATE PUBLICATION walbust FOR TABLE users")
+    sql(db, "INSERT INTO users VALUES (1, 'ann', 'a@x')")
+    rules = write_rules({"rules": [{"table": "public.users", "on": ["update"],
+                                    "changed": ["name"], "keys": ["huser:{id}"]}]})
+    rd = PrivateRedis("health-redis-schema").start()
+    mport = free_port()
+    wb = Walbust(db, rules, slot="health_schema", redis_urls=[f"redis://127.0.0.1:{rd.port}"],
+                 extra=["--schema-recheck", "2"])
+    wb.args[wb.args.index("--metrics") + 1] = f"127.0.0.1:{mport}"
+    try:
+        wb.start().wait_streaming()
+        wait_ready(mport, "while streaming")
+        sql(db, "ALTER TABLE users RENAME COLUMN name TO full_name")
+        sql(db, "UPDATE users SET email = 'b@x' WHERE id = 1")  # its Relation message tells
+        status, body = wait_until(
+            lambda: (lambda s: s if s[0] == 503 and "rules_valid:" in s[1] else None)(
+                readyz(mport)), 60, "/readyz 503 naming rules_valid")
+        assert "column \"name\"" in body and "does not exist" in body, body
+        m = scrape(mport)
+        assert m['walbust_condition{condition="rules_valid"}'] == 0, m
+        assert m["walbust_redis_up"] == 1 and m["walbust_postgres_up"] == 1, m
+        sql(db, "ALTER TABLE users RENAME COLUMN full_name TO name")
+        sql(db, "UPDATE users SET email = 'c@x' WHERE id = 1")
+        wait_ready(mport, "once the rules match the schema again", timeout=60)
+        assert wb.stop() == 0
+    finally:
+        if wb.alive():
+            wb.proc.send_signal(signal.SIGKILL)
+        rd.stop()
+        sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = 'health_schema' AND NOT active")
+
+
 if __name__ == "__main__":
     t = Runner("test_health")
     t.run(test_refusing_redis_is_down)
     t.run(test_standby_reports_its_role)
     t.run(test_failing_lookup_is_not_ready)
+    t.run(test_rules_invalid_against_live_schema_is_not_ready)
     t.done()
