@@ -20,7 +20,7 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
 PURE_SRCS = cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
-            cdc/lookup.c cdc/relmap.c cdc/batch.c
+            cdc/lookup.c cdc/relmap.c cdc/batch.c cdc/slotguard.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
@@ -29,6 +29,7 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opt
             cdc/lookup_exec.c \
             cdc/rconn.c cdc/sentinel.c
 IO_SRCS  += cdc/teardown_cmd.c
+IO_SRCS  += cdc/slotstore.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -37,7 +38,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap \
-             schema batch
+             schema batch slotguard
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -82,6 +83,7 @@ $(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_relmap: $(BUILD)/obj/relmap.o
+$(BUILD)/tests/test_slotguard: $(BUILD)/obj/slotguard.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_metrics: $(BUILD)/obj/metrics.o
 $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o $(BUILD)/obj/rconn.o

@@ -428,7 +428,7 @@ static int open_first(Stream *s)
         return -1;
     }
     if (st == STREAM_BUSY)
-        return runtime_open_stream(s, 0, NULL, NULL);
+        return runtime_open_stream(s, 0, NULL, NULL, NULL);
     log_error("%s", stream_errstr(s));
     return -1;
 }
@@ -464,7 +464,7 @@ int cmd_decode(const Config *cfg)
     s = stream_new(&sc);
     for (bool first = true;; first = false) {
         int lr;
-        if ((first ? open_first(s) : runtime_open_stream(s, 0, NULL, NULL)) != 0)
+        if ((first ? open_first(s) : runtime_open_stream(s, 0, NULL, NULL, NULL)) != 0)
             break;
         lr = decode_loop(&d, s);
         if (lr == 0) {

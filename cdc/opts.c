@@ -56,7 +56,8 @@ static const OptSpec opt_table[] = {
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
      "publication (default: walbust)"},
     {"create-slot", NULL, OPT_BOOL, OFF(create_slot), NULL, F_RUN, NULL,
-     "create the slot when it does not exist (default: a missing slot is an error)"},
+     "create the slot on first use, when it does not exist and walbust never streamed from "
+     "it (default: a missing slot is an error); never over a lost slot"},
     {"metrics", "WALBUST_METRICS", OPT_STRING, OFF(metrics), "127.0.0.1:9187", F_RUN, "ADDR",
      "metrics listen address, or off (default: 127.0.0.1:9187)"},
     {"log-format", "WALBUST_LOG_FORMAT", OPT_STRING, OFF(log_format), "text", F_ALL, "text|json",
@@ -69,7 +70,8 @@ static const OptSpec opt_table[] = {
      "stop after printing N changes"},
     {"on-slot-lost", "WALBUST_ON_SLOT_LOST", OPT_STRING, OFF(on_slot_lost), "fail", F_RUN,
      "fail|flush-rules",
-     "when the slot is lost: exit with a runbook message (fail, default), or recreate it and "
+     "when a slot walbust streamed from is missing, re-created, invalidated or cannot decode "
+     "past a change: exit 1 naming the WAL range lost (fail, default), or recreate it and "
      "invalidate everything the rules cover before streaming again (flush-rules)"},
     {"schema-recheck", "WALBUST_SCHEMA_RECHECK", OPT_LONG, OFF(schema_recheck), NULL, F_RUN,
      "SECONDS",

@@ -38,6 +38,8 @@
 #include "schema.h"
 #include "visible.h"
 #include "sink.h"
+#include "slotguard.h"
+#include "slotstore.h"
 
 typedef struct RunStats {
     uint64_t transactions, changes, messages, widened, retries, redis_errors;
@@ -97,6 +99,15 @@ typedef struct Run {
     } reload;
     Schema *schema;          /* schema changes on the rules' tables (schema.h) */
     bool schema_stop;        /* a schema change walbust cannot follow: exit 1 */
+    bool replay; /* pg_lost on purpose (redis recovered): reconnect at once */
+    /* Slot lifecycle (slotguard.h). */
+    char mark_key[128];
+    SlotEvidence slot_ev;   /* what walbust knows of its use of the slot */
+    StreamSlot slot_seen;   /* the slot when the stream was opened */
+    bool slot_unverified;   /* redis was unreadable then: verify before a watermark */
+    int64_t slot_verify_at; /* monotonic µs of the next late verification */
+    SlotJudgement lost;     /* verdict SLOT_LOST: why and which range */
+    bool slot_fatal;        /* stopping because of a slot problem: exit 1 */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -334,6 +345,20 @@ static void report_target(Run *r, int i)
     metrics_redis_target(r->metrics, i, r->targets[i], up, err[0] ? err : "not connected");
 }
 
+/* Replay from what PostgreSQL was told (the slot shows where walbust
+ * resumes after a Redis failure), not from what the failed Redis
+ * acknowledged before it perhaps lost it: with the watermark ahead of
+ * PostgreSQL (maybe_watermark), that can be less. */
+static void rewind_to_reported(Run *r)
+{
+    uint64_t from = stream_reported(r->stream);
+
+    stream_rewind(r->stream, from);
+    r->acked_lsn = r->pending_lsn = from;
+    for (int i = 0; i < r->nsinks; i++)
+        r->target_acked[i] = from;
+}
+
 /* Try every target that holds work and whose retry time has come (each
  * target has its own backoff). A target with nothing queued has applied
  * everything decoded so far. The flush LSN advances to the newest commit
@@ -413,11 +438,19 @@ static int flush_targets(Run *r)
          * it is retried. Do not confirm past the failure; replay from the
          * confirmed position instead, as after a crash (docs/guarantees.md guarantee 2). */
         r->replay_after_recovery = false;
+        rewind_to_reported(r);
         log_info("redis recovered; replaying from %s so that nothing applied only to the "
                  "failed redis is missed",
                  lsn_format(r->acked_lsn, lsn));
         r->pg_lost = true;
+        r->replay = true;
         return 0;
+    }
+    if (holding == 0 && r->watermark_lsn > r->slot_ev.here_limit) {
+        /* Every target holds the watermark: PostgreSQL may hear of it
+         * (not after a failure: the replay starts from what it was told). */
+        r->slot_ev.here_limit = r->watermark_lsn;
+        stream_set_confirm_limit(r->stream, r->watermark_lsn);
     }
     if (acked != UINT64_MAX && acked > r->acked_lsn) {
         r->acked_lsn = acked;
@@ -499,13 +532,21 @@ static int flush_batch(Run *r)
     return flush_wait(r, /* all= */ true);
 }
 
+static int verify_slot_late(Run *r);
+
 /* Record the confirmed position in Redis for readers (docs/freshness.md); it rides
- * with the next flush. */
+ * with the next flush. PostgreSQL hears of a position only once every
+ * target holds it (flush_targets), so the slot is never ahead of it. */
 static void maybe_watermark(Run *r)
 {
     uint64_t confirmed = stream_confirmed(r->stream);
     char lsn[LSN_TEXT_MAX];
 
+    /* The watermark is the evidence of the slot's past: never overwrite
+     * it before the slot was checked against it, nor while the stream is
+     * about to reconnect (a replay may start before it). */
+    if (r->pg_lost || (r->slot_unverified && verify_slot_late(r) != 0))
+        return;
     if (confirmed < r->acked_lsn)
         confirmed = r->acked_lsn;
     if (confirmed <= r->watermark_lsn)
@@ -1106,17 +1147,187 @@ static void on_runtime_state(void *arg, RuntimeState state, const char *detail)
     }
 }
 
-/* --on-slot-lost=flush-rules: the slot's WAL is gone, so changes since its
- * confirmed position cannot be replayed. Recreate the slot first (changes
- * from now on are captured), then invalidate everything the rules cover,
- * widened as for a truncate of every table, so nothing cached before can
- * survive. Returns 0 when both are done. */
-static int recover_lost_slot(Run *r)
+/* ---- slot lifecycle: is the slot the one walbust streamed from? ---- */
+
+/* Read the evidence from Redis into r->slot_ev; err says why not. */
+static int read_slot_evidence(Run *r, char *err, size_t errlen)
 {
-    char err[512], sql[256];
+    return slotstore_read(r->sinks, r->nsinks, r->watermark_key, r->mark_key, &r->slot_ev, err,
+                          errlen);
+}
+
+/* The slot checked out (or was created): write the mark when it is not
+ * there yet (or names another server), and let PostgreSQL hear of
+ * positions up to what the evidence and the slot itself hold. */
+static int accept_slot(Run *r, const StreamSlot *slot, char *err, size_t errlen)
+{
+    SlotEvidence *ev = &r->slot_ev;
+    uint64_t limit = slotguard_known(ev);
+
+    if (!ev->has_mark || strcmp(ev->mark.system_id, slot->system_id) != 0 ||
+        strcmp(ev->mark.database, slot->database) != 0) {
+        SlotMark m = {.since = slot->confirmed};
+
+        snprintf(m.system_id, sizeof m.system_id, "%s", slot->system_id);
+        snprintf(m.database, sizeof m.database, "%s", slot->database);
+        if (slotstore_mark(r->sinks, r->nsinks, r->mark_key, &m, err, errlen) != 0)
+            return -1;
+        ev->has_mark = true;
+        ev->mark = m;
+    }
+    if (slot->confirmed > limit)
+        limit = slot->confirmed;
+    ev->streamed_here = true;
+    if (limit > ev->here_limit)
+        ev->here_limit = limit;
+    stream_set_confirm_limit(r->stream, ev->here_limit);
+    r->slot_unverified = false;
+    return 0;
+}
+
+/* The slot cannot decode past a change (stream.h, STREAM_LOST with the
+ * slot not invalidated): lost from the last confirmed position on. */
+static void undecodable(Run *r, const Stream *s, const StreamSlot *slot)
+{
+    char a[LSN_TEXT_MAX], b[LSN_TEXT_MAX];
+    SlotJudgement *j = &r->lost;
+
+    j->verdict = SLOT_LOST;
+    j->from = slotguard_known(&r->slot_ev);
+    if (slot->confirmed > j->from)
+        j->from = slot->confirmed;
+    j->to = slot->wal_now > j->from ? slot->wal_now : j->from;
+    snprintf(j->why, sizeof j->why,
+             "%s; the WAL from %s (the last position walbust confirmed) to at least %s (the "
+             "server's position now) cannot be applied, so caches the rules cover may hold "
+             "stale entries",
+             stream_errstr(s), lsn_format(j->from, a), lsn_format(j->to, b));
+}
+
+/* A Redis user that may not read or write the evidence: retrying will not
+ * help, and without it walbust could not tell a lost slot. Logs the grant
+ * and returns true. */
+static bool evidence_denied(const Run *r, const char *err)
+{
+    if (strstr(err, "NOPERM") == NULL)
+        return false;
+    log_error("%s: walbust reads and writes %s and %s to tell whether the slot is the one it "
+              "streamed from; grant them, e.g. (+get +set ~%s ~%s) in the user's ACL "
+              "(docs/security.md)",
+              err, r->watermark_key, r->mark_key, r->watermark_key, r->mark_key);
+    return true;
+}
+
+/* runtime_open_stream()'s slot hook (RuntimeSlotFn). */
+static int slot_hook(void *arg, Stream *s, StreamStatus st)
+{
+    Run *r = arg;
+    const StreamSlot *slot = stream_slot(s);
+    char err[512] = "", lsn[LSN_TEXT_MAX];
+    SlotVerdict v;
+
+    if (read_slot_evidence(r, err, sizeof err) != 0 && evidence_denied(r, err))
+        return -1;
+    if (st == STREAM_LOST && !slot->lost) {
+        undecodable(r, s, slot);
+        log_error("%s", r->lost.why);
+        return -2;
+    }
+    v = slotguard_judge(r->cfg->slot, slot, &r->slot_ev, r->cfg->create_slot, &r->lost);
+    switch (v) {
+    case SLOT_LOST:
+        log_error("%s", r->lost.why);
+        return -2;
+    case SLOT_MISSING:
+        log_error("%s", stream_errstr(s));
+        return -1;
+    case SLOT_WAIT:
+        log_warn("replication slot \"%s\" does not exist, and redis cannot tell whether walbust "
+                 "streamed from it before (%s): waiting for redis (--create-slot creates a slot "
+                 "only on first use)",
+                 r->cfg->slot, err);
+        return 1;
+    case SLOT_CREATE:
+        if (stream_create_slot(s) != STREAM_OK) {
+            log_error("could not create replication slot \"%s\": %s", r->cfg->slot,
+                      stream_errstr(s));
+            return -1;
+        }
+        log_info("created replication slot \"%s\" at %s (first use: redis holds no watermark "
+                 "or mark for it)",
+                 r->cfg->slot, lsn_format(slot->confirmed, lsn));
+        break;
+    case SLOT_UNVERIFIED:
+        log_warn("could not read the slot's watermark from redis (%s); streaming, and checking "
+                 "replication slot \"%s\" against it before confirming anything",
+                 err, r->cfg->slot);
+        break;
+    case SLOT_OK:
+        break;
+    }
+    r->slot_seen = *slot;
+    if (v == SLOT_UNVERIFIED || accept_slot(r, slot, err, sizeof err) != 0) {
+        if (v != SLOT_UNVERIFIED && evidence_denied(r, err))
+            return -1;
+        if (v != SLOT_UNVERIFIED)
+            log_warn("could not record the slot's mark in redis (%s); trying again before the "
+                     "first confirmation",
+                     err);
+        r->slot_unverified = true;
+        stream_set_confirm_limit(
+            s, slot->confirmed > r->slot_ev.here_limit ? slot->confirmed : r->slot_ev.here_limit);
+    }
+    return 0;
+}
+
+/* The stream was opened while Redis could not be read: check the slot as
+ * it was then against the evidence, at most once a second, and only once
+ * every target is connected. Returns 0 once checked, -1 while not (no
+ * watermark may be written yet); a lost slot stops the stream. */
+static int verify_slot_late(Run *r)
+{
+    char err[512];
+    int64_t now = runtime_now_us();
+
+    if (now < r->slot_verify_at)
+        return -1;
+    r->slot_verify_at = now + 1000000;
+    for (int i = 0; i < r->nsinks; i++)
+        if (!sink_connected(r->sinks[i]))
+            return -1;
+    if (read_slot_evidence(r, err, sizeof err) != 0) {
+        if (evidence_denied(r, err)) {
+            r->slot_fatal = true; /* drain, then exit 1 */
+            runtime_stop = 1;
+        }
+        return -1;
+    }
+    if (slotguard_judge(r->cfg->slot, &r->slot_seen, &r->slot_ev, r->cfg->create_slot, &r->lost) ==
+        SLOT_LOST) {
+        log_error("%s", r->lost.why);
+        r->pg_lost = true; /* leave the stream loop; cmd_run follows --on-slot-lost */
+        return -1;
+    }
+    if (accept_slot(r, &r->slot_seen, err, sizeof err) != 0) {
+        if (evidence_denied(r, err)) {
+            r->slot_fatal = true;
+            runtime_stop = 1;
+        }
+        return -1;
+    }
+    log_info("replication slot \"%s\" checked against the watermark in redis: it is the one "
+             "walbust streamed from",
+             r->cfg->slot);
+    return 0;
+}
+
+/* Drop the slot when it exists and create it anew; *at is where the new
+ * slot starts. Returns 0, or -1 (logged). */
+static int recreate_slot(Run *r, uint64_t *at)
+{
+    char err[512], sql[320];
     PGconn *conn = stream_plain_connect(r->cfg->pg, err, sizeof err);
     PGresult *res;
-    ChangeTxn txn = {0};
 
     if (conn == NULL) {
         log_error("slot recovery: %s", err);
@@ -1130,11 +1341,13 @@ static int recover_lost_slot(Run *r)
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
         PQclear(res);
         snprintf(sql, sizeof sql,
-                 "SELECT pg_catalog.pg_create_logical_replication_slot('%s', 'pgoutput')",
+                 "SELECT lsn FROM pg_catalog.pg_create_logical_replication_slot('%s', "
+                 "'pgoutput')",
                  r->cfg->slot);
         res = PQexec(conn, sql);
     }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
+        !lsn_parse(PQgetvalue(res, 0, 0), at)) {
         log_error("slot recovery: could not recreate slot \"%s\": %s", r->cfg->slot,
                   PQerrorMessage(conn));
         PQclear(res);
@@ -1143,7 +1356,28 @@ static int recover_lost_slot(Run *r)
     }
     PQclear(res);
     PQfinish(conn);
-    log_warn("recreated lost slot \"%s\"; invalidating everything the rules cover", r->cfg->slot);
+    return 0;
+}
+
+/* --on-slot-lost=flush-rules: the slot's WAL is gone, so changes since its
+ * confirmed position cannot be replayed. Recreate the slot first (changes
+ * from now on are captured), then invalidate everything the rules cover,
+ * widened as for a truncate of every table, so nothing cached before can
+ * survive; the watermark and the mark then describe the new slot. Returns 0
+ * when all is done. */
+static int recover_lost_slot(Run *r)
+{
+    char a[LSN_TEXT_MAX], b[LSN_TEXT_MAX], err[512];
+    ChangeTxn txn = {0};
+    const StreamSlot *was = stream_slot(r->stream);
+    SlotMark m = {0};
+    uint64_t at = 0;
+
+    if (recreate_slot(r, &at) != 0)
+        return -1;
+    log_warn("recreated lost slot \"%s\" at %s; the WAL from %s to %s was not applied: "
+             "invalidating everything the rules cover",
+             r->cfg->slot, lsn_format(at, a), lsn_format(r->lost.from, b), a);
 
     snprintf(txn.lsn_text, sizeof txn.lsn_text, "0/0");
     pgtime_format(pgtime_now(), txn.time_text);
@@ -1154,12 +1388,45 @@ static int recover_lost_slot(Run *r)
                            .commit_time = txn.time_text};
         rules_eval(r->rules, &chg, emit_to_sinks, r, NULL);
     }
+    /* Everything before the new slot's start is now invalidated: the
+     * watermark may say so (readers waiting for an older LSN may go on). */
+    for (int i = 0; i < r->nsinks; i++)
+        sink_set_watermark(r->sinks[i], r->watermark_key, a);
+    r->watermark_lsn = at;
     if (flush_batch(r) != 0)
         return -1;
+    m.since = at;
+    snprintf(m.system_id, sizeof m.system_id, "%s", was->system_id);
+    snprintf(m.database, sizeof m.database, "%s", was->database);
+    if (slotstore_mark(r->sinks, r->nsinks, r->mark_key, &m, err, sizeof err) != 0) {
+        log_error("slot recovery: could not record the new slot in redis: %s", err);
+        return -1;
+    }
+    r->slot_ev.has_mark = true;
+    r->slot_ev.mark = m;
+    r->slot_ev.here_limit = at;
     r->acked_lsn = r->pending_lsn = 0;
     memset(r->target_acked, 0, sizeof r->target_acked);
+    memset(&r->lost, 0, sizeof r->lost);
     log_info("caches the rules cover are flushed; streaming from the new slot");
     return 0;
+}
+
+/* A lost slot (r->lost, logged): follow --on-slot-lost. Returns 0 when the
+ * slot was recreated and the caches flushed, -1 to stop. */
+static int slot_lost(Run *r)
+{
+    if (strcmp(r->cfg->on_slot_lost, "flush-rules") == 0)
+        return recover_lost_slot(r);
+    log_error("stopping: replication slot \"%s\" is lost (above) and --on-slot-lost is fail "
+              "(--create-slot creates a slot only on first use, never over a lost one). To go "
+              "on, restart once with --on-slot-lost flush-rules (walbust recreates the slot, "
+              "then invalidates everything the rules cover), or by hand: SELECT "
+              "pg_drop_replication_slot('%s') if it still exists, walbust setup, flush the "
+              "caches the rules cover, then DEL %s and start walbust (docs/operations.md, "
+              "runbook: lost slot)",
+              r->cfg->slot, r->cfg->slot, r->mark_key);
+    return -1;
 }
 
 static void run_free(Run *r)
@@ -1183,20 +1450,41 @@ static void run_free(Run *r)
     rules_free(r->rules);
 }
 
+/* A stream that ends right after it started (a server that accepts
+ * START_REPLICATION and then fails, again and again) must not reconnect
+ * in a tight loop: wait the capped, jittered backoff, which starts over
+ * only after the stream stayed up this long. */
+#define RUN_HEALTHY_STREAM_US (30 * 1000000LL)
+
+static void reconnect_pause(Backoff *b, int64_t streaming_since)
+{
+    int ms;
+
+    if (runtime_now_us() - streaming_since >= RUN_HEALTHY_STREAM_US)
+        backoff_reset(b);
+    ms = backoff_next(b);
+    if (b->attempt > 1)
+        log_warn("the replication stream failed %d times in a row within %lld s of starting; "
+                 "reconnecting in %d ms",
+                 b->attempt, RUN_HEALTHY_STREAM_US / 1000000, ms);
+    notify_status("waiting for postgresql");
+    runtime_sleep(ms, NULL, NULL);
+}
+
 int cmd_run(const Config *cfg)
 {
     Run r = {.cfg = cfg};
-    StreamConfig sc = {.conninfo = cfg->pg,
-                       .slot = cfg->slot,
-                       .publication = cfg->publication,
-                       .create_slot = cfg->create_slot,
-                       .confirm = true};
+    StreamConfig sc = {
+        .conninfo = cfg->pg, .slot = cfg->slot, .publication = cfg->publication, .confirm = true};
+    Backoff reconnect = {0, 200, 10000};
+    int64_t streaming_since = 0;
     int rc = 1;
 
     r.rules = cmd_load_rules(cfg->rules, NULL);
     if (r.rules == NULL)
         return 1;
     snprintf(r.watermark_key, sizeof r.watermark_key, "walbust:confirmed:%s", cfg->slot);
+    snprintf(r.mark_key, sizeof r.mark_key, "walbust:slot:%s", cfg->slot);
     runtime_signals();
     r.metrics = metrics_new();
     r.vis = visible_new(cfg->pg);
@@ -1240,9 +1528,11 @@ int cmd_run(const Config *cfg)
         if (r.acked_lsn > start)
             start = r.acked_lsn;
         metrics_postgres_up(r.metrics, false);
-        open_rc = runtime_open_stream(r.stream, start, startup_check, &r);
-        if (open_rc == -2 && strcmp(cfg->on_slot_lost, "flush-rules") == 0) {
-            if (recover_lost_slot(&r) != 0)
+        open_rc = runtime_open_stream(r.stream, start, slot_hook, startup_check, &r);
+        if (open_rc == -2) {
+            if (r.lost.verdict != SLOT_LOST) /* found at START_REPLICATION */
+                undecodable(&r, r.stream, stream_slot(r.stream));
+            if (slot_lost(&r) != 0)
                 break;
             stream_free(r.stream);
             r.stream = stream_new(&sc); /* forget the lost slot's positions */
@@ -1255,12 +1545,21 @@ int cmd_run(const Config *cfg)
         if (r.acked_lsn < stream_confirmed(r.stream))
             r.acked_lsn = r.pending_lsn = stream_confirmed(r.stream);
         r.pg_lost = false;
+        r.replay = false;
         metrics_postgres_up(r.metrics, true);
         notify_status("streaming");
+        streaming_since = runtime_now_us();
         stream_loop(&r);
         metrics_postgres_up(r.metrics, false);
         if (runtime_stop)
             break;
+        if (r.lost.verdict == SLOT_LOST) { /* found by the late check */
+            if (slot_lost(&r) != 0)
+                break;
+            stream_free(r.stream);
+            r.stream = stream_new(&sc);
+            continue;
+        }
         /* Connection lost or undecodable data: apply what was gathered
          * (harmless if repeated), then replay from the confirmed position. */
         if (sinks_dirty(&r))
@@ -1269,21 +1568,31 @@ int cmd_run(const Config *cfg)
         pgo_reset(r.dec);
         r.in_txn = false;
         r.pending_lsn = r.acked_lsn;
+        if (!r.replay)
+            reconnect_pause(&reconnect, streaming_since);
     }
     if (runtime_stop) {
         char lsn[LSN_TEXT_MAX];
 
         notify_stopping();
-        /* Drain: finish the in-flight batch, confirm, exit cleanly. */
+        /* Drain: finish the in-flight batch, record the watermark (which
+         * must hold a position before PostgreSQL hears of it), confirm, exit
+         * cleanly. */
         if (sinks_dirty(&r) && flush_batch(&r) != 0)
             log_warn("stopping before redis acknowledged the last batch; it will be replayed "
                      "from %s on restart",
                      lsn_format(r.acked_lsn, lsn));
-        else if (!r.pg_lost)
-            (void)stream_confirm(r.stream, r.acked_lsn, true);
+        else {
+            maybe_watermark(&r);
+            if (sinks_dirty(&r) && flush_batch(&r) != 0)
+                log_warn("stopping before redis acknowledged the watermark %s",
+                         lsn_format(r.watermark_lsn, lsn));
+            else if (!r.pg_lost)
+                (void)stream_confirm(r.stream, r.acked_lsn, true);
+        }
         report(&r, true);
         log_info("stopped");
-        rc = r.schema_stop ? 1 : 0;
+        rc = (r.schema_stop || r.slot_fatal) ? 1 : 0;
     }
 done:
     runtime_on_state(NULL, NULL);

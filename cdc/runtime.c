@@ -109,7 +109,32 @@ void runtime_sleep(int ms, void (*tick)(void *), void *arg)
     }
 }
 
-int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, void *arg)
+/* Run the slot hook on a fresh connection. Returns STREAM_OK to go on,
+ * STREAM_RETRY to retry (logged), or -1/-2 through *rc to stop. */
+static StreamStatus judge_slot(Stream *s, StreamStatus st, RuntimeSlotFn slot, void *arg, int *rc)
+{
+    int verdict;
+
+    if (slot == NULL) {
+        if (st == STREAM_OK)
+            return STREAM_OK;
+        log_error("%s", stream_errstr(s));
+        *rc = st == STREAM_LOST ? -2 : -1;
+        stream_close(s);
+        return STREAM_FATAL;
+    }
+    verdict = slot(arg, s, st);
+    if (verdict == 0)
+        return STREAM_OK;
+    stream_close(s);
+    if (verdict == 1)
+        return STREAM_RETRY;
+    *rc = verdict;
+    return STREAM_FATAL;
+}
+
+int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeSlotFn slot, RuntimeCheckFn check,
+                        void *arg)
 {
     Backoff b = {0, 200, 10000};
     bool standby_logged = false;
@@ -117,7 +142,20 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
 
     while (!runtime_stop) {
         StreamStatus st = stream_connect(s);
+        int rc = -1;
 
+        if (st == STREAM_OK || st == STREAM_MISSING || st == STREAM_LOST) {
+            st = judge_slot(s, st, slot, arg, &rc);
+            if (st == STREAM_FATAL)
+                return rc;
+            if (st == STREAM_RETRY) {
+                int ms = backoff_next(&b);
+                report_state(RUNTIME_CONNECTING, "waiting to verify the slot");
+                notify_status("waiting to verify the slot");
+                runtime_sleep(ms, NULL, NULL);
+                continue;
+            }
+        }
         if (st == STREAM_OK && check != NULL && check(arg, stream_conn(s)) != 0) {
             stream_close(s);
             return -1;
@@ -131,7 +169,9 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, voi
                      lsn_format(stream_confirmed(s), lsn));
             return 0;
         case STREAM_FATAL:
+        case STREAM_MISSING:
             log_error("%s", stream_errstr(s));
+            stream_close(s);
             return -1;
         case STREAM_LOST:
             log_error("%s", stream_errstr(s));

@@ -53,11 +53,20 @@ typedef void (*RuntimeStateFn)(void *arg, RuntimeState state, const char *detail
  * (standing by: about once a second); fn = NULL stops it. */
 void runtime_on_state(RuntimeStateFn fn, void *arg);
 
+/* Hook run after stream_connect() returned STREAM_OK, STREAM_MISSING or
+ * STREAM_LOST, before the check above: decides what the slot's state
+ * (stream_slot()) means, and may create the slot (stream_create_slot()).
+ * Returns 0 to go on (the slot exists), 1 to retry with backoff (logged),
+ * -2 when the slot is lost (logged), -1 on another fatal error (logged). */
+typedef int (*RuntimeSlotFn)(void *arg, Stream *s, StreamStatus st);
+
 /* Connect and start streaming from start_lsn, retrying transient errors
- * with backoff and standing by while the slot is active elsewhere.
- * Returns 0 when streaming, -2 when the slot is lost (logged), -1 on another
- * fatal error (logged) or when runtime_stop was set. */
-int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeCheckFn check, void *arg);
+ * with backoff and standing by while the slot is active elsewhere. Without
+ * a slot hook, a missing slot is fatal. Returns 0 when streaming, -2 when
+ * the slot is lost (logged), -1 on another fatal error (logged) or when
+ * runtime_stop was set. */
+int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeSlotFn slot, RuntimeCheckFn check,
+                        void *arg);
 
 /* Monotonic clock in microseconds. */
 int64_t runtime_now_us(void);

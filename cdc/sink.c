@@ -105,6 +105,7 @@ struct Sink {
 static Cluster *cl_new(const SinkConfig *cfg, RconnTls *tls);
 static int cl_connect(Sink *s);
 static int cl_flush(Sink *s);
+static int cl_exec(Sink *s);
 
 static void set_err(Sink *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -380,6 +381,92 @@ int sink_ping(Sink *s)
     if (s->c == NULL || s->cl != NULL)
         return sink_connect(s);
     return ping(s);
+}
+
+/* ---- single commands (outside a flush) ------------------------------- */
+
+/* Run one command on key (argv[1]) now, routed like the batch, and hand
+ * its reply to take(), whose result is returned (-1 on an I/O error or, in
+ * a cluster, an error reply). No pipeline may be pending. */
+static int one_key_cmd(Sink *s, int argc, const char **argv,
+                       int (*take)(Sink *, const redisReply *, void *), void *arg)
+{
+    size_t lens[3];
+    redisReply *r = NULL;
+    int rc;
+
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    if (s->cl != NULL) {
+        if (!cluster_connected(s->cl) && cl_connect(s) < 0)
+            return -1;
+        cluster_reset(s->cl);
+        (void)cluster_append_key(s->cl, 1, argc, argv, lens);
+        if (cl_exec(s) < 0) {
+            cluster_reset(s->cl);
+            return -1;
+        }
+        rc = take(s, cluster_reply(s->cl, 0), arg);
+        cluster_reset(s->cl);
+        return rc;
+    }
+    if (s->c == NULL && sink_connect(s) < 0)
+        return -1;
+    if (command(s, argv[0], argc, argv, lens, &r) < 0)
+        return -1;
+    rc = take(s, r, arg);
+    freeReplyObject(r);
+    return rc;
+}
+
+typedef struct GetBuf {
+    char *buf;
+    size_t len;
+} GetBuf;
+
+static int take_get(Sink *s, const redisReply *r, void *arg)
+{
+    GetBuf *g = arg;
+    char t[300];
+
+    if (r->type == REDIS_REPLY_NIL)
+        return 0;
+    if (r->type == REDIS_REPLY_STRING) {
+        snprintf(g->buf, g->len, "%.*s", (int)r->len, r->str);
+        return 1;
+    }
+    set_err(s, "redis GET failed at %s: %s", target(s, t, sizeof t),
+            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    return -1;
+}
+
+static int take_ok(Sink *s, const redisReply *r, void *arg)
+{
+    char t[300];
+
+    (void)arg;
+    if (r->type == REDIS_REPLY_STATUS)
+        return 0;
+    set_err(s, "redis SET failed at %s: %s", target(s, t, sizeof t),
+            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    return -1;
+}
+
+int sink_get(Sink *s, const char *key, char *buf, size_t len)
+{
+    const char *argv[2] = {"GET", key};
+    GetBuf g = {buf, len};
+
+    if (len > 0)
+        buf[0] = '\0';
+    return one_key_cmd(s, 2, argv, take_get, &g);
+}
+
+int sink_set(Sink *s, const char *key, const char *value)
+{
+    const char *argv[3] = {"SET", key, value};
+
+    return one_key_cmd(s, 3, argv, take_ok, NULL);
 }
 
 /* ---- pipeline -------------------------------------------------------- */

@@ -97,6 +97,17 @@ int sink_flush(Sink *s) __attribute__((warn_unused_result));
  * Cluster target the same holds for refusals from any master. */
 bool sink_oom(const Sink *s);
 
+/* Read the string at key into buf (len bytes, NUL-terminated, cut to fit),
+ * connecting first when needed. Outside sink_flush() only; the queued
+ * batch is untouched. Returns 1 when the key holds a string, 0 when it does
+ * not exist, -1 on an I/O error or an error reply (sink_errstr()). */
+int sink_get(Sink *s, const char *key, char *buf, size_t len) __attribute__((warn_unused_result));
+
+/* SET key value now (not queued), connecting first when needed. Outside
+ * sink_flush() only. Returns 0 when Redis acknowledged, -1 otherwise
+ * (sink_errstr()). */
+int sink_set(Sink *s, const char *key, const char *value) __attribute__((warn_unused_result));
+
 /* Change DEL/UNLINK choice (after a rules reload). */
 void sink_set_use_del(Sink *s, bool use_del);
 

@@ -33,7 +33,12 @@ struct Stream {
     int64_t last_read_us;   /* monotonic time of the last socket read */
     bool confirm_pending;   /* confirmed moved since the last status update */
     char *copybuf;          /* last PQgetCopyData buffer */
-    uint64_t confirmed;     /* flush position we report */
+    uint64_t confirmed;     /* flush position applied (reported up to limit) */
+    uint64_t limit;         /* stream_set_confirm_limit(); UINT64_MAX: none */
+    uint64_t reported;      /* flush position of the last status update */
+    uint64_t pub_gap_lsn;   /* the last stream ended: publication missing at this change */
+    char pub_gap_name[64];  /* ... namely this one */
+    StreamSlot slot;
     uint64_t received;
     uint64_t server_end;
     int64_t last_status_us; /* monotonic time of the last status update */
@@ -80,6 +85,7 @@ Stream *stream_new(const StreamConfig *cfg)
     if (s->cfg.conninfo == NULL)
         s->cfg.conninfo = "";
     s->interval_ms = s->cfg.status_interval_ms;
+    s->limit = UINT64_MAX;
     snprintf(s->desc, sizeof s->desc, "(not connected)");
     return s;
 }
@@ -122,6 +128,21 @@ uint64_t stream_confirmed(const Stream *s)
     return s->confirmed;
 }
 
+static uint64_t reportable(const Stream *s);
+
+uint64_t stream_reported(const Stream *s)
+{
+    return reportable(s);
+}
+
+void stream_rewind(Stream *s, uint64_t lsn)
+{
+    uint64_t told = reportable(s);
+
+    s->confirmed = lsn > told ? lsn : told;
+    s->confirm_pending = false;
+}
+
 uint64_t stream_received(const Stream *s)
 {
     return s->received;
@@ -140,6 +161,27 @@ int stream_server_version(const Stream *s)
 const char *stream_describe(const Stream *s)
 {
     return s->desc;
+}
+
+const StreamSlot *stream_slot(const Stream *s)
+{
+    return &s->slot;
+}
+
+/* The flush position a status update may carry now. */
+static uint64_t reportable(const Stream *s)
+{
+    if (!s->cfg.confirm)
+        return 0;
+    return s->confirmed < s->limit ? s->confirmed : s->limit;
+}
+
+void stream_set_confirm_limit(Stream *s, uint64_t limit)
+{
+    if (s->limit == UINT64_MAX || limit > s->limit)
+        s->limit = limit;
+    if (reportable(s) > s->reported)
+        s->confirm_pending = true;
 }
 
 void stream_set_idle(Stream *s, bool idle)
@@ -471,14 +513,34 @@ static StreamStatus create_slot(Stream *s)
 {
     char sql[256];
     PGresult *res;
+    uint64_t at = 0;
 
     snprintf(sql, sizeof sql, "CREATE_REPLICATION_SLOT \"%s\" %sLOGICAL pgoutput NOEXPORT_SNAPSHOT",
              s->cfg.slot, s->cfg.temporary_slot ? "TEMPORARY " : "");
     res = simple_query(s, sql, PGRES_TUPLES_OK);
     if (res == NULL)
         return STREAM_FATAL;
+    /* Columns: slot_name, consistent_point, snapshot_name, output_plugin. */
+    if (PQntuples(res) == 1 && PQnfields(res) >= 2 && !PQgetisnull(res, 0, 1))
+        if (!lsn_parse(PQgetvalue(res, 0, 1), &at))
+            at = 0;
     PQclear(res);
+    s->slot.exists = true;
+    s->slot.created = true;
+    s->slot.lost = false;
+    s->slot.confirmed = at;
     return STREAM_OK;
+}
+
+StreamStatus stream_create_slot(Stream *s)
+{
+    StreamStatus st = s->conn != NULL ? create_slot(s) : STREAM_FATAL;
+
+    if (s->conn == NULL)
+        snprintf(s->errstr, sizeof s->errstr, "not connected");
+    if (st != STREAM_OK)
+        stream_close(s);
+    return st;
 }
 
 static StreamStatus lost_slot_error(Stream *s)
@@ -486,10 +548,30 @@ static StreamStatus lost_slot_error(Stream *s)
     snprintf(s->errstr, sizeof s->errstr,
              "replication slot \"%s\" is lost (wal_status=lost): PostgreSQL removed WAL the slot "
              "still needed (max_slot_wal_keep_size), so changes since its confirmed position can "
-             "no longer be read and caches may hold stale entries; drop it (SELECT "
-             "pg_drop_replication_slot('%s')), start walbust with --create-slot, and flush the "
-             "caches the rules cover",
-             s->cfg.slot, s->cfg.slot);
+             "no longer be read and caches may hold stale entries",
+             s->cfg.slot);
+    s->slot.lost = true;
+    return STREAM_LOST;
+}
+
+/* The previous stream ended because pgoutput could not find the
+ * publication when decoding the change at pub_gap_lsn, and the publication
+ * exists now: it was dropped and re-created (or created after the slot)
+ * while changes were written. Decoding reads the catalog as of each change,
+ * so this slot fails at that change however often it reconnects. */
+static StreamStatus publication_gap_error(Stream *s)
+{
+    char at[LSN_TEXT_MAX];
+
+    lsn_format(s->pub_gap_lsn, at);
+    snprintf(s->errstr, sizeof s->errstr,
+             "replication slot \"%s\" cannot decode the change at %s: publication \"%s\" did "
+             "not exist when it was written (the publication was dropped and re-created, or "
+             "created after the slot, while changes were committed). PostgreSQL decodes every "
+             "change with the catalog as it was then, so this slot can never get past %s, and "
+             "the changes written while the publication was missing were published to no one",
+             s->cfg.slot, at, s->pub_gap_name, at);
+    s->pub_gap_lsn = 0;
     return STREAM_LOST;
 }
 
@@ -502,23 +584,29 @@ static StreamStatus check_slot(Stream *s)
 
     if (s->cfg.temporary_slot)
         return create_slot(s);
+    /* The server's position comes with the slot's, so "missing" and
+     * "re-created" can be told with the WAL range involved. */
     snprintf(sql, sizeof sql,
              "SELECT plugin, slot_type, coalesce(database::text, ''), "
-             "coalesce(wal_status, ''), current_database() "
-             "FROM pg_catalog.pg_replication_slots WHERE slot_name = '%s'",
+             "coalesce(wal_status, ''), current_database(), "
+             "coalesce(confirmed_flush_lsn::text, ''), "
+             "(CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() "
+             "ELSE pg_catalog.pg_current_wal_lsn() END)::text "
+             "FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_replication_slots "
+             "ON slot_name = '%s'",
              s->cfg.slot);
     res = simple_query(s, sql, PGRES_TUPLES_OK);
     if (res == NULL)
         return STREAM_RETRY;
-    if (PQntuples(res) == 0) {
+    if (!lsn_parse(PQgetvalue(res, 0, 6), &s->slot.wal_now))
+        s->slot.wal_now = 0;
+    if (PQgetisnull(res, 0, 0)) {
         PQclear(res);
-        if (s->cfg.create_slot)
-            return create_slot(s);
         if (s->cfg.confirm) /* walbust run */
             snprintf(s->errstr, sizeof s->errstr,
                      "replication slot \"%s\" does not exist in %s; run walbust setup --rules FILE "
-                     "--slot %s, start walbust run with --slot %s --create-slot, or SELECT "
-                     "pg_create_logical_replication_slot('%s', 'pgoutput')",
+                     "--slot %s, start walbust run with --slot %s --create-slot (first use "
+                     "only), or SELECT pg_create_logical_replication_slot('%s', 'pgoutput')",
                      s->cfg.slot, s->desc, s->cfg.slot, s->cfg.slot, s->cfg.slot);
         else /* walbust decode --slot: reads an existing slot, never creates one */
             snprintf(s->errstr, sizeof s->errstr,
@@ -526,8 +614,11 @@ static StreamStatus check_slot(Stream *s)
                      "--slot %s, or run walbust decode without --slot (it then uses a temporary "
                      "slot)",
                      s->cfg.slot, s->desc, s->cfg.slot);
-        return STREAM_FATAL;
+        return STREAM_MISSING;
     }
+    s->slot.exists = true;
+    if (!lsn_parse(PQgetvalue(res, 0, 5), &s->slot.confirmed))
+        s->slot.confirmed = 0; /* NULL: never confirmed (or lost on PostgreSQL 15) */
     plugin = PQgetvalue(res, 0, 0);
     dbname = PQgetvalue(res, 0, 2);
     wal_status = PQgetvalue(res, 0, 3);
@@ -600,6 +691,7 @@ StreamStatus stream_connect(Stream *s)
 
     stream_close(s);
     s->errstr[0] = '\0';
+    memset(&s->slot, 0, sizeof s->slot);
     if (!valid_name(s->cfg.slot) || !valid_name(s->cfg.publication)) {
         snprintf(s->errstr, sizeof s->errstr,
                  "slot \"%s\" and publication \"%s\" must be 1-63 characters of a-z, 0-9 and _",
@@ -636,6 +728,8 @@ StreamStatus stream_connect(Stream *s)
         stream_close(s);
         return STREAM_FATAL;
     }
+    snprintf(s->slot.system_id, sizeof s->slot.system_id, "%s", PQgetvalue(res, 0, 0));
+    snprintf(s->slot.database, sizeof s->slot.database, "%s", PQgetvalue(res, 0, 3));
     PQclear(res);
 
     adapt_status_interval(s);
@@ -643,12 +737,17 @@ StreamStatus stream_connect(Stream *s)
         stream_close(s);
         return st;
     }
-    if ((st = check_wal_level(s)) != STREAM_OK || (st = check_publication(s)) != STREAM_OK ||
-        (st = check_slot(s)) != STREAM_OK) {
+    if ((st = check_wal_level(s)) != STREAM_OK || (st = check_publication(s)) != STREAM_OK) {
+        s->pub_gap_lsn = 0;
         stream_close(s);
         return st;
     }
-    return STREAM_OK;
+    st = check_slot(s);
+    if (st == STREAM_OK && s->pub_gap_lsn != 0)
+        st = publication_gap_error(s);
+    if (st != STREAM_OK && st != STREAM_MISSING && st != STREAM_LOST)
+        stream_close(s);
+    return st;
 }
 
 /* The slot's confirmed position: where START_REPLICATION from an older
@@ -702,6 +801,7 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
         s->last_recv_us = s->last_status_us;
         s->ping_sent_us = 0;
         s->got_message = false;
+        s->reported = 0;
         if (s->confirmed < start_lsn)
             s->confirmed = start_lsn;
         return STREAM_OK;
@@ -726,7 +826,7 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
 static int send_status(Stream *s, bool reply_requested)
 {
     char buf[1 + 8 * 4 + 1];
-    uint64_t flush = s->cfg.confirm ? s->confirmed : 0;
+    uint64_t flush = reportable(s);
     char msg[768];
 
     buf[0] = 'r';
@@ -743,6 +843,7 @@ static int send_status(Stream *s, bool reply_requested)
     }
     s->last_status_us = mono_us();
     s->confirm_pending = false;
+    s->reported = flush;
     return 0;
 }
 
@@ -761,7 +862,8 @@ int stream_confirm_soon(Stream *s, uint64_t flush_lsn)
 {
     if (flush_lsn > s->confirmed) {
         s->confirmed = flush_lsn;
-        s->confirm_pending = true;
+        if (reportable(s) > s->reported)
+            s->confirm_pending = true;
     }
     if (!s->confirm_pending || s->conn == NULL || !s->streaming)
         return 0;
@@ -786,7 +888,9 @@ static int handle_keepalive(Stream *s, const char *buf, int len)
      * has been acknowledged, so the position can be confirmed. */
     if (s->idle && end > s->confirmed && s->cfg.confirm) {
         s->confirmed = end;
-        return send_status(s, false);
+        if (buf[17] || reportable(s) > s->reported)
+            return send_status(s, false);
+        return 0;
     }
     if (buf[17])
         return send_status(s, false);
@@ -855,6 +959,27 @@ static int dispatch(Stream *s, int len, StreamData *out)
     return -1;
 }
 
+/* pgoutput's "publication ... does not exist" (SQLSTATE 42704) while
+ * decoding: the change it names in its CONTEXT ("associated LSN X/X") was
+ * written while the publication did not exist. Returns that LSN, or 0. */
+static uint64_t publication_gap(const PGresult *res, char *name, size_t namelen)
+{
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *context = PQresultErrorField(res, PG_DIAG_CONTEXT);
+    const char *at = context != NULL ? strstr(context, "associated LSN ") : NULL;
+    char text[LSN_TEXT_MAX];
+    uint64_t lsn = 0;
+
+    if (state == NULL || strcmp(state, "42704") != 0 || primary == NULL ||
+        strncmp(primary, "publication \"", 13) != 0 || at == NULL)
+        return 0;
+    at += strlen("associated LSN ");
+    snprintf(name, namelen, "%.*s", (int)strcspn(primary + 13, "\""), primary + 13);
+    snprintf(text, sizeof text, "%.*s", (int)strspn(at, "0123456789ABCDEFabcdef/"), at);
+    return lsn_parse(text, &lsn) ? lsn : 0;
+}
+
 static int stream_ended(Stream *s)
 {
     PGresult *res = PQgetResult(s->conn);
@@ -863,6 +988,8 @@ static int stream_ended(Stream *s)
     pq_message(s->conn, msg, sizeof msg);
     if (res != NULL && PQresultErrorMessage(res)[0] != '\0')
         snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(res));
+    if (res != NULL)
+        s->pub_gap_lsn = publication_gap(res, s->pub_gap_name, sizeof s->pub_gap_name);
     snprintf(s->errstr, sizeof s->errstr, "replication stream from %s ended: %s", s->desc,
              msg[0] ? msg : "server closed the stream");
     PQclear(res);

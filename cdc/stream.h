@@ -28,17 +28,30 @@
 
 typedef enum StreamStatus {
     STREAM_OK = 0,
-    STREAM_RETRY, /* transient: server unreachable, connection lost */
-    STREAM_BUSY,  /* slot is active for another process: stand by */
-    STREAM_FATAL, /* configuration problem: retrying will not help */
-    STREAM_LOST,  /* the slot is lost (wal_status=lost): its WAL was removed */
+    STREAM_RETRY,   /* transient: server unreachable, connection lost */
+    STREAM_BUSY,    /* slot is active for another process: stand by */
+    STREAM_FATAL,   /* configuration problem: retrying will not help */
+    STREAM_LOST,    /* the slot cannot go on: wal_status=lost (its WAL was removed),
+                     * or it cannot decode past a change (publication missing then) */
+    STREAM_MISSING, /* the slot does not exist; the connection stays open so
+                     * the caller may stream_create_slot() */
 } StreamStatus;
+
+/* What stream_connect() found out about the slot (and the server). */
+typedef struct StreamSlot {
+    bool exists;        /* found, or created by stream_create_slot() */
+    bool created;       /* created by stream_create_slot() on this connection */
+    bool lost;          /* wal_status = lost */
+    uint64_t confirmed; /* confirmed_flush_lsn (created: the consistent point) */
+    uint64_t wal_now;   /* the server's WAL position at the check */
+    char system_id[32]; /* IDENTIFY_SYSTEM systemid */
+    char database[64];  /* the connection's database */
+} StreamSlot;
 
 typedef struct StreamConfig {
     const char *conninfo;     /* conninfo string or URI; "" for libpq defaults */
     const char *slot;
     const char *publication;
-    bool create_slot;         /* create the slot when missing */
     bool temporary_slot;      /* create a TEMPORARY slot named `slot` */
     bool confirm;             /* false: never confirm anything (decode --slot) */
     int status_interval_ms;   /* default 10000 */
@@ -61,10 +74,23 @@ Stream *stream_new(const StreamConfig *cfg);
 /* Close and free. Accepts NULL. */
 void stream_free(Stream *s);
 
-/* Connect and run the start-up checks; creates the slot when configured.
+/* Connect and run the start-up checks (a temporary slot is created here).
  * Returns STREAM_OK, or another status with stream_errstr() saying what
- * failed and what to do. */
+ * failed and what to do. STREAM_MISSING and STREAM_LOST keep the
+ * connection open (stream_slot() says what was found); the caller decides,
+ * then calls stream_create_slot() or stream_close(). STREAM_LOST is also
+ * returned when the previous stream ended because the publication did not
+ * exist at a change it had to decode and the publication exists now: the
+ * slot can never decode past that change. */
 StreamStatus stream_connect(Stream *s) __attribute__((warn_unused_result));
+
+/* The slot facts of the last stream_connect(); valid until the next one. */
+const StreamSlot *stream_slot(const Stream *s);
+
+/* After STREAM_MISSING: create the (persistent) slot on the open
+ * connection. Returns STREAM_OK (stream_slot() then says created, with its
+ * consistent point as confirmed) or STREAM_FATAL (connection closed). */
+StreamStatus stream_create_slot(Stream *s) __attribute__((warn_unused_result));
 
 /* The connection between stream_connect() and stream_start(), for simple
  * queries (replication connections allow only the simple protocol). */
@@ -95,6 +121,13 @@ int stream_confirm(Stream *s, uint64_t flush_lsn, bool force);
  * or -1 when the connection failed. */
 int stream_confirm_soon(Stream *s, uint64_t flush_lsn);
 
+/* Never report a flush position past limit to the server, although
+ * stream_confirmed() may be ahead (the daemon reports a position only once
+ * the Redis watermark holds it, so a slot can be told apart from one that
+ * was re-created). The limit only rises; without a call there is none. A
+ * position held back is sent within a few ms of the limit reaching it. */
+void stream_set_confirm_limit(Stream *s, uint64_t limit);
+
 /* Declare whether everything decoded so far is acknowledged. */
 void stream_set_idle(Stream *s, bool idle);
 
@@ -108,6 +141,14 @@ void stream_set_pace(Stream *s, int pace_us);
 /* Positions: confirmed (flush) LSN, last received XLogData start, and the
  * server's WAL end from the last message. */
 uint64_t stream_confirmed(const Stream *s);
+/* The newest flush position the server may have been told: confirmed,
+ * capped by stream_set_confirm_limit(). */
+uint64_t stream_reported(const Stream *s);
+
+/* Forget positions confirmed past lsn that the server was never told (never
+ * below stream_reported()): the caller replays from lsn, e.g. after a
+ * Redis failure that may have lost what it acknowledged. */
+void stream_rewind(Stream *s, uint64_t lsn);
 uint64_t stream_received(const Stream *s);
 uint64_t stream_server_end(const Stream *s);
 

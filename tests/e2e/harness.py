@@ -48,8 +48,28 @@ def sql(db_or_conn, query, args=None, fetch=False):
             conn.close()
 
 
+def forget_slots_of(name):
+    """Delete what walbust keeps in Redis (every db of the stack's Redis)
+    about slots on database `name`: its mark walbust:slot:<slot> names the
+    database, and the watermark walbust:confirmed:<slot> goes with it. A
+    dropped database is a new deployment; without this walbust would
+    rightly call the next test's slot of the same name a lost slot."""
+    for db in range(16):
+        try:
+            r = redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=db, decode_responses=True)
+            for mark in r.scan_iter("walbust:slot:*"):
+                value = r.get(mark) or ""
+                if value.endswith(f" database={name}"):
+                    slot = mark[len("walbust:slot:"):]
+                    r.delete(mark, f"walbust:confirmed:{slot}")
+            r.close()
+        except redis.RedisError:
+            return  # no Redis here (a test with its own servers)
+
+
 def fresh_db(name):
-    """Drop and create database `name` (its slots are dropped first)."""
+    """Drop and create database `name` (its slots are dropped first, and
+    walbust's record of them in Redis)."""
     admin = connect("postgres")
     with admin.cursor() as cur:
         cur.execute("SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s", (name,))
@@ -59,6 +79,7 @@ def fresh_db(name):
                 time.sleep(0.2)
             cur.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        forget_slots_of(name)
         cur.execute(f'CREATE DATABASE "{name}"')
     admin.close()
     return name
