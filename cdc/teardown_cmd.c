@@ -317,9 +317,11 @@ int cmd_teardown(const Config *cfg)
         if (rc == 0)
             rc = execute(&p) == 0 ? 0 : 1;
         if (rc == 0)
-            printf("teardown done. Redis was not touched: if readers use the freshness "
-                   "protocol, delete the watermark key walbust:confirmed:%s\n",
-                   cfg->slot);
+            printf("teardown done. Redis was not touched: once the caches the rules cover "
+                   "are flushed (or if walbust is gone for good), delete the watermark "
+                   "walbust:confirmed:%s and the slot's mark walbust:slot:%s; while they stay, "
+                   "a later walbust run against this Redis treats a new slot as a lost one\n",
+                   cfg->slot, cfg->slot);
     }
     for (int i = 0; i < p.ntrig; i++)
         free(p.trig[i]);
