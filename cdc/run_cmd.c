@@ -1258,9 +1258,10 @@ static int slot_hook(void *arg, Stream *s, StreamStatus st)
                  r->cfg->slot, lsn_format(slot->confirmed, lsn));
         break;
     case SLOT_UNVERIFIED:
-        log_warn("could not read the slot's watermark from redis (%s); streaming, and checking "
+        /* Not the error itself: the retries of the first batch log it. */
+        log_warn("could not read the slot's watermark from redis; streaming, and checking "
                  "replication slot \"%s\" against it before confirming anything",
-                 err, r->cfg->slot);
+                 r->cfg->slot);
         break;
     case SLOT_OK:
         break;
