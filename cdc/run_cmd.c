@@ -1177,7 +1177,6 @@ static int accept_slot(Run *r, const StreamSlot *slot, char *err, size_t errlen)
     }
     if (slot->confirmed > limit)
         limit = slot->confirmed;
-    ev->streamed_here = true;
     if (limit > ev->here_limit)
         ev->here_limit = limit;
     stream_set_confirm_limit(r->stream, ev->here_limit);
@@ -1547,6 +1546,7 @@ int cmd_run(const Config *cfg)
             r.acked_lsn = r.pending_lsn = stream_confirmed(r.stream);
         r.pg_lost = false;
         r.replay = false;
+        r.slot_ev.streamed_here = true; /* a slot that goes missing now is lost */
         metrics_postgres_up(r.metrics, true);
         notify_status("streaming");
         streaming_since = runtime_now_us();

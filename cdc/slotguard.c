@@ -131,8 +131,10 @@ SlotVerdict slotguard_judge(const char *slot_name, const StreamSlot *slot, const
     if (!ev->redis_read)
         return out->verdict = SLOT_UNVERIFIED;
     /* Only a walbust that reports no position before its watermark holds
-     * it (the mark says so) makes "ahead of the watermark" a proof. */
-    if ((ev->has_mark || ev->streamed_here) && slot->confirmed > known)
+     * it (the mark says so) makes "ahead of the watermark" a proof; what
+     * this process reported alone is not (another instance on the same
+     * slot may have moved it since, and Redis may have lost the keys). */
+    if (ev->has_mark && slot->confirmed > known)
         return lost(out, known, slot->confirmed,
                     "replication slot \"%s\" starts past the last position walbust confirmed%s: "
                     "it was dropped and re-created, or advanced by another consumer, since "

@@ -42,7 +42,7 @@ typedef struct SlotMark {
 
 /* What walbust knows about its past use of the slot. */
 typedef struct SlotEvidence {
-    bool streamed_here;  /* this process streamed from the slot */
+    bool streamed_here;  /* this process streamed from it (a standby has not) */
     uint64_t here_limit; /* the newest position this process may have reported */
     bool redis_read;     /* the keys below were read from every target */
     bool has_watermark;

@@ -48,6 +48,7 @@ static void test_decision_table(void **state)
     SlotEvidence here_read = redis_with(true, 0x400, true);
     StreamSlot lost_slot = slot_at(true, 0x300, 0x9000);
     SlotEvidence other = redis_with(true, 0x500, true);
+    SlotEvidence here_nokeys = {.streamed_here = true, .here_limit = 0x500, .redis_read = true};
     Case cases[] = {
         {"first use, create", slot_at(false, 0, 0x900), redis_with(false, 0, false), true,
          SLOT_CREATE, 0, 0},
@@ -71,6 +72,8 @@ static void test_decision_table(void **state)
          true, SLOT_LOST, 0x500, 0x800},
         {"ahead, old walbust without mark", slot_at(true, 0x800, 0x900),
          redis_with(true, 0x500, false), false, SLOT_OK, 0, 0},
+        {"ahead, streamed here, redis lost the keys", slot_at(true, 0x800, 0x900), here_nokeys,
+         false, SLOT_OK, 0, 0},
         {"ahead of what this process reported", slot_at(true, 0x800, 0x900), here_read, false,
          SLOT_LOST, 0x450, 0x800},
         {"wal_status lost", lost_slot, redis_with(true, 0x200, true), true, SLOT_LOST, 0x300,
@@ -81,10 +84,10 @@ static void test_decision_table(void **state)
 
     here_read.streamed_here = true;
     here_read.here_limit = 0x450;
-    cases[12].ev = here_read;
+    cases[13].ev = here_read;
     lost_slot.lost = true;
-    cases[13].slot = lost_slot;
-    snprintf(cases[14].ev.mark.system_id, sizeof cases[14].ev.mark.system_id, "999");
+    cases[14].slot = lost_slot;
+    snprintf(cases[15].ev.mark.system_id, sizeof cases[15].ev.mark.system_id, "999");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         SlotJudgement j;
         SlotVerdict v =
