@@ -8,6 +8,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Ops that carry a payload are kept in order and never merged. */
+static bool keeps_order(RulesInvAction a)
+{
+    return a == RULES_INV_PUBLISH || a == RULES_INV_REFRESH || a == RULES_INV_STALE;
+}
+
 static uint64_t op_hash(RulesInvAction action, const char *p, size_t n)
 {
     uint64_t h = UINT64_C(1469598103934665603) ^ (uint64_t)action;
@@ -39,7 +45,7 @@ static void set_rebuild(Batch *b)
     if (b->set_cap > 0)
         memset(b->set, 0, b->set_cap * sizeof *b->set);
     for (size_t i = 0; i < b->nops; i++)
-        if (b->ops[i].action != RULES_INV_PUBLISH)
+        if (!keeps_order(b->ops[i].action))
             set_insert(b, i);
 }
 
@@ -68,6 +74,8 @@ static bool set_contains(const Batch *b, RulesInvAction action, const char *p, s
     j = (size_t)op_hash(action, p, n) & mask;
     for (; b->set[j] != 0; j = (j + 1) & mask) {
         const BatchOp *op = &b->ops[b->set[j] - 1];
+        if (b->set[j] - 1 < b->dedup_floor)
+            continue; /* queued before a refresh or stale op: must run again */
         if (op->action == action && op->len == n && memcmp(b->arena + op->off, p, n) == 0)
             return true;
     }
@@ -92,21 +100,23 @@ bool batch_add(Batch *b, RulesInvAction action, const char *str, size_t len, con
 {
     BatchOp op = {.action = action};
 
-    if (action != RULES_INV_PUBLISH) {
+    if (!keeps_order(action)) {
         if (set_contains(b, action, str, len))
             return false;
         set_reserve(b); /* before the op is pushed: a rehash must not see it */
     }
     op.off = arena_put(b, str, len);
     op.len = len;
-    if (action == RULES_INV_PUBLISH) {
+    if (keeps_order(action)) {
         op.payload_off = arena_put(b, payload, payload_len);
         op.payload_len = payload_len;
     }
     b->ops = xgrow(b->ops, &b->ops_cap, b->nops + 1, sizeof *b->ops);
     b->ops[b->nops++] = op;
-    if (action != RULES_INV_PUBLISH)
+    if (!keeps_order(action))
         set_insert(b, b->nops - 1);
+    else if (action != RULES_INV_PUBLISH)
+        b->dedup_floor = b->nops; /* a later delete of a stored key is not a duplicate */
     return true;
 }
 
@@ -136,6 +146,7 @@ bool batch_has_tags(const Batch *b)
 void batch_clear(Batch *b, size_t max_arena)
 {
     b->nops = 0;
+    b->dedup_floor = 0;
     b->arena_len = 0;
     set_rebuild(b);
     if (b->arena_cap > max_arena) {
@@ -168,13 +179,14 @@ void batch_keep_marked(Batch *b)
         if (!op.refused)
             continue;
         op.off = arena_put(b, old + op.off, op.len);
-        if (op.action == RULES_INV_PUBLISH)
+        if (keeps_order(op.action))
             op.payload_off = arena_put(b, old + op.payload_off, op.payload_len);
         op.refused = false;
         b->ops[n++] = op;
     }
     free(old);
     b->nops = n;
+    b->dedup_floor = n; /* kept in order; nothing new merges with them */
     set_rebuild(b);
 }
 

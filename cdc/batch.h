@@ -4,7 +4,9 @@
  * Invalidations are added in commit order. Keys, patterns, tags and
  * versions are deduplicated (each distinct (action, string) is kept once,
  * at its first position); publishes are never merged, because every
- * message counts. Strings live in one arena of bytes (each NUL-terminated,
+ * message counts, and neither are refreshes and stale marks (their order
+ * matters); a delete queued after one of those is not merged with an
+ * earlier delete, since it must run after the store. Strings live in one arena of bytes (each NUL-terminated,
  * addressed by offset, so the arena may move when it grows); an
  * open-addressing hash set of op indices finds duplicates.
  *
@@ -36,6 +38,7 @@ typedef struct Batch {
     uint32_t *set;  /* op index + 1; 0 = empty slot */
     size_t set_cap; /* power of two, or 0 */
     size_t set_used;
+    size_t dedup_floor; /* ops before this index are not merged with new ones */
 } Batch;
 
 /* Queue one invalidation (copies str and payload). Returns false when it

@@ -103,6 +103,8 @@ static const char *const action_names[] = {
     [RULES_INV_VERSION] = "versions",
     [RULES_INV_VERSION_PATTERN] = "version_patterns",
     [RULES_INV_PUBLISH] = "publish",
+    [RULES_INV_REFRESH] = "refresh",
+    [RULES_INV_STALE] = "stale",
 };
 
 static void collect(void *arg, RulesInvAction action, const char *s, size_t len,

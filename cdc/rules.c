@@ -807,15 +807,6 @@ static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
                    used, rule->lookup->args_written, rule->lookup->args_written == 1 ? "y" : "ies");
 }
 
-static const FieldSpec rule_fields[] = {
-    {"table", load_table},       {"on", load_on},
-    {"changed", load_changed},   {"keys", load_keys},
-    {"patterns", load_patterns}, {"tags", load_tags},
-    {"versions", load_versions}, {"publish", load_publish},
-    {"lookup", load_lookup},
-};
-#define NRULE_FIELDS (sizeof rule_fields / sizeof rule_fields[0])
-
 /* {old.…} on insert only, {new.…} on delete only: never renders. */
 static void check_image(Loader *ld, const Rule *rule, const Template *t)
 {
@@ -835,6 +826,188 @@ static void check_image(Loader *ld, const Rule *rule, const Template *t)
                    "which has no new row, so it never renders; use {column} or "
                    "{old.column}",
                    t->src);
+}
+
+/* ---- loading: refresh and stale (docs/rules.md "Refresh", "Stale") ------------ */
+
+static void load_refresh_key(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+    Refresh *rf = &rule->refresh[rule->nrefresh - 1];
+    char err[256];
+
+    if (!cJSON_IsString(v)) {
+        ld_problem(ld, path, "\"key\" must be a template string like \"product:{id}\", not %s",
+                   type_name(v));
+        return;
+    }
+    if (!tpl_compile(rule, v->valuestring, &rf->key, err, sizeof err)) {
+        ld_problem(ld, path, "template \"%s\" %s", v->valuestring, err);
+        return;
+    }
+    rf->key.src = xstrdup(v->valuestring);
+    loc_find(ld, path, false, path, &rf->key.loc);
+}
+
+static void load_refresh_value(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    (void)ctx;
+    if (!cJSON_IsString(v) || strcmp(v->valuestring, "row") != 0)
+        ld_problem(ld, path,
+                   "\"value\" must be \"row\" (the new row, every column as PostgreSQL's "
+                   "text), not %s%s%s",
+                   cJSON_IsString(v) ? "\"" : "", cJSON_IsString(v) ? v->valuestring : type_name(v),
+                   cJSON_IsString(v) ? "\"" : "");
+}
+
+/* A whole number of seconds from 0 (or 1) to 10 years, into *out. */
+static bool load_seconds(Loader *ld, const cJSON *v, const char *path, const char *name, long min,
+                         long *out)
+{
+    const long max = 10L * 366 * 86400;
+    char got[64];
+
+    if (cJSON_IsNumber(v) && v->valuedouble == (double)(long long)v->valuedouble &&
+        v->valuedouble >= (double)min && v->valuedouble <= (double)max) {
+        *out = (long)v->valuedouble;
+        return true;
+    }
+    if (cJSON_IsNumber(v))
+        snprintf(got, sizeof got, "%g", v->valuedouble);
+    else
+        snprintf(got, sizeof got, "%s", type_name(v));
+    ld_problem(ld, path, "\"%s\" must be a whole number of seconds from %ld to %ld, not %s", name,
+               min, max, got);
+    return false;
+}
+
+static void load_refresh_ttl(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+    (void)load_seconds(ld, v, path, "ttl", 0, &rule->refresh[rule->nrefresh - 1].ttl);
+}
+
+static void load_refresh_format(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+
+    if (cJSON_IsString(v) && strcmp(v->valuestring, "json") == 0)
+        rule->refresh[rule->nrefresh - 1].hash = false;
+    else if (cJSON_IsString(v) && strcmp(v->valuestring, "hash") == 0)
+        rule->refresh[rule->nrefresh - 1].hash = true;
+    else
+        ld_problem(ld, path,
+                   "\"format\" must be \"json\" (one string value) or \"hash\" (a Redis hash, "
+                   "one field per column), not %s%s%s",
+                   cJSON_IsString(v) ? "\"" : "", cJSON_IsString(v) ? v->valuestring : type_name(v),
+                   cJSON_IsString(v) ? "\"" : "");
+}
+
+static const FieldSpec refresh_fields[] = {{"key", load_refresh_key},
+                                           {"value", load_refresh_value},
+                                           {"ttl", load_refresh_ttl},
+                                           {"format", load_refresh_format}};
+
+static void load_refresh(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    RuleCtx *rc = ctx;
+    Rule *rule = rc->rule;
+    size_t i = 0;
+
+    rc->nactions++;
+    if (!cJSON_IsArray(v)) {
+        ld_problem(ld, path,
+                   "\"refresh\" must be an array like [{\"key\": \"product:{id}\", \"value\": "
+                   "\"row\", \"ttl\": 3600}], not %s",
+                   type_name(v));
+        return;
+    }
+    for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
+        bool seen[4] = {false, false, false, false};
+        char epath[128];
+
+        snprintf(epath, sizeof epath, "%s[%zu]", path, i);
+        if (!cJSON_IsObject(e)) {
+            ld_problem(ld, epath,
+                       "a refresh entry must be an object like {\"key\": \"product:{id}\", "
+                       "\"value\": \"row\"}, not %s",
+                       type_name(e));
+            continue;
+        }
+        rule->refresh = xrealloc(rule->refresh, (rule->nrefresh + 1) * sizeof *rule->refresh);
+        memset(&rule->refresh[rule->nrefresh++], 0, sizeof *rule->refresh);
+        load_fields(ld, e, epath, "a refresh entry", refresh_fields, 4, ctx, seen);
+        if (!seen[0])
+            ld_problem(ld, epath,
+                       "refresh entry has no \"key\"; add e.g. \"key\": \"product:{id}\"");
+        if (!seen[1])
+            ld_problem(ld, epath, "refresh entry has no \"value\"; add \"value\": \"row\"");
+        if (rule->refresh[rule->nrefresh - 1].key.src == NULL) {
+            tpl_release(&rule->refresh[--rule->nrefresh].key);
+            continue;
+        }
+    }
+}
+
+static void load_stale(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    RuleCtx *rc = ctx;
+    Rule *rule = rc->rule;
+    size_t i = 0;
+
+    rc->nactions++;
+    if (!expect_array(ld, v, path, "stale", "[\"product:{id}:page\"]"))
+        return;
+    for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
+        char epath[128], err[256];
+        Template t = {0};
+
+        snprintf(epath, sizeof epath, "%s[%zu]", path, i);
+        if (!expect_string_elem(ld, e, epath, "a template"))
+            continue;
+        if (!tpl_compile(rule, e->valuestring, &t, err, sizeof err)) {
+            ld_problem(ld, epath, "template \"%s\" %s", e->valuestring, err);
+            tpl_release(&t);
+            continue;
+        }
+        t.src = xstrdup(e->valuestring);
+        loc_find(ld, epath, false, epath, &t.loc);
+        rule->stale = xrealloc(rule->stale, (rule->nstale + 1) * sizeof t);
+        rule->stale[rule->nstale++] = t;
+    }
+}
+
+static void load_stale_grace(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+
+    if (load_seconds(ld, v, path, "stale_grace", 1, &rule->stale_grace))
+        loc_find(ld, path, false, path, &rule->grace_loc);
+}
+
+/* What refresh and stale need from the rest of the rule. */
+static void check_refresh(Loader *ld, const Rule *rule, const char *path)
+{
+    char p[160];
+
+    for (size_t i = 0; i < rule->nrefresh; i++)
+        check_image(ld, rule, &rule->refresh[i].key);
+    for (size_t i = 0; i < rule->nstale; i++)
+        check_image(ld, rule, &rule->stale[i]);
+    snprintf(p, sizeof p, "%s.refresh", path);
+    if (rule->nrefresh > 0 && rule->nchanged > 0)
+        ld_problem(ld, p,
+                   "a rule with \"refresh\" stores the whole row, so it must fire on every "
+                   "update; remove \"changed\" or move \"refresh\" to a rule of its own");
+    if ((rule->nrefresh > 0 || rule->nstale > 0) && rule->lookup != NULL)
+        ld_problem(ld, path,
+                   "a rule with a \"lookup\" cannot have \"refresh\" or \"stale\"; move them "
+                   "to a rule without a lookup on %s",
+                   rule->table ? rule->table : "the same table");
+    if (rule->grace_loc.path != NULL && rule->nstale == 0)
+        ld_problem(ld, rule->grace_loc.path,
+                   "\"stale_grace\" is set but the rule has no \"stale\" keys; add "
+                   "\"stale\": [\"...\"] or remove it");
 }
 
 /* Problems that need the whole rule: placeholders that can never render,
@@ -866,6 +1039,16 @@ static void check_images(Loader *ld, const Rule *rule, const char *path, bool an
                    "\"keys\": [\"team:{team_id}:members\"]");
 }
 
+static const FieldSpec rule_fields[] = {
+    {"table", load_table},       {"on", load_on},
+    {"changed", load_changed},   {"keys", load_keys},
+    {"patterns", load_patterns}, {"tags", load_tags},
+    {"versions", load_versions}, {"publish", load_publish},
+    {"lookup", load_lookup},     {"refresh", load_refresh},
+    {"stale", load_stale},       {"stale_grace", load_stale_grace},
+};
+#define NRULE_FIELDS (sizeof rule_fields / sizeof rule_fields[0])
+
 static void load_rule(Loader *ld, const cJSON *v, const char *path)
 {
     Rules *r = ld->r;
@@ -886,14 +1069,17 @@ static void load_rule(Loader *ld, const cJSON *v, const char *path)
     load_fields(ld, v, path, "rule", rule_fields, NRULE_FIELDS, &rc, seen);
     if (!rc.has_on)
         rule->on = ALL_OPS;
+    if (rule->stale_grace == 0)
+        rule->stale_grace = STALE_DEFAULT_GRACE;
     if (!seen[0])
         ld_problem(ld, path, "rule has no \"table\"; add e.g. \"table\": \"public.users\"");
     if (rc.nactions == 0)
         ld_problem(ld, path,
                    "rule for %s has no actions; add at least one of keys, patterns, "
-                   "tags, versions or publish",
+                   "tags, versions, publish, refresh or stale",
                    rule->table ? rule->table : "(no table)");
     check_images(ld, rule, path, rc.nactions > 0);
+    check_refresh(ld, rule, path);
 }
 
 /* ---- loading: top level --------------------------------------------------------- */
@@ -1087,6 +1273,13 @@ static void rule_release(Rule *rule)
         free(rule->lookup->sql_loc.path);
         free(rule->lookup);
     }
+    for (size_t i = 0; i < rule->nrefresh; i++)
+        tpl_release(&rule->refresh[i].key);
+    free(rule->refresh);
+    for (size_t i = 0; i < rule->nstale; i++)
+        tpl_release(&rule->stale[i]);
+    free(rule->stale);
+    free(rule->grace_loc.path);
     if (rule->cache != NULL)
         free(rule->cache->idx);
     free(rule->cache);

@@ -50,7 +50,16 @@ typedef enum RulesInvAction {
     RULES_INV_VERSION,         /* INCR the key */
     RULES_INV_VERSION_PATTERN, /* INCR every existing key matching `s` */
     RULES_INV_PUBLISH,         /* PUBLISH channel `s` the payload */
+    RULES_INV_REFRESH,         /* store the row in key `s`, fenced (payload below) */
+    RULES_INV_STALE,           /* mark key `s` stale (payload below) */
 } RulesInvAction;
+
+/* Payloads of RULES_INV_REFRESH and RULES_INV_STALE: four NUL-separated
+ * fields "mode\0lsn\0seconds\0value" (payload_len counts every byte).
+ * Refresh: mode "json" or "hash", the commit LSN ("X/X"), the TTL (0: none)
+ * and the row as a JSON object (column -> text or null). Stale: mode
+ * "stale", an empty LSN, the grace period and an empty value. These are the
+ * ARGV of redis/refresh.lua. Never merged within a batch (order matters). */
 
 typedef enum RulesValKind {
     RULES_VAL_TEXT,    /* data/len hold PostgreSQL's text output */

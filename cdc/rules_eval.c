@@ -113,13 +113,13 @@ static void push_item(Eval *ev, RulesInvAction action, size_t rule, size_t off, 
     static const unsigned phase_of[] = {
         [RULES_INV_KEY] = 0,         [RULES_INV_PATTERN] = 1, [RULES_INV_TAG] = 2,
         [RULES_INV_TAG_PATTERN] = 2, [RULES_INV_VERSION] = 3, [RULES_INV_VERSION_PATTERN] = 3,
-        [RULES_INV_PUBLISH] = 4,
+        [RULES_INV_PUBLISH] = 5,     [RULES_INV_REFRESH] = 4, [RULES_INV_STALE] = 4,
     };
     Scratch *sc = ev->sc;
 
     sc->items = xgrow(sc->items, &sc->itemcap, sc->nitems + 1, sizeof *sc->items);
     sc->items[sc->nitems++] =
-        (Item){action, phase_of[action], rule, off, sc->strs.len - off, skip, widened};
+        (Item){action, phase_of[action], rule, off, sc->strs.len - off, skip, widened, 0};
     buf_put(&sc->strs, "", 0); /* keep the NUL; next string starts after it */
     sc->strs.len++;
 }
@@ -133,6 +133,10 @@ static RulesInvAction action_for(int kind, bool pattern)
         return RULES_INV_PATTERN;
     case TPL_TAG:
         return pattern ? RULES_INV_TAG_PATTERN : RULES_INV_TAG;
+    case TPL_REFRESH: /* widened: deleted like keys */
+        return pattern ? RULES_INV_PATTERN : RULES_INV_REFRESH;
+    case TPL_STALE:
+        return pattern ? RULES_INV_PATTERN : RULES_INV_STALE;
     default:
         return pattern ? RULES_INV_VERSION_PATTERN : RULES_INV_VERSION;
     }
@@ -200,6 +204,46 @@ static void render_template(Eval *ev, size_t ri, const Template *t, int kind)
     default:
         render_one(ev, ri, t, kind, /* any_old= */ false);
         break;
+    }
+}
+
+/* Does the change carry every column's new value (no unchanged TOAST)? */
+static bool row_complete(const RulesChange *chg)
+{
+    if (chg->new_vals == NULL)
+        return false;
+    for (size_t i = 0; i < chg->ncols; i++)
+        if (chg->colnames[i] != NULL && chg->new_vals[i].kind == RULES_VAL_MISSING)
+            return false;
+    return true;
+}
+
+/* Refresh entry t of rule ri: store the new row in the key (insert,
+ * update), or delete the key as a key template would (delete, truncate, a
+ * row lacking a value). An update that moves the key deletes the old one. */
+static void render_refresh(Eval *ev, size_t ri, size_t t)
+{
+    const Refresh *rf = &ev->r->rules[ri].refresh[t];
+    Scratch *sc = ev->sc;
+    size_t first = sc->nitems;
+
+    if (ev->chg->op == RULES_TRUNCATE || ev->chg->op == RULES_DELETE || !row_complete(ev->chg)) {
+        render_template(ev, ri, &rf->key, TPL_KEY);
+        return;
+    }
+    render_one(ev, ri, &rf->key, TPL_REFRESH, /* any_old= */ false);
+    for (size_t i = first; i < sc->nitems; i++)
+        sc->items[i].aux = t;
+    if (ev->chg->op != RULES_UPDATE || !(rf->key.uses & USES_ANY) || sc->nitems == first)
+        return;
+    render_one(ev, ri, &rf->key, TPL_KEY, /* any_old= */ true);
+    if (sc->nitems == first + 2) {
+        const Item *a = &sc->items[first], *b = &sc->items[first + 1];
+        if (a->len == b->len &&
+            memcmp(sc->strs.data + a->off, sc->strs.data + b->off, a->len) == 0) {
+            sc->strs.len = b->off; /* same key: storing it is enough */
+            sc->nitems--;
+        }
     }
 }
 
@@ -367,6 +411,52 @@ static void build_payload(Eval *ev, size_t ch)
     buf_puts(b, "}");
 }
 
+/* ---- evaluation: refresh and stale payloads (see rules.h) ------------------------ */
+
+/* The new row as a JSON object: column -> PostgreSQL's text, or null. */
+static void row_json(Buf *b, const RulesChange *chg)
+{
+    bool first = true;
+
+    buf_puts(b, "{");
+    for (size_t i = 0; i < chg->ncols; i++) {
+        const RulesValue *v = &chg->new_vals[i];
+        if (chg->colnames[i] == NULL)
+            continue;
+        if (!first)
+            buf_puts(b, ",");
+        first = false;
+        json_str(b, chg->colnames[i], strlen(chg->colnames[i]));
+        buf_puts(b, ":");
+        if (v->kind == RULES_VAL_TEXT)
+            json_str(b, v->data, v->len);
+        else
+            buf_puts(b, "null");
+    }
+    buf_puts(b, "}");
+}
+
+static void refresh_payload(Eval *ev, const Item *it)
+{
+    const Rule *rule = &ev->r->rules[it->rule];
+    Buf *b = &ev->sc->payload;
+    char num[32];
+
+    b->len = 0;
+    if (it->action == RULES_INV_STALE) {
+        snprintf(num, sizeof num, "%ld", rule->stale_grace);
+        buf_put(b, "stale\0\0", 7);
+        buf_put(b, num, strlen(num) + 1);
+        return;
+    }
+    snprintf(num, sizeof num, "%ld", rule->refresh[it->aux].ttl);
+    buf_put(b, rule->refresh[it->aux].hash ? "hash" : "json", 5);
+    buf_put(b, ev->chg->lsn ? ev->chg->lsn : "0/0",
+            strlen(ev->chg->lsn ? ev->chg->lsn : "0/0") + 1);
+    buf_put(b, num, strlen(num) + 1);
+    row_json(b, ev->chg);
+}
+
 /* ---- evaluation: entry point ----------------------------------------------------- */
 
 static void emit_items(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st)
@@ -374,12 +464,18 @@ static void emit_items(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st
     Scratch *sc = ev->sc;
 
     set_clear(sc);
-    for (unsigned phase = 0; phase < 4; phase++) {
+    for (unsigned phase = 0; phase < 5; phase++) {
         for (size_t i = 0; i < sc->nitems; i++) {
             const Item *it = &sc->items[i];
             if (it->phase != phase || !set_add(sc, i))
                 continue;
-            emit(arg, it->action, sc->strs.data + it->off, it->len, NULL, 0);
+            if (phase == 4) {
+                refresh_payload(ev, it);
+                emit(arg, it->action, sc->strs.data + it->off, it->len, sc->payload.data,
+                     sc->payload.len);
+            } else {
+                emit(arg, it->action, sc->strs.data + it->off, it->len, NULL, 0);
+            }
             st->emitted++;
             st->widened += it->widened;
         }
@@ -452,6 +548,10 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
         for (int k = 0; k < TPL_NKINDS; k++)
             for (size_t t = 0; t < rule->ntpl[k]; t++)
                 render_template(&ev, ri, &rule->tpl[k][t], k);
+        for (size_t t = 0; t < rule->nrefresh; t++)
+            render_refresh(&ev, ri, t);
+        for (size_t t = 0; t < rule->nstale; t++)
+            render_template(&ev, ri, &rule->stale[t], TPL_STALE);
     }
     emit_items(&ev, emit, arg, &st);
     emit_publishes(&ev, emit, arg, &st);
@@ -926,6 +1026,10 @@ static size_t check_rule(const Rules *r, size_t ri, const char *publication,
                 check_template(rule, &rule->tpl[k][i], info, rule->lookup != NULL, done, problems);
     for (size_t i = 0; rule->lookup != NULL && i < rule->lookup->nargs; i++)
         added += check_template(rule, &rule->lookup->args[i], info, false, done, problems);
+    for (size_t i = 0; i < rule->nrefresh; i++)
+        added += check_template(rule, &rule->refresh[i].key, info, false, done, problems);
+    for (size_t i = 0; i < rule->nstale; i++)
+        added += check_template(rule, &rule->stale[i], info, false, done, problems);
     free(done);
     return added;
 }

@@ -43,6 +43,8 @@ static inline void buf_put_escaped(Buf *b, const char *s, size_t n)
 
 /* ---- compiled rules -------------------------------------------------------- */
 enum { TPL_KEY, TPL_PATTERN, TPL_TAG, TPL_VERSION, TPL_NKINDS };
+/* Render kinds beyond the template arrays: refresh and stale keys. */
+enum { TPL_REFRESH = TPL_NKINDS, TPL_STALE };
 
 #define ALL_OPS (RULES_INSERT | RULES_UPDATE | RULES_DELETE | RULES_TRUNCATE)
 #define ROW_OPS (RULES_INSERT | RULES_UPDATE | RULES_DELETE)
@@ -94,6 +96,15 @@ typedef struct Lookup {
     SrcLoc loc, sql_loc;
 } Lookup;
 
+/* A rule's refresh entry (docs/rules.md "Refresh"): write the new row. */
+typedef struct Refresh {
+    Template key;
+    long ttl;  /* seconds; 0: no expiry */
+    bool hash; /* "format": "hash" (else "json") */
+} Refresh;
+
+#define STALE_DEFAULT_GRACE 30 /* seconds a stale value is served */
+
 typedef struct Rule {
     char *table;
     unsigned on;               /* RulesOp bits */
@@ -105,8 +116,14 @@ typedef struct Rule {
     char **cols;                 /* distinct column names referenced */
     size_t ncols;
     SrcLoc loc, table_loc;
-    ColCache *cache; /* mutable even through a const Rules */
-    Lookup *lookup;  /* NULL: none */
+    ColCache *cache;  /* mutable even through a const Rules */
+    Lookup *lookup;   /* NULL: none */
+    Refresh *refresh; /* "refresh" entries */
+    size_t nrefresh;
+    Template *stale; /* "stale" key templates */
+    size_t nstale;
+    long stale_grace; /* seconds */
+    SrcLoc grace_loc; /* of "stale_grace" (path NULL: not written) */
 } Rule;
 
 typedef struct TableEnt {
@@ -122,6 +139,7 @@ typedef struct Item {
     size_t off, len;
     size_t skip; /* bytes of tag prefix at the start (left out of payloads) */
     bool widened;
+    size_t aux; /* RULES_INV_REFRESH: the rule's refresh entry */
 } Item;
 
 typedef struct Slot {

@@ -42,6 +42,9 @@
 #include <string.h>
 
 extern const char redis_tag_invalidate_lua[];
+extern const char redis_refresh_lua[];
+
+#define SINK_FENCE_PREFIX "walbust:fence:" /* refresh: the LSN of the stored row */
 
 #define SINK_DEFAULT_CONNECT_MS 2000
 #define SINK_DEFAULT_COMMAND_MS 5000
@@ -90,6 +93,9 @@ struct Sink {
     size_t *argvlen;
     size_t argv_cap;
     char sha[41];        /* tag script SHA1, "" until learnt */
+    char rsha[41];       /* refresh script SHA1, "" until learnt */
+    char *fence;         /* the fence key of the op being sent */
+    size_t fence_cap;
     char why[256];       /* a formatted reason for reply_ok */
     size_t nrefused;     /* OOM refusals in this flush */
     bool wm_refused;     /* the watermark SET was one of them */
@@ -169,6 +175,7 @@ void sink_free(Sink *s)
     free(s->pend);
     free(s->argv);
     free(s->argvlen);
+    free(s->fence);
     free(s);
 }
 
@@ -254,6 +261,12 @@ static void count_applied(Sink *s)
             break;
         case RULES_INV_PUBLISH:
             s->stats.publishes++;
+            break;
+        case RULES_INV_REFRESH:
+            s->stats.refreshes++;
+            break;
+        case RULES_INV_STALE:
+            s->stats.stales++;
             break;
         }
     }
@@ -566,7 +579,8 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
         return r->type == REDIS_REPLY_INTEGER;
     case PEND_SHA:
         *why = "SCRIPT LOAD returned an unexpected SHA1";
-        return r->type == REDIS_REPLY_STRING && strcmp(r->str, s->sha) == 0;
+        return r->type == REDIS_REPLY_STRING &&
+               strcmp(r->str, p->nkeys == 1 ? s->rsha : s->sha) == 0; /* 1: refresh.lua */
     case PEND_WAIT:
         if (r->type != REDIS_REPLY_INTEGER)
             return false;
@@ -782,32 +796,46 @@ static int run_scan(Sink *s, size_t op)
 
 /* ---- flush ----------------------------------------------------------- */
 
-/* Learn the tag script's SHA1 (once per sink) with a synchronous SCRIPT LOAD. */
-static int learn_sha(Sink *s)
+static bool batch_has_refresh(const Batch *b)
 {
-    const char *argv[3] = {"SCRIPT", "LOAD", redis_tag_invalidate_lua};
-    size_t lens[3] = {6, 4, strlen(redis_tag_invalidate_lua)};
+    for (size_t i = 0; i < b->nops; i++)
+        if (b->ops[i].action == RULES_INV_REFRESH || b->ops[i].action == RULES_INV_STALE)
+            return true;
+    return false;
+}
+
+/* Learn a script's SHA1 into sha (once per sink) with a synchronous SCRIPT LOAD. */
+static int learn_script(Sink *s, const char *script, char *sha)
+{
+    const char *argv[3] = {"SCRIPT", "LOAD", script};
+    size_t lens[3] = {6, 4, strlen(script)};
     redisReply *r;
     char t[300];
 
-    if (s->sha[0] != '\0')
+    if (sha[0] != '\0')
         return 0;
     if (command(s, "SCRIPT LOAD", 3, argv, lens, &r) < 0)
         return -1;
     if (r->type != REDIS_REPLY_STRING || r->len != 40) {
-        set_err(s, "redis at %s refused SCRIPT LOAD of the tag script: %s", target(s, t, sizeof t),
+        set_err(s, "redis at %s refused SCRIPT LOAD of the %s script: %s", target(s, t, sizeof t),
+                script == redis_refresh_lua ? "refresh" : "tag",
                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
         freeReplyObject(r);
         return -1;
     }
-    memcpy(s->sha, r->str, 41);
+    memcpy(sha, r->str, 41);
     freeReplyObject(r);
     return 0;
 }
 
+static int learn_sha(Sink *s)
+{
+    return learn_script(s, redis_tag_invalidate_lua, s->sha);
+}
+
 /* Send the watermark and, when tags are queued, the script (so EVALSHA
  * cannot meet NOSCRIPT after a SCRIPT FLUSH or restart). */
-static void pipe_prologue(Sink *s, bool tags)
+static void pipe_prologue(Sink *s, bool tags, bool refresh)
 {
     argv_reserve(s, 3);
     if (s->wm_key != NULL) {
@@ -824,6 +852,74 @@ static void pipe_prologue(Sink *s, bool tags)
         pipe_cmd(s, 3, PEND_SHA, SINK_NO_OP, 0, false);
         s->pend[s->npend - 1].cmd = "SCRIPT LOAD";
     }
+    if (refresh) {
+        arg_str(s, 0, "SCRIPT");
+        arg_str(s, 1, "LOAD");
+        arg_str(s, 2, redis_refresh_lua);
+        pipe_cmd(s, 3, PEND_SHA, SINK_NO_OP, 1, false);
+        s->pend[s->npend - 1].cmd = "SCRIPT LOAD of the refresh script";
+    }
+}
+
+/* The fence key beside a refreshed key: in the key's hash slot (its hash
+ * tag kept, or the whole key made the tag), so Cluster runs the script. */
+static const char *fence_key(Sink *s, const char *key, size_t len, size_t *flen)
+{
+    const char *open = memchr(key, '{', len);
+    const char *close = open ? memchr(open + 1, '}', len - (size_t)(open + 1 - key)) : NULL;
+    bool tagged = close != NULL && close > open + 1;
+    size_t n = sizeof SINK_FENCE_PREFIX - 1;
+
+    s->fence = xgrow(s->fence, &s->fence_cap, n + len + 3, 1);
+    memcpy(s->fence, SINK_FENCE_PREFIX, n);
+    if (!tagged)
+        s->fence[n++] = '{';
+    memcpy(s->fence + n, key, len);
+    n += len;
+    if (!tagged)
+        s->fence[n++] = '}';
+    s->fence[n] = '\0';
+    *flen = n;
+    return s->fence;
+}
+
+/* Put the refresh script's arguments for op i into argv from index at:
+ * numkeys, key[, fence], mode, lsn, seconds, value. Returns the argc. */
+static size_t refresh_args(Sink *s, size_t i, size_t at)
+{
+    const BatchOp *op = &s->b.ops[i];
+    const char *key = batch_str(&s->b, op);
+    const char *p = batch_payload(&s->b, op), *end = p + op->payload_len;
+    bool stale = op->action == RULES_INV_STALE;
+    size_t flen, k = at;
+
+    argv_reserve(s, at + 8);
+    arg_str(s, k++, stale ? "1" : "2");
+    arg(s, k++, key, op->len);
+    if (!stale) {
+        const char *f = fence_key(s, key, op->len, &flen);
+        arg(s, k++, f, flen);
+    }
+    for (int f = 0; f < 4; f++) {
+        const char *nul = f < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
+        if (nul == NULL)
+            nul = end;
+        arg(s, k++, p, (size_t)(nul - p));
+        p = nul < end ? nul + 1 : end;
+    }
+    return k;
+}
+
+static void pipe_refresh(Sink *s, size_t i)
+{
+    size_t argc;
+
+    argv_reserve(s, 10);
+    arg_str(s, 0, "EVALSHA");
+    arg_str(s, 1, s->rsha);
+    argc = refresh_args(s, i, 2);
+    pipe_cmd(s, argc, PEND_INT, i, 1, false);
+    s->pend[s->npend - 1].cmd = "the refresh script";
 }
 
 static int flush_batch(Sink *s)
@@ -835,10 +931,14 @@ static int flush_batch(Sink *s)
     s->wm_refused = false;
     batch_unmark_all(&s->b);
 
+    bool refresh = batch_has_refresh(&s->b);
+
     if (tags && learn_sha(s) < 0)
         return -1;
+    if (refresh && learn_script(s, redis_refresh_lua, s->rsha) < 0)
+        return -1;
     s->npend = 0;
-    pipe_prologue(s, tags);
+    pipe_prologue(s, tags, refresh);
     while (i < s->b.nops) {
         const BatchOp *op = &s->b.ops[i];
         const char *str = batch_str(&s->b, op);
@@ -858,6 +958,10 @@ static int flush_batch(Sink *s)
             arg(s, 1, str, op->len);
             arg(s, 2, batch_payload(&s->b, op), op->payload_len);
             pipe_cmd(s, 3, PEND_INT, i, 1, false);
+            break;
+        case RULES_INV_REFRESH:
+        case RULES_INV_STALE:
+            pipe_refresh(s, i);
             break;
         case RULES_INV_PATTERN:
         case RULES_INV_TAG_PATTERN:
@@ -885,6 +989,8 @@ static void keep_refused(Sink *s)
         s->stats.patterns += a == RULES_INV_PATTERN;
         s->stats.tags += a == RULES_INV_TAG || a == RULES_INV_TAG_PATTERN;
         s->stats.publishes += a == RULES_INV_PUBLISH;
+        s->stats.refreshes += a == RULES_INV_REFRESH;
+        s->stats.stales += a == RULES_INV_STALE;
     }
     batch_keep_marked(&s->b);
     if (!s->wm_refused) {
@@ -1289,6 +1395,13 @@ static int cl_flush(Sink *s)
             arg(s, 1, str, op->len);
             arg(s, 2, batch_payload(&s->b, op), op->payload_len);
             cl_cmd(s, 3);
+            break;
+        case RULES_INV_REFRESH:
+        case RULES_INV_STALE: /* EVAL: each node learns nothing to forget */
+            argv_reserve(s, 10);
+            arg_str(s, 0, "EVAL");
+            arg_str(s, 1, redis_refresh_lua);
+            (void)cluster_append_key(s->cl, 3, (int)refresh_args(s, i, 2), s->argv, s->argvlen);
             break;
         case RULES_INV_TAG:
             if (cl_exec(s) < 0 || cl_tag(s, str, op->len) < 0)

@@ -15,7 +15,10 @@
  * Commands: keys → UNLINK (or DEL); patterns → SCAN MATCH + UNLINK;
  * tags → EVAL of redis/tag_invalidate.lua (members and set, atomically);
  * tag patterns → SCAN MATCH over set names, then as tags; versions → INCR;
- * version patterns → SCAN MATCH + INCR each; publish → PUBLISH.
+ * version patterns → SCAN MATCH + INCR each; publish → PUBLISH;
+ * refresh and stale → EVALSHA of redis/refresh.lua (fenced store, stale
+ * marker; see rules.h for their payloads). Publishes, refreshes and stale
+ * marks are never merged: their order within the batch is kept.
  *
  * The sink does not log; errors go to sink_errstr().
  */
@@ -42,7 +45,8 @@ typedef struct SinkStats {
     uint64_t keys, patterns, tags, versions, publishes; /* applied, cumulative */
     uint64_t errors;                                    /* failed flushes */
     uint64_t replica_shortfalls;                        /* WAIT reported fewer than ?replicas=N */
-    uint64_t oom_refusals; /* writes Redis refused for lack of memory */
+    uint64_t oom_refusals;      /* writes Redis refused for lack of memory */
+    uint64_t refreshes, stales; /* refresh and stale ops applied (stored, fenced or deleted) */
 } SinkStats;
 
 typedef struct Sink Sink;

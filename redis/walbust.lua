@@ -4,6 +4,7 @@
 --
 --   FCALL walbust_get       1 <key> <lease_ms>
 --       -> {"hit", value} | {"lease", token} | {"wait", ms}
+--          | {"stale", value, token} | {"stale", value}
 --   FCALL walbust_fill      1 <key> <token> <value> <ttl_s>
 --       -> 1 stored | 0 refused (the lease was revoked, expired or replaced)
 --   FCALL walbust_caught_up 1 <watermark_key> <lsn>      (also FCALL_RO)
@@ -20,6 +21,17 @@
 -- "walbust-lease:"; it must treat such a value as a miss. walbust_fill refuses
 -- to store a value that starts with that prefix, so real data never does.
 --
+-- Stale while revalidate (rules "stale"): instead of deleting, walbust
+-- rewrites the value into a stale marker (redis/refresh.lua)
+--   "\0walbust-lease:stale:" .. deadline_ms .. ":" .. token .. ":" .. value
+-- that expires after the rule's grace period (deadline 0 and an empty token:
+-- no rebuild lease yet). walbust_get serves the old value from it: to one
+-- caller with a rebuild lease ({"stale", value, token}; it rebuilds and
+-- calls walbust_fill with the token), to the others without one
+-- ({"stale", value}) until the fill lands, the grace ends, or the rebuild
+-- lease (lease_ms) runs out and the next caller gets a new one. A newer
+-- change clears the lease, so a rebuild that read older data is refused.
+--
 -- Load:  scripts/load-redis-functions   (redis-cli -x FUNCTION LOAD REPLACE)
 -- Redis 6.2 has no functions: redis/walbust_eval.lua is the same code as an
 -- EVAL/EVALSHA script, generated from the CORE section below by
@@ -34,8 +46,39 @@ local LEASE_PREFIX = '\0walbust-lease:'
 -- math.random keep tokens apart there).
 local lease_seq = 0
 
+local STALE_PREFIX = LEASE_PREFIX .. 'stale:'
+
 local function is_marker(v)
     return type(v) == 'string' and string.sub(v, 1, #LEASE_PREFIX) == LEASE_PREFIX
+end
+
+-- A stale marker's rebuild deadline (ms, 0: none), token and old value, or nil.
+local function parse_stale(v)
+    if type(v) ~= 'string' or string.sub(v, 1, #STALE_PREFIX) ~= STALE_PREFIX then
+        return nil
+    end
+    local deadline, token, at = string.match(v, '^(%d+):([^:]*):()', #STALE_PREFIX + 1)
+    if deadline == nil then
+        return nil
+    end
+    return tonumber(deadline), token, string.sub(v, at)
+end
+
+local function new_token()
+    lease_seq = lease_seq + 1
+    local t = redis.call('TIME')
+    return t[1] .. '.' .. t[2] .. '.' .. lease_seq .. '.' .. math.random(1, 2147483646), t
+end
+
+-- Serve a stale marker: the old value, with a rebuild lease when none is live.
+local function serve_stale(key, lease_ms, deadline, token, value)
+    local tok, t = new_token()
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if token ~= '' and now < deadline then
+        return {'stale', value}
+    end
+    redis.call('SET', key, STALE_PREFIX .. (now + lease_ms) .. ':' .. tok .. ':' .. value, 'KEEPTTL')
+    return {'stale', value, tok}
 end
 
 -- A non-negative integer argument (positive with positive == true), or nil.
@@ -78,15 +121,17 @@ local function walbust_get(key, lease_arg)
         if not is_marker(v) then
             return {'hit', v}
         end
+        local deadline, stoken, old = parse_stale(v)
+        if deadline ~= nil then
+            return serve_stale(key, lease_ms, deadline, stoken, old)
+        end
         local ms = redis.call('PTTL', key)
         if ms < 0 then
             ms = lease_ms -- a marker without expiry is never written by walbust_get
         end
         return {'wait', math.max(ms, 1)}
     end
-    lease_seq = lease_seq + 1
-    local t = redis.call('TIME')
-    local token = t[1] .. '.' .. t[2] .. '.' .. lease_seq .. '.' .. math.random(1, 2147483646)
+    local token = new_token()
     redis.call('SET', key, LEASE_PREFIX .. token, 'PX', lease_ms, 'NX')
     return {'lease', token}
 end
@@ -106,8 +151,12 @@ local function walbust_fill(key, token, value, ttl_arg)
         return redis.error_reply('ERR walbust_fill: value starts with the reserved lease prefix ' ..
             '"\\0walbust-lease:"; such a value would read as a lease')
     end
-    if redis.call('GET', key) ~= LEASE_PREFIX .. token then
-        return 0
+    local held = redis.call('GET', key)
+    if held ~= LEASE_PREFIX .. token then
+        local _, stoken = parse_stale(held)
+        if stoken == nil or stoken ~= token then
+            return 0 -- revoked, expired, replaced (or a stale marker's other lease)
+        end
     end
     if ttl > 0 then
         redis.call('SET', key, value, 'EX', ttl)

@@ -20,8 +20,39 @@ local LEASE_PREFIX = '\0walbust-lease:'
 -- math.random keep tokens apart there).
 local lease_seq = 0
 
+local STALE_PREFIX = LEASE_PREFIX .. 'stale:'
+
 local function is_marker(v)
     return type(v) == 'string' and string.sub(v, 1, #LEASE_PREFIX) == LEASE_PREFIX
+end
+
+-- A stale marker's rebuild deadline (ms, 0: none), token and old value, or nil.
+local function parse_stale(v)
+    if type(v) ~= 'string' or string.sub(v, 1, #STALE_PREFIX) ~= STALE_PREFIX then
+        return nil
+    end
+    local deadline, token, at = string.match(v, '^(%d+):([^:]*):()', #STALE_PREFIX + 1)
+    if deadline == nil then
+        return nil
+    end
+    return tonumber(deadline), token, string.sub(v, at)
+end
+
+local function new_token()
+    lease_seq = lease_seq + 1
+    local t = redis.call('TIME')
+    return t[1] .. '.' .. t[2] .. '.' .. lease_seq .. '.' .. math.random(1, 2147483646), t
+end
+
+-- Serve a stale marker: the old value, with a rebuild lease when none is live.
+local function serve_stale(key, lease_ms, deadline, token, value)
+    local tok, t = new_token()
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if token ~= '' and now < deadline then
+        return {'stale', value}
+    end
+    redis.call('SET', key, STALE_PREFIX .. (now + lease_ms) .. ':' .. tok .. ':' .. value, 'KEEPTTL')
+    return {'stale', value, tok}
 end
 
 -- A non-negative integer argument (positive with positive == true), or nil.
@@ -64,15 +95,17 @@ local function walbust_get(key, lease_arg)
         if not is_marker(v) then
             return {'hit', v}
         end
+        local deadline, stoken, old = parse_stale(v)
+        if deadline ~= nil then
+            return serve_stale(key, lease_ms, deadline, stoken, old)
+        end
         local ms = redis.call('PTTL', key)
         if ms < 0 then
             ms = lease_ms -- a marker without expiry is never written by walbust_get
         end
         return {'wait', math.max(ms, 1)}
     end
-    lease_seq = lease_seq + 1
-    local t = redis.call('TIME')
-    local token = t[1] .. '.' .. t[2] .. '.' .. lease_seq .. '.' .. math.random(1, 2147483646)
+    local token = new_token()
     redis.call('SET', key, LEASE_PREFIX .. token, 'PX', lease_ms, 'NX')
     return {'lease', token}
 end
@@ -92,8 +125,12 @@ local function walbust_fill(key, token, value, ttl_arg)
         return redis.error_reply('ERR walbust_fill: value starts with the reserved lease prefix ' ..
             '"\\0walbust-lease:"; such a value would read as a lease')
     end
-    if redis.call('GET', key) ~= LEASE_PREFIX .. token then
-        return 0
+    local held = redis.call('GET', key)
+    if held ~= LEASE_PREFIX .. token then
+        local _, stoken = parse_stale(held)
+        if stoken == nil or stoken ~= token then
+            return 0 -- revoked, expired, replaced (or a stale marker's other lease)
+        end
     end
     if ttl > 0 then
         redis.call('SET', key, value, 'EX', ttl)

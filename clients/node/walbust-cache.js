@@ -22,6 +22,10 @@
 // and fills with walbust_fill, which stores only if no invalidation revoked
 // the lease meanwhile), or wait (another caller is loading: poll again with
 // backoff, at most until the hint). Past maxWaitMs the loader runs uncached.
+// Stale (rules "stale"): walbust marked the key stale instead of deleting it;
+// one caller gets ['stale', old, token] and rebuilds (loads, fills with the
+// token, returns the new value), the others get the old value at once until
+// the rebuild lands or the grace period ends (docs/freshness.md).
 //
 // Tags: the key joins each tag set <tagPrefix><tag> BEFORE the loader reads
 // the database, so a change that walbust invalidates through the tag also
@@ -68,7 +72,7 @@ class WalbustCache {
     this.evalScript = evalScript;
     this.mode = null;
     this.major = null;
-    this.stats = { hit: 0, lease: 0, wait: 0, filled: 0, refused: 0, uncached: 0 };
+    this.stats = { hit: 0, lease: 0, wait: 0, filled: 0, refused: 0, uncached: 0, stale: 0 };
   }
 
   /** Resolve the mode and the server version (called on first use). */
@@ -99,7 +103,8 @@ class WalbustCache {
     return this.redis.walbustEval(key, name, ...args);
   }
 
-  /** walbust_get: ['hit', value] | ['lease', token] | ['wait', ms]. */
+  /** walbust_get: ['hit', value] | ['lease', token] | ['wait', ms] |
+   *  ['stale', old, token] (this caller rebuilds) | ['stale', old]. */
   async get(key, leaseMs = this.leaseMs) {
     return this.call('walbust_get', key, leaseMs);
   }
@@ -135,13 +140,20 @@ class WalbustCache {
     const deadline = Date.now() + this.maxWaitMs;
     let pause = 2;
     for (;;) {
-      const [kind, x] = await this.get(key);
+      const reply = await this.get(key);
+      const kind = reply[0];
+      let x = reply[1];
       if (kind === 'hit') {
         this.stats.hit++;
         return x;
       }
-      if (kind === 'lease') {
-        this.stats.lease++;
+      if (kind === 'stale') {
+        this.stats.stale++;
+        if (reply.length < 3) return x; // another caller rebuilds it
+        x = reply[2]; // this caller rebuilds: as with a lease
+      }
+      if (kind === 'lease' || kind === 'stale') {
+        if (kind === 'lease') this.stats.lease++;
         await this.registerTags(key, tags, ttl);
         const value = await loader();
         if (value !== null && value !== undefined) {

@@ -27,6 +27,12 @@ loading: poll again, backing off, at most until the hint). If the wait
 outlasts `max_wait` seconds, the loader is called without caching, so a
 reader is never stuck.
 
+Stale while revalidate (rules "stale", docs/freshness.md): walbust marks the
+key stale instead of deleting it; `walbust_get` then answers stale: one
+caller gets a rebuild lease (get_or_fill loads, fills with the lease and
+returns the new value), the others get the old value at once until the
+rebuild lands or the rule's grace period ends.
+
 Tags: the key is added to each tag set `<tag_prefix><tag>` BEFORE the
 database read. walbust's tag invalidation deletes the members of the set, so
 once the key is a member, a committed change to that tag revokes the lease
@@ -77,7 +83,8 @@ class WalbustCache:
         self.tag_prefix = tag_prefix
         self.lease_ms = int(lease_ms)
         self.max_wait = max_wait
-        self.stats = {"hit": 0, "lease": 0, "wait": 0, "filled": 0, "refused": 0, "uncached": 0}
+        self.stats = {"hit": 0, "lease": 0, "wait": 0, "filled": 0, "refused": 0, "uncached": 0,
+                      "stale": 0}
         self._major = int(_text(r.info("server")["redis_version"]).split(".")[0])
         if mode == "auto":
             mode = "function" if self._major >= 7 and self._has_library() else "eval"
@@ -101,9 +108,14 @@ class WalbustCache:
         return self._script(keys=[key], args=[name, *args])
 
     def get(self, key, lease_ms=None):
-        """walbust_get: ("hit", value) | ("lease", token) | ("wait", ms)."""
-        kind, x = self.call("walbust_get", key, lease_ms or self.lease_ms)
-        return _text(kind), x
+        """walbust_get: ("hit", value) | ("lease", token) | ("wait", ms) |
+        ("stale", (old_value, token or None)): a token means this caller
+        rebuilds the value and fills with it."""
+        reply = self.call("walbust_get", key, lease_ms or self.lease_ms)
+        kind = _text(reply[0])
+        if kind == "stale":
+            return kind, (reply[1], reply[2] if len(reply) > 2 else None)
+        return kind, reply[1]
 
     def fill(self, key, token, value, ttl):
         """walbust_fill: True stored, False refused (lease revoked or lapsed)."""
@@ -139,8 +151,14 @@ class WalbustCache:
             if kind == "hit":
                 self.stats["hit"] += 1
                 return x
-            if kind == "lease":
-                self.stats["lease"] += 1
+            if kind == "stale":
+                self.stats["stale"] += 1
+                old, token = x
+                if token is None:
+                    return old  # another caller rebuilds it
+                x = token  # this caller rebuilds: as with a lease
+            if kind in ("lease", "stale"):
+                self.stats["lease"] += kind == "lease"
                 self.register_tags(key, tags, ttl)
                 value = loader()
                 if value is not None:

@@ -431,6 +431,53 @@ static void test_dedupe(void **state)
     sink_free(s);
 }
 
+/* ---- refresh and stale ops ------------------------------------------------ */
+
+static void add_refresh(Sink *s, const char *key, const char *lsn, const char *row)
+{
+    char payload[256];
+    int n = snprintf(payload, sizeof payload, "json%c%s%c0%c%s", 0, lsn, 0, 0, row);
+    sink_add(s, RULES_INV_REFRESH, key, strlen(key), payload, (size_t)n);
+}
+
+/* Refresh ops keep their order and are fenced; a delete after a store in
+ * the same batch is not merged with an earlier delete of the key. */
+static void test_refresh_order_and_fence(void **state)
+{
+    Sink *s = new_sink();
+    char fence[300];
+    (void)state;
+
+    add(s, RULES_INV_KEY, k("rf:a"));
+    add_refresh(s, k("rf:a"), "0/10", "{\"v\":\"1\"}");
+    add(s, RULES_INV_KEY, k("rf:a")); /* must run after the store */
+    add_refresh(s, k("rf:b"), "0/10", "{\"v\":\"1\"}");
+    add_refresh(s, k("rf:b"), "0/20", "{\"v\":\"2\"}");
+    add_refresh(s, k("rf:b"), "0/15", "{\"v\":\"older\"}"); /* fenced: refused */
+    assert_int_equal(sink_pending(s), 6);
+    must_flush(s);
+    assert_false(exists(k("rf:a")));
+    redisReply *r = cmd("GET %s", k("rf:b"));
+    assert_string_equal(r->str, "{\"v\":\"2\"}");
+    freeReplyObject(r);
+    snprintf(fence, sizeof fence, "walbust:fence:{%s}", k("rf:b"));
+    r = cmd("GET %s", fence);
+    assert_string_equal(r->str, "0/20");
+    freeReplyObject(r);
+    assert_int_equal(sink_stats(s)->refreshes, 4);
+
+    /* stale: a plain value becomes a marker holding it */
+    set_key(k("rf:page"), "old");
+    char stale[] = "stale\0\0005\0";
+    sink_add(s, RULES_INV_STALE, k("rf:page"), strlen(k("rf:page")), stale, sizeof stale - 1);
+    must_flush(s);
+    r = cmd("GET %s", k("rf:page"));
+    assert_int_equal(r->len, 27);
+    assert_memory_equal(r->str, "\0walbust-lease:stale:0::old", 27);
+    freeReplyObject(r);
+    sink_free(s);
+}
+
 static void test_full(void **state)
 {
     SinkConfig cfg = {.url = main_url, .max_ops = 3};
@@ -1139,6 +1186,7 @@ int main(void)
         cmocka_unit_test(test_set_use_del),
         cmocka_unit_test(test_binary_key),
         cmocka_unit_test(test_dedupe),
+        cmocka_unit_test(test_refresh_order_and_fence),
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_empty_flush),
         cmocka_unit_test(test_patterns),

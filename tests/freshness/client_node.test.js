@@ -1,7 +1,8 @@
 // The Node.js client example (clients/node/walbust-cache.js) against the real
 // stack and a real walbust: cache-aside with tags, the t0-t3 race refused
 // through both FCALL and EVALSHA, a stampede on one cold key, read-your-writes,
-// and plain-GET marker recognition.
+// stale-while-revalidate (one rebuild, the old value for everyone else), and
+// plain-GET marker recognition.
 //
 // Run: node --test tests/freshness/   (env from scripts/stack; WALBUST_BIN)
 // Dependencies come from clients/node (npm ci --prefix clients/node).
@@ -86,7 +87,7 @@ before(async () => {
   const rules = {
     defaults: { tag_prefix: 'tag:' },
     rules: [
-      { table: 'items', keys: ['item:{id}'], tags: ['item:{id}'] },
+      { table: 'items', keys: ['item:{id}'], tags: ['item:{id}'], stale: ['page:{id}'], stale_grace: 30 },
       { table: 'docs', tags: ['doc:{id}'] },
       { table: 'walbust_barrier', on: ['insert'], keys: ['barrier:{token}'] },
     ],
@@ -202,3 +203,25 @@ test('read-your-writes: commitAndWait, then the cache gives the new row', async 
     await writer.end();
   }
 });
+
+for (const [i, mode] of [[7, 'function'], [8, 'eval']]) {
+  test(`stale while revalidate: one rebuild, the others get the old value (${mode})`, async () => {
+    const cache = new WalbustCache(redis, { slot: SLOT, mode });
+    const key = `page:${i}`;
+    let loads = 0;
+    const render = async () => { loads++; return `page v=${await rowV(i)}`; };
+    assert.equal(await cache.getOrFill(key, render, { ttl: 60 }), `page v=${await rowV(i)}`);
+    const before = await rowV(i);
+    await pg.query('UPDATE items SET v = v + 1 WHERE id = $1', [i]);
+    await waitUntil(async () => isLeaseMarker(await redis.getBuffer(key)), 20000, 'the page marked stale');
+    assert.ok((await redis.pttl(key)) <= 30000); // plain GET: a marker (a miss), gone after the grace
+    loads = 0;
+    const got = await Promise.all(Array.from({ length: 20 }, () => cache.getOrFill(key, render, { ttl: 60 })));
+    assert.equal(loads, 1);
+    const fresh = `page v=${await rowV(i)}`;
+    assert.ok(got.includes(fresh)); // the rebuilder (later readers may hit its fill)
+    assert.ok(got.every((v) => v === fresh || v === `page v=${before}`), got.join(','));
+    assert.equal(await cache.getOrFill(key, render, { ttl: 60 }), fresh); // the rebuild landed
+    assert.equal(loads, 1);
+  });
+}

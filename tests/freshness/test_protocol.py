@@ -2,8 +2,10 @@
 as a Function library (FCALL after FUNCTION LOAD) and as the EVALSHA script
 (redis/walbust_eval.lua, the Redis 6.2 path): every reply of docs/freshness.md, lease
 revocation by UNLINK and by expiry, token replacement, argument errors, the
-LSN comparison, and a randomized check that a lease marker is never returned
-as a hit. No walbust process is needed here.
+LSN comparison, a randomized check that a lease marker is never returned
+as a hit, stale-while-revalidate markers and the fenced refresh script
+(redis/refresh.lua, the script walbust runs for "refresh" and "stale"
+rules). No walbust process is needed here.
 """
 import os
 import random
@@ -146,14 +148,15 @@ def test_caught_up_compares_lsns_numerically():
 
 
 def test_marker_never_returned_as_hit():
-    """Random interleavings of leases, fills, refused fills, UNLINKs, expiries
-    and plain SETs over a few keys: no walbust_get reply is ever a marker,
+    """Random interleavings of leases, fills, refused fills, UNLINKs, expiries,
+    stale marks and plain SETs over a few keys: no walbust_get reply is ever a marker,
     and a plain GET that sees one recognises it with is_lease_marker."""
     r, cs = clients()
+    run = refresh_script(r)
     rnd = random.Random(7)
     keys = [f"m:{i}" for i in range(5)]
     tokens = {}
-    seen = {"hit": 0, "lease": 0, "wait": 0, "marker_gets": 0, "refused": 0}
+    seen = {"hit": 0, "lease": 0, "wait": 0, "marker_gets": 0, "refused": 0, "stale": 0}
     for i in range(6000):
         c = cs[rnd.choice(MODES)]
         k = rnd.choice(keys)
@@ -165,6 +168,10 @@ def test_marker_never_returned_as_hit():
                 assert not is_lease_marker(x) and not x.startswith(b"\0"), x
             elif kind == "lease":
                 tokens.setdefault(k, []).append(x)
+            elif kind == "stale":
+                assert not is_lease_marker(x[0]) and not x[0].startswith(b"\0"), x
+                if x[1] is not None:
+                    tokens.setdefault(k, []).append(x[1])
             else:
                 assert x >= 1
         elif op < 0.7 and tokens.get(k):
@@ -173,15 +180,121 @@ def test_marker_never_returned_as_hit():
                 seen["refused"] += 1
         elif op < 0.8:
             r.unlink(k)
-        elif op < 0.85:
+        elif op < 0.83:
             r.set(k, f"plain{i}")
+        elif op < 0.86:
+            mark_stale(run, k, grace=rnd.choice([1, 60]))
         else:
             v = r.get(k)
             if is_lease_marker(v):
                 seen["marker_gets"] += 1
                 assert v.startswith(b"\0walbust-lease:")
     assert all(seen[x] > 100 for x in ("hit", "lease", "wait", "marker_gets", "refused")), seen
+    assert seen["stale"] > 50, seen
     print(f"# marker fuzz: {seen}")
+
+
+def refresh_script(r):
+    with open(os.path.join(fresh.ROOT, "redis", "refresh.lua")) as f:
+        src = f.read()
+    return lambda *keys_and_args, nkeys=1: r.eval(src, nkeys, *keys_and_args)
+
+
+def mark_stale(run, key, grace=5):
+    """What walbust does for a "stale" rule: redis/refresh.lua in stale mode."""
+    return run(key, "stale", "", str(grace), "")
+
+
+def test_stale_while_revalidate():
+    r, cs = clients()
+    run = refresh_script(r)
+    for mode, c in cs.items():
+        k = f"stale:{mode}"
+        r.set(k, "old")
+        assert mark_stale(run, k) == 1
+        assert is_lease_marker(r.get(k)) and 0 < r.pttl(k) <= 5000  # plain GET: a miss
+        kind, (old, token) = c.get(k, 5000)
+        assert (kind, old) == ("stale", b"old") and token, (kind, old, token)
+        assert c.get(k, 5000) == ("stale", (b"old", None))  # the others: no lease
+        assert c.get(k, 5000) == ("stale", (b"old", None))
+        assert not c.fill(k, b"not-the-token", "x", 60)
+        assert c.fill(k, token, "new", 60)
+        assert c.get(k, 5000) == ("hit", b"new") and 55 <= r.ttl(k) <= 60
+        # the rebuilder's lease lapses: the next reader gets a new one
+        mark_stale(run, k)
+        _, (_, t1) = c.get(k, 30)
+        time.sleep(0.05)
+        kind, (old, t2) = c.get(k, 5000)
+        assert kind == "stale" and old == b"new" and t2 and t2 != t1
+        assert not c.fill(k, t1, "late", 60) and c.fill(k, t2, "newer", 60)
+        # a newer change during a rebuild revokes it; the old value stays
+        mark_stale(run, k)
+        _, (_, t3) = c.get(k, 5000)
+        ttl_before = r.pttl(k)
+        mark_stale(run, k)
+        assert r.pttl(k) <= ttl_before  # the grace is not extended
+        assert not c.fill(k, t3, "built-from-older-data", 60)
+        kind, (old, t4) = c.get(k, 5000)
+        assert kind == "stale" and old == b"newer" and t4 not in (None, t3)
+        # nobody rebuilds: gone after the grace, then an ordinary lease
+        k2 = f"grace:{mode}"
+        r.set(k2, "v")
+        mark_stale(run, k2, grace=1)
+        harness.wait_until(lambda: not r.exists(k2), 5, "the stale value to expire")
+        assert c.get(k2, 5000)[0] == "lease"
+        # a lease marker is revoked (as an invalidation does); nothing: nothing
+        assert mark_stale(run, k2) == 1 and not r.exists(k2)
+        assert mark_stale(run, f"none:{mode}") == 0 and not r.exists(f"none:{mode}")
+        r.sadd(f"set:{mode}", "m")
+        assert mark_stale(run, f"set:{mode}") == 1 and not r.exists(f"set:{mode}")
+
+
+def test_get_or_fill_serves_stale_to_all_but_one():
+    r, cs = clients()
+    run = refresh_script(r)
+    for mode, c in cs.items():
+        k = f"gof:{mode}"
+        r.set(k, "old")
+        mark_stale(run, k)
+        calls = []
+        got = [c.get_or_fill(k, lambda: calls.append(1) or "rebuilt", ttl=60)]
+        assert got == ["rebuilt"] and len(calls) == 1
+        assert c.get_or_fill(k, lambda: calls.append(1) or "again", ttl=60) == b"rebuilt"
+        mark_stale(run, k)
+        _, (_, token) = c.get(k, 5000)  # someone else is rebuilding
+        vals = [c.get_or_fill(k, lambda: calls.append(1) or "x", ttl=60) for _ in range(5)]
+        assert vals == [b"rebuilt"] * 5 and len(calls) == 1, (vals, calls)
+        assert c.stats["stale"] >= 6
+
+
+def test_refresh_script_fence():
+    r, cs = clients()
+    run = refresh_script(r)
+    k, f = "product:{1}", "walbust:fence:product:{1}"
+    row = '{"id":"1","name":"a","price":null}'
+    assert run(k, f, "json", "0/10", "60", row, nkeys=2) == 1
+    assert r.get(k) == row.encode() and r.get(f) == b"0/10" and 55 <= r.ttl(f) <= 60
+    assert run(k, f, "json", "0/F", "60", '{"id":"1","name":"older"}', nkeys=2) == 0
+    assert r.get(k) == row.encode()
+    assert run(k, f, "json", "0/10", "60", '{"id":"1","name":"same commit"}', nkeys=2) == 1
+    assert run(k, f, "json", "1/0", "0", '{"id":"1","name":"b"}', nkeys=2) == 1  # 1/0 > 0/FFFFFFFF
+    assert r.ttl(k) == -1 and r.get(f) == b"1/0"
+    assert run(k, f, "hash", "0/FFFFFFFF", "0", row, nkeys=2) == 0  # numerically older
+    h, hf = "ph:{1}", "walbust:fence:ph:{1}"
+    assert run(h, hf, "hash", "2/0", "30", row, nkeys=2) == 1
+    assert r.hgetall(h) == {b"id": b"1", b"name": b"a"} and 25 <= r.ttl(h) <= 30
+    # a refresh revokes a live lease: the cache-aside filler is refused
+    for mode, c in cs.items():
+        lk, lf = f"lease:{mode}", f"walbust:fence:{{lease:{mode}}}"
+        kind, token = c.get(lk, 5000)
+        assert kind == "lease"
+        assert run(lk, lf, "json", "0/1", "0", "fresh", nkeys=2) == 1
+        assert not c.fill(lk, token, "stale", 60) and r.get(lk) == b"fresh"
+    try:
+        run(k, f, "json", "nope", "0", row, nkeys=2)
+        raise AssertionError("a bad LSN was accepted")
+    except harness.redis.ResponseError as e:
+        assert "not an LSN" in str(e)
 
 
 if __name__ == "__main__":
@@ -193,4 +306,7 @@ if __name__ == "__main__":
         test_errors,
         test_caught_up_compares_lsns_numerically,
         test_marker_never_returned_as_hit,
+        test_stale_while_revalidate,
+        test_get_or_fill_serves_stale_to_all_but_one,
+        test_refresh_script_fence,
     ])

@@ -268,6 +268,10 @@ static void collect(void *arg, RulesInvAction action, const char *s, size_t len,
     if (action == RULES_INV_PUBLISH) {
         assert_non_null(payload);
         memcpy(e->payload, payload, payload_len);
+    } else if (action == RULES_INV_REFRESH || action == RULES_INV_STALE) {
+        assert_non_null(payload); /* four NUL-separated fields, shown with '|' */
+        for (size_t i = 0; i < payload_len; i++)
+            e->payload[i] = payload[i] == '\0' ? '|' : payload[i];
     } else {
         assert_null(payload);
         assert_int_equal(payload_len, 0);
@@ -278,7 +282,8 @@ static const char *const action_names[] = {
     [RULES_INV_KEY] = "key",         [RULES_INV_PATTERN] = "pattern",
     [RULES_INV_TAG] = "tag",         [RULES_INV_TAG_PATTERN] = "tag-pattern",
     [RULES_INV_VERSION] = "version", [RULES_INV_VERSION_PATTERN] = "version-pattern",
-    [RULES_INV_PUBLISH] = "publish",
+    [RULES_INV_PUBLISH] = "publish", [RULES_INV_REFRESH] = "refresh",
+    [RULES_INV_STALE] = "stale",
 };
 
 static void parse_expect_line(const char *line, Emitted *e)
@@ -296,13 +301,14 @@ static void parse_expect_line(const char *line, Emitted *e)
     quoted = word[wl - 1] == '~';
     if (quoted)
         word[wl - 1] = '\0';
-    for (a = 0; a <= RULES_INV_PUBLISH && strcmp(action_names[a], word) != 0; a++)
+    for (a = 0; a <= RULES_INV_STALE && strcmp(action_names[a], word) != 0; a++)
         ;
-    if (a > RULES_INV_PUBLISH)
+    if (a > RULES_INV_STALE)
         fail_msg("unknown action in expect line: %s", line);
     e->action = (RulesInvAction)a;
     rest = line + wl + 1;
-    if (e->action == RULES_INV_PUBLISH) {
+    if (e->action == RULES_INV_PUBLISH || e->action == RULES_INV_REFRESH ||
+        e->action == RULES_INV_STALE) {
         const char *sp = strchr(rest, ' ');
         assert_non_null(sp);
         e->len = (size_t)(sp - rest);
