@@ -186,7 +186,10 @@ void batch_keep_marked(Batch *b)
     }
     free(old);
     b->nops = n;
-    b->dedup_floor = n; /* kept in order; nothing new merges with them */
+    b->dedup_floor = 0; /* after the last kept refresh or stale op (batch_add) */
+    for (size_t i = 0; i < n; i++)
+        if (keeps_order(b->ops[i].action) && b->ops[i].action != RULES_INV_PUBLISH)
+            b->dedup_floor = i + 1;
     set_rebuild(b);
 }
 
