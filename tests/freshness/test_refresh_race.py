@@ -218,8 +218,14 @@ def run_mode(mode, seed):
 
 
 def test_naive_fills_over_refresh_go_stale():
-    run = run_mode(fresh.NAIVE, 1)
-    assert run.stale > 0, "the checker saw no stale entry for naive cache-aside"
+    # The naive race is rare (a few stale entries per run): a run that
+    # happens to see none is repeated with other seeds, at most twice, so
+    # the test keeps its teeth without failing on a quiet machine.
+    for attempt in range(3):
+        run = run_mode(fresh.NAIVE, 1 + 10 * attempt)
+        if run.stale > 0:
+            break
+    assert run.stale > 0, "the checker saw no stale entry for naive cache-aside in 3 runs"
 
 
 def test_lease_fenced_fills_over_refresh_never_stale():
