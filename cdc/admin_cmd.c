@@ -61,39 +61,6 @@ static void sb_add(StrBuf *b, const char *s)
     b->len += n;
 }
 
-/* libpq's message for the last failure, without the trailing newline. */
-static void pq_message(PGconn *conn, char *buf, size_t len)
-{
-    size_t n;
-
-    snprintf(buf, len, "%s", PQerrorMessage(conn));
-    n = strlen(buf);
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-        buf[--n] = '\0';
-}
-
-/* Quote a "schema.table" name as "schema"."table" (each part escaped).
- * Returns a malloc'd string, or NULL when the name has no schema part. */
-static char *quote_table(PGconn *conn, const char *table)
-{
-    const char *dot = strchr(table, '.');
-    char *nsp, *rel, *out = NULL;
-    size_t len;
-
-    if (dot == NULL)
-        return NULL;
-    nsp = PQescapeIdentifier(conn, table, (size_t)(dot - table));
-    rel = PQescapeIdentifier(conn, dot + 1, strlen(dot + 1));
-    if (nsp == NULL || rel == NULL)
-        mem_oom();
-    len = strlen(nsp) + strlen(rel) + 2;
-    out = xcalloc(1, len);
-    snprintf(out, len, "%s.%s", nsp, rel);
-    PQfreemem(nsp);
-    PQfreemem(rel);
-    return out;
-}
-
 static char *quote_ident(PGconn *conn, const char *name)
 {
     char *q = PQescapeIdentifier(conn, name, strlen(name));
@@ -120,7 +87,7 @@ static int exec_command(PGconn *conn, const char *sql, const char *cmd, const ch
     PQclear(res);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
         return 0;
-    pq_message(conn, msg, sizeof msg);
+    stream_pg_message(conn, msg, sizeof msg);
     fprintf(stderr, "walbust %s: could not %s on %s: %s\n", cmd, what, where, msg);
     return -1;
 }
@@ -516,7 +483,7 @@ static size_t ri_count(const Setup *s, RiView *v)
  * partitioned table does not reach its partitions). */
 static int ri_set_full(Setup *s, const RulesTableInfo *info)
 {
-    char *qt = quote_table(s->conn, info->table);
+    char *qt = stream_quote_table(s->conn, info->table);
     size_t n = info->nnot_full ? info->nnot_full : 1;
     int rc = 0;
 
@@ -585,7 +552,7 @@ static int setup_slot(Setup *s)
     int rc = -1;
 
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        pq_message(s->conn, msg, sizeof msg);
+        stream_pg_message(s->conn, msg, sizeof msg);
         fprintf(stderr, "walbust setup: could not look up slot %s on %s: %s\n", s->cfg->slot,
                 s->where, msg);
     } else if (PQntuples(res) == 1) {
@@ -609,7 +576,7 @@ static int setup_slot(Setup *s)
             printf("created replication slot %s\n", s->cfg->slot);
             rc = 0;
         } else {
-            pq_message(s->conn, msg, sizeof msg);
+            stream_pg_message(s->conn, msg, sizeof msg);
             fprintf(stderr, "walbust setup: could not create replication slot %s on %s: %s\n",
                     s->cfg->slot, s->where, msg);
         }
@@ -707,7 +674,7 @@ static int status_slot(PGconn *conn, const Config *cfg, const char *where, cJSON
     char msg[1024];
 
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        pq_message(conn, msg, sizeof msg);
+        stream_pg_message(conn, msg, sizeof msg);
         fprintf(stderr, "walbust status: could not read slot %s on %s: %s\n", cfg->slot, where,
                 msg);
         PQclear(res);
@@ -769,7 +736,7 @@ static int status_publication(PGconn *conn, const Config *cfg, const Rules *rule
     char msg[1024];
 
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        pq_message(conn, msg, sizeof msg);
+        stream_pg_message(conn, msg, sizeof msg);
         fprintf(stderr, "walbust status: could not read publication %s on %s: %s\n",
                 cfg->publication, where, msg);
         PQclear(res);

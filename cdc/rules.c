@@ -467,33 +467,46 @@ static void tpl_release(Template *t)
     free(t->loc.path);
 }
 
-static void load_templates(Loader *ld, const cJSON *v, const char *path, RuleCtx *rc, int kind)
+/* Compile every element of the array v (at path) as a template of rule and
+ * append it to *arr (*n entries; xrealloc'ed, owned by the rule). An element
+ * that is not a string or does not compile is a problem that names it as
+ * `what` ("a template") and `noun` ("template"), and is left out. */
+static void load_template_list(Loader *ld, const cJSON *v, const char *path, Rule *rule,
+                               const char *what, const char *noun, Template **arr, size_t *n)
 {
-    Rule *rule = rc->rule;
     size_t i = 0;
 
-    if (!expect_array(ld, v, path, tpl_field[kind], "[\"user:{id}\"]")) {
-        rc->nactions++;
-        return;
-    }
     for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
         char epath[128], err[256];
         Template t = {0};
 
-        rc->nactions++;
         snprintf(epath, sizeof epath, "%s[%zu]", path, i);
-        if (!expect_string_elem(ld, e, epath, "a template"))
+        if (!expect_string_elem(ld, e, epath, what))
             continue;
         if (!tpl_compile(rule, e->valuestring, &t, err, sizeof err)) {
-            ld_problem(ld, epath, "template \"%s\" %s", e->valuestring, err);
+            ld_problem(ld, epath, "%s \"%s\" %s", noun, e->valuestring, err);
             tpl_release(&t);
             continue;
         }
         t.src = xstrdup(e->valuestring);
         loc_find(ld, epath, false, epath, &t.loc);
-        rule->tpl[kind] = xrealloc(rule->tpl[kind], (rule->ntpl[kind] + 1) * sizeof t);
-        rule->tpl[kind][rule->ntpl[kind]++] = t;
+        *arr = xrealloc(*arr, (*n + 1) * sizeof t);
+        (*arr)[(*n)++] = t;
     }
+}
+
+static void load_templates(Loader *ld, const cJSON *v, const char *path, RuleCtx *rc, int kind)
+{
+    Rule *rule = rc->rule;
+
+    if (!expect_array(ld, v, path, tpl_field[kind], "[\"user:{id}\"]")) {
+        rc->nactions++;
+        return;
+    }
+    /* Every entry counts as an action, also one with a problem. */
+    rc->nactions += (size_t)cJSON_GetArraySize(v);
+    load_template_list(ld, v, path, rule, "a template", "template", &rule->tpl[kind],
+                       &rule->ntpl[kind]);
 }
 
 static void load_keys(Loader *ld, const cJSON *v, const char *path, void *ctx)
@@ -724,28 +737,12 @@ static void load_lookup_args(Loader *ld, const cJSON *v, const char *path, void 
 {
     Rule *rule = ((RuleCtx *)ctx)->rule;
     Lookup *lk = rule->lookup;
-    size_t i = 0;
 
     lk->args_written = (size_t)cJSON_GetArraySize(v);
     if (!expect_array(ld, v, path, "args", "[\"{id}\"]"))
         return;
-    for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
-        char epath[128], err[256];
-        Template t = {0};
-
-        snprintf(epath, sizeof epath, "%s[%zu]", path, i);
-        if (!expect_string_elem(ld, e, epath, "an argument template"))
-            continue;
-        if (!tpl_compile(rule, e->valuestring, &t, err, sizeof err)) {
-            ld_problem(ld, epath, "argument template \"%s\" %s", e->valuestring, err);
-            tpl_release(&t);
-            continue;
-        }
-        t.src = xstrdup(e->valuestring);
-        loc_find(ld, epath, false, epath, &t.loc);
-        lk->args = xrealloc(lk->args, (lk->nargs + 1) * sizeof t);
-        lk->args[lk->nargs++] = t;
-    }
+    load_template_list(ld, v, path, rule, "an argument template", "argument template", &lk->args,
+                       &lk->nargs);
 }
 
 static void load_lookup_limit(Loader *ld, const cJSON *v, const char *path, void *ctx)
@@ -953,28 +950,11 @@ static void load_stale(Loader *ld, const cJSON *v, const char *path, void *ctx)
 {
     RuleCtx *rc = ctx;
     Rule *rule = rc->rule;
-    size_t i = 0;
 
     rc->nactions++;
     if (!expect_array(ld, v, path, "stale", "[\"product:{id}:page\"]"))
         return;
-    for (const cJSON *e = v->child; e != NULL; e = e->next, i++) {
-        char epath[128], err[256];
-        Template t = {0};
-
-        snprintf(epath, sizeof epath, "%s[%zu]", path, i);
-        if (!expect_string_elem(ld, e, epath, "a template"))
-            continue;
-        if (!tpl_compile(rule, e->valuestring, &t, err, sizeof err)) {
-            ld_problem(ld, epath, "template \"%s\" %s", e->valuestring, err);
-            tpl_release(&t);
-            continue;
-        }
-        t.src = xstrdup(e->valuestring);
-        loc_find(ld, epath, false, epath, &t.loc);
-        rule->stale = xrealloc(rule->stale, (rule->nstale + 1) * sizeof t);
-        rule->stale[rule->nstale++] = t;
-    }
+    load_template_list(ld, v, path, rule, "a template", "template", &rule->stale, &rule->nstale);
 }
 
 static void load_stale_grace(Loader *ld, const cJSON *v, const char *path, void *ctx)

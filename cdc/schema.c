@@ -305,27 +305,6 @@ static int load_relid(Schema *s, const char *name, uint32_t *relid, char *err, s
     return 0;
 }
 
-/* "schema"."table" for SQL; caller frees. */
-static char *quoted_table(PGconn *conn, const char *name)
-{
-    const char *dot = strchr(name, '.');
-    char *nsp, *rel, *out;
-    size_t len;
-
-    if (dot == NULL)
-        return xstrdup(name);
-    nsp = PQescapeIdentifier(conn, name, (size_t)(dot - name));
-    rel = PQescapeIdentifier(conn, dot + 1, strlen(dot + 1));
-    if (nsp == NULL || rel == NULL)
-        mem_oom();
-    len = strlen(nsp) + strlen(rel) + 2;
-    out = xcalloc(1, len);
-    snprintf(out, len, "%s.%s", nsp, rel);
-    PQfreemem(nsp);
-    PQfreemem(rel);
-    return out;
-}
-
 /* A name ("schema.table" or a publication) as SQL for messages: each part
  * as written when it is a plain lowercase identifier, else double-quoted. */
 static void sql_display(const char *name, bool dotted, char *out, size_t n)
@@ -379,7 +358,7 @@ static unsigned widen_table(Schema *s, const char *table, const char *lsn)
 static int add_to_publication(Schema *s, const char *publication, const char *table, char *err,
                               size_t errlen)
 {
-    char *qt = quoted_table(s->conn, table);
+    char *qt = stream_quote_table(s->conn, table);
     char *qp = PQescapeIdentifier(s->conn, publication, strlen(publication));
     size_t len;
     char *sql, msg[512];

@@ -29,15 +29,15 @@ struct Stream {
     PGconn *conn;
     bool streaming;
     bool idle;
-    int pace_us;            /* stream_set_pace() */
-    int64_t last_read_us;   /* monotonic time of the last socket read */
-    bool confirm_pending;   /* confirmed moved since the last status update */
-    char *copybuf;          /* last PQgetCopyData buffer */
-    uint64_t confirmed;     /* flush position applied (reported up to limit) */
-    uint64_t limit;         /* stream_set_confirm_limit(); UINT64_MAX: none */
-    uint64_t reported;      /* flush position of the last status update */
-    uint64_t pub_gap_lsn;   /* the last stream ended: publication missing at this change */
-    char pub_gap_name[64];  /* ... namely this one */
+    int pace_us;           /* stream_set_pace() */
+    int64_t last_read_us;  /* monotonic time of the last socket read */
+    bool confirm_pending;  /* confirmed moved since the last status update */
+    char *copybuf;         /* last PQgetCopyData buffer */
+    uint64_t confirmed;    /* flush position applied (reported up to limit) */
+    uint64_t limit;        /* stream_set_confirm_limit(); UINT64_MAX: none */
+    uint64_t reported;     /* flush position of the last status update */
+    uint64_t pub_gap_lsn;  /* the last stream ended: publication missing at this change */
+    char pub_gap_name[64]; /* ... namely this one */
     StreamSlot slot;
     uint64_t received;
     uint64_t server_end;
@@ -48,7 +48,7 @@ struct Stream {
     int64_t last_recv_us;   /* when messages were last seen */
     int64_t ping_sent_us;   /* when a reply was requested for silence; 0: none */
     int server_version;
-    bool companion;         /* "<publication>_insert_only" exists: stream it too */
+    bool companion; /* "<publication>_insert_only" exists: stream it too */
     char desc[256];
     char errstr[1024];
 };
@@ -221,14 +221,39 @@ void stream_describe_conn(PGconn *conn, char *buf, size_t len)
              user ? user : "?");
 }
 
-/* Copy a libpq message, dropping the trailing newline. */
-static void pq_message(PGconn *conn, char *buf, size_t len)
+void stream_pg_message(PGconn *conn, char *buf, size_t len)
 {
     size_t n;
     snprintf(buf, len, "%s", conn ? PQerrorMessage(conn) : "out of memory");
     n = strlen(buf);
     while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
         buf[--n] = '\0';
+}
+
+char *stream_quote_table(PGconn *conn, const char *name)
+{
+    const char *dot = strchr(name, '.');
+    char *nsp, *rel, *out;
+    size_t len;
+
+    if (dot == NULL) {
+        nsp = PQescapeIdentifier(conn, name, strlen(name));
+        if (nsp == NULL)
+            mem_oom();
+        out = xstrdup(nsp);
+        PQfreemem(nsp);
+        return out;
+    }
+    nsp = PQescapeIdentifier(conn, name, (size_t)(dot - name));
+    rel = PQescapeIdentifier(conn, dot + 1, strlen(dot + 1));
+    if (nsp == NULL || rel == NULL)
+        mem_oom();
+    len = strlen(nsp) + strlen(rel) + 2;
+    out = xcalloc(1, len);
+    snprintf(out, len, "%s.%s", nsp, rel);
+    PQfreemem(nsp);
+    PQfreemem(rel);
+    return out;
 }
 
 /* stream_cancel_on(): connection attempts give up when *cancel_flag is set. */
@@ -291,8 +316,8 @@ static void connect_poll(PGconn *conn, char *why, size_t whylen)
             return;
         }
         if (left_ms <= 0) {
-            snprintf(why, whylen,
-                     "no answer within %d s (connect_timeout; set it in the conninfo)", timeout_s);
+            snprintf(why, whylen, "no answer within %d s (connect_timeout; set it in the conninfo)",
+                     timeout_s);
             return;
         }
         rc = poll(&pfd, pfd.fd >= 0 ? 1 : 0, left_ms > 100 ? 100 : (int)left_ms);
@@ -366,7 +391,7 @@ static void connect_message(PGconn *conn, const char *why, char *buf, size_t len
     if (why[0] != '\0')
         snprintf(buf, len, "%s", why);
     else
-        pq_message(conn, buf, len);
+        stream_pg_message(conn, buf, len);
 }
 
 /* Where a failed connection was headed, without the password. */
@@ -379,7 +404,8 @@ static void describe_target(const char *conninfo, char *buf, size_t len)
         for (PQconninfoOption *o = opts; o->keyword != NULL; o++) {
             if (o->val == NULL)
                 continue;
-            if (strcmp(o->keyword, "host") == 0 || (host == NULL && strcmp(o->keyword, "hostaddr") == 0))
+            if (strcmp(o->keyword, "host") == 0 ||
+                (host == NULL && strcmp(o->keyword, "hostaddr") == 0))
                 host = o->val;
             else if (strcmp(o->keyword, "port") == 0)
                 port = o->val;
@@ -418,7 +444,7 @@ static PGresult *simple_query(Stream *s, const char *sql, ExecStatusType want)
     char msg[768];
 
     if (PQresultStatus(res) != want) {
-        pq_message(s->conn, msg, sizeof msg);
+        stream_pg_message(s->conn, msg, sizeof msg);
         snprintf(s->errstr, sizeof s->errstr, "query failed on %s: %s (%s)", s->desc, msg, sql);
         PQclear(res);
         return NULL;
@@ -806,7 +832,7 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
             s->confirmed = start_lsn;
         return STREAM_OK;
     }
-    pq_message(s->conn, msg, sizeof msg);
+    stream_pg_message(s->conn, msg, sizeof msg);
     state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     if (state != NULL && strcmp(state, "55006") == 0) {
         const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
@@ -818,7 +844,8 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
     snprintf(s->errstr, sizeof s->errstr, "could not start replication on %s: %s", s->desc, msg);
     PQclear(res);
     stream_close(s);
-    if (strstr(msg, "can no longer get changes") != NULL || strstr(msg, "has been invalidated") != NULL)
+    if (strstr(msg, "can no longer get changes") != NULL ||
+        strstr(msg, "has been invalidated") != NULL)
         return lost_slot_error(s);
     return STREAM_RETRY;
 }
@@ -836,7 +863,7 @@ static int send_status(Stream *s, bool reply_requested)
     put_u64(buf + 25, (uint64_t)pgtime_now());
     buf[33] = reply_requested ? 1 : 0;
     if (PQputCopyData(s->conn, buf, sizeof buf) <= 0 || PQflush(s->conn) != 0) {
-        pq_message(s->conn, msg, sizeof msg);
+        stream_pg_message(s->conn, msg, sizeof msg);
         snprintf(s->errstr, sizeof s->errstr, "could not send status update to %s: %s", s->desc,
                  msg);
         return -1;
@@ -877,8 +904,8 @@ static int handle_keepalive(Stream *s, const char *buf, int len)
     uint64_t end;
 
     if (len < 1 + 8 + 8 + 1) {
-        snprintf(s->errstr, sizeof s->errstr, "malformed keepalive message (%d bytes) from %s",
-                 len, s->desc);
+        snprintf(s->errstr, sizeof s->errstr, "malformed keepalive message (%d bytes) from %s", len,
+                 s->desc);
         return -1;
     }
     end = get_u64(buf + 1);
@@ -985,7 +1012,7 @@ static int stream_ended(Stream *s)
     PGresult *res = PQgetResult(s->conn);
     char msg[768];
 
-    pq_message(s->conn, msg, sizeof msg);
+    stream_pg_message(s->conn, msg, sizeof msg);
     if (res != NULL && PQresultErrorMessage(res)[0] != '\0')
         snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(res));
     if (res != NULL)
@@ -1001,7 +1028,7 @@ static int conn_failed(Stream *s)
 {
     char msg[768];
 
-    pq_message(s->conn, msg, sizeof msg);
+    stream_pg_message(s->conn, msg, sizeof msg);
     snprintf(s->errstr, sizeof s->errstr, "lost connection to %s: %s", s->desc, msg);
     s->streaming = false;
     return -1;

@@ -49,12 +49,12 @@ typedef struct StreamSlot {
 } StreamSlot;
 
 typedef struct StreamConfig {
-    const char *conninfo;     /* conninfo string or URI; "" for libpq defaults */
+    const char *conninfo; /* conninfo string or URI; "" for libpq defaults */
     const char *slot;
     const char *publication;
-    bool temporary_slot;      /* create a TEMPORARY slot named `slot` */
-    bool confirm;             /* false: never confirm anything (decode --slot) */
-    int status_interval_ms;   /* default 10000 */
+    bool temporary_slot;    /* create a TEMPORARY slot named `slot` */
+    bool confirm;           /* false: never confirm anything (decode --slot) */
+    int status_interval_ms; /* default 10000 */
 } StreamConfig;
 
 /* One XLogData payload. buf is valid until the next stream_next(),
@@ -173,6 +173,15 @@ void stream_cancel_on(const volatile sig_atomic_t *flag);
 /* Open a plain (non-replication) connection to conninfo. Returns NULL with
  * a message in err (no password) on failure. Caller PQfinish()es. */
 PGconn *stream_plain_connect(const char *conninfo, char *err, size_t errlen);
+
+/* libpq's message for the last failure on conn (NULL: "out of memory")
+ * into buf, without the trailing newline. */
+void stream_pg_message(PGconn *conn, char *buf, size_t len);
+
+/* A "schema.table" name as SQL, "schema"."table" with each part escaped by
+ * PQescapeIdentifier (a name without a schema part as one identifier).
+ * Returns a malloc'd string the caller frees; aborts on out of memory. */
+char *stream_quote_table(PGconn *conn, const char *name);
 
 /* "host:port/dbname as user" of a connection, never the password. */
 void stream_describe_conn(PGconn *conn, char *buf, size_t len);

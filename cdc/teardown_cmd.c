@@ -48,17 +48,6 @@ typedef struct Plan {
     bool schema;
 } Plan;
 
-/* libpq's message for the last failure of conn, without the newline. */
-static void pq_message(PGconn *conn, char *buf, size_t len)
-{
-    size_t n;
-
-    snprintf(buf, len, "%s", PQerrorMessage(conn));
-    n = strlen(buf);
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-        buf[--n] = '\0';
-}
-
 /* Run a query with up to two text parameters; NULL (message printed) when
  * it failed. */
 static PGresult *query(Plan *p, const char *sql, int nparams, const char *a, const char *b)
@@ -69,7 +58,7 @@ static PGresult *query(Plan *p, const char *sql, int nparams, const char *a, con
 
     if (PQresultStatus(res) == PGRES_TUPLES_OK || PQresultStatus(res) == PGRES_COMMAND_OK)
         return res;
-    pq_message(p->conn, msg, sizeof msg);
+    stream_pg_message(p->conn, msg, sizeof msg);
     fprintf(stderr, "walbust teardown: query failed on %s: %s\n", p->where, msg);
     PQclear(res);
     return NULL;
@@ -198,7 +187,7 @@ static int drop(Plan *p, const char *sql, const char *what)
         printf("dropped %s\n", what);
         return 0;
     }
-    pq_message(p->conn, msg, sizeof msg);
+    stream_pg_message(p->conn, msg, sizeof msg);
     fprintf(stderr, "walbust teardown: could not drop %s on %s: %s\n", what, p->where, msg);
     return -1;
 }
@@ -248,7 +237,7 @@ static int drop_slot(Plan *p)
             return 0;
         }
         PQclear(res);
-        pq_message(p->conn, msg, sizeof msg);
+        stream_pg_message(p->conn, msg, sizeof msg);
         if (!in_use || !p->cfg->force || time(NULL) >= deadline) {
             fprintf(stderr, "walbust teardown: could not drop replication slot %s on %s: %s%s\n",
                     p->cfg->slot, p->where, msg,
