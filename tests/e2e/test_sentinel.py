@@ -188,11 +188,22 @@ def failover_round(d, w, how):
             # Back empty on its port as a replica of the new master (as an
             # operator restarts it), which replicas=1 needs before anything
             # confirms.
-            old.stop()
-            d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(d.master_port())],
-                                     port=old.port).start()
-            wait_until(lambda: link_up(d.nodes[old.port]), 60,
-                       "the killed master back as a replica")
+            # Asked again when its link does not come up: the Sentinels may
+            # still have been settling on the new master when it was named
+            # (one CI-like run in five waited 60 s for a link that never
+            # came up).
+            for attempt in range(3):
+                old.stop()
+                d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(d.master_port())],
+                                         port=old.port).start()
+                try:
+                    wait_until(lambda: link_up(d.nodes[old.port]), 40,
+                               "the killed master back as a replica")
+                    break
+                except AssertionError:
+                    if attempt == 2:
+                        raise
+                    old = d.nodes[old.port]
         writer.wait_more(300, timeout=60)
     finally:
         writer.finish()
