@@ -5,16 +5,13 @@ back to ready once it is fixed, with nothing lost; and a standby that
 reports its role instead of pretending Redis is down."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BARRIER_RULE, BARRIER_SQL, STACK_DIR, Runner, Walbust, fresh_db, sql,
-                     wait_until, write_rules)
+from harness import (BARRIER_RULE, BARRIER_SQL, STACK_DIR, Runner, Walbust, free_port, fresh_db,
+                     readyz, scrape, sql, wait_until, write_rules)
 
 import redis
 
@@ -23,31 +20,10 @@ SLOT = "health_e2e"
 USER, PASSWORD = "walbust-user", "s3cret-pw"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
-    return values
 
 
-def readyz(port):
-    """(status, body) of GET /readyz."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 class PrivateRedis:

@@ -13,8 +13,6 @@ Run by hand:
 """
 import json
 import os
-import socket
-import urllib.request
 import re
 import signal
 import subprocess
@@ -24,8 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import (BARRIER_RULE, BARRIER_SQL, BIN, REDIS_PORT, Runner, Walbust,  # noqa: E402
-                     barrier, dsn, fresh_db, redis_client, slot_confirmed, sql, wait_until,
-                     write_rules)
+                     barrier, dsn, free_port, fresh_db, redis_client, scrape, slot_confirmed,
+                     sql, wait_until, write_rules)
 
 SCHEMA = """
 CREATE TABLE users(id int PRIMARY KEY, name text, email text);
@@ -101,18 +99,10 @@ class Env:
                         "WHERE database = %s AND active_pid IS NULL", (self.db,))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric(port, name):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scrape(port).get(name, 0.0)
 
 
 def lsn_le(db, a, b):

@@ -5,14 +5,13 @@ readiness follows Redis going away and coming back."""
 import os
 import re
 import signal
-import socket
 import sys
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (BARRIER_RULE, BARRIER_SQL, STACK_DIR, Runner, Walbust, barrier, connect,
-                     fresh_db, sql, wait_until, write_rules)
+                     free_port, fresh_db, scrape, sql, wait_until, write_rules)
 
 import redis
 
@@ -20,22 +19,8 @@ DB = "metrics_e2e"
 SLOT = "metrics_e2e"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
-    return values
 
 
 def status(port, path):

@@ -16,17 +16,14 @@ Run by hand:
 """
 import os
 import re
-import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import (BARRIER_RULE, BARRIER_SQL, BIN, REDIS_PORT, SRC, Runner, Walbust,  # noqa: E402
-                     barrier, dsn, fresh_db, redis_client, slot_confirmed, sql, wait_until,
-                     write_rules)
+                     barrier, dsn, free_port, fresh_db, readyz, redis_client, scrape,
+                     slot_confirmed, sql, wait_until, write_rules)
 
 def lsn_ge(db, a, b):
     return sql(db, "SELECT %s::pg_lsn >= %s::pg_lsn", (a, b), fetch=True)[0][0]
@@ -41,29 +38,13 @@ def in_publication(db, table, pub="walbust"):
                         "schemaname || '.' || tablename = %s", (pub, table), fetch=True))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def metric(port, name, labels):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + "{") and labels in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return next((v for k, v in scrape(port).items() if k.startswith(name + "{") and labels in k),
+                0.0)
 
 
-def readyz(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 class Env:
