@@ -36,31 +36,6 @@
 /* sql/walbust.sql, embedded by the Makefile (build/gen/redis_scripts.c). */
 extern const char walbust_sql[];
 
-/* A growable string for building SQL statements. */
-typedef struct StrBuf {
-    char *s;
-    size_t len, cap;
-} StrBuf;
-
-static void sb_add(StrBuf *b, const char *s)
-{
-    size_t n = strlen(s);
-
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        char *p;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        p = realloc(b->s, cap);
-        if (p == NULL)
-            mem_oom();
-        b->s = p;
-        b->cap = cap;
-    }
-    memcpy(b->s + b->len, s, n + 1);
-    b->len += n;
-}
-
 static char *quote_ident(PGconn *conn, const char *name)
 {
     char *q = PQescapeIdentifier(conn, name, strlen(name));
@@ -175,12 +150,12 @@ static int setup_preflight(Setup *s)
  * moved between publications is never out of both. */
 static int exec_transaction(Setup *s, const char *sql, const char *what)
 {
-    StrBuf b = {0};
+    MemText b = {0};
     int rc;
 
-    sb_add(&b, "BEGIN; ");
-    sb_add(&b, sql);
-    sb_add(&b, "; COMMIT");
+    mem_text_add(&b, "BEGIN; ");
+    mem_text_add(&b, sql);
+    mem_text_add(&b, "; COMMIT");
     rc = exec_command(s->conn, b.s, "setup", what, s->where);
     if (rc < 0)
         PQclear(PQexec(s->conn, "ROLLBACK"));
@@ -196,7 +171,7 @@ static bool member_in(const CatalogMember *m, int k)
 }
 
 /* Is table in the ", "-separated list? */
-static bool listed(const StrBuf *list, const char *table)
+static bool listed(const MemText *list, const char *table)
 {
     size_t n = strlen(table);
 
@@ -210,8 +185,8 @@ static bool listed(const StrBuf *list, const char *table)
  * its inheritance children; partitions come with their root), and to drops
  * the statements that take them out of the other publication. */
 static void plan_members(Setup *s, int k, size_t idx, bool exists, const char *qname,
-                         const char *qother, StrBuf *sql, StrBuf *drops, StrBuf *added,
-                         size_t *nadded, StrBuf *moved)
+                         const char *qother, MemText *sql, MemText *drops, MemText *added,
+                         size_t *nadded, MemText *moved)
 {
     size_t total = catalog_member_count(s->cat);
 
@@ -223,24 +198,24 @@ static void plan_members(Setup *s, int k, size_t idx, bool exists, const char *q
             listed(added, m->table))
             continue; /* covered, a partition its root brings along, or listed */
         if (qother != NULL && (k == 0 ? m->direct_companion : m->direct_main)) {
-            sb_add(drops, "; ALTER PUBLICATION ");
-            sb_add(drops, qother);
-            sb_add(drops, " DROP TABLE ");
-            sb_add(drops, m->sql_name);
-            sb_add(moved, moved->len ? ", " : "");
-            sb_add(moved, m->table);
+            mem_text_add(drops, "; ALTER PUBLICATION ");
+            mem_text_add(drops, qother);
+            mem_text_add(drops, " DROP TABLE ");
+            mem_text_add(drops, m->sql_name);
+            mem_text_add(moved, moved->len ? ", " : "");
+            mem_text_add(moved, m->table);
         }
         /* ONLY: each table is listed itself, children included. */
         if (exists) {
-            sb_add(sql, sql->len ? "; ALTER PUBLICATION " : "ALTER PUBLICATION ");
-            sb_add(sql, qname);
-            sb_add(sql, " ADD TABLE ONLY ");
+            mem_text_add(sql, sql->len ? "; ALTER PUBLICATION " : "ALTER PUBLICATION ");
+            mem_text_add(sql, qname);
+            mem_text_add(sql, " ADD TABLE ONLY ");
         } else {
-            sb_add(sql, *nadded ? ", ONLY " : " FOR TABLE ONLY ");
+            mem_text_add(sql, *nadded ? ", ONLY " : " FOR TABLE ONLY ");
         }
-        sb_add(sql, m->sql_name);
-        sb_add(added, *nadded ? ", " : "");
-        sb_add(added, m->table);
+        mem_text_add(sql, m->sql_name);
+        mem_text_add(added, *nadded ? ", " : "");
+        mem_text_add(added, m->table);
         (*nadded)++;
     }
 }
@@ -249,12 +224,13 @@ static void plan_members(Setup *s, int k, size_t idx, bool exists, const char *q
  * after a migration re-creates a rules table, walbust run adds it back to a
  * publication whose comment starts with "walbust:", and stops on any other
  * (schema.h). */
-static void mark_managed(StrBuf *sql, const char *qname)
+static void mark_managed(MemText *sql, const char *qname)
 {
-    sb_add(sql, "; COMMENT ON PUBLICATION ");
-    sb_add(sql, qname);
-    sb_add(sql, " IS 'walbust: managed by walbust (created by walbust setup); walbust run adds "
-                "rules tables back to it after a migration re-creates them'");
+    mem_text_add(sql, "; COMMENT ON PUBLICATION ");
+    mem_text_add(sql, qname);
+    mem_text_add(sql,
+                 " IS 'walbust: managed by walbust (created by walbust setup); walbust run adds "
+                 "rules tables back to it after a migration re-creates them'");
 }
 
 /* Make publication k (0 main, 1 companion) publish the planned tables (the
@@ -263,7 +239,7 @@ static void mark_managed(StrBuf *sql, const char *qname)
  * the ADD commit together, so its changes are never out of both. */
 static int setup_one_publication(Setup *s, int k, const char *name, size_t n, const size_t *idx)
 {
-    StrBuf sql = {0}, drops = {0}, added = {0}, moved = {0};
+    MemText sql = {0}, drops = {0}, added = {0}, moved = {0};
     size_t nadded = 0;
     const char *comp;
     bool exists = k == 0 ? catalog_publication(s->cat) != 0 : catalog_companion(s->cat, &comp);
@@ -273,16 +249,16 @@ static int setup_one_publication(Setup *s, int k, const char *name, size_t n, co
     int rc = 0;
 
     if (!exists) {
-        sb_add(&sql, "CREATE PUBLICATION ");
-        sb_add(&sql, qname);
+        mem_text_add(&sql, "CREATE PUBLICATION ");
+        mem_text_add(&sql, qname);
     }
     for (size_t i = 0; i < n; i++)
         plan_members(s, k, idx[i], exists, qname, other_exists ? qother : NULL, &sql, &drops,
                      &added, &nadded, &moved);
     if (!exists && k == 1)
-        sb_add(&sql, " WITH (publish = 'insert, truncate')");
+        mem_text_add(&sql, " WITH (publish = 'insert, truncate')");
     if (sql.len > 0) {
-        sb_add(&sql, drops.s ? drops.s : "");
+        mem_text_add(&sql, drops.s ? drops.s : "");
         if (!exists) /* walbust's own: run puts re-created rules tables back (schema.h) */
             mark_managed(&sql, qname);
         rc = exec_transaction(s, sql.s,
@@ -358,10 +334,10 @@ static int setup_keyless(Setup *s)
     pubplan_build(&plan, s->rules, s->cat);
     for (size_t i = 0; i < plan.nfix && (rc == 0 || !s->cfg->replica_identity_full); i++) {
         if (s->cfg->replica_identity_full) {
-            StrBuf sql = {0};
-            sb_add(&sql, "ALTER TABLE ");
-            sb_add(&sql, plan.fix[i]);
-            sb_add(&sql, " REPLICA IDENTITY FULL");
+            MemText sql = {0};
+            mem_text_add(&sql, "ALTER TABLE ");
+            mem_text_add(&sql, plan.fix[i]);
+            mem_text_add(&sql, " REPLICA IDENTITY FULL");
             rc = exec_command(s->conn, sql.s, "setup", "set REPLICA IDENTITY FULL", s->where);
             if (rc == 0)
                 printf("set REPLICA IDENTITY FULL on %s (it has no replica identity and the "
@@ -489,10 +465,10 @@ static int ri_set_full(Setup *s, const RulesTableInfo *info)
 
     for (size_t i = 0; i < n && rc == 0; i++) {
         const char *t = info->nnot_full ? info->not_full[i] : qt ? qt : info->table;
-        StrBuf sql = {0};
-        sb_add(&sql, "ALTER TABLE ");
-        sb_add(&sql, t);
-        sb_add(&sql, " REPLICA IDENTITY FULL");
+        MemText sql = {0};
+        mem_text_add(&sql, "ALTER TABLE ");
+        mem_text_add(&sql, t);
+        mem_text_add(&sql, " REPLICA IDENTITY FULL");
         rc = exec_command(s->conn, sql.s, "setup", "set REPLICA IDENTITY FULL", s->where);
         if (rc == 0 && strcmp(t, info->sql_name ? info->sql_name : "") != 0 && info->nnot_full)
             printf("set REPLICA IDENTITY FULL on %s (its rules, on %s, need old values of "
@@ -511,7 +487,7 @@ static int ri_set_full(Setup *s, const RulesTableInfo *info)
 static int setup_replica_identity(Setup *s)
 {
     RiView v;
-    StrBuf names = {0};
+    MemText names = {0};
     size_t baseline;
     int rc = 0;
 
@@ -531,8 +507,8 @@ static int setup_replica_identity(Setup *s)
         if (s->cfg->replica_identity_full) {
             rc = ri_set_full(s, &v.real[i]);
         } else {
-            sb_add(&names, names.len ? ", " : "");
-            sb_add(&names, v.real[i].table);
+            mem_text_add(&names, names.len ? ", " : "");
+            mem_text_add(&names, v.real[i].table);
         }
     }
     ri_view_release(&v);

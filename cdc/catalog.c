@@ -43,21 +43,6 @@ struct Catalog {
     CatalogMember *members; /* strings owned */
 };
 
-/* A growable SQL text. */
-typedef struct Sql {
-    char *s;
-    size_t len, cap;
-} Sql;
-
-static void sql_add(Sql *b, const char *s)
-{
-    size_t n = strlen(s);
-
-    b->s = xgrow(b->s, &b->cap, b->len + n + 1, 1);
-    memcpy(b->s + b->len, s, n + 1);
-    b->len += n;
-}
-
 static PGresult *query(PGconn *conn, const char *sql, char *err, size_t errlen)
 {
     PGresult *res = PQexec(conn, sql);
@@ -71,13 +56,13 @@ static PGresult *query(PGconn *conn, const char *sql, char *err, size_t errlen)
 }
 
 /* Add s as an SQL literal. */
-static void sql_literal(Sql *b, PGconn *conn, const char *s, size_t len)
+static void sql_literal(MemText *b, PGconn *conn, const char *s, size_t len)
 {
     char *lit = PQescapeLiteral(conn, s, len);
 
     if (lit == NULL)
         mem_oom();
-    sql_add(b, lit);
+    mem_text_add(b, lit);
     PQfreemem(lit);
 }
 
@@ -108,20 +93,20 @@ static int load_publications(Catalog *c, PGconn *conn, const char *publication, 
                              size_t errlen)
 {
     char companion[80];
-    Sql sql = {0};
+    MemText sql = {0};
     PGresult *res;
 
     catalog_companion_name(publication, companion, sizeof companion);
-    sql_add(&sql, "SELECT v.name, pg_catalog.quote_ident(v.name), p.oid IS NOT NULL, "
-                  "coalesce(p.puballtables, false), coalesce(p.pubviaroot, false), "
-                  "coalesce(p.pubinsert, false), coalesce(p.pubupdate, false), "
-                  "coalesce(p.pubdelete, false), coalesce(p.pubtruncate, false) "
-                  "FROM (VALUES (0, ");
+    mem_text_add(&sql, "SELECT v.name, pg_catalog.quote_ident(v.name), p.oid IS NOT NULL, "
+                       "coalesce(p.puballtables, false), coalesce(p.pubviaroot, false), "
+                       "coalesce(p.pubinsert, false), coalesce(p.pubupdate, false), "
+                       "coalesce(p.pubdelete, false), coalesce(p.pubtruncate, false) "
+                       "FROM (VALUES (0, ");
     sql_literal(&sql, conn, publication, strlen(publication));
-    sql_add(&sql, "::text), (1, ");
+    mem_text_add(&sql, "::text), (1, ");
     sql_literal(&sql, conn, companion, strlen(companion));
-    sql_add(&sql, "::text)) v(k, name) LEFT JOIN pg_catalog.pg_publication p "
-                  "ON p.pubname = v.name ORDER BY v.k");
+    mem_text_add(&sql, "::text)) v(k, name) LEFT JOIN pg_catalog.pg_publication p "
+                       "ON p.pubname = v.name ORDER BY v.k");
     res = query(conn, sql.s, err, errlen);
     free(sql.s);
     if (res == NULL)
@@ -141,67 +126,68 @@ static int load_publications(Catalog *c, PGconn *conn, const char *publication, 
 
 /* "WITH RECURSIVE r(i, nsp, rel) AS (...), m(i, oid, depth) AS (...)": the
  * rules tables and, recursively, their partitions and inheritance children. */
-static void sql_members_cte(Sql *b, PGconn *conn, const Rules *rules)
+static void sql_members_cte(MemText *b, PGconn *conn, const Rules *rules)
 {
     size_t n = rules_table_count(rules);
 
-    sql_add(b, "WITH RECURSIVE r(i, nsp, rel) AS (SELECT * FROM ROWS FROM (");
+    mem_text_add(b, "WITH RECURSIVE r(i, nsp, rel) AS (SELECT * FROM ROWS FROM (");
     for (int part = 0; part < 3; part++) {
-        sql_add(b, part == 0 ? "pg_catalog.unnest(ARRAY[" : ", pg_catalog.unnest(ARRAY[");
+        mem_text_add(b, part == 0 ? "pg_catalog.unnest(ARRAY[" : ", pg_catalog.unnest(ARRAY[");
         for (size_t i = 0; i < n; i++) {
             const char *t = rules_table(rules, i), *dot = strchr(t, '.');
             char num[32];
             if (i > 0)
-                sql_add(b, ",");
+                mem_text_add(b, ",");
             if (part == 0) {
                 snprintf(num, sizeof num, "%zu", i);
-                sql_add(b, num);
+                mem_text_add(b, num);
             } else if (dot == NULL) {
-                sql_add(b, "NULL"); /* not schema-qualified: reported as missing */
+                mem_text_add(b, "NULL"); /* not schema-qualified: reported as missing */
             } else if (part == 1) {
                 sql_literal(b, conn, t, (size_t)(dot - t));
             } else {
                 sql_literal(b, conn, dot + 1, strlen(dot + 1));
             }
         }
-        sql_add(b, part == 0 ? "]::int[])" : "]::text[])");
+        mem_text_add(b, part == 0 ? "]::int[])" : "]::text[])");
     }
-    sql_add(b, ")), m0(i, oid, depth) AS ("
-               "SELECT r.i, c.oid, 0 FROM r "
-               "JOIN pg_catalog.pg_namespace n ON n.nspname = r.nsp "
-               "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = r.rel "
-               "AND c.relkind IN ('r', 'p') "
-               "UNION SELECT m0.i, h.inhrelid, m0.depth + 1 FROM m0 "
-               "JOIN pg_catalog.pg_inherits h ON h.inhparent = m0.oid WHERE m0.depth < 64), "
-               "m AS (SELECT i, oid, min(depth) AS depth FROM m0 GROUP BY i, oid)");
+    mem_text_add(b, ")), m0(i, oid, depth) AS ("
+                    "SELECT r.i, c.oid, 0 FROM r "
+                    "JOIN pg_catalog.pg_namespace n ON n.nspname = r.nsp "
+                    "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = r.rel "
+                    "AND c.relkind IN ('r', 'p') "
+                    "UNION SELECT m0.i, h.inhrelid, m0.depth + 1 FROM m0 "
+                    "JOIN pg_catalog.pg_inherits h ON h.inhparent = m0.oid WHERE m0.depth < 64), "
+                    "m AS (SELECT i, oid, min(depth) AS depth FROM m0 GROUP BY i, oid)");
 }
 
 /* "pt_k AS (relids pgoutput publishes for publication k)" for existing ones. */
-static void sql_pub_ctes(Sql *b, PGconn *conn, const Catalog *c)
+static void sql_pub_ctes(MemText *b, PGconn *conn, const Catalog *c)
 {
     for (int k = 0; k < 2; k++) {
         char head[64];
         snprintf(head, sizeof head, ", pt%d AS MATERIALIZED (", k);
-        sql_add(b, head);
+        mem_text_add(b, head);
         if (!c->pub[k].exists) {
-            sql_add(b, "SELECT NULL::oid AS relid WHERE false), ");
+            mem_text_add(b, "SELECT NULL::oid AS relid WHERE false), ");
         } else {
-            sql_add(b, "SELECT relid FROM pg_catalog.pg_get_publication_tables(");
+            mem_text_add(b, "SELECT relid FROM pg_catalog.pg_get_publication_tables(");
             sql_literal(b, conn, c->pub[k].name, strlen(c->pub[k].name));
-            sql_add(b, ")), ");
+            mem_text_add(b, ")), ");
         }
         snprintf(head, sizeof head, "pr%d AS MATERIALIZED (", k);
-        sql_add(b, head);
-        sql_add(b, "SELECT pr.prrelid AS relid FROM pg_catalog.pg_publication_rel pr "
-                   "JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = ");
+        mem_text_add(b, head);
+        mem_text_add(b,
+                     "SELECT pr.prrelid AS relid FROM pg_catalog.pg_publication_rel pr "
+                     "JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = ");
         sql_literal(b, conn, c->pub[k].name, strlen(c->pub[k].name));
-        sql_add(b, ")");
+        mem_text_add(b, ")");
     }
 }
 
 /* SQL for "member c is published by publication k": as pgoutput decides,
  * itself or (for a partition) an ancestor. */
-static void sql_covered(Sql *b, int k)
+static void sql_covered(MemText *b, int k)
 {
     char s[512];
 
@@ -212,29 +198,30 @@ static void sql_covered(Sql *b, int k)
         "a WHERE a.relid IN (SELECT relid FROM pt%d) OR a.relid IN (SELECT relid FROM pr%d)))), "
         "c.oid IN (SELECT relid FROM pr%d)",
         k, k, k, k, k);
-    sql_add(b, s);
+    mem_text_add(b, s);
 }
 
 static char *sql_members(PGconn *conn, const Rules *rules, const Catalog *c)
 {
-    Sql b = {0};
+    MemText b = {0};
 
     sql_members_cte(&b, conn, rules);
     sql_pub_ctes(&b, conn, c);
-    sql_add(&b, " SELECT m.i, m.depth, n.nspname, c.relname, "
-                "pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), "
-                "c.relkind, c.relispartition, c.relreplident, "
-                "c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h "
-                "  WHERE h.inhparent = c.oid), "
-                "CASE c.relreplident WHEN 'f' THEN true WHEN 'n' THEN false "
-                "  ELSE EXISTS (SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = c.oid "
-                "  AND CASE WHEN c.relreplident = 'i' THEN x.indisreplident "
-                "  ELSE x.indisprimary END) END");
+    mem_text_add(&b,
+                 " SELECT m.i, m.depth, n.nspname, c.relname, "
+                 "pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), "
+                 "c.relkind, c.relispartition, c.relreplident, "
+                 "c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h "
+                 "  WHERE h.inhparent = c.oid), "
+                 "CASE c.relreplident WHEN 'f' THEN true WHEN 'n' THEN false "
+                 "  ELSE EXISTS (SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = c.oid "
+                 "  AND CASE WHEN c.relreplident = 'i' THEN x.indisreplident "
+                 "  ELSE x.indisprimary END) END");
     sql_covered(&b, 0);
     sql_covered(&b, 1);
-    sql_add(&b, " FROM m JOIN pg_catalog.pg_class c ON c.oid = m.oid "
-                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                "ORDER BY m.i, m.depth, n.nspname, c.relname");
+    mem_text_add(&b, " FROM m JOIN pg_catalog.pg_class c ON c.oid = m.oid "
+                     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                     "ORDER BY m.i, m.depth, n.nspname, c.relname");
     return b.s;
 }
 
@@ -242,21 +229,21 @@ static char *sql_members(PGconn *conn, const Rules *rules, const Catalog *c)
  * only when it is in the identity of every member that holds rows. */
 static char *sql_columns(PGconn *conn, const Rules *rules)
 {
-    Sql b = {0};
+    MemText b = {0};
 
     sql_members_cte(&b, conn, rules);
-    sql_add(&b, ", leaf AS (SELECT m.i, c.oid, c.relreplident, x.indkey FROM m "
-                "JOIN pg_catalog.pg_class c ON c.oid = m.oid "
-                "LEFT JOIN pg_catalog.pg_index x ON x.indrelid = c.oid AND CASE WHEN "
-                "c.relreplident = 'i' THEN x.indisreplident ELSE x.indisprimary END "
-                "WHERE c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h "
-                "WHERE h.inhparent = c.oid)) "
-                "SELECT m.i, a.attname, pg_catalog.bool_and(l.relreplident = 'f' OR "
-                "coalesce((SELECT la.attnum = ANY (l.indkey) FROM pg_catalog.pg_attribute la "
-                "WHERE la.attrelid = l.oid AND la.attname = a.attname), false)) "
-                "FROM m JOIN pg_catalog.pg_attribute a ON a.attrelid = m.oid AND a.attnum > 0 "
-                "AND NOT a.attisdropped JOIN leaf l ON l.i = m.i WHERE m.depth = 0 "
-                "GROUP BY m.i, a.attnum, a.attname ORDER BY m.i, a.attnum");
+    mem_text_add(&b, ", leaf AS (SELECT m.i, c.oid, c.relreplident, x.indkey FROM m "
+                     "JOIN pg_catalog.pg_class c ON c.oid = m.oid "
+                     "LEFT JOIN pg_catalog.pg_index x ON x.indrelid = c.oid AND CASE WHEN "
+                     "c.relreplident = 'i' THEN x.indisreplident ELSE x.indisprimary END "
+                     "WHERE c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h "
+                     "WHERE h.inhparent = c.oid)) "
+                     "SELECT m.i, a.attname, pg_catalog.bool_and(l.relreplident = 'f' OR "
+                     "coalesce((SELECT la.attnum = ANY (l.indkey) FROM pg_catalog.pg_attribute la "
+                     "WHERE la.attrelid = l.oid AND la.attname = a.attname), false)) "
+                     "FROM m JOIN pg_catalog.pg_attribute a ON a.attrelid = m.oid AND a.attnum > 0 "
+                     "AND NOT a.attisdropped JOIN leaf l ON l.i = m.i WHERE m.depth = 0 "
+                     "GROUP BY m.i, a.attnum, a.attname ORDER BY m.i, a.attnum");
     return b.s;
 }
 
@@ -515,34 +502,35 @@ int catalog_relation(PGconn *conn, unsigned relid, const char *publication, Cata
                      char *err, size_t errlen)
 {
     char comp[80], oid[32];
-    Sql sql = {0};
+    MemText sql = {0};
     PGresult *res;
 
     memset(out, 0, sizeof *out);
     catalog_companion_name(publication, comp, sizeof comp);
     snprintf(oid, sizeof oid, "%u", relid);
-    sql_add(&sql, "WITH RECURSIVE up(relid, depth) AS (SELECT ");
-    sql_add(&sql, oid);
-    sql_add(&sql, "::oid, 0 UNION SELECT h.inhparent, up.depth + 1 FROM up "
-                  "JOIN pg_catalog.pg_inherits h ON h.inhrelid = up.relid WHERE up.depth < 64) "
-                  "SELECT up.depth, n.nspname || '.' || c.relname, c.relispartition, "
-                  "EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.puballtables "
-                  "AND p.pubname IN (");
+    mem_text_add(&sql, "WITH RECURSIVE up(relid, depth) AS (SELECT ");
+    mem_text_add(&sql, oid);
+    mem_text_add(&sql,
+                 "::oid, 0 UNION SELECT h.inhparent, up.depth + 1 FROM up "
+                 "JOIN pg_catalog.pg_inherits h ON h.inhrelid = up.relid WHERE up.depth < 64) "
+                 "SELECT up.depth, n.nspname || '.' || c.relname, c.relispartition, "
+                 "EXISTS (SELECT 1 FROM pg_catalog.pg_publication p WHERE p.puballtables "
+                 "AND p.pubname IN (");
     sql_literal(&sql, conn, publication, strlen(publication));
-    sql_add(&sql, ", ");
+    mem_text_add(&sql, ", ");
     sql_literal(&sql, conn, comp, strlen(comp));
     /* FOR ALL TABLES first: listing all its tables would cost a scan. */
-    sql_add(&sql, ")) OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, "
-                  "LATERAL pg_catalog.pg_get_publication_tables(p.pubname) t "
-                  "WHERE p.pubname IN (");
+    mem_text_add(&sql, ")) OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, "
+                       "LATERAL pg_catalog.pg_get_publication_tables(p.pubname) t "
+                       "WHERE p.pubname IN (");
     sql_literal(&sql, conn, publication, strlen(publication));
-    sql_add(&sql, ", ");
+    mem_text_add(&sql, ", ");
     sql_literal(&sql, conn, comp, strlen(comp));
-    sql_add(&sql, ") AND t.relid = ");
-    sql_add(&sql, oid);
-    sql_add(&sql, "::oid) FROM up JOIN pg_catalog.pg_class c ON c.oid = up.relid "
-                  "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                  "ORDER BY up.depth, 2");
+    mem_text_add(&sql, ") AND t.relid = ");
+    mem_text_add(&sql, oid);
+    mem_text_add(&sql, "::oid) FROM up JOIN pg_catalog.pg_class c ON c.oid = up.relid "
+                       "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                       "ORDER BY up.depth, 2");
     res = query(conn, sql.s, err, errlen);
     free(sql.s);
     if (res == NULL)

@@ -72,3 +72,12 @@ void *xgrow(void *arr, size_t *cap, size_t need, size_t elem)
     *cap = n;
     return xrealloc(arr, n * elem);
 }
+
+void mem_text_add(MemText *t, const char *s)
+{
+    size_t n = strlen(s);
+
+    t->s = xgrow(t->s, &t->cap, t->len + n + 1, 1);
+    memcpy(t->s + t->len, s, n + 1);
+    t->len += n;
+}

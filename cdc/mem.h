@@ -27,6 +27,16 @@ char *xstrndup(const char *s, size_t n) __attribute__((malloc));
  * (cJSON, libpq, strndup). */
 void *mem_check(void *p);
 
+/* A growable NUL-terminated string, e.g. SQL being built. Start from {0}:
+ * s stays NULL until the first mem_text_add(); the owner free()s s. */
+typedef struct MemText {
+    char *s;
+    size_t len, cap;
+} MemText;
+
+/* Append the NUL-terminated s to t. Aborts on out of memory. */
+void mem_text_add(MemText *t, const char *s);
+
 /* Grow arr (elements of elem bytes, *cap of them) to hold at least need,
  * doubling; returns the possibly moved array and updates *cap. */
 void *xgrow(void *arr, size_t *cap, size_t need, size_t elem);
