@@ -22,6 +22,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "apply.h"
 #include "catalog.h"
 #include "change.h"
 #include "cmds.h"
@@ -41,6 +42,8 @@
 #include "slotguard.h"
 #include "slotstore.h"
 
+_Static_assert(APPLY_MAX_TARGETS >= OPTS_MAX_REDIS, "apply.h holds every --redis target");
+
 typedef struct RunStats {
     uint64_t transactions, changes, messages, widened, retries, redis_errors;
 } RunStats;
@@ -56,8 +59,7 @@ typedef struct Run {
     ChangeBuf cbuf;
     ChangeTxn txn;
     bool in_txn;
-    uint64_t pending_lsn; /* end of the newest decoded commit */
-    uint64_t acked_lsn;   /* end of the newest acknowledged commit */
+    Apply *ap; /* the targets' batches and what they acknowledged (apply.h) */
     uint64_t watermark_lsn;
     int64_t watermark_at_us; /* when a watermark was queued alone; 0: not */
     char watermark_key[128];
@@ -65,20 +67,16 @@ typedef struct Run {
     RunStats stats;
     int64_t last_report_us;
     Metrics *metrics;
-    SinkStats applied;                     /* sink 0's totals at the last report to metrics */
-    Backoff backoff[OPTS_MAX_REDIS];       /* per target */
-    int64_t retry_at[OPTS_MAX_REDIS];      /* monotonic µs of the next attempt */
-    uint64_t target_acked[OPTS_MAX_REDIS]; /* newest commit each target applied */
-    bool replay_after_recovery;            /* a flush failed: replay once all are back */
-    int64_t *commit_times;                 /* commit timestamps awaiting acknowledgement */
+    SinkStats applied;     /* sink 0's totals at the last report to metrics */
+    int64_t *commit_times; /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
-    int64_t batch_since_us;  /* when the unflushed batch was first seen; 0: none */
-    int64_t last_flush_us;   /* when the last flush on an empty stream ended */
-    Visible *vis;            /* xids whose invalidations wait for visibility */
-    VisibleStats vis_seen;   /* visible_stats() already counted in metrics */
-    uint32_t xid;            /* xid of the transaction being decoded */
-    bool ever_streamed;      /* held the slot at least once (role active) */
+    int64_t batch_since_us; /* when the unflushed batch was first seen; 0: none */
+    int64_t last_flush_us;  /* when the last flush on an empty stream ended */
+    Visible *vis;           /* xids whose invalidations wait for visibility */
+    VisibleStats vis_seen;  /* visible_stats() already counted in metrics */
+    uint32_t xid;           /* xid of the transaction being decoded */
+    bool ever_streamed;     /* held the slot at least once (role active) */
 
     /* Lookups (lookup.h): calls the unflushed batch needs, the executor
      * (NULL when no rule has a lookup), its retry schedule. */
@@ -90,16 +88,16 @@ typedef struct Run {
     uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
     int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last out-of-memory log line */
-    Route *route;            /* partitions/children → the rules tables above */
+    Route *route;                             /* partitions/children → the rules tables above */
     struct {
         pthread_t thread;
-        bool running;        /* a reload thread was started and not joined */
-        atomic_int done;     /* set by the thread when fresh is final */
-        Rules *fresh;        /* its result: validated rules, or NULL */
+        bool running;    /* a reload thread was started and not joined */
+        atomic_int done; /* set by the thread when fresh is final */
+        Rules *fresh;    /* its result: validated rules, or NULL */
     } reload;
-    Schema *schema;          /* schema changes on the rules' tables (schema.h) */
-    bool schema_stop;        /* a schema change walbust cannot follow: exit 1 */
-    bool replay; /* pg_lost on purpose (redis recovered): reconnect at once */
+    Schema *schema;   /* schema changes on the rules' tables (schema.h) */
+    bool schema_stop; /* a schema change walbust cannot follow: exit 1 */
+    bool replay;      /* pg_lost on purpose (redis recovered): reconnect at once */
     /* Slot lifecycle (slotguard.h). */
     char mark_key[128];
     SlotEvidence slot_ev;   /* what walbust knows of its use of the slot */
@@ -120,38 +118,22 @@ static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_
     Run *r = arg;
     if (r->in_txn)
         visible_note(r->vis, r->xid);
-    for (int i = 0; i < r->nsinks; i++)
-        sink_add(r->sinks[i], action, s, len, payload, payload_len);
+    apply_add(r->ap, action, s, len, payload, payload_len);
 }
 
 static bool sinks_have_ops(const Run *r)
 {
-    if (lookup_batch_calls(r->lk) > 0)
-        return true;
-    for (int i = 0; i < r->nsinks; i++)
-        if (sink_pending(r->sinks[i]) > 0)
-            return true;
-    return false;
+    return lookup_batch_calls(r->lk) > 0 || apply_has_ops(r->ap);
 }
 
 static bool sinks_dirty(const Run *r)
 {
-    if (lookup_batch_calls(r->lk) > 0)
-        return true;
-    for (int i = 0; i < r->nsinks; i++)
-        if (sink_dirty(r->sinks[i]))
-            return true;
-    return false;
+    return lookup_batch_calls(r->lk) > 0 || apply_dirty(r->ap);
 }
 
 static bool sinks_full(const Run *r)
 {
-    if (lookup_batch_full(r->lk))
-        return true;
-    for (int i = 0; i < r->nsinks; i++)
-        if (sink_full(r->sinks[i]))
-            return true;
-    return false;
+    return lookup_batch_full(r->lk) || apply_full(r->ap);
 }
 
 /* While Redis is retried, keep the replication connection alive with status
@@ -163,8 +145,8 @@ static void keepalive_tick(void *arg)
     notify_watchdog();
     metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
                       stream_server_end(r->stream));
-    if (!r->pg_lost && (stream_confirm_soon(r->stream, r->acked_lsn) < 0 ||
-                        stream_confirm(r->stream, r->acked_lsn, false) < 0)) {
+    if (!r->pg_lost && (stream_confirm_soon(r->stream, apply_acked(r->ap)) < 0 ||
+                        stream_confirm(r->stream, apply_acked(r->ap), false) < 0)) {
         log_warn("%s; will reconnect once redis is back", stream_errstr(r->stream));
         r->pg_lost = true;
     }
@@ -221,8 +203,7 @@ static void emit_derived(void *arg, RulesInvAction action, const char *s, size_t
                          const char *payload, size_t payload_len)
 {
     Run *r = arg;
-    for (int i = 0; i < r->nsinks; i++)
-        sink_add(r->sinks[i], action, s, len, payload, payload_len);
+    apply_add(r->ap, action, s, len, payload, payload_len);
 }
 
 static void lookup_widened(void *arg, const char *table, unsigned n)
@@ -264,7 +245,7 @@ static int run_lookups(Run *r)
         if (r->lk_backoff.attempt > 0)
             log_info("lookups succeeded after %d retries; resuming", r->lk_backoff.attempt);
         if (st.over_limit > 0)
-            log_event(LOG_LEVEL_WARN, lsn_format(r->pending_lsn, lsn), NULL,
+            log_event(LOG_LEVEL_WARN, lsn_format(apply_pending_lsn(r->ap), lsn), NULL,
                       "%zu lookup(s) returned more rows than their rule's limit; their keys "
                       "were widened to patterns",
                       st.over_limit);
@@ -280,42 +261,38 @@ static int run_lookups(Run *r)
     r->lk_retry_at = runtime_now_us() + (int64_t)ms * 1000;
     r->stats.retries++;
     metrics_inc(r->metrics, METRICS_LOOKUP_ERRORS, 1);
-    log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+    log_event(LOG_LEVEL_ERROR, lsn_format(apply_acked(r->ap), lsn), NULL,
               "%s; retrying in %d ms; nothing is confirmed past this position until the "
               "lookups succeed (WAL is retained by the slot)",
               lookup_exec_errstr(r->lkx), ms);
     return -1;
 }
 
-/* A target out of memory keeps receiving deletes at least this often
- * while its refused writes are retried (sink_oom). */
-#define RUN_OOM_RETRY_MS 500
-
 /* An out-of-memory target is logged at most this often (it is retried
- * every RUN_OOM_RETRY_MS). */
+ * every APPLY_OOM_RETRY_MS). */
 #define RUN_OOM_LOG_US (10 * 1000000)
 
-/* Log target i's failed flush (retried in ms). */
-static void log_target_failure(Run *r, int i, int ms)
+/* Log target i's failed flush (tr), with acked the position confirmed. */
+static void log_target_failure(Run *r, int i, const ApplyTargetResult *tr, uint64_t acked)
 {
-    Sink *s = r->sinks[i];
     char lsn[LSN_TEXT_MAX];
 
-    if (sink_oom(s)) {
+    if (tr->kind == APPLY_FAIL_OOM) {
         if (runtime_now_us() - r->oom_logged_us[i] < RUN_OOM_LOG_US)
             return;
         r->oom_logged_us[i] = runtime_now_us();
-        log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
+        log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
                   "redis target %s failed: %s; retrying in %d ms (then at least every %d ms); "
                   "reading from postgresql goes on and new deletes are applied, but nothing is "
                   "confirmed past this position until redis accepts the refused writes (WAL is "
                   "retained by the slot; this line repeats at most every %d s)",
-                  r->targets[i], sink_errstr(s), ms, RUN_OOM_RETRY_MS, RUN_OOM_LOG_US / 1000000);
+                  r->targets[i], tr->err, tr->retry_ms, APPLY_OOM_RETRY_MS,
+                  RUN_OOM_LOG_US / 1000000);
         return;
     }
-    log_event(LOG_LEVEL_ERROR, lsn_format(r->acked_lsn, lsn), NULL,
-              "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i], sink_errstr(s),
-              ms,
+    log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
+              "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i], tr->err,
+              tr->retry_ms,
               r->nsinks == 1 ? "reading from postgresql is paused until redis acknowledges "
                                "(WAL is retained by the slot)"
                              : "its batch is kept and nothing is confirmed past this position "
@@ -345,6 +322,38 @@ static void report_target(Run *r, int i)
     metrics_redis_target(r->metrics, i, r->targets[i], up, err[0] ? err : "not connected");
 }
 
+/* Log, count and report what apply_flush() did to target i. */
+static void on_target_result(Run *r, int i, const ApplyTargetResult *tr, uint64_t acked)
+{
+    if (tr->outcome == APPLY_RECOVERED) {
+        log_info("redis acknowledged after %d retries (target %s); resuming", tr->attempts,
+                 r->targets[i]);
+        notify_status("streaming");
+    } else if (tr->outcome == APPLY_FAILED) {
+        count_refusals(r, i);
+        /* Any failed batch means the target is not applying
+         * invalidations, whether the connection is gone or Redis
+         * answers with an error (OOM, READONLY, NOPERM, ...). */
+        metrics_redis_target(r->metrics, i, r->targets[i], false, tr->err);
+
+        /* Report what was acknowledged before the failure now, not
+         * after the coalescing delay: while Redis is down the slot
+         * shows exactly the position walbust will resume from. */
+        if (!r->pg_lost && stream_confirm(r->stream, acked, /* force= */ true) < 0)
+            r->pg_lost = true;
+        metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
+                          stream_server_end(r->stream));
+        r->stats.redis_errors++;
+        r->stats.retries++;
+        metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
+        metrics_inc(r->metrics, METRICS_RETRIES, 1);
+        log_target_failure(r, i, tr, acked);
+        notify_status("waiting for redis");
+    }
+    if (apply_attempts(r->ap, i) == 0)
+        report_target(r, i);
+}
+
 /* Replay from what PostgreSQL was told (the slot shows where walbust
  * resumes after a Redis failure), not from what the failed Redis
  * acknowledged before it perhaps lost it: with the watermark ahead of
@@ -354,117 +363,56 @@ static void rewind_to_reported(Run *r)
     uint64_t from = stream_reported(r->stream);
 
     stream_rewind(r->stream, from);
-    r->acked_lsn = r->pending_lsn = from;
-    for (int i = 0; i < r->nsinks; i++)
-        r->target_acked[i] = from;
+    apply_rewind(r->ap, from);
 }
 
-/* Try every target that holds work and whose retry time has come (each
- * target has its own backoff). A target with nothing queued has applied
- * everything decoded so far. The flush LSN advances to the newest commit
- * that every target acknowledged (docs/guarantees.md guarantee 2). Returns the number of targets
- * still holding unacknowledged work. */
+static void before_send(void *arg)
+{
+    wait_visible(arg);
+}
+
+/* Apply to every target whose turn it is (apply.h) and confirm the newest
+ * commit every target acknowledged (docs/guarantees.md guarantee 2).
+ * Returns the number of targets still holding unacknowledged work. */
 static int flush_targets(Run *r)
 {
-    uint64_t target = r->pending_lsn;
-    uint64_t acked = UINT64_MAX;
-    int64_t now = runtime_now_us();
+    ApplyResult res;
     char lsn[LSN_TEXT_MAX];
-    int holding = 0;
-    bool waited = false;
 
     if (run_lookups(r) != 0)
         return r->nsinks; /* nothing is applied or confirmed past them */
-    for (int i = 0; i < r->nsinks; i++) {
-        Sink *s = r->sinks[i];
-
-        if (sink_dirty(s) && now >= r->retry_at[i]) {
-            if (!waited) {
-                wait_visible(r);
-                waited = true;
-            }
-            if (sink_flush(s) == 0) {
-                if (r->backoff[i].attempt > 0) {
-                    log_info("redis acknowledged after %d retries (target %s); resuming",
-                             r->backoff[i].attempt, r->targets[i]);
-                    notify_status("streaming");
-                }
-                backoff_reset(&r->backoff[i]);
-                r->retry_at[i] = 0;
-            } else {
-                int ms = backoff_next(&r->backoff[i]);
-
-                count_refusals(r, i);
-                /* Out of memory: deletes keep flowing at a short interval. */
-                if (sink_oom(s) && ms > RUN_OOM_RETRY_MS)
-                    ms = RUN_OOM_RETRY_MS;
-
-                /* Any failed batch means the target is not applying
-                 * invalidations, whether the connection is gone or Redis
-                 * answers with an error (OOM, READONLY, NOPERM, ...). */
-                metrics_redis_target(r->metrics, i, r->targets[i], false, sink_errstr(s));
-
-                /* Report what was acknowledged before the failure now, not
-                 * after the coalescing delay: while Redis is down the slot
-                 * shows exactly the position walbust will resume from. */
-                if (!r->pg_lost && stream_confirm(r->stream, r->acked_lsn, /* force= */ true) < 0)
-                    r->pg_lost = true;
-
-                r->retry_at[i] = runtime_now_us() + (int64_t)ms * 1000;
-                r->replay_after_recovery = true;
-                metrics_positions(r->metrics, stream_confirmed(r->stream),
-                                  stream_received(r->stream), stream_server_end(r->stream));
-                r->stats.redis_errors++;
-                r->stats.retries++;
-                metrics_inc(r->metrics, METRICS_REDIS_ERRORS, 1);
-                metrics_inc(r->metrics, METRICS_RETRIES, 1);
-                log_target_failure(r, i, ms);
-                notify_status("waiting for redis");
-            }
-        }
-        if (!sink_dirty(s))
-            r->target_acked[i] = target;
-        else
-            holding++;
-        if (r->target_acked[i] < acked)
-            acked = r->target_acked[i];
-        if (r->backoff[i].attempt == 0)
-            report_target(r, i);
-    }
-    if (holding == 0 && r->replay_after_recovery) {
+    apply_flush(r->ap, before_send, r, &res);
+    for (int i = 0; i < r->nsinks; i++)
+        on_target_result(r, i, &res.t[i], res.was_acked);
+    if (res.replay) {
         /* A failed Redis may have lost what it acknowledged earlier (a
-         * restart without persistence, a failover): chunks of a transaction
-         * applied before the failure would then be gone while the rest of
-         * it is retried. Do not confirm past the failure; replay from the
-         * confirmed position instead, as after a crash (docs/guarantees.md guarantee 2). */
-        r->replay_after_recovery = false;
+         * restart without persistence, a failover): replay from the
+         * confirmed position, as after a crash (docs/guarantees.md guarantee 2). */
         rewind_to_reported(r);
         log_info("redis recovered; replaying from %s so that nothing applied only to the "
                  "failed redis is missed",
-                 lsn_format(r->acked_lsn, lsn));
+                 lsn_format(apply_acked(r->ap), lsn));
         r->pg_lost = true;
         r->replay = true;
         return 0;
     }
-    if (holding == 0 && r->watermark_lsn > r->slot_ev.here_limit) {
+    if (res.holding == 0 && r->watermark_lsn > r->slot_ev.here_limit) {
         /* Every target holds the watermark: PostgreSQL may hear of it
          * (not after a failure: the replay starts from what it was told). */
         r->slot_ev.here_limit = r->watermark_lsn;
         stream_set_confirm_limit(r->stream, r->watermark_lsn);
     }
-    if (acked != UINT64_MAX && acked > r->acked_lsn) {
-        r->acked_lsn = acked;
+    if (res.acked > res.was_acked) {
         /* Reported within a few ms (a status update per batch would double
          * the walsender's work on small batches); at once when stopping. */
-        if (!r->pg_lost &&
-            (runtime_stop ? stream_confirm(r->stream, r->acked_lsn, /* force= */ true)
-                          : stream_confirm_soon(r->stream, r->acked_lsn)) < 0) {
+        if (!r->pg_lost && (runtime_stop ? stream_confirm(r->stream, res.acked, /* force= */ true)
+                                         : stream_confirm_soon(r->stream, res.acked)) < 0) {
             log_warn("%s", stream_errstr(r->stream));
             r->pg_lost = true;
         }
         record_ack(r);
     }
-    return holding;
+    return res.holding;
 }
 
 /* Milliseconds until the earliest retry of a target holding work (0: a
@@ -473,8 +421,9 @@ static int flush_wait_ms(const Run *r, int cap)
 {
     int64_t now = runtime_now_us();
     int64_t best = (int64_t)cap * 1000;
+    int64_t due = apply_due_in_us(r->ap);
 
-    if (!r->in_txn && r->pending_lsn > r->acked_lsn && !sinks_have_ops(r))
+    if (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap) && !sinks_have_ops(r))
         return 0; /* a commit without queued work: only needs confirming */
     if (lookup_batch_calls(r->lk) > 0) {
         if (r->lk_retry_at <= now)
@@ -482,32 +431,11 @@ static int flush_wait_ms(const Run *r, int cap)
         if (r->lk_retry_at - now < best)
             best = r->lk_retry_at - now;
     }
-    for (int i = 0; i < r->nsinks; i++) {
-        if (!sink_dirty(r->sinks[i]))
-            continue;
-        if (r->retry_at[i] <= now)
-            return 0;
-        if (r->retry_at[i] - now < best)
-            best = r->retry_at[i] - now;
-    }
+    if (due == 0)
+        return 0;
+    if (due < best)
+        best = due;
     return (int)((best + 999) / 1000);
-}
-
-/* Does every target that holds work hold only writes Redis refused for
- * lack of memory (sink_oom)? Then reading goes on, so that deletes keep
- * being applied, while those writes are retried and hold confirmation. */
-static bool only_oom_holds(const Run *r)
-{
-    bool any = false;
-
-    for (int i = 0; i < r->nsinks; i++) {
-        if (!sink_dirty(r->sinks[i]))
-            continue;
-        if (!sink_oom(r->sinks[i]) || sink_full(r->sinks[i]))
-            return false;
-        any = true;
-    }
-    return any;
 }
 
 /* Flush until every target acknowledged (all = true) or no target's batch
@@ -519,7 +447,7 @@ static int flush_wait(Run *r, bool all)
     for (;;) {
         int holding = flush_targets(r);
 
-        if (all ? holding == 0 || only_oom_holds(r) : !sinks_full(r))
+        if (all ? holding == 0 || apply_only_oom_holds(r->ap) : !sinks_full(r))
             return 0;
         if (runtime_stop)
             return -1;
@@ -547,13 +475,12 @@ static void maybe_watermark(Run *r)
      * about to reconnect (a replay may start before it). */
     if (r->pg_lost || (r->slot_unverified && verify_slot_late(r) != 0))
         return;
-    if (confirmed < r->acked_lsn)
-        confirmed = r->acked_lsn;
+    if (confirmed < apply_acked(r->ap))
+        confirmed = apply_acked(r->ap);
     if (confirmed <= r->watermark_lsn)
         return;
     lsn_format(confirmed, lsn);
-    for (int i = 0; i < r->nsinks; i++)
-        sink_set_watermark(r->sinks[i], r->watermark_key, lsn);
+    apply_set_watermark(r->ap, r->watermark_key, lsn);
     r->watermark_lsn = confirmed;
     r->watermark_at_us = runtime_now_us();
 }
@@ -571,7 +498,7 @@ static int watermark_hold_ms(const Run *r)
     int64_t left;
 
     if (r->watermark_at_us == 0 || sinks_have_ops(r) ||
-        (!r->in_txn && r->pending_lsn > r->acked_lsn) || !sinks_dirty(r))
+        (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap)) || !sinks_dirty(r))
         return 0;
     left = r->watermark_at_us + RUN_WATERMARK_DELAY_US - runtime_now_us();
     return left > 0 ? (int)((left + 999) / 1000) : 0;
@@ -672,7 +599,9 @@ static int apply_change(Run *r, const PgoMsg *m)
     change_from_pgo(&r->cbuf, &r->txn, m, &chg);
     r->stats.changes++;
     metrics_change(r->metrics, chg.table,
-                   chg.op == RULES_INSERT ? "insert" : chg.op == RULES_UPDATE ? "update" : "delete");
+                   chg.op == RULES_INSERT   ? "insert"
+                   : chg.op == RULES_UPDATE ? "update"
+                                            : "delete");
     rc = eval_routed(r, m->u.change.rel, &chg, &seen);
     free(seen.tables);
     return rc;
@@ -744,7 +673,7 @@ static int on_schema_change(Run *r)
 {
     char err[1024], lsn[LSN_TEXT_MAX];
 
-    lsn_format(r->in_txn ? r->txn.final_lsn : r->pending_lsn, lsn);
+    lsn_format(r->in_txn ? r->txn.final_lsn : apply_pending_lsn(r->ap), lsn);
     if (schema_apply(r->schema, lsn, err, sizeof err) == 0) {
         schema_readiness(r);
         return 0;
@@ -785,7 +714,7 @@ static int on_data(Run *r, const StreamData *data)
         if (schema_due(r->schema, /* idle= */ false) && on_schema_change(r) != 0)
             return -1; /* not confirmed: replayed on restart */
         r->in_txn = false;
-        r->pending_lsn = m.u.commit.end_lsn;
+        apply_commit(r->ap, m.u.commit.end_lsn);
         pace_reads(r, m.u.commit.commit_time);
         r->stats.transactions++;
         metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
@@ -795,8 +724,8 @@ static int on_data(Run *r, const StreamData *data)
         /* Deliberately wrong, for proving that the fault campaign sees a
          * loss: confirm at decode time, before Redis acknowledged. Only in
          * `make broken` builds (build/broken/walbust). */
-        r->acked_lsn = r->pending_lsn;
-        (void)stream_confirm(r->stream, r->acked_lsn, true);
+        apply_start_at(r->ap, apply_pending_lsn(r->ap));
+        (void)stream_confirm(r->stream, apply_acked(r->ap), true);
 #endif
         break;
     case PGO_INSERT:
@@ -988,7 +917,7 @@ static bool batch_overdue(Run *r)
 {
     int64_t now;
 
-    if (!sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn) {
+    if (!sinks_have_ops(r) && apply_pending_lsn(r->ap) <= apply_acked(r->ap)) {
         r->batch_since_us = 0;
         return false;
     }
@@ -1032,7 +961,8 @@ static void stream_loop(Run *r)
          * when its changes were sent earlier (mid-transaction flush) or
          * produced none: otherwise it stays unconfirmed until the next
          * change arrives. */
-        bool dirty = sinks_dirty(r) || (!r->in_txn && r->pending_lsn > r->acked_lsn);
+        bool dirty =
+            sinks_dirty(r) || (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap));
         int wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
         int hold_ms = dirty ? watermark_hold_ms(r) : 0;
         int rc;
@@ -1044,8 +974,8 @@ static void stream_loop(Run *r)
 
         if (runtime_reload || r->reload.running)
             reload_rules(r);
-        stream_set_idle(r->stream,
-                        !r->in_txn && !sinks_have_ops(r) && r->pending_lsn <= r->acked_lsn);
+        stream_set_idle(r->stream, !r->in_txn && !sinks_have_ops(r) &&
+                                       apply_pending_lsn(r->ap) <= apply_acked(r->ap));
         rc = stream_next(r->stream, wait_ms, &data);
         if (rc > 0) {
             if (on_data(r, &data) != 0)
@@ -1088,6 +1018,15 @@ static void stream_loop(Run *r)
     }
 }
 
+/* The retry delay of a target after `attempt` failed flushes in a row:
+ * capped exponential backoff with jitter (runtime.h defaults). */
+static int retry_delay(int attempt)
+{
+    Backoff b = {.attempt = attempt};
+
+    return backoff_next(&b);
+}
+
 static int setup_sinks(Run *r)
 {
     for (int i = 0; i < r->cfg->nredis; i++) {
@@ -1102,6 +1041,7 @@ static int setup_sinks(Run *r)
         sc.use_del = rules_use_del(r->rules);
         r->sinks[i] = sink_new(&sc);
         r->nsinks++;
+        (void)apply_add_target(r->ap, &sink_apply_ops, r->sinks[i]);
         if (sink_config_error(r->sinks[i]) != NULL) {
             log_error("redis target %s: %s", r->targets[i], sink_config_error(r->sinks[i]));
             return -1;
@@ -1390,8 +1330,7 @@ static int recover_lost_slot(Run *r)
     }
     /* Everything before the new slot's start is now invalidated: the
      * watermark may say so (readers waiting for an older LSN may go on). */
-    for (int i = 0; i < r->nsinks; i++)
-        sink_set_watermark(r->sinks[i], r->watermark_key, a);
+    apply_set_watermark(r->ap, r->watermark_key, a);
     r->watermark_lsn = at;
     if (flush_batch(r) != 0)
         return -1;
@@ -1405,8 +1344,7 @@ static int recover_lost_slot(Run *r)
     r->slot_ev.has_mark = true;
     r->slot_ev.mark = m;
     r->slot_ev.here_limit = at;
-    r->acked_lsn = r->pending_lsn = 0;
-    memset(r->target_acked, 0, sizeof r->target_acked);
+    apply_rewind(r->ap, 0);
     memset(&r->lost, 0, sizeof r->lost);
     log_info("caches the rules cover are flushed; streaming from the new slot");
     return 0;
@@ -1444,6 +1382,7 @@ static void run_free(Run *r)
     free(r->commit_times);
     for (int i = 0; i < r->nsinks; i++)
         sink_free(r->sinks[i]);
+    apply_free(r->ap);
     stream_free(r->stream);
     pgo_free(r->dec);
     change_buf_release(&r->cbuf);
@@ -1487,6 +1426,7 @@ int cmd_run(const Config *cfg)
     snprintf(r.mark_key, sizeof r.mark_key, "walbust:slot:%s", cfg->slot);
     runtime_signals();
     r.metrics = metrics_new();
+    r.ap = apply_new(&(ApplyConfig){.now_us = runtime_now_us, .delay_ms = retry_delay});
     r.vis = visible_new(cfg->pg);
     r.lk = lookup_batch_new();
     if (rules_has_lookups(r.rules))
@@ -1525,8 +1465,8 @@ int cmd_run(const Config *cfg)
         uint64_t start = stream_confirmed(r.stream);
         int open_rc;
 
-        if (r.acked_lsn > start)
-            start = r.acked_lsn;
+        if (apply_acked(r.ap) > start)
+            start = apply_acked(r.ap);
         metrics_postgres_up(r.metrics, false);
         open_rc = runtime_open_stream(r.stream, start, slot_hook, startup_check, &r);
         if (open_rc == -2) {
@@ -1542,8 +1482,8 @@ int cmd_run(const Config *cfg)
             break;
         /* Everything before the slot's position was acknowledged before
          * (by this or an earlier run): what a stop would replay from. */
-        if (r.acked_lsn < stream_confirmed(r.stream))
-            r.acked_lsn = r.pending_lsn = stream_confirmed(r.stream);
+        if (apply_acked(r.ap) < stream_confirmed(r.stream))
+            apply_start_at(r.ap, stream_confirmed(r.stream));
         r.pg_lost = false;
         r.replay = false;
         r.slot_ev.streamed_here = true; /* a slot that goes missing now is lost */
@@ -1568,7 +1508,7 @@ int cmd_run(const Config *cfg)
         stream_close(r.stream);
         pgo_reset(r.dec);
         r.in_txn = false;
-        r.pending_lsn = r.acked_lsn;
+        apply_start_at(r.ap, apply_acked(r.ap));
         if (!r.replay)
             reconnect_pause(&reconnect, streaming_since);
     }
@@ -1582,14 +1522,14 @@ int cmd_run(const Config *cfg)
         if (sinks_dirty(&r) && flush_batch(&r) != 0)
             log_warn("stopping before redis acknowledged the last batch; it will be replayed "
                      "from %s on restart",
-                     lsn_format(r.acked_lsn, lsn));
+                     lsn_format(apply_acked(r.ap), lsn));
         else {
             maybe_watermark(&r);
             if (sinks_dirty(&r) && flush_batch(&r) != 0)
                 log_warn("stopping before redis acknowledged the watermark %s",
                          lsn_format(r.watermark_lsn, lsn));
             else if (!r.pg_lost)
-                (void)stream_confirm(r.stream, r.acked_lsn, true);
+                (void)stream_confirm(r.stream, apply_acked(r.ap), true);
         }
         report(&r, true);
         log_info("stopped");

@@ -92,9 +92,9 @@ struct Sink {
     const char **argv;
     size_t *argvlen;
     size_t argv_cap;
-    char sha[41];        /* tag script SHA1, "" until learnt */
-    char rsha[41];       /* refresh script SHA1, "" until learnt */
-    char *fence;         /* the fence key of the op being sent */
+    char sha[41];  /* tag script SHA1, "" until learnt */
+    char rsha[41]; /* refresh script SHA1, "" until learnt */
+    char *fence;   /* the fence key of the op being sent */
     size_t fence_cap;
     char why[256];       /* a formatted reason for reply_ok */
     size_t nrefused;     /* OOM refusals in this flush */
@@ -1417,3 +1417,63 @@ static int cl_flush(Sink *s)
     }
     return cl_wait(s);
 }
+
+/* ---- the sink as an apply target (apply.h) --------------------------- */
+
+static void target_add(void *obj, RulesInvAction action, const char *str, size_t len,
+                       const char *payload, size_t payload_len)
+{
+    sink_add(obj, action, str, len, payload, payload_len);
+}
+
+static void target_set_watermark(void *obj, const char *key, const char *value)
+{
+    sink_set_watermark(obj, key, value);
+}
+
+static size_t target_pending(const void *obj)
+{
+    return sink_pending(obj);
+}
+
+static bool target_dirty(const void *obj)
+{
+    return sink_dirty(obj);
+}
+
+static bool target_full(const void *obj)
+{
+    return sink_full(obj);
+}
+
+static int target_flush(void *obj)
+{
+    return sink_flush(obj);
+}
+
+static bool target_oom(const void *obj)
+{
+    return sink_oom(obj);
+}
+
+static bool target_connected(const void *obj)
+{
+    return sink_connected(obj);
+}
+
+static const char *target_errstr(const void *obj)
+{
+    return sink_errstr(obj);
+}
+
+const ApplyTargetOps sink_apply_ops = {
+    .add = target_add,
+    .set_watermark = target_set_watermark,
+    .pending = target_pending,
+    .dirty = target_dirty,
+    .full = target_full,
+    .flush = target_flush,
+    .oom = target_oom,
+    .connected = target_connected,
+    .errstr = target_errstr,
+};

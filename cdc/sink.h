@@ -29,6 +29,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "apply.h"
 #include "redisurl.h"
 #include "rules.h"
 
@@ -120,5 +121,8 @@ int sink_ping(Sink *s);
 
 const char *sink_errstr(const Sink *s);
 const SinkStats *sink_stats(const Sink *s);
+
+/* The sink as an apply target (apply.h): apply_add_target(a, &sink_apply_ops, sink). */
+extern const ApplyTargetOps sink_apply_ops;
 
 #endif
