@@ -151,7 +151,7 @@ broken:
 # The randomized fault campaign (tests/faults/README.md) on its own stack;
 # faults-broken must find missed invalidations in build/broken/walbust.
 FAULT_ROUNDS ?= 20
-.PHONY: faults faults-broken faults-tls
+.PHONY: faults faults-broken faults-tls faults-sentinel
 faults: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --rounds $(FAULT_ROUNDS)
@@ -165,6 +165,13 @@ faults-cluster: deps $(BUILD)/walbust
 faults-tls: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --tls --rounds $(FAULT_ROUNDS)
+
+# The campaign against a Sentinel deployment (scripts/sentinel: a master, a
+# replica, three Sentinels) with redis+sentinel://...?replicas=1: manual
+# failovers and kill -9 of the master under the write storm.
+faults-sentinel: deps $(BUILD)/walbust
+	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
+	    --sentinel --rounds $(FAULT_ROUNDS)
 
 faults-broken: deps broken
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --broken

@@ -424,6 +424,42 @@ int rconn_read(Rconn *c, redisReply **out)
     }
 }
 
+int rconn_poll(Rconn *c, redisReply **out)
+{
+    char buf[RCONN_READ_CHUNK];
+
+    c->timed_out = false;
+    for (;;) {
+        void *r = NULL;
+        short want = 0;
+        ssize_t n;
+
+        if (redisReaderGetReply(c->reader, &r) != REDIS_OK) {
+            set_err(c, "protocol error: %s", c->reader->errstr);
+            return -1;
+        }
+        if (r != NULL) {
+            *out = r;
+            return 1;
+        }
+        if (c->out_off < c->out_len) {
+            n = io_write(c, c->out + c->out_off, c->out_len - c->out_off, &want);
+            if (n < 0)
+                return -1;
+            c->out_off += (size_t)n;
+            if (c->out_off == c->out_len)
+                c->out_off = c->out_len = 0;
+        }
+        n = io_read(c, buf, sizeof buf, &want);
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            return 0;
+        if (redisReaderFeed(c->reader, buf, (size_t)n) != REDIS_OK)
+            mem_oom();
+    }
+}
+
 int rconn_command(Rconn *c, redisReply **out, int argc, const char **argv, const size_t *lens)
 {
     rconn_append(c, argc, argv, lens);

@@ -85,6 +85,13 @@ int rconn_flush(Rconn *c) __attribute__((warn_unused_result));
  * connection is unusable). */
 int rconn_read(Rconn *c, redisReply **out) __attribute__((warn_unused_result));
 
+/* Without waiting: send what is pending (as much as the socket takes) and
+ * take the next reply if one has arrived in full. Returns 1 with *out (the
+ * caller frees it), 0 when none is there yet, -1 on failure (rconn_errstr();
+ * the connection is unusable; a server that closed it is a failure). For
+ * pushed messages (a SUBSCRIBE connection) read from a caller's loop. */
+int rconn_poll(Rconn *c, redisReply **out) __attribute__((warn_unused_result));
+
 /* rconn_append + rconn_read. */
 int rconn_command(Rconn *c, redisReply **out, int argc, const char **argv, const size_t *lens)
     __attribute__((warn_unused_result));

@@ -40,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 extern const char redis_tag_invalidate_lua[];
 extern const char redis_refresh_lua[];
@@ -81,6 +82,7 @@ struct Sink {
     RconnTls *tls;        /* rediss: the CA store and client certificate */
     char config_err[512]; /* a TLS file could not be loaded */
     Cluster *cl;          /* redis+cluster:// targets: routing by cluster.c, c unused */
+    SentinelWatch *watch; /* redis+sentinel://: +switch-master (sink_watch), or NULL */
     char errstr[512];
     SinkStats stats;
 
@@ -167,6 +169,7 @@ void sink_free(Sink *s)
         return;
     disconnect(s);
     cluster_free(s->cl);
+    sentinel_watch_free(s->watch);
     rconn_tls_free(s->tls);
     batch_release(&s->b);
     free(s->cl_owner);
@@ -329,9 +332,8 @@ static int ping(Sink *s)
     return 0;
 }
 
-/* redis+sentinel://: ask the Sentinels for the master, connect to it
- * (the URL's credentials and db) and make sure it is one (ROLE). */
-static int sentinel_connect(Sink *s, RconnConfig *rc)
+/* The URL's Sentinels, their credentials and the timeouts. */
+static SentinelConfig sentinel_cfg(const Sink *s)
 {
     const RedisUrl *u = &s->cfg.url;
     SentinelConfig sc = {.sentinels = u->seeds,
@@ -343,6 +345,14 @@ static int sentinel_connect(Sink *s, RconnConfig *rc)
                          .sni = u->sni,
                          .connect_timeout_ms = s->cfg.connect_timeout_ms,
                          .command_timeout_ms = s->cfg.command_timeout_ms};
+    return sc;
+}
+
+/* redis+sentinel://: ask the Sentinels for the master, connect to it
+ * (the URL's credentials and db) and make sure it is one (ROLE). */
+static int sentinel_connect(Sink *s, RconnConfig *rc)
+{
+    SentinelConfig sc = sentinel_cfg(s);
     char host[256];
     int port;
 
@@ -387,6 +397,33 @@ int sink_connect(Sink *s)
         return sentinel_connect(s, &rc);
     s->c = rconn_open(&rc, s->errstr, sizeof s->errstr);
     return s->c != NULL ? 0 : -1;
+}
+
+int sink_watch(Sink *s, char *err, size_t errlen)
+{
+    struct timespec ts;
+    char host[256], addr[300];
+    int port, rc;
+
+    if (s->cfg.url.kind != REDISURL_SENTINEL || s->config_err[0] != '\0')
+        return 0;
+    if (s->watch == NULL) {
+        SentinelConfig sc = sentinel_cfg(s);
+        s->watch = sentinel_watch_new(&sc);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    rc = sentinel_watch_poll(s->watch, (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, host,
+                             sizeof host, &port, err, errlen);
+    if (rc <= 0 || s->c == NULL)
+        return rc;
+    snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+    if (strcmp(addr, rconn_addr(s->c)) == 0)
+        return 0;
+    snprintf(err, errlen,
+             "the redis sentinels name %s as the master of \"%s\" (+switch-master), not %s",
+             addr, s->cfg.url.master_name, rconn_addr(s->c));
+    disconnect(s);
+    return 1;
 }
 
 int sink_ping(Sink *s)

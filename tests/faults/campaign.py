@@ -3,7 +3,7 @@
 
     tests/faults/campaign.py [--rounds 20] [--txns 2600] [--seed N] [--broken]
                              [--kinds k1,k2] [--faults-per-round 2] [--targets 1]
-                             [--cluster] [--tls] [--bin PATH]
+                             [--cluster | --sentinel] [--tls] [--bin PATH]
 
 Starts its own stack (scripts/stack start in a temp dir: PostgreSQL 15 and,
 owned by the campaign, one redis-server with AOF on /dev/shm per Redis
@@ -17,6 +17,16 @@ are then walbust_kill9, pg_restart, walsender_kill and cluster_master_kill
 (SIGKILL one master, wait for its replica's promotion and cluster_state:ok,
 restart the old node and wait until it has rejoined as a replica), and the
 checker reads the keys through redis-py's RedisCluster.
+With --sentinel walbust's target is a Sentinel deployment (scripts/sentinel:
+a master, a replica and three Sentinels; no proxy) reached with
+redis+sentinel://...?replicas=1; the fault kinds are walbust_kill9,
+pg_restart, walsender_kill, sentinel_failover (SENTINEL FAILOVER),
+sentinel_master_kill (SIGKILL the master, wait for the promotion, restart
+the killed node empty as the new master's replica) and sentinel_master_held
+(SIGSTOP the master under walbust's writes, SIGKILL walbust and then the
+master, restart both), each verified by a barrier key that walbust must
+invalidate on the new master; the checker reads the master the Sentinels
+name.
 With --tls every Redis target also listens on a TLS port that requires a
 client certificate (certificates made with the openssl CLI in the
 campaign's directory) and walbust reaches it with rediss://...?cacert=&cert=
@@ -116,6 +126,9 @@ KINDS = ["walbust_kill9", "kill9_redis_slow", "kill9_redis_held", "walbust_sigte
          "ddl_add_drop_column", "ddl_swap_table"]
 
 CLUSTER_KINDS = ["walbust_kill9", "pg_restart", "walsender_kill", "cluster_master_kill"]
+
+SENTINEL_KINDS = ["walbust_kill9", "pg_restart", "walsender_kill", "sentinel_failover",
+                  "sentinel_master_kill", "sentinel_master_held"]
 
 RULES = {
     "defaults": {"tag_prefix": "t:"},
@@ -518,6 +531,138 @@ class ClusterTarget:
             log(f"teardown: {e!r}")
 
 
+class SentinelNodes:
+    """A Sentinel deployment started with scripts/sentinel in the campaign's
+    directory: a master, a replica and three Sentinels. client(),
+    node_client() and publish() talk to the current master (as the
+    Sentinels name it, confirmed by ROLE); nothing persists, so a killed
+    node comes back empty as a replica and resyncs."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "sentinel")
+        self.script = os.path.join(SRC, "scripts", "sentinel")
+        p = subprocess.run([self.script, "start", self.dir], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise AssertionError(f"scripts/sentinel start failed:\n{p.stderr}")
+        env = dict(re.findall(r"export (\w+)='?([^'\n]*)'?", p.stdout))
+        self.url = env["SENTINEL_URL"] + "?replicas=1"
+        self.name = env["SENTINEL_NAME"]
+        self.sentinels = [int(x) for x in env["SENTINEL_PORTS"].split()]
+        self.nodes = [int(x) for x in env["SENTINEL_NODES"].split()]
+
+    def node(self, port, timeout=2):
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def node_up(self, port):
+        try:
+            return self.node(port, 0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+    def named(self):
+        """The master port each Sentinel names (None: no answer)."""
+        out = []
+        for s in self.sentinels:
+            try:
+                out.append(int(self.node(s, 1).execute_command(
+                    "SENTINEL", "get-master-addr-by-name", self.name)[1]))
+            except (redis.RedisError, OSError, TypeError):
+                out.append(None)
+        return out
+
+    def role(self, port):
+        try:
+            return self.node(port, 1).execute_command("ROLE")[0]
+        except (redis.RedisError, OSError):
+            return None
+
+    def master(self):
+        """The port every answering Sentinel names and that says it is the
+        master, or None."""
+        named = {p for p in self.named() if p is not None}
+        if len(named) != 1:
+            return None
+        port = named.pop()
+        return port if self.role(port) == "master" else None
+
+    def replica_of(self, master):
+        return next(p for p in self.nodes if p != master)
+
+    def link_up(self, port):
+        try:
+            return self.node(port, 1).info("replication").get("master_link_status") == "up"
+        except (redis.RedisError, OSError):
+            return False
+
+    def settled(self):
+        """One master agreed on, its replica in sync, and every Sentinel
+        sees the other two and the replica as up (a failover can start)."""
+        m = self.master()
+        if m is None or not self.link_up(self.replica_of(m)):
+            return False
+        for s in self.sentinels:
+            try:
+                c = self.node(s, 1)
+                if len(c.execute_command("SENTINEL", "sentinels", self.name)) < 2:
+                    return False
+                reps = c.execute_command("SENTINEL", "replicas", self.name)
+                ok = [r for r in reps if "s_down" not in str(r) and "disconnected" not in str(r)
+                      and f"'port', '{self.replica_of(m)}'" in str(r)]
+                if not ok:
+                    return False
+            except (redis.RedisError, OSError):
+                return False
+        return m
+
+    def client(self, timeout=10):
+        m = wait_until(self.master, 60, "the sentinels to name a master")
+        return self.node(m, timeout)
+
+    def node_client(self, timeout=10):
+        m = self.master()
+        if m is None:
+            raise redis.ConnectionError("no master named by the sentinels")
+        return self.node(m, timeout)
+
+    def publish(self, chan, msg):
+        return self.client().publish(chan, msg)
+
+    def ping(self, timeout=0.5):
+        return self.master() is not None
+
+    def compact(self):
+        """No AOF; instead make sure the replica has the fill (a failover
+        must not hand the checker a replica without it)."""
+        n = self.client(timeout=60).execute_command("WAIT", 1, 30000)
+        assert n >= 1, "the replica did not acknowledge the fill within 30 s"
+
+    def pid(self, port):
+        with open(os.path.join(self.dir, str(port), "redis.pid")) as f:
+            return int(f.read())
+
+    def start_node(self, port, master_port):
+        subprocess.run([self.script, "node", self.dir, str(port), str(master_port)], check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def stop(self):
+        subprocess.run([self.script, "stop", self.dir], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+
+class SentinelTarget(ClusterTarget):
+    """The Sentinel deployment as walbust's one target (redis+sentinel://
+    with ?replicas=1; no proxy: walbust learns the master's address from
+    the Sentinels)."""
+
+    def __init__(self, workdir):
+        self.index = 0
+        self.redis = SentinelNodes(workdir)
+        self.proxy = None
+        self.epoch = 0
+        self.sub = None
+
+
 class Walbust:
     """walbust run through the proxies; every start gets its own log."""
 
@@ -574,6 +719,29 @@ class Walbust:
             self.proc.wait()
         self.logf.close()
         return self.proc.returncode
+
+
+def held_bytes(pid, port):
+    """Bytes the process pid sent on its TCP connections to 127.0.0.1:port
+    that the server has not read yet (the receive queues of the server's
+    ends, from /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    socks = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                x = line.split()
+                socks.append((int(x[1].rsplit(":", 1)[1], 16), int(x[2].rsplit(":", 1)[1], 16),
+                              int(x[4].split(":")[1], 16), x[9]))
+    mine = {lp for lp, rp, _, ino in socks if ino in inodes and rp == port}
+    return sum(rx for lp, rp, rx, _ in socks if lp == port and rp in mine)
 
 
 # ---- the workload --------------------------------------------------------
@@ -1103,6 +1271,128 @@ class Faults:
         return (f"master {port} SIGKILLed, replica {promoted} promoted in {took:.1f}s, "
                 f"{port} rejoined as its replica")
 
+    # Sentinel (--sentinel): failovers of walbust's redis+sentinel:// target.
+
+    def _sentinel_settled(self):
+        sn = self.camp.targets[0].redis
+        return wait_until(sn.settled, 90, "the sentinel deployment to settle (a master agreed "
+                          "on, its replica in sync and seen by every sentinel)", interval=0.2)
+
+    def _sentinel_probe(self, port):
+        """walbust applies on the node at port: a barrier row's key set
+        there must go (with ?replicas=1 walbust confirms nothing until the
+        master's replica has it too)."""
+        sn = self.camp.targets[0].redis
+        token = f"probe{time.time_ns()}"
+        sn.node(port).set(f"c:barrier:{token}", "1")
+        self.camp.pg.q("INSERT INTO cbarrier(token) VALUES (%s)", (token,))
+        t0 = time.time()
+        wait_until(lambda: not sn.node(port).exists(f"c:barrier:{token}"), 90,
+                   f"walbust to invalidate on the new master {port}", interval=0.1)
+        return time.time() - t0
+
+    def sentinel_failover(self):
+        """SENTINEL FAILOVER under the storm: the replica is promoted, the
+        old master is turned into its replica (the Sentinels kill its
+        clients; a write that still reaches it gets READONLY). walbust must
+        follow and apply on the new master."""
+        c = self.camp
+        sn = c.targets[0].redis
+        old = self._sentinel_settled()
+        new = sn.replica_of(old)
+        e0 = c.walbust.count("replicas asked for")
+        t0 = time.time()
+
+        def ask():
+            try:
+                return sn.node(self.rnd.choice(sn.sentinels), 2).execute_command(
+                    "SENTINEL", "FAILOVER", sn.name)
+            except redis.ResponseError as e:  # INPROG, NOGOODSLAVE: settling still
+                log(f"  SENTINEL FAILOVER: {e}; asking again")
+                time.sleep(0.5)
+                return None
+        wait_until(ask, 30, "a sentinel to accept SENTINEL FAILOVER")
+        wait_until(lambda: sn.master() == new, 60, f"the sentinels to promote {new}")
+        took = time.time() - t0
+        wait_until(lambda: sn.role(old) == "slave" and sn.link_up(old), 60,
+                   f"the old master {old} to become the new master's replica")
+        probe = self._sentinel_probe(new)
+        return (f"master {old}->{new} in {took:.1f}s, {old} in sync as its replica, walbust "
+                f"applied on {new} {probe:.1f}s after; "
+                f"{c.walbust.count('replicas asked for') - e0} replica shortfalls logged")
+
+    def sentinel_master_kill(self):
+        """kill -9 the current master under the storm: the Sentinels
+        promote its replica (which, with ?replicas=1, has everything walbust
+        confirmed); walbust cannot confirm anything until a replica is back,
+        so the killed node is restarted (empty) as the new master's
+        replica, as an operator would."""
+        c = self.camp
+        sn = c.targets[0].redis
+        old = self._sentinel_settled()
+        new = sn.replica_of(old)
+        e0 = c.walbust.count("replicas asked for")
+        pid = sn.pid(old)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 15, f"master {old} to die")
+        assert not sn.node_up(old), f"master {old} answers after SIGKILL"
+        t0 = time.time()
+        wait_until(lambda: sn.master() == new, 60, f"the sentinels to promote {new}")
+        took = time.time() - t0
+        self.pause(0.2, 1.0)  # commits go on against a master without a replica
+        sn.start_node(old, new)
+        wait_until(lambda: sn.role(old) == "slave" and sn.link_up(old), 60,
+                   f"the killed master {old} back as a replica")
+        probe = self._sentinel_probe(new)
+        return (f"master {old} SIGKILLed (pid {pid}), {new} promoted in {took:.1f}s, {old} "
+                f"back empty as its replica, walbust applied on {new} {probe:.1f}s after; "
+                f"{c.walbust.count('replicas asked for') - e0} replica shortfalls logged")
+
+    def sentinel_master_held(self):
+        """SIGSTOP the master while walbust writes to it (its batch, or the
+        rest of it, waits unread in the frozen master's socket, or was read
+        and never answered), verify that commits go on and the slot stands
+        still, kill -9 walbust, kill -9 the master (what it held dies with
+        it), wait for
+        the Sentinels to promote the replica, restart the killed node as
+        its replica and start a new walbust. Whatever the first process
+        had not confirmed must be replayed onto the new master; a walbust
+        that confirms before Redis acknowledged (make broken) loses it."""
+        c = self.camp
+        sn = c.targets[0].redis
+        old = self._sentinel_settled()
+        new = sn.replica_of(old)
+        pid = sn.pid(old)
+        lsn0 = c.pg.insert_lsn()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Killed well inside walbust's 5 s command timeout: it is still
+            # waiting for the frozen master's answer then.
+            wait_until(lambda: c.pg.insert_lsn() > lsn0, 3, "a commit while the master is frozen")
+            conf1 = c.pg.slot()[1]
+            self.pause(0.3, 1.0)
+            held = held_bytes(c.walbust.proc.pid, old)
+            conf2 = c.pg.slot()[1]
+            c.walbust.kill9()
+        except BaseException:
+            os.kill(pid, signal.SIGCONT)
+            raise
+        assert conf1 == conf2, "the slot advanced while walbust's master was frozen"
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 15, f"master {old} to die")
+        t0 = time.time()
+        wait_until(lambda: sn.master() == new, 60, f"the sentinels to promote {new}")
+        took = time.time() - t0
+        sn.start_node(old, new)
+        wait_until(lambda: sn.role(old) == "slave" and sn.link_up(old), 60,
+                   f"the killed master {old} back as a replica")
+        ws = self.restart_walbust()
+        probe = self._sentinel_probe(new)
+        return (f"master {old} frozen, {held} bytes of walbust's unread, slot frozen at "
+                f"{lsn_text(conf2)}; walbust and master SIGKILLed, {new} promoted {took:.1f}s "
+                f"later, {old} back as its replica, new walsender {ws}, walbust applied on {new} "
+                f"{probe:.1f}s after")
+
     def stable_confirmed(self):
         """The slot's confirmed position once it stopped moving."""
         last = None
@@ -1311,6 +1601,8 @@ class Campaign:
             make_certs(self.workdir)
         if self.args.cluster:
             self.targets = [ClusterTarget(self.workdir)]
+        elif self.args.sentinel:
+            self.targets = [SentinelTarget(self.workdir)]
         else:
             self.targets = [Target(i, self.workdir) for i in range(self.args.targets)]
         self.setup_db()
@@ -1642,6 +1934,9 @@ def parse(argv):
     ap.add_argument("--kinds", default=None)
     ap.add_argument("--cluster", action="store_true",
                     help="walbust's target is a 3-master Redis Cluster (scripts/cluster)")
+    ap.add_argument("--sentinel", action="store_true",
+                    help="walbust's target is a Sentinel deployment (scripts/sentinel: master, "
+                    "replica, three Sentinels), reached with redis+sentinel://...?replicas=1")
     ap.add_argument("--tls", action="store_true",
                     help="walbust reaches every Redis target over mutual TLS (rediss://)")
     ap.add_argument("--seed", type=int, default=None)
@@ -1654,7 +1949,9 @@ def parse(argv):
     a = ap.parse_args(argv)
     if a.seed is None:
         a.seed = random.randrange(1 << 30)
-    known = CLUSTER_KINDS if a.cluster else KINDS
+    if a.cluster and a.sentinel:
+        ap.error("--cluster and --sentinel exclude each other")
+    known = CLUSTER_KINDS if a.cluster else SENTINEL_KINDS if a.sentinel else KINDS
     a.kinds = [k for k in (a.kinds or ",".join(known)).split(",") if k]
     for k in a.kinds:
         if k not in known:
@@ -1662,7 +1959,8 @@ def parse(argv):
     if a.broken:
         a.bin = os.path.join(SRC, "build/broken/walbust")
         if "--kinds" not in " ".join(argv):
-            a.kinds = ["kill9_redis_held", "walbust_kill9"]
+            a.kinds = ["sentinel_master_held", "walbust_kill9"] if a.sentinel else \
+                ["walbust_kill9"] if a.cluster else ["kill9_redis_held", "walbust_kill9"]
         if "--rounds" not in " ".join(argv):
             a.rounds = 3
         if "--faults-per-round" not in " ".join(argv):
