@@ -198,7 +198,7 @@ static void render_call(const LookupBatch *b, const Rules *r, const Call *c, con
     RulesLookupCall call = {q->rule,  c->op,       q->nargs,    NULL,   NULL,
                             c->ncols, c->old_vals, c->new_vals, !q->run};
     RulesLookupInfo info;
-    RulesEvalStats es = {0, 0, 0, 0};
+    RulesEvalStats es = {0};
 
     if (!rules_lookup_info(r, q->rule, &info))
         return;
@@ -255,7 +255,7 @@ void lookup_batch_widen(const LookupBatch *b, const Rules *r, RulesEmitFn emit,
         const Query *q = &b->queries[c->query];
         RulesLookupCall call = {q->rule,  c->op,       q->nargs,    NULL, NULL,
                                 c->ncols, c->old_vals, c->new_vals, true};
-        RulesEvalStats es = {0, 0, 0, 0};
+        RulesEvalStats es = {0};
         RulesLookupInfo info;
         if (!rules_lookup_info(r, q->rule, &info))
             continue;

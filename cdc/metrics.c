@@ -5,7 +5,8 @@
  * libmicrohttpd's internal polling thread renders them on request. Plain
  * counters and gauges are C11 atomics (relaxed: each value is independent,
  * a scrape needs no cross-metric snapshot). The labelled counters
- * (changes{table,op}, widened{table}), the per-target Redis state and the
+ * (changes{table,op}, widened{table}, the refresh and stale ones by table),
+ * the per-target Redis state and the
  * histogram sit behind one mutex, held only for a lookup-and-add or while
  * rendering copies them into text.
  *
@@ -84,6 +85,8 @@ struct Metrics {
     pthread_mutex_t lock; /* guards everything below */
     LabelMap changes;     /* table, op */
     LabelMap widened;     /* table */
+    /* The refresh and stale rules' counters, by table. */
+    LabelMap refresh_writes, refresh_fallback, stale_marked;
     RedisTarget targets[METRICS_MAX_TARGETS];
     bool cond_failed[METRICS_COND_COUNT];
     char *cond_reason[METRICS_COND_COUNT];
@@ -190,6 +193,9 @@ void metrics_free(Metrics *m)
         MHD_stop_daemon(m->daemon); /* joins the HTTP thread, closes the socket */
     labelmap_release(&m->changes);
     labelmap_release(&m->widened);
+    labelmap_release(&m->refresh_writes);
+    labelmap_release(&m->refresh_fallback);
+    labelmap_release(&m->stale_marked);
     for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
         free(m->targets[i].name);
         free(m->targets[i].reason);
@@ -230,6 +236,21 @@ void metrics_widened(Metrics *m, const char *table, uint64_t n)
         return;
     pthread_mutex_lock(&m->lock);
     labelmap_add(&m->widened, table, NULL, n);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_refresh(Metrics *m, const char *table, uint64_t writes, uint64_t fallback_deletes,
+                     uint64_t stale_marks)
+{
+    if (m == NULL || table == NULL || (writes == 0 && fallback_deletes == 0 && stale_marks == 0))
+        return;
+    pthread_mutex_lock(&m->lock);
+    if (writes > 0)
+        labelmap_add(&m->refresh_writes, table, NULL, writes);
+    if (fallback_deletes > 0)
+        labelmap_add(&m->refresh_fallback, table, NULL, fallback_deletes);
+    if (stale_marks > 0)
+        labelmap_add(&m->stale_marked, table, NULL, stale_marks);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -485,6 +506,28 @@ static void render_labelmap(StrBuf *sb, const char *name, const LabelMap *map, c
     }
 }
 
+/* The refresh and stale rules' counters (docs/rules.md "Refresh"). */
+static void render_refresh(StrBuf *sb, Metrics *m)
+{
+    sb_header(sb, "walbust_refresh_writes_total", "counter",
+              "Refresh writes (the new row stored in a key, fenced by the commit LSN) produced "
+              "by refresh rules, by table.");
+    render_labelmap(sb, "walbust_refresh_writes_total", &m->refresh_writes, "table", NULL);
+    sb_scalar(sb, "walbust_refresh_fenced_total", "counter",
+              "Refresh writes Redis did not store because the key's fence held a newer commit's "
+              "row (a replay, a standby that took over, another walbust).",
+              atomic_load_explicit(&m->counters[METRICS_REFRESH_FENCED], memory_order_relaxed));
+    sb_header(sb, "walbust_refresh_fallback_deletes_total", "counter",
+              "Refresh entries that deleted their key instead of storing the row because the "
+              "change lacked a column's value (an unchanged TOASTed value), by table.");
+    render_labelmap(sb, "walbust_refresh_fallback_deletes_total", &m->refresh_fallback, "table",
+                    NULL);
+    sb_header(sb, "walbust_stale_marked_total", "counter",
+              "Keys marked stale (served old while one reader rebuilds) by stale rules, by table; "
+              "a key that does not exist stays absent.");
+    render_labelmap(sb, "walbust_stale_marked_total", &m->stale_marked, "table", NULL);
+}
+
 static void render_counters(StrBuf *sb, Metrics *m)
 {
     sb_header(sb, "walbust_changes_total", "counter",
@@ -528,6 +571,7 @@ static void render_counters(StrBuf *sb, Metrics *m)
     sb_scalar(sb, "walbust_lookup_errors_total", "counter",
               "Failed lookup runs; the batch is held and retried, nothing is confirmed past it.",
               atomic_load_explicit(&m->counters[METRICS_LOOKUP_ERRORS], memory_order_relaxed));
+    render_refresh(sb, m);
 }
 
 static void render_positions(StrBuf *sb, Metrics *m)

@@ -18,7 +18,9 @@
  * walbust_widened_total{table}, walbust_redis_errors_total,
  * walbust_retries_total, walbust_confirmed_lsn, walbust_received_lsn,
  * walbust_lag_bytes, walbust_commit_to_ack_seconds histogram,
- * walbust_postgres_up, walbust_redis_up) plus per-target
+ * walbust_postgres_up, walbust_redis_up, walbust_refresh_writes_total{table},
+ * walbust_refresh_fenced_total, walbust_refresh_fallback_deletes_total{table},
+ * walbust_stale_marked_total{table}) plus per-target
  * walbust_redis_target_up{target}, walbust_role{role}, walbust_ready and
  * walbust_condition{condition}.
  */
@@ -39,6 +41,7 @@ typedef enum MetricsCounter {
     METRICS_REPLICA_SHORTFALLS, /* batches WAIT did not see on ?replicas=N */
     METRICS_LOOKUP_QUERIES,
     METRICS_LOOKUP_ERRORS,
+    METRICS_REFRESH_FENCED, /* refresh writes the fence refused (a newer row is there) */
     METRICS_COUNTER_COUNT,
 } MetricsCounter;
 
@@ -86,6 +89,13 @@ void metrics_inc(Metrics *m, MetricsCounter c, uint64_t n);
 void metrics_change(Metrics *m, const char *table, const char *op); /* +1 */
 void metrics_widened(Metrics *m, const char *table, uint64_t n);
 void metrics_invalidations(Metrics *m, MetricsAction a, uint64_t n);
+
+/* Refresh and stale rules' work for one change of table: writes of the
+ * new row (fenced stores), refresh entries that deleted their key instead
+ * (the change lacked a column's value), and keys marked stale. Nothing is
+ * recorded (no label created) when all three are 0. */
+void metrics_refresh(Metrics *m, const char *table, uint64_t writes, uint64_t fallback_deletes,
+                     uint64_t stale_marks);
 
 /* Positions in bytes (LSNs as integers). lag = server WAL end - confirmed. */
 void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64_t server_end);

@@ -106,6 +106,11 @@ typedef struct RulesEvalStats {
     unsigned emitted;  /* invalidations emitted */
     unsigned changed_missing; /* rules that fired on update because a column
                                  named in `changed` is not in the table */
+    unsigned refreshes;       /* RULES_INV_REFRESH emitted (rows to store) */
+    unsigned refresh_deletes; /* refresh entries that deleted their key instead
+                                 because the change lacked a column's value
+                                 (an unchanged TOASTed value) */
+    unsigned stales;          /* RULES_INV_STALE emitted (keys to mark stale) */
 } RulesEvalStats;
 
 /* One problem found while loading or checking rules. */

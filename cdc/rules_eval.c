@@ -228,6 +228,7 @@ static void render_refresh(Eval *ev, size_t ri, size_t t)
     size_t first = sc->nitems;
 
     if (ev->chg->op == RULES_TRUNCATE || ev->chg->op == RULES_DELETE || !row_complete(ev->chg)) {
+        sc->refresh_deletes += ev->chg->op == RULES_INSERT || ev->chg->op == RULES_UPDATE;
         render_template(ev, ri, &rf->key, TPL_KEY);
         return;
     }
@@ -478,6 +479,8 @@ static void emit_items(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st
             }
             st->emitted++;
             st->widened += it->widened;
+            st->refreshes += it->action == RULES_INV_REFRESH;
+            st->stales += it->action == RULES_INV_STALE;
         }
     }
 }
@@ -523,7 +526,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
                     RulesEvalStats *stats)
 {
     const TableEnt *te = rules_table_find(r, chg->table);
-    RulesEvalStats st = {0, 0, 0, 0};
+    RulesEvalStats st = {0};
     Eval ev = {r, chg, NULL, NULL};
 
     if (te == NULL || !valid_op(chg->op))
@@ -532,6 +535,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     ev.sc->strs.len = 0;
     ev.sc->nitems = 0;
     ev.sc->nfired = 0;
+    ev.sc->refresh_deletes = 0;
     for (size_t i = 0; i < te->nrules; i++) {
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
@@ -556,11 +560,15 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     emit_items(&ev, emit, arg, &st);
     emit_publishes(&ev, emit, arg, &st);
     st.matched = (unsigned)ev.sc->nfired;
+    st.refresh_deletes = ev.sc->refresh_deletes;
     if (stats != NULL) {
         stats->matched += st.matched;
         stats->widened += st.widened;
         stats->emitted += st.emitted;
         stats->changed_missing += st.changed_missing;
+        stats->refreshes += st.refreshes;
+        stats->refresh_deletes += st.refresh_deletes;
+        stats->stales += st.stales;
     }
     return st.matched;
 }
@@ -698,7 +706,7 @@ void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfi
                         NULL,
                         false};
     Eval ev = {r, &fake, r->scratch, NULL};
-    RulesEvalStats st = {0, 0, 0, 0};
+    RulesEvalStats st = {0};
 
     for (size_t k = 0; k < rule->ncols; k++)
         for (size_t j = 0; j < nfields && lk[k] == NULL; j++)

@@ -158,6 +158,7 @@ typedef struct Scratch {
     size_t *fired, nfired; /* rules that fired; capacity Rules.nrules */
     size_t *chans, nchans; /* distinct channels to publish; capacity Rules.nchannels */
     Buf payload;
+    unsigned refresh_deletes; /* this eval's refresh entries that fell back to deleting */
 } Scratch;
 
 struct Rules {

@@ -165,6 +165,7 @@ static void record_ack(Run *r)
     metrics_invalidations(r->metrics, METRICS_ACTION_TAG, st->tags - r->applied.tags);
     metrics_invalidations(r->metrics, METRICS_ACTION_VERSION, st->versions - r->applied.versions);
     metrics_invalidations(r->metrics, METRICS_ACTION_PUBLISH, st->publishes - r->applied.publishes);
+    metrics_inc(r->metrics, METRICS_REFRESH_FENCED, st->refresh_fenced - r->applied.refresh_fenced);
     r->applied = *st;
     /* In doubles: commit times come off the wire and must not overflow;
      * clock skew (negative) counts as 0 in the histogram. */
@@ -521,6 +522,7 @@ static void eval_change(Run *r, const RulesChange *chg)
     if (r->lkx != NULL)
         (void)rules_eval_lookups(r->rules, chg, defer_lookup, r);
     schema_note_eval(r->schema, chg->table, &st);
+    metrics_refresh(r->metrics, chg->table, st.refreshes, st.refresh_deletes, st.stales);
     if (st.widened > 0) {
         r->stats.widened += st.widened;
         metrics_widened(r->metrics, chg->table, st.widened);

@@ -349,7 +349,7 @@ static unsigned widen_table(Schema *s, const char *table, const char *lsn)
                        .op = RULES_TRUNCATE,
                        .lsn = lsn,
                        .commit_time = pgtime_format(pgtime_now(), when)};
-    RulesEvalStats st = {0, 0, 0, 0};
+    RulesEvalStats st = {0};
 
     rules_eval(s->rules, &chg, s->cfg.emit, s->cfg.arg, &st);
     return st.emitted;

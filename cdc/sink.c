@@ -100,6 +100,7 @@ struct Sink {
     size_t fence_cap;
     char why[256];       /* a formatted reason for reply_ok */
     size_t nrefused;     /* OOM refusals in this flush */
+    size_t fenced;       /* refreshes the fence refused in this flush */
     bool wm_refused;     /* the watermark SET was one of them */
     bool oom;            /* the last flush failed only on OOM refusals */
     bool readonly;       /* a READONLY reply: reconnect (and rediscover) */
@@ -273,6 +274,7 @@ static void count_applied(Sink *s)
             break;
         }
     }
+    s->stats.refresh_fenced += s->fenced;
 }
 
 /* ---- connection ------------------------------------------------------ */
@@ -657,6 +659,14 @@ static bool refuse(Sink *s, const Pending *p, const char *err)
     return true;
 }
 
+/* A refresh op's reply 0: the fence held a newer commit's row (refresh.lua). */
+static void note_fenced(Sink *s, size_t op, const redisReply *r)
+{
+    if (op < s->b.nops && s->b.ops[op].action == RULES_INV_REFRESH && r != NULL &&
+        r->type == REDIS_REPLY_INTEGER && r->integer == 0)
+        s->fenced++;
+}
+
 /* Read every outstanding reply. The last SCAN reply is handed to *scan
  * (caller frees) when scan is not NULL. Returns 0 when all replies were
  * as expected; -1 on the first bad one (the rest are still read, so the
@@ -695,6 +705,8 @@ static int drain(Sink *s, redisReply **scan)
         } else if (p->kind == PEND_SCAN && scan != NULL) {
             *scan = r;
             continue;
+        } else {
+            note_fenced(s, p->op, r);
         }
         freeReplyObject(r);
     }
@@ -965,6 +977,7 @@ static int flush_batch(Sink *s)
     size_t i = 0;
 
     s->nrefused = 0;
+    s->fenced = 0;
     s->wm_refused = false;
     batch_unmark_all(&s->b);
 
@@ -1029,6 +1042,7 @@ static void keep_refused(Sink *s)
         s->stats.refreshes += a == RULES_INV_REFRESH;
         s->stats.stales += a == RULES_INV_STALE;
     }
+    s->stats.refresh_fenced += s->fenced;
     batch_keep_marked(&s->b);
     if (!s->wm_refused) {
         free(s->wm_key);
@@ -1181,9 +1195,12 @@ static void cl_own(Sink *s, size_t i, size_t owner)
     s->ncl_owner = i + 1;
 }
 
-/* Empty the cluster's queue (and the owners). */
+/* Empty the cluster's queue (and the owners), counting the refreshes in it
+ * that the fence refused (their replies are gone after the reset). */
 static void cl_reset(Sink *s)
 {
+    for (size_t i = 0; i < s->ncl_owner && i < cluster_queued(s->cl); i++)
+        note_fenced(s, s->cl_owner[i], cluster_reply(s->cl, i));
     cluster_reset(s->cl);
     s->ncl_owner = 0;
 }
@@ -1405,6 +1422,7 @@ static int cl_flush(Sink *s)
         return -1;
     cl_reset(s);
     s->nrefused = 0;
+    s->fenced = 0;
     s->wm_refused = false;
     batch_unmark_all(&s->b);
     s->cl_op = SINK_NO_OP;
@@ -1438,7 +1456,8 @@ static int cl_flush(Sink *s)
             argv_reserve(s, 10);
             arg_str(s, 0, "EVAL");
             arg_str(s, 1, redis_refresh_lua);
-            (void)cluster_append_key(s->cl, 3, (int)refresh_args(s, i, 2), s->argv, s->argvlen);
+            cl_own(s, cluster_append_key(s->cl, 3, (int)refresh_args(s, i, 2), s->argv, s->argvlen),
+                   i);
             break;
         case RULES_INV_TAG:
             if (cl_exec(s) < 0 || cl_tag(s, str, op->len) < 0)
@@ -1452,7 +1471,10 @@ static int cl_flush(Sink *s)
             break;
         }
     }
-    return cl_wait(s);
+    if (cl_wait(s) < 0)
+        return -1;
+    cl_reset(s); /* counts the fenced refreshes of the last exec */
+    return 0;
 }
 
 /* ---- the sink as an apply target (apply.h) --------------------------- */

@@ -48,6 +48,8 @@ typedef struct SinkStats {
     uint64_t replica_shortfalls;                        /* WAIT reported fewer than ?replicas=N */
     uint64_t oom_refusals;      /* writes Redis refused for lack of memory */
     uint64_t refreshes, stales; /* refresh and stale ops applied (stored, fenced or deleted) */
+    uint64_t refresh_fenced;    /* refreshes of those not stored: the fence held a newer
+                                   commit's LSN (redis/refresh.lua answered 0) */
 } SinkStats;
 
 typedef struct Sink Sink;

@@ -465,6 +465,14 @@ static void test_refresh_order_and_fence(void **state)
     assert_string_equal(r->str, "0/20");
     freeReplyObject(r);
     assert_int_equal(sink_stats(s)->refreshes, 4);
+    assert_int_equal(sink_stats(s)->refresh_fenced, 1); /* the 0/15 one */
+
+    /* A replay of an older commit is refused too and counted once. */
+    add_refresh(s, k("rf:b"), "0/12", "{\"v\":\"replayed\"}");
+    add_refresh(s, k("rf:c"), "0/12", "{\"v\":\"new\"}");
+    must_flush(s);
+    assert_int_equal(sink_stats(s)->refreshes, 6);
+    assert_int_equal(sink_stats(s)->refresh_fenced, 2);
 
     /* stale: a plain value becomes a marker holding it */
     set_key(k("rf:page"), "old");

@@ -16,7 +16,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import (BARRIER_RULE, BARRIER_SQL, BIN, REDIS_PORT, SRC, Runner, Walbust,  # noqa: E402
-                     barrier, dsn, fresh_db, redis_client, sql, wait_until, write_rules)
+                     barrier, dsn, free_port, fresh_db, redis_client, scrape, sql, wait_until,
+                     write_rules)
 
 LEASE_PREFIX = "\0walbust-lease:"
 
@@ -53,8 +54,10 @@ class Env:
         self.r.flushdb()
         self.wb = None
 
-    def start(self):
+    def start(self, metrics_port=None):
         self.wb = Walbust(self.db, self.rules, slot=self.slot, redis_urls=[self.url])
+        if metrics_port is not None:
+            self.wb.args[self.wb.args.index("--metrics") + 1] = f"127.0.0.1:{metrics_port}"
         self.wb.start()
         self.wb.wait_streaming()
         return self
@@ -233,6 +236,59 @@ def test_stale_while_revalidate():
         e.close()
 
 
+def test_metrics():
+    """walbust_refresh_writes_total{table}, walbust_refresh_fallback_deletes_total{table},
+    walbust_refresh_fenced_total and walbust_stale_marked_total{table} count
+    what the refresh and stale rules did (docs/operations.md, Metrics)."""
+    port = free_port()
+    e = Env("metrics", 10).start(metrics_port=port)
+    prod = '{table="public.product"}'
+
+    def metric(name, labels=""):
+        return scrape(port).get(name + labels, 0.0)
+
+    def wait_metric(name, labels, want):
+        wait_until(lambda: metric(name, labels) == want, 20, f"{name}{labels} == {want}")
+
+    try:
+        m = scrape(port)
+        assert m["walbust_refresh_fenced_total"] == 0, m
+        assert not any(k.startswith(("walbust_refresh_writes_total{", "walbust_stale_marked_total{"))
+                       for k in m), m
+        # two rows, two refresh entries each: 4 writes
+        e.q("INSERT INTO product VALUES (1, 'hat', 9.50, 'x'), (2, 'cap', 1, 'y')")
+        wait_until(lambda: product_json(e, 2), 20, "product:2 stored")
+        wait_metric("walbust_refresh_writes_total", prod, 4)
+        assert metric("walbust_refresh_fallback_deletes_total", prod) == 0
+        # an unchanged TOASTed column: both entries delete instead of storing
+        big = "".join(chr(65 + (i * 7919) % 26) for i in range(200000))
+        e.q("INSERT INTO product VALUES (5, 'book', 20, %s)", (big,))
+        wait_until(lambda: product_json(e, 5), 20, "product:5 stored")
+        e.q("UPDATE product SET price = 21 WHERE id = 5")
+        wait_until(lambda: not e.r.exists("product:5"), 20, "product:5 deleted")
+        wait_metric("walbust_refresh_fallback_deletes_total", prod, 2)
+        assert metric("walbust_refresh_writes_total", prod) == 6  # the insert's two
+        # a newer commit's row is in product:1 (its fence says so): refused
+        e.r.set("walbust:fence:{product:1}", "FFFFFFFF/0")
+        e.q("UPDATE product SET name = 'older' WHERE id = 1")
+        e.barrier()
+        wait_metric("walbust_refresh_fenced_total", "", 1)  # ph:1 has its own fence: stored
+        assert e.r.hget("ph:1", "name") == "older"
+        assert metric("walbust_refresh_writes_total", prod) == 8
+        # stale marks, counted whether or not the key exists
+        e.q("INSERT INTO page VALUES ('home', 'v1')")
+        e.barrier()
+        e.r.set("page:home", "<h1>v1</h1>")
+        e.q("UPDATE page SET title = 'v2' WHERE slug = 'home'")
+        wait_until(lambda: (e.r.get("page:home") or "").startswith(LEASE_PREFIX), 20,
+                   "page:home marked stale")
+        wait_metric("walbust_stale_marked_total", '{table="public.page"}', 2)
+        assert metric("walbust_refresh_fenced_total") == 1
+        assert metric("walbust_stale_marked_total", prod) == 0  # product has no stale rule
+    finally:
+        e.close()
+
+
 def test_decode_dry_run():
     """decode --rules lists refresh and stale keys and touches no Redis."""
     e = Env("decode", 15)
@@ -263,4 +319,5 @@ if __name__ == "__main__":
     run.run(test_refresh_revokes_lease)
     run.run(test_stale_while_revalidate)
     run.run(test_decode_dry_run)
+    run.run(test_metrics)
     run.done()

@@ -127,7 +127,7 @@ static void check_change(const PgoRelation *rel, const RulesChange *chg, const c
 static void eval(const RulesChange *chg)
 {
     Ctx c = {chg, 0};
-    RulesEvalStats st = {0, 0, 0, 0};
+    RulesEvalStats st = {0};
 
     rules_eval(rules, chg, on_emit, &c, &st);
     CHECK(st.emitted == c.emitted, "stats.emitted %u, callbacks %u", st.emitted, c.emitted);

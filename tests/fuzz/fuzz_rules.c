@@ -199,7 +199,7 @@ static void lookups_of(const Rules *r, const RulesChange *chg)
 /* Evaluate chg into a fresh sink, checking the stats against it. */
 static void eval_into(const Rules *r, const RulesChange *chg, Sink *k)
 {
-    RulesEvalStats st = {0, 0, 0, 0};
+    RulesEvalStats st = {0};
     unsigned matched;
 
     memset(k, 0, sizeof *k);

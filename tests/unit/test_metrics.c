@@ -165,6 +165,10 @@ static void test_render_families(void **state)
         {"walbust_visibility_waits_total", "counter"},
         {"walbust_lookup_queries_total", "counter"},
         {"walbust_lookup_errors_total", "counter"},
+        {"walbust_refresh_writes_total", "counter"},
+        {"walbust_refresh_fenced_total", "counter"},
+        {"walbust_refresh_fallback_deletes_total", "counter"},
+        {"walbust_stale_marked_total", "counter"},
         {"walbust_confirmed_lsn", "gauge"},
         {"walbust_received_lsn", "gauge"},
         {"walbust_lag_bytes", "gauge"},
@@ -263,6 +267,38 @@ static void test_label_escaping(void **state)
     assert_true(sample(text, "walbust_changes_total{table=\"public.new\\nline\",op=\"delete\"}") == 2);
     assert_true(sample(text, "walbust_widened_total{table=\"s.\\\"a\\\\b\\nc\\\"\"}") == 3);
     assert_true(sample(text, "walbust_redis_target_up{target=\"redis://10.0.0.1:6379/\\\"0\\\"\"}") == 1);
+    free(text);
+    metrics_free(m);
+}
+
+/* Refresh and stale counters: per table, summed across changes; a change
+ * with nothing to count creates no series; fenced is a plain counter. */
+static void test_refresh_counters(void **state)
+{
+    (void)state;
+    Metrics *m = metrics_new();
+
+    metrics_refresh(m, "public.product", 2, 0, 1);
+    metrics_refresh(m, "public.product", 2, 0, 1);
+    metrics_refresh(m, "public.product", 0, 2, 1);
+    metrics_refresh(m, "public.page", 0, 0, 3);
+    metrics_refresh(m, "public.other", 0, 0, 0);
+    metrics_refresh(m, NULL, 1, 1, 1);
+    metrics_refresh(NULL, "public.product", 1, 1, 1);
+    metrics_inc(m, METRICS_REFRESH_FENCED, 3);
+    char *text = metrics_render(m);
+
+    assert_valid_exposition(text);
+    assert_true(sample(text, "walbust_refresh_writes_total{table=\"public.product\"}") == 4);
+    assert_true(sample(text, "walbust_refresh_fallback_deletes_total{table=\"public.product\"}") ==
+                2);
+    assert_true(sample(text, "walbust_stale_marked_total{table=\"public.product\"}") == 3);
+    assert_true(sample(text, "walbust_stale_marked_total{table=\"public.page\"}") == 3);
+    assert_int_equal(
+        count_lines_starting(text, "walbust_refresh_writes_total{table=\"public.page\"}"), 0);
+    assert_int_equal(
+        count_lines_starting(text, "walbust_stale_marked_total{table=\"public.other\"}"), 0);
+    assert_true(sample(text, "walbust_refresh_fenced_total") == 3);
     free(text);
     metrics_free(m);
 }
@@ -710,6 +746,7 @@ int main(void)
         cmocka_unit_test(test_render_families),
         cmocka_unit_test(test_counters_monotonic),
         cmocka_unit_test(test_label_escaping),
+        cmocka_unit_test(test_refresh_counters),
         cmocka_unit_test(test_labelled_counts),
         cmocka_unit_test(test_histogram),
         cmocka_unit_test(test_positions),
