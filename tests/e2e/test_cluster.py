@@ -33,7 +33,8 @@ import redis  # noqa: E402
 from redis.cluster import ClusterNode, RedisCluster  # noqa: E402
 
 from harness import (BARRIER_RULE, BARRIER_SQL, SRC, STACK_DIR, Runner, Walbust,  # noqa: E402
-                     connect, fresh_db, slot_confirmed, sql, wait_until, write_rules)
+                     connect, free_port, fresh_db, scrape, slot_confirmed, sql, wait_until,
+                     write_rules)
 
 DB = "walbust_cluster"
 SLOT = "cluster"
@@ -367,6 +368,39 @@ def test_patterns_scan_every_master():
         scene.close()
 
 
+def test_refresh_fenced_across_masters():
+    """Refresh on a cluster: each row is stored on the master owning its key
+    (the fence key shares the slot), a fence holding a newer commit refuses
+    the store, and walbust_refresh_fenced_total counts exactly those refusals
+    although patterns in the same batch make walbust send the refreshes in
+    several rounds."""
+    CL.flush()
+    rules = setup({"patterns": ["clu:team:{team}:*"],
+                   "refresh": [{"key": "clu:rf:{id}", "value": "row", "ttl": 600}]})
+    rc = CL.client()
+    fenced = (5, 150, 300)  # 300: likely the last change, in the final round
+    for i in fenced:
+        rc.set(f"walbust:fence:{{clu:rf:{i}}}", "FFFFFFFF/0")
+    port = free_port()
+    scene = Scene()
+    try:
+        w = scene.add(Walbust(DB, rules, slot=SLOT, redis_urls=[CL.url]))
+        w.args[w.args.index("--metrics") + 1] = f"127.0.0.1:{port}"
+        w.start().wait_streaming()
+        sql(DB, "UPDATE items SET v = 7 WHERE id <= 300")
+        barrier_all([rc])
+        stored = {i for i in range(1, 301) if rc.get(f"clu:rf:{i}") is not None}
+        assert stored == set(range(1, 301)) - set(fenced), sorted(set(range(1, 301)) - stored)
+        assert rc.get("clu:rf:1") == '{"id":"1","team":"1","v":"7"}', rc.get("clu:rf:1")
+        owners = {CL.owner(keyslot(f"clu:rf:{i}")) for i in stored}
+        assert len(owners) == 3, owners
+        m = wait_until(lambda: (lambda v: v if v.get("walbust_refresh_fenced_total") == 3
+                                else None)(scrape(port)), 10, "walbust_refresh_fenced_total 3")
+        assert m['walbust_refresh_writes_total{table="public.items"}'] == 300, m
+    finally:
+        scene.close()
+
+
 def test_tags_across_slots():
     """A tag set whose members live in other slots (on other masters): the
     members go first (routed by slot), then the set; other tags stay."""
@@ -569,7 +603,7 @@ def main():
     CL = Cluster()
     try:
         for t in (test_keys_land_on_owning_masters, test_patterns_scan_every_master,
-                  test_tags_across_slots, test_two_targets_one_paused,
+                  test_refresh_fenced_across_masters, test_tags_across_slots, test_two_targets_one_paused,
                   test_reshard_during_write_storm, test_master_failover_during_write_storm,
                   test_full_masters_keep_deleting):
             runner.run(t)
