@@ -64,11 +64,13 @@ $(BUILD)/obj/%.o: cdc/%.c
 
 # Redis-side Lua scripts are shipped under redis/ and embedded as C strings.
 # sql/walbust.sql is embedded too, so `walbust setup` needs no files.
-$(BUILD)/gen/redis_scripts.c: redis/tag_invalidate.lua redis/refresh.lua sql/walbust.sql scripts/embed
+$(BUILD)/gen/redis_scripts.c: redis/tag_invalidate.lua redis/refresh.lua redis/watermark.lua sql/walbust.sql \
+                          scripts/embed
 	@mkdir -p $(dir $@)
 	@echo "  GEN     $@"
 	$(Q)scripts/embed $@ redis/tag_invalidate.lua:redis_tag_invalidate_lua \
-	    redis/refresh.lua:redis_refresh_lua sql/walbust.sql:walbust_sql
+	    redis/refresh.lua:redis_refresh_lua redis/watermark.lua:redis_watermark_lua \
+	    sql/walbust.sql:walbust_sql
 
 $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 	@mkdir -p $(dir $@)

@@ -62,10 +62,10 @@ void apply_add(Apply *a, RulesInvAction action, const char *str, size_t len, con
         a->t[i].ops->add(a->t[i].obj, action, str, len, payload, payload_len);
 }
 
-void apply_set_watermark(Apply *a, const char *key, const char *value)
+void apply_set_watermark(Apply *a, const char *key, const char *value, bool reset)
 {
     for (int i = 0; i < a->n; i++)
-        a->t[i].ops->set_watermark(a->t[i].obj, key, value);
+        a->t[i].ops->set_watermark(a->t[i].obj, key, value, reset);
 }
 
 void apply_commit(Apply *a, uint64_t lsn)

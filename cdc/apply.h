@@ -45,7 +45,7 @@
 typedef struct ApplyTargetOps {
     void (*add)(void *obj, RulesInvAction action, const char *str, size_t len, const char *payload,
                 size_t payload_len);
-    void (*set_watermark)(void *obj, const char *key, const char *value);
+    void (*set_watermark)(void *obj, const char *key, const char *value, bool reset);
     size_t (*pending)(const void *obj); /* queued invalidations */
     bool (*dirty)(const void *obj);     /* anything (also a watermark) queued */
     bool (*full)(const void *obj);      /* flush now to bound memory */
@@ -105,8 +105,9 @@ int apply_ntargets(const Apply *a);
 void apply_add(Apply *a, RulesInvAction action, const char *str, size_t len, const char *payload,
                size_t payload_len);
 
-/* Queue the confirmed-position watermark on every target. */
-void apply_set_watermark(Apply *a, const char *key, const char *value);
+/* Queue the confirmed-position watermark on every target (moved forward
+ * only, or set in any case with reset: see sink_set_watermark()). */
+void apply_set_watermark(Apply *a, const char *key, const char *value, bool reset);
 
 /* A COMMIT ending at lsn was decoded: everything queued so far belongs to
  * it or earlier commits. */

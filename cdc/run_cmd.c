@@ -481,7 +481,7 @@ static void maybe_watermark(Run *r)
     if (confirmed <= r->watermark_lsn)
         return;
     lsn_format(confirmed, lsn);
-    apply_set_watermark(r->ap, r->watermark_key, lsn);
+    apply_set_watermark(r->ap, r->watermark_key, lsn, /* reset= */ false);
     r->watermark_lsn = confirmed;
     r->watermark_at_us = runtime_now_us();
 }
@@ -658,13 +658,25 @@ static void pace_reads(Run *r, int64_t commit_time)
     stream_set_pace(r->stream, age > RUN_BACKLOG_AGE_US ? RUN_BACKLOG_READ_PACE_US : 0);
 }
 
-/* /readyz: not ready while the rules do not validate against the schema. */
+/* /readyz: not ready while the rules do not validate against the schema,
+ * nor while the publication is missing (dropped while walbust runs). */
 static void schema_readiness(Run *r)
 {
     const char *first;
     size_t n = schema_problems(r->schema, &first);
+    char why[512];
 
     metrics_set_condition(r->metrics, METRICS_COND_RULES_VALID, n == 0, first);
+    if (!schema_publication_missing(r->schema)) {
+        metrics_set_condition(r->metrics, METRICS_COND_PUBLICATION, true, NULL);
+        return;
+    }
+    snprintf(why, sizeof why,
+             "publication \"%s\" does not exist (dropped while walbust runs): the next change "
+             "to a table it published stops the stream; re-create it with walbust setup before "
+             "anything is written (docs/operations.md, runbook: publication or slot missing)",
+             r->cfg->publication);
+    metrics_set_condition(r->metrics, METRICS_COND_PUBLICATION, false, why);
 }
 
 /* A schema change on the rules' tables was seen in this transaction (or the
@@ -1073,6 +1085,8 @@ static void on_runtime_state(void *arg, RuntimeState state, const char *detail)
     switch (state) {
     case RUNTIME_STREAMING:
         metrics_role(r->metrics, METRICS_ROLE_ACTIVE, NULL);
+        /* The stream checked the publication when it connected. */
+        metrics_set_condition(r->metrics, METRICS_COND_PUBLICATION, true, NULL);
         r->ever_streamed = true;
         break;
     case RUNTIME_STANDBY:
@@ -1153,10 +1167,17 @@ static bool evidence_denied(const Run *r, const char *err)
     if (strstr(err, "NOPERM") == NULL)
         return false;
     log_error("%s: walbust reads and writes %s and %s to tell whether the slot is the one it "
-              "streamed from; grant them, e.g. (+get +set ~%s ~%s) in the user's ACL "
+              "streamed from; grant them, e.g. (+get +set +eval ~%s ~%s) in the user's ACL "
               "(docs/security.md)",
               err, r->watermark_key, r->mark_key, r->watermark_key, r->mark_key);
     return true;
+}
+
+/* /readyz: the slot condition fails with why (the slot is missing or
+ * lost), or holds when why is NULL. */
+static void slot_condition(Run *r, const char *why)
+{
+    metrics_set_condition(r->metrics, METRICS_COND_SLOT, why == NULL, why);
 }
 
 /* runtime_open_stream()'s slot hook (RuntimeSlotFn). */
@@ -1164,29 +1185,35 @@ static int slot_hook(void *arg, Stream *s, StreamStatus st)
 {
     Run *r = arg;
     const StreamSlot *slot = stream_slot(s);
-    char err[512] = "", lsn[LSN_TEXT_MAX];
+    char err[512] = "", lsn[LSN_TEXT_MAX], why[800];
     SlotVerdict v;
 
     if (read_slot_evidence(r, err, sizeof err) != 0 && evidence_denied(r, err))
         return -1;
     if (st == STREAM_LOST && !slot->lost) {
         undecodable(r, s, slot);
+        slot_condition(r, r->lost.why);
         log_error("%s", r->lost.why);
         return -2;
     }
     v = slotguard_judge(r->cfg->slot, slot, &r->slot_ev, r->cfg->create_slot, &r->lost);
     switch (v) {
     case SLOT_LOST:
+        slot_condition(r, r->lost.why);
         log_error("%s", r->lost.why);
         return -2;
     case SLOT_MISSING:
+        slot_condition(r, stream_errstr(s));
         log_error("%s", stream_errstr(s));
         return -1;
     case SLOT_WAIT:
-        log_warn("replication slot \"%s\" does not exist, and redis cannot tell whether walbust "
+        snprintf(why, sizeof why,
+                 "replication slot \"%s\" does not exist, and redis cannot tell whether walbust "
                  "streamed from it before (%s): waiting for redis (--create-slot creates a slot "
                  "only on first use)",
                  r->cfg->slot, err);
+        slot_condition(r, why);
+        log_warn("%s", why);
         return 1;
     case SLOT_CREATE:
         if (stream_create_slot(s) != STREAM_OK) {
@@ -1207,6 +1234,7 @@ static int slot_hook(void *arg, Stream *s, StreamStatus st)
     case SLOT_OK:
         break;
     }
+    slot_condition(r, NULL);
     r->slot_seen = *slot;
     if (v == SLOT_UNVERIFIED || accept_slot(r, slot, err, sizeof err) != 0) {
         if (v != SLOT_UNVERIFIED && evidence_denied(r, err))
@@ -1246,6 +1274,7 @@ static int verify_slot_late(Run *r)
     }
     if (slotguard_judge(r->cfg->slot, &r->slot_seen, &r->slot_ev, r->cfg->create_slot, &r->lost) ==
         SLOT_LOST) {
+        slot_condition(r, r->lost.why);
         log_error("%s", r->lost.why);
         r->pg_lost = true; /* leave the stream loop; cmd_run follows --on-slot-lost */
         return -1;
@@ -1332,7 +1361,7 @@ static int recover_lost_slot(Run *r)
     }
     /* Everything before the new slot's start is now invalidated: the
      * watermark may say so (readers waiting for an older LSN may go on). */
-    apply_set_watermark(r->ap, r->watermark_key, a);
+    apply_set_watermark(r->ap, r->watermark_key, a, /* reset= */ true);
     r->watermark_lsn = at;
     if (flush_batch(r) != 0)
         return -1;

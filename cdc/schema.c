@@ -689,3 +689,8 @@ size_t schema_problems(const Schema *s, const char **first)
         *first = s->nproblems > 0 ? s->first_problem : NULL;
     return s->nproblems;
 }
+
+bool schema_publication_missing(const Schema *s)
+{
+    return s->pub_missing_warned;
+}

@@ -114,4 +114,8 @@ int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
  * NULL) is the first problem's text, valid until the next check, or NULL. */
 size_t schema_problems(const Schema *s, const char **first);
 
+/* Did the last catalog check find the publication missing (dropped while
+ * walbust runs)? False until a check ran. */
+bool schema_publication_missing(const Schema *s);
+
 #endif

@@ -3,7 +3,8 @@
  *
  * The batch (queue order, deduplication) is batch.c's, which has no I/O.
  * sink_flush() walks its ops in order and appends commands to the
- * connection's output buffer (one pipeline): the watermark SET first, SCRIPT LOAD when
+ * connection's output buffer (one pipeline): the watermark first (EVAL of
+ * redis/watermark.lua, which only moves it forward), SCRIPT LOAD when
  * the batch has tags, then UNLINK/DEL (consecutive keys grouped, at most
  * SINK_KEYS_PER_CMD per command), EVALSHA of the tag script, INCR and
  * PUBLISH. Every appended command is remembered in a pending list so each
@@ -44,6 +45,7 @@
 
 extern const char redis_tag_invalidate_lua[];
 extern const char redis_refresh_lua[];
+extern const char redis_watermark_lua[];
 
 #define SINK_FENCE_PREFIX "walbust:fence:" /* refresh: the LSN of the stored row */
 
@@ -65,6 +67,7 @@ typedef enum PendKind {
     PEND_SHA,  /* the script's SHA1 (SCRIPT LOAD) */
     PEND_SCAN, /* [cursor, [keys...]] */
     PEND_WAIT, /* WAIT: an integer >= the replicas asked for */
+    PEND_WM,   /* the watermark script: an integer (1 set, 0 already newer) */
 } PendKind;
 
 /* A command whose reply is outstanding, with enough to name it in errors. */
@@ -88,6 +91,7 @@ struct Sink {
 
     Batch b; /* the queued invalidations (batch.c) */
     char *wm_key, *wm_value;
+    bool wm_reset; /* set the watermark even when it is lower */
 
     Pending *pend;
     size_t npend, pend_cap;
@@ -213,12 +217,13 @@ void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const
     (void)batch_add(&s->b, action, str, len, payload, payload_len);
 }
 
-void sink_set_watermark(Sink *s, const char *key, const char *value)
+void sink_set_watermark(Sink *s, const char *key, const char *value, bool reset)
 {
     free(s->wm_key);
     free(s->wm_value);
     s->wm_key = xstrdup(key);
     s->wm_value = xstrdup(value);
+    s->wm_reset = reset;
 }
 
 size_t sink_pending(const Sink *s)
@@ -550,6 +555,21 @@ static void arg_str(Sink *s, size_t i, const char *p)
     arg(s, i, p, strlen(p));
 }
 
+/* Put the watermark command into s->argv from index 0; returns argc. */
+static size_t watermark_args(Sink *s)
+{
+    argv_reserve(s, 6);
+    arg_str(s, 0, "EVAL");
+    arg_str(s, 1, redis_watermark_lua);
+    arg_str(s, 2, "1");
+    arg_str(s, 3, s->wm_key);
+    arg_str(s, 4, s->wm_value);
+    if (!s->wm_reset)
+        return 5;
+    arg_str(s, 5, "reset");
+    return 6;
+}
+
 /* Name a pending command for an error message: `UNLINK "user:1" (and 3 more
  * keys)` or `INCR of a key matching "user:*"`. Non-printable bytes become
  * '?' and long strings are cut. */
@@ -615,6 +635,7 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
     case PEND_OK:
         return r->type == REDIS_REPLY_STATUS;
     case PEND_INT:
+    case PEND_WM:
         return r->type == REDIS_REPLY_INTEGER;
     case PEND_SHA:
         *why = "SCRIPT LOAD returned an unexpected SHA1";
@@ -645,7 +666,7 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
  * False when p is not such a write. */
 static bool refuse(Sink *s, const Pending *p, const char *err)
 {
-    if (p->op == SINK_NO_OP && p->kind != PEND_OK)
+    if (p->op == SINK_NO_OP && p->kind != PEND_WM)
         return false; /* SCRIPT LOAD: the batch fails as usual */
     if (s->nrefused++ == 0) {
         char what[160];
@@ -886,14 +907,11 @@ static int learn_sha(Sink *s)
  * cannot meet NOSCRIPT after a SCRIPT FLUSH or restart). */
 static void pipe_prologue(Sink *s, bool tags, bool refresh)
 {
-    argv_reserve(s, 3);
     if (s->wm_key != NULL) {
-        arg_str(s, 0, "SET");
-        arg_str(s, 1, s->wm_key);
-        arg_str(s, 2, s->wm_value);
-        pipe_cmd(s, 3, PEND_OK, SINK_NO_OP, 0, false);
+        pipe_cmd(s, watermark_args(s), PEND_WM, SINK_NO_OP, 0, false);
         s->pend[s->npend - 1].cmd = "the watermark SET";
     }
+    argv_reserve(s, 3);
     if (tags) {
         arg_str(s, 0, "SCRIPT");
         arg_str(s, 1, "LOAD");
@@ -1426,13 +1444,9 @@ static int cl_flush(Sink *s)
     s->wm_refused = false;
     batch_unmark_all(&s->b);
     s->cl_op = SINK_NO_OP;
-    if (s->wm_key != NULL) {
-        argv_reserve(s, 3);
-        arg_str(s, 0, "SET");
-        arg_str(s, 1, s->wm_key);
-        arg_str(s, 2, s->wm_value);
-        cl_cmd(s, 3);
-    }
+    if (s->wm_key != NULL) /* routed by its key, the script's KEYS[1] */
+        cl_own(s, cluster_append_key(s->cl, 3, (int)watermark_args(s), s->argv, s->argvlen),
+               SINK_NO_OP);
     for (size_t i = 0; i < s->b.nops; i++) {
         const BatchOp *op = &s->b.ops[i];
         const char *str = batch_str(&s->b, op);
@@ -1485,9 +1499,9 @@ static void target_add(void *obj, RulesInvAction action, const char *str, size_t
     sink_add(obj, action, str, len, payload, payload_len);
 }
 
-static void target_set_watermark(void *obj, const char *key, const char *value)
+static void target_set_watermark(void *obj, const char *key, const char *value, bool reset)
 {
-    sink_set_watermark(obj, key, value);
+    sink_set_watermark(obj, key, value, reset);
 }
 
 static size_t target_pending(const void *obj)

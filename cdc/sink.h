@@ -76,9 +76,12 @@ bool sink_connected(const Sink *s);
 void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const char *payload,
               size_t payload_len);
 
-/* Queue `SET key value` to run first in the next flush (the confirmed-LSN
- * watermark, docs/freshness.md). Replaces a previously queued watermark. */
-void sink_set_watermark(Sink *s, const char *key, const char *value);
+/* Queue the confirmed-LSN watermark (docs/freshness.md) to run first in
+ * the next flush: key is set to value, an LSN "X/X", only when it holds no
+ * LSN or an older one (redis/watermark.lua: an older instance or a replay
+ * never moves it back), or in any case with reset (a new slot after a lost
+ * one). Replaces a previously queued watermark. */
+void sink_set_watermark(Sink *s, const char *key, const char *value, bool reset);
 
 /* Queued invalidations (after deduplication), not counting the watermark. */
 size_t sink_pending(const Sink *s);

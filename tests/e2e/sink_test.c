@@ -800,13 +800,23 @@ static void test_publish(void **state)
     sink_free(s);
 }
 
+/* GET key must return want. */
+static void expect_get(const char *key, const char *want)
+{
+    redisReply *r = cmd("GET %s", key);
+
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, want);
+    freeReplyObject(r);
+}
+
 static void test_watermark(void **state)
 {
     Sink *s = new_sink();
     (void)state;
 
-    sink_set_watermark(s, k("confirmed:walbust"), "0/16B3740");
-    sink_set_watermark(s, k("confirmed:walbust"), "0/16B3748"); /* replaces */
+    sink_set_watermark(s, k("confirmed:walbust"), "0/16B3740", false);
+    sink_set_watermark(s, k("confirmed:walbust"), "0/16B3748", false); /* replaces */
     assert_true(sink_dirty(s));
     assert_int_equal(sink_pending(s), 0);
     must_flush(s);
@@ -815,12 +825,29 @@ static void test_watermark(void **state)
     freeReplyObject(r);
 
     /* With invalidations: the watermark lands too. */
-    sink_set_watermark(s, k("confirmed:walbust"), "1/0");
+    sink_set_watermark(s, k("confirmed:walbust"), "1/0", false);
     add(s, RULES_INV_KEY, k("wm:x"));
     must_flush(s);
-    r = cmd("GET %s", k("confirmed:walbust"));
-    assert_string_equal(r->str, "1/0");
-    freeReplyObject(r);
+    expect_get(k("confirmed:walbust"), "1/0");
+
+    /* Forward only: an older position (another instance, a replay) is
+     * acknowledged but leaves the newer one; compared as LSNs, not text. */
+    sink_set_watermark(s, k("confirmed:walbust"), "0/FFFFFFFF", false);
+    must_flush(s);
+    assert_false(sink_dirty(s));
+    expect_get(k("confirmed:walbust"), "1/0");
+    sink_set_watermark(s, k("confirmed:walbust"), "A/0", false);
+    must_flush(s);
+    expect_get(k("confirmed:walbust"), "A/0");
+    /* reset (a new slot after a lost one) may move it back. */
+    sink_set_watermark(s, k("confirmed:walbust"), "0/5", true);
+    must_flush(s);
+    expect_get(k("confirmed:walbust"), "0/5");
+    /* A value that is no LSN is replaced. */
+    freeReplyObject(cmd("SET %s junk", k("confirmed:walbust")));
+    sink_set_watermark(s, k("confirmed:walbust"), "0/1", false);
+    must_flush(s);
+    expect_get(k("confirmed:walbust"), "0/1");
     sink_free(s);
 }
 
@@ -969,7 +996,7 @@ static void test_redis_down_and_back(void **state)
     add(s, RULES_INV_PATTERN, "gone:p:*");
     add(s, RULES_INV_TAG, "tag:t");
     add(s, RULES_INV_VERSION, "ver");
-    sink_set_watermark(s, "wm", "0/AB");
+    sink_set_watermark(s, "wm", "0/AB", false);
     assert_int_equal(sink_flush(s), -1);
     print_message("error: %s\n", sink_errstr(s));
     assert_non_null(strstr(sink_errstr(s), port));
@@ -1063,7 +1090,7 @@ static void test_oom(void **state)
 
     snprintf(url, sizeof url, "redis://127.0.0.1:%d", srv.port);
     s = new_sink_url(url, false, 0);
-    sink_set_watermark(s, "walbust:confirmed:oom", "0/10");
+    sink_set_watermark(s, "walbust:confirmed:oom", "0/10", false);
     add(s, RULES_INV_KEY, "oom:a");
     add(s, RULES_INV_VERSION, "oom:ver");
     add(s, RULES_INV_PATTERN, "oom:p:*");

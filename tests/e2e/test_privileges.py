@@ -56,8 +56,9 @@ ACL_COMMANDS = ["+ping", "+select", "+unlink", "+scan", "+evalsha", "+script|loa
                 "+sscan", "+incr", "+publish"]
 ACL_KEYS = ["~priv:*"]
 # The watermark and the slot's mark: read at start, written while running
-# (docs/operations.md, runbook: lost slot).
-ACL_WATERMARK = f"(+get +set ~walbust:confirmed:{SLOT} ~walbust:slot:{SLOT})"
+# (docs/operations.md, runbook: lost slot); EVAL: the watermark moves forward only
+# (redis/watermark.lua).
+ACL_WATERMARK = f"(+get +set +eval ~walbust:confirmed:{SLOT} ~walbust:slot:{SLOT})"
 
 
 def pg_conninfo(role, password=PG_SECRET):

@@ -64,10 +64,11 @@ static void fake_add(void *obj, RulesInvAction action, const char *str, size_t l
     snprintf(f->queued[f->nq++], sizeof f->queued[0], "%c:%.*s", tag, (int)len, str);
 }
 
-static void fake_set_watermark(void *obj, const char *key, const char *value)
+static void fake_set_watermark(void *obj, const char *key, const char *value, bool reset)
 {
     Fake *f = obj;
     (void)key;
+    (void)reset;
     snprintf(f->wm, sizeof f->wm, "%s", value);
 }
 
@@ -450,7 +451,7 @@ static void test_before_send_and_watermark(void **state)
     assert_int_equal(sends, 0);
     assert_int_equal(res.acked, 50);
 
-    apply_set_watermark(a, "walbust:confirmed:s", "0/32");
+    apply_set_watermark(a, "walbust:confirmed:s", "0/32", false);
     assert_true(apply_dirty(a));
     assert_false(apply_has_ops(a));
     apply_flush(a, count_send, NULL, &res);
