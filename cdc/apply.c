@@ -199,6 +199,11 @@ static void flush_one(Apply *a, ApplyTarget *t, int64_t now, bool *sent,
     t->retry_at = 0;
 }
 
+void apply_replay_needed(Apply *a)
+{
+    a->replay_after_recovery = true;
+}
+
 void apply_flush(Apply *a, void (*before_send)(void *), void *arg, ApplyResult *res)
 {
     uint64_t target = a->pending_lsn;

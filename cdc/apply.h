@@ -141,6 +141,12 @@ int64_t apply_due_in_us(const Apply *a);
 /* Failed flushes in a row of target i (0: healthy). */
 int apply_attempts(const Apply *a, int i);
 
+/* A target may have lost what it acknowledged without a flush failing
+ * (its Redis was replaced: a Sentinel announced a new master). As after a
+ * failed flush, the next apply_flush() that finds every target clean asks
+ * for a replay (res->replay) instead of confirming past it. */
+void apply_replay_needed(Apply *a);
+
 /* Flush every target that holds work and whose retry time has come;
  * before_send(arg) runs once before the first flush when not NULL. Fills
  * res (every field). After res->replay the caller rewinds (apply_rewind)

@@ -967,6 +967,35 @@ static bool hold_flush(Run *r)
     return true;
 }
 
+/* redis+sentinel:// targets: reconnect as soon as the Sentinels announce
+ * a new master (+switch-master), even with no batch in flight, instead of
+ * at the next write; what the old master acknowledged is replayed as
+ * after any Redis failure (flush_targets). */
+static void watch_targets(Run *r)
+{
+    for (int i = 0; i < r->nsinks; i++) {
+        char err[700];
+        int rc = sink_watch(r->sinks[i], err, sizeof err);
+
+        if (rc == 2)
+            log_info("redis target %s: %s", r->targets[i], err);
+        if (rc == -1)
+            log_info("redis target %s: not hearing of failovers for now (%s); they are still "
+                     "followed when a write fails",
+                     r->targets[i], err);
+        if (rc != 1)
+            continue;
+        log_warn("redis target %s: %s; reconnecting", r->targets[i], err);
+        apply_replay_needed(r->ap);
+        if (sink_connect(r->sinks[i]) == 0)
+            log_info("connected to redis at %s", r->targets[i]);
+        else
+            log_warn("redis target %s: %s; will retry with the next batch", r->targets[i],
+                     sink_errstr(r->sinks[i]));
+        report_target(r, i);
+    }
+}
+
 static void stream_loop(Run *r)
 {
     while (!runtime_stop && !r->pg_lost) {
@@ -997,6 +1026,7 @@ static void stream_loop(Run *r)
             if (++r->since_tick >= 4096) {
                 /* A long burst: keep the watchdog fed and gauges fresh. */
                 r->since_tick = 0;
+                watch_targets(r);
                 notify_watchdog();
             }
             if ((r->since_tick & 31) == 0 && batch_overdue(r) &&
@@ -1027,6 +1057,7 @@ static void stream_loop(Run *r)
         if (!r->in_txn && schema_due(r->schema, /* idle= */ true) && on_schema_change(r) != 0)
             return;
         maybe_watermark(r);
+        watch_targets(r);
         notify_watchdog();
         report(r, false);
     }

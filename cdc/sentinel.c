@@ -162,8 +162,8 @@ int sentinel_check_master(Rconn *c, char *err, size_t errlen)
 #define SENTINEL_WATCH_OPEN_MAX_MS 1000 /* connect and PING bound: poll runs in a loop */
 #define SENTINEL_WATCH_RETRY_MAX_MS 30000
 
-int sentinel_parse_switch(const redisReply *r, const char *master_name, char *host,
-                          size_t hostlen, int *port)
+int sentinel_parse_switch(const redisReply *r, const char *master_name, char *host, size_t hostlen,
+                          int *port)
 {
     char buf[600], *tok[5], *save = NULL, *end;
     int n = 0;
@@ -193,9 +193,9 @@ int sentinel_parse_switch(const redisReply *r, const char *master_name, char *ho
 struct SentinelWatch {
     SentinelConfig cfg; /* strings owned by the watch */
     Rconn *c;
-    int next;       /* the Sentinel (index in cfg.sentinels) to try next */
-    int fails;      /* failed subscriptions in a row */
-    bool asked;     /* the answer to get-master-addr-by-name is due */
+    int next;   /* the Sentinel (index in cfg.sentinels) to try next */
+    int fails;  /* failed subscriptions in a row */
+    bool asked; /* the answer to get-master-addr-by-name is due */
     bool subscribed;
     long long retry_at, heard_at, ping_at; /* ping_at: PING outstanding since */
 };
@@ -271,18 +271,17 @@ static int watch_open(SentinelWatch *w, char *err, size_t errlen)
         snprintf(err, errlen, "no redis sentinel address in \"%s\"", w->cfg.sentinels);
         return -1;
     }
-    RconnConfig rc = {.label = "redis sentinel",
-                      .host = shost,
-                      .port = sport,
-                      .tls = w->cfg.tls,
-                      .sni = w->cfg.sni,
-                      .user = w->cfg.user,
-                      .password = w->cfg.password,
-                      .has_password = w->cfg.has_password,
-                      .connect_timeout_ms =
-                          min_ms(w->cfg.connect_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS),
-                      .command_timeout_ms =
-                          min_ms(w->cfg.command_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS)};
+    RconnConfig rc = {
+        .label = "redis sentinel",
+        .host = shost,
+        .port = sport,
+        .tls = w->cfg.tls,
+        .sni = w->cfg.sni,
+        .user = w->cfg.user,
+        .password = w->cfg.password,
+        .has_password = w->cfg.has_password,
+        .connect_timeout_ms = min_ms(w->cfg.connect_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS),
+        .command_timeout_ms = min_ms(w->cfg.command_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS)};
     w->c = rconn_open(&rc, err, errlen);
     if (w->c == NULL)
         return -1;
@@ -314,10 +313,11 @@ static int watch_fail(SentinelWatch *w, long long now_ms)
     return -1;
 }
 
-/* One reply on the watch connection: 1 a master named (host/port), 0
- * nothing for the caller, -1 a failure (err set). */
-static int watch_take(SentinelWatch *w, const redisReply *r, char *host, size_t hostlen,
-                      int *port, char *err, size_t errlen)
+/* One reply on the watch connection: 1 the master named on subscribing,
+ * 2 a +switch-master (host/port set for both), 0 nothing for the caller,
+ * -1 a failure (err set). */
+static int watch_take(SentinelWatch *w, const redisReply *r, char *host, size_t hostlen, int *port,
+                      char *err, size_t errlen)
 {
     char why[256];
     int rc;
@@ -346,7 +346,7 @@ static int watch_take(SentinelWatch *w, const redisReply *r, char *host, size_t 
             w->ping_at = 0;
         }
     }
-    return sentinel_parse_switch(r, w->cfg.master_name, host, hostlen, port);
+    return sentinel_parse_switch(r, w->cfg.master_name, host, hostlen, port) ? 2 : 0;
 }
 
 int sentinel_watch_poll(SentinelWatch *w, long long now_ms, char *host, size_t hostlen, int *port,
@@ -371,7 +371,8 @@ int sentinel_watch_poll(SentinelWatch *w, long long now_ms, char *host, size_t h
         w->heard_at = now_ms;
         if (got < 0)
             return watch_fail(w, now_ms);
-        found |= got;
+        if (got > 0)
+            found = got; /* the newest news wins */
     }
     if (rc < 0) {
         snprintf(err, errlen, "redis sentinel at %s: %s", rconn_addr(w->c), rconn_errstr(w->c));

@@ -59,8 +59,8 @@ int sentinel_check_master(Rconn *c, char *err, size_t errlen);
  * with the new master's host (hostlen bytes) and port when it is about
  * master_name, 0 for anything else (another master, a subscribe
  * confirmation, a PONG, a malformed message). Pure. */
-int sentinel_parse_switch(const redisReply *r, const char *master_name, char *host,
-                          size_t hostlen, int *port);
+int sentinel_parse_switch(const redisReply *r, const char *master_name, char *host, size_t hostlen,
+                          int *port);
 
 typedef struct SentinelWatch SentinelWatch;
 
@@ -76,9 +76,10 @@ void sentinel_watch_free(SentinelWatch *w);
  * next Sentinel (bounded by a connect timeout of at most 1 s), ask it for
  * the master and SUBSCRIBE +switch-master; when subscribed, take what has
  * arrived, and PING a quiet connection now and then so a dead Sentinel is
- * noticed. Returns 1 with host/port when the Sentinels name a master (the
- * answer on (re)subscribing, or the newest +switch-master for the master),
- * 0 when there is nothing new, -1 when the subscription failed just now
+ * noticed. Returns 1 with host/port for the master a Sentinel names on
+ * (re)subscribing, 2 with host/port when a +switch-master for the master
+ * arrived (the newest, when several did), 0 when there is nothing new, -1
+ * when the subscription failed just now
  * (err says which Sentinel and why; retried after a pause that grows to
  * 30 s). */
 int sentinel_watch_poll(SentinelWatch *w, long long now_ms, char *host, size_t hostlen, int *port,

@@ -59,6 +59,7 @@ extern const char redis_watermark_lua[];
 #define SINK_NO_OWNER ((size_t)-2) /* a cluster command that is no op's */
 #define SINK_CLUSTER_WAIT_MS 200   /* WAIT for a replica after a cluster batch */
 #define SINK_WAIT_MS 1000          /* WAIT timeout with ?replicas=N */
+#define SINK_WATCH_POLL_MS 100     /* sink_watch() looks at most this often */
 
 /* What reply a pipelined command expects. */
 typedef enum PendKind {
@@ -86,6 +87,7 @@ struct Sink {
     char config_err[512]; /* a TLS file could not be loaded */
     Cluster *cl;          /* redis+cluster:// targets: routing by cluster.c, c unused */
     SentinelWatch *watch; /* redis+sentinel://: +switch-master (sink_watch), or NULL */
+    long long watch_at;   /* monotonic ms of the next sink_watch() poll */
     char errstr[512];
     SinkStats stats;
 
@@ -410,27 +412,36 @@ int sink_watch(Sink *s, char *err, size_t errlen)
 {
     struct timespec ts;
     char host[256], addr[300];
+    long long now;
     int port, rc;
 
     if (s->cfg.url.kind != REDISURL_SENTINEL || s->config_err[0] != '\0')
         return 0;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    now = (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    if (now < s->watch_at)
+        return 0;
+    s->watch_at = now + SINK_WATCH_POLL_MS;
     if (s->watch == NULL) {
         SentinelConfig sc = sentinel_cfg(s);
         s->watch = sentinel_watch_new(&sc);
     }
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    rc = sentinel_watch_poll(s->watch, (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, host,
-                             sizeof host, &port, err, errlen);
-    if (rc <= 0 || s->c == NULL)
+    rc = sentinel_watch_poll(s->watch, now, host, sizeof host, &port, err, errlen);
+    if (rc <= 0)
         return rc;
     snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
-    if (strcmp(addr, rconn_addr(s->c)) == 0)
+    if (s->c != NULL && strcmp(addr, rconn_addr(s->c)) != 0) {
+        snprintf(err, errlen, "the redis sentinels name %s as the master of \"%s\"%s, not %s", addr,
+                 s->cfg.url.master_name, rc == 2 ? " (+switch-master)" : "", rconn_addr(s->c));
+        disconnect(s);
+        return 1;
+    }
+    if (rc == 1)
         return 0;
     snprintf(err, errlen,
-             "the redis sentinels name %s as the master of \"%s\" (+switch-master), not %s",
-             addr, s->cfg.url.master_name, rconn_addr(s->c));
-    disconnect(s);
-    return 1;
+             "the redis sentinels switched the master of \"%s\" to %s (+switch-master)%s",
+             s->cfg.url.master_name, addr, s->c != NULL ? "; already connected to it" : "");
+    return 2;
 }
 
 int sink_ping(Sink *s)

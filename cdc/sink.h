@@ -123,16 +123,19 @@ void sink_set_use_del(Sink *s, bool use_del);
 
 /* redis+sentinel:// targets: follow the Sentinels' +switch-master as it
  * happens instead of waiting for a write to fail (a SentinelWatch, see
- * sentinel.h). Call it from the main loop between flushes; it does not
- * wait for the network, except that (re)connecting to a Sentinel costs up
- * to about a second, at most every 0.5-30 s while Sentinels fail. Returns
- * 1 when the Sentinels name a master other than the one the connection is
- * open to: the connection is closed (the next flush or sink_connect()
- * finds the new master; the queued batch is kept) and err says which
- * master they name now; 0 when there is nothing to do (also for other
- * kinds of target, and with no connection open); -1 when the watch lost
- * its Sentinel (err says which and why; it tries the next one later:
- * failovers are still followed on errors and READONLY). */
+ * sentinel.h). Call it from the main loop between flushes, as often as
+ * convenient (it looks at most every 100 ms); it does not wait for the
+ * network, except that (re)connecting to a Sentinel costs up to about a
+ * second, at most every 0.5-30 s while Sentinels fail. Returns 1 when the
+ * Sentinels name a master other than the one the connection is open to:
+ * the connection is closed (the next flush or sink_connect() finds the new
+ * master; the queued batch is kept) and err says which master they name
+ * now; 2 when a +switch-master arrived that needs nothing (no connection
+ * open, or already connected to the new master after an error) and err
+ * says so; 0 when there is nothing to do (also for other kinds of target);
+ * -1 when the watch lost its Sentinel (err says which and why; it tries
+ * the next one later: failovers are still followed on errors and
+ * READONLY). */
 int sink_watch(Sink *s, char *err, size_t errlen);
 
 /* PING with the command timeout: 0 when Redis answers. */

@@ -313,6 +313,41 @@ static void test_replay_after_recovery(void **state)
     apply_free(a);
 }
 
+/* A failover announced without a failed flush (apply_replay_needed, a
+ * Sentinel's +switch-master): the next flush applies, but asks for the
+ * replay instead of confirming past what the old master may have lost. */
+static void test_replay_needed(void **state)
+{
+    Fake f[1];
+    Apply *a = new_stage(f, 1);
+    ApplyResult res;
+    (void)state;
+
+    key(a, "a");
+    apply_commit(a, 100);
+    flush(a, &res);
+    assert_int_equal(apply_acked(a), 100);
+
+    key(a, "b"); /* a chunk acknowledged by the old master */
+    flush(a, &res);
+    apply_replay_needed(a);
+    key(a, "c");
+    apply_commit(a, 200);
+    flush(a, &res);
+    assert_int_equal(res.t[0].outcome, APPLY_ACKED);
+    assert_true(res.replay);
+    assert_int_equal(apply_acked(a), 100); /* not 200: "b" may be gone */
+
+    apply_rewind(a, 100);
+    key(a, "b");
+    key(a, "c");
+    apply_commit(a, 200);
+    flush(a, &res);
+    assert_false(res.replay);
+    assert_int_equal(apply_acked(a), 200);
+    apply_free(a);
+}
+
 /* Commit order on each target through failures and retries. */
 static void test_commit_order(void **state)
 {
@@ -483,6 +518,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_confirms_only_what_every_target_acked),
         cmocka_unit_test(test_replay_after_recovery),
+        cmocka_unit_test(test_replay_needed),
         cmocka_unit_test(test_commit_order),
         cmocka_unit_test(test_oom_holds_writes_not_deletes),
         cmocka_unit_test(test_refused_and_schedule),

@@ -221,7 +221,7 @@ static void test_watch(void **state)
 
     /* A switch of another master is ignored, ours is reported. */
     (void)!write(f.go[1], "x", 1);
-    assert_int_equal(poll_until(w, host, &port, err), 1);
+    assert_int_equal(poll_until(w, host, &port, err), 2);
     assert_int_equal(port, 6381);
 
     /* The Sentinel goes away: a failure naming it, then a pause. */
