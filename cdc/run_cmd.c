@@ -1552,6 +1552,9 @@ int cmd_run(const Config *cfg)
         metrics_postgres_up(r.metrics, true);
         notify_status("streaming");
         streaming_since = runtime_now_us();
+        /* The first commit's visibility check should not wait for a
+         * connection (a failure here is retried by that check). */
+        (void)visible_connect(r.vis);
         stream_loop(&r);
         metrics_postgres_up(r.metrics, false);
         if (runtime_stop)

@@ -48,6 +48,11 @@ typedef struct Visible Visible;
  * (copied). Never NULL (aborts on out of memory); connects on first use. */
 Visible *visible_new(const char *conninfo);
 
+/* Open the connection now (it is otherwise opened by the first check, which
+ * would then wait for it). Returns 0, or -1 with the message in
+ * visible_errstr() (the next check tries again). */
+int visible_connect(Visible *v);
+
 /* Close the connection and free v (NULL is fine). */
 void visible_free(Visible *v);
 
@@ -77,6 +82,7 @@ typedef struct VisibleStats {
     uint64_t queries;    /* pg_current_snapshot() queries sent */
     uint64_t prefetches; /* of those, sent early by visible_prefetch() */
     uint64_t waits;      /* snapshots that did not see a decoded commit yet */
+    bool prepared;       /* the open connection runs the query as a prepared statement */
 } VisibleStats;
 
 const VisibleStats *visible_stats(const Visible *v);

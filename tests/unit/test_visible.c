@@ -102,6 +102,10 @@ static void test_wait_real(void **state)
     v = visible_new(pg);
     /* A prefetched snapshot taken while the transaction runs does not see
      * it: the wait asks again (counted as waits) until the deadline. */
+    /* Connected ahead of the first check, the query prepared on it. */
+    assert_int_equal(visible_connect(v), 0);
+    assert_true(visible_stats(v)->prepared);
+    assert_int_equal(visible_stats(v)->queries, 0);
     visible_prefetch(v, xid);
     visible_prefetch(v, xid); /* one in flight: not sent twice */
     assert_int_equal(visible_stats(v)->queries, 1);
@@ -149,9 +153,13 @@ static void test_wait_real(void **state)
         visible_note(v, xid2);
         assert_int_equal(visible_wait(v, 5000, NULL, NULL), 1);
         assert_true(visible_stats(v)->queries >= queries + 1);
+        assert_true(visible_stats(v)->prepared); /* prepared again on the new connection */
     }
     visible_free(v);
     v = visible_new("host=127.0.0.1 port=1 connect_timeout=2");
+    assert_int_equal(visible_connect(v), -1);
+    assert_non_null(strstr(visible_errstr(v), "127.0.0.1"));
+    assert_false(visible_stats(v)->prepared);
     visible_note(v, xid);
     assert_int_equal(visible_wait(v, 100, NULL, NULL), -1);
     assert_non_null(strstr(visible_errstr(v), "127.0.0.1"));
