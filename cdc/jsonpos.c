@@ -261,17 +261,25 @@ static bool key_matches(const char *t, size_t kstart, size_t kend, const Step *s
     return n == st->name_len && memcmp(buf, st->name, n) == 0;
 }
 
-/* Descend one step from the container at *p. On success *p is the member's
- * value and *key its key (or the element, with *key = NOT_FOUND). */
-static bool descend(const char *t, size_t len, size_t *p, const Step *st, size_t *key)
-{
-    bool obj = t[*p] == '{';
-    size_t q = skip_ws(t, len, *p + 1);
+/* Where a step landed: the member's first character (its key for an
+ * object, the element for an array), its position among the container's
+ * members, its key (NOT_FOUND for an element) and its value. */
+typedef struct Hit {
+    size_t member, index, key, value;
+} Hit;
 
-    if (!obj && (t[*p] != '[' || !st->is_index))
+/* Look for st among the members of the container at c, starting with the
+ * member that begins at q and is number i (q = the first member, i = 0 for
+ * a full scan). Returns true with *h filled. */
+static bool descend_from(const char *t, size_t len, size_t c, size_t q, size_t i, const Step *st,
+                         Hit *h)
+{
+    bool obj = t[c] == '{';
+
+    if (!obj && (t[c] != '[' || !st->is_index))
         return false;
-    for (size_t i = 0; q < len && t[q] != '}' && t[q] != ']'; i++) {
-        size_t k = NOT_FOUND;
+    for (; q < len && t[q] != '}' && t[q] != ']'; i++) {
+        size_t k = NOT_FOUND, member = q;
         bool hit = st->is_index && st->index == i;
         if (obj) {
             if (t[q] != '"')
@@ -287,8 +295,7 @@ static bool descend(const char *t, size_t len, size_t *p, const Step *st, size_t
             q = skip_ws(t, len, q + 1);
         }
         if (hit) {
-            *p = q;
-            *key = k;
+            *h = (Hit){member, i, k, q};
             return q < len;
         }
         q = skip_value(t, len, q);
@@ -299,6 +306,19 @@ static bool descend(const char *t, size_t len, size_t *p, const Step *st, size_t
             q = skip_ws(t, len, q + 1);
     }
     return false;
+}
+
+/* Descend one step from the container at *p. On success *p is the member's
+ * value and *key its key (or the element, with *key = NOT_FOUND). */
+static bool descend(const char *t, size_t len, size_t *p, const Step *st, size_t *key)
+{
+    Hit h;
+
+    if (!descend_from(t, len, *p, skip_ws(t, len, *p + 1), 0, st, &h))
+        return false;
+    *p = h.value;
+    *key = h.key;
+    return true;
 }
 
 static bool find(const char *text, size_t len, const char *path, bool want_key, JsonPos *out)
@@ -326,6 +346,101 @@ bool jsonpos_find(const char *text, size_t len, const char *path, JsonPos *out)
 bool jsonpos_find_key(const char *text, size_t len, const char *path, JsonPos *out)
 {
     return find(text, len, path, true, out);
+}
+
+/* ---- lookups in document order ------------------------------------------ */
+
+void jsonpos_finder_init(JsonFinder *f, const char *text, size_t len)
+{
+    memset(f, 0, sizeof *f);
+    f->text = text;
+    f->len = len;
+    f->at_line = f->at_column = 1;
+}
+
+/* jsonpos_at(), counting on from the finder's last position when offset
+ * lies after it. */
+static void finder_at(JsonFinder *f, size_t offset, JsonPos *out)
+{
+    JsonPos d;
+
+    if (offset > f->len)
+        offset = f->len;
+    if (offset < f->at_offset) {
+        f->at_offset = 0;
+        f->at_line = f->at_column = 1;
+    }
+    jsonpos_at(f->text + f->at_offset, offset - f->at_offset, offset - f->at_offset, &d);
+    f->at_column = d.line == 1 ? f->at_column + d.column - 1 : d.column;
+    f->at_line += d.line - 1;
+    f->at_offset = offset;
+    *out = (JsonPos){offset, f->at_line, f->at_column};
+}
+
+/* Is step j of path (ending at path[end]) the same text as the cached one? */
+static bool same_step(const JsonFinder *f, const char *path, size_t j, size_t end)
+{
+    size_t start = j == 0 ? 0 : f->steps[j - 1].end;
+
+    return j < f->nsteps && f->steps[j].end == end &&
+           memcmp(f->path + start, path + start, end - start) == 0;
+}
+
+/* Keep the first n steps of path as the cached ones. */
+static void finder_keep(JsonFinder *f, const char *path, size_t n)
+{
+    f->nsteps = n;
+    memcpy(f->path, path, n > 0 ? f->steps[n - 1].end : 0);
+}
+
+bool jsonpos_finder_find(JsonFinder *f, const char *path, bool want_key, JsonPos *out)
+{
+    const char *t = f->text;
+    size_t len = f->len, p = skip_ws(t, len, 0), key = NOT_FOUND, i = 0, j = 0;
+    bool reuse = true; /* every step so far is the cached one */
+    Step st;
+
+    if (path == NULL)
+        return false;
+    if (strlen(path) >= sizeof f->path)
+        return find(t, len, path, want_key, out);
+    if (p >= len)
+        return false;
+    for (; path[i] != '\0'; j++) {
+        JsonFinderStep *c;
+        Hit h;
+        if (j >= JSONPOS_FINDER_DEPTH) {
+            finder_keep(f, path, j);
+            return find(t, len, path, want_key, out);
+        }
+        if (!next_step(path, &i, &st)) {
+            finder_keep(f, path, j);
+            return false;
+        }
+        c = &f->steps[j];
+        if (reuse && same_step(f, path, j, i)) {
+            h = (Hit){c->member, c->index, c->key, c->value};
+        } else {
+            /* An index at or after the cached one in the same container:
+             * go on from the cached member instead of the first. */
+            bool resume = reuse && j < f->nsteps && st.is_index && c->is_index &&
+                          st.index >= c->index && c->container == p;
+            if (!(resume ? descend_from(t, len, p, c->member, c->index, &st, &h)
+                         : descend_from(t, len, p, skip_ws(t, len, p + 1), 0, &st, &h))) {
+                finder_keep(f, path, j);
+                return false;
+            }
+            reuse = false;
+            *c = (JsonFinderStep){i, p, h.member, h.index, h.key, h.value, st.is_index};
+        }
+        p = h.value;
+        key = h.key;
+    }
+    finder_keep(f, path, j);
+    if (want_key && key == NOT_FOUND)
+        return false;
+    finder_at(f, want_key ? key : p, out);
+    return true;
 }
 
 /* ---- syntax checking ---------------------------------------------------- */

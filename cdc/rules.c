@@ -76,16 +76,16 @@ void rules_problem_at(RulesProblems *p, const SrcLoc *loc, const char *fmt, ...)
 typedef struct Loader {
     const char *text;
     size_t len;
+    JsonFinder finder; /* locates values in document order (jsonpos.h) */
     RulesProblems *problems;
     size_t added;
     Rules *r;
 } Loader;
 
-static void loc_find(const Loader *ld, const char *path, bool at_key, const char *find, SrcLoc *loc)
+static void loc_find(Loader *ld, const char *path, bool at_key, const char *find, SrcLoc *loc)
 {
     JsonPos pos;
-    bool ok = at_key ? jsonpos_find_key(ld->text, ld->len, find, &pos)
-                     : jsonpos_find(ld->text, ld->len, find, &pos);
+    bool ok = jsonpos_finder_find(&ld->finder, find, at_key, &pos);
 
     loc->line = ok ? pos.line : 0;
     loc->column = ok ? pos.column : 0;
@@ -1208,6 +1208,7 @@ Rules *rules_parse(const char *json, size_t len, RulesProblems *problems)
 
     copy = xstrndup(json, len); /* cJSON wants the terminating NUL in range */
     ld.text = copy;
+    jsonpos_finder_init(&ld.finder, copy, len);
     if (nul != NULL) {
         JsonPos at;
         jsonpos_at(json, len, (size_t)(nul - json), &at);

@@ -1144,6 +1144,96 @@ static void test_jsonpos_find(void **state)
     assert_int_equal(pos.column, 3);
 }
 
+/* The finder answers exactly what jsonpos_find / jsonpos_find_key answer,
+ * whatever the order of the lookups (document order, backwards, a long
+ * path after a short one, misses in between). */
+static void test_jsonpos_finder(void **state)
+{
+    static const char doc[] = "{\n"
+                              "  \"rules\": [\n"
+                              "    {\"table\": \"a\", \"keys\": [\"x\", \"y\"]},\n"
+                              "    {\"table\": \"\u00e9\", \"k\\u00e9y\": {\"n\": [1, [2, 3]]}},\n"
+                              "    {\"table\": \"c\", \"keys\": [\"z\"], \"tags\": []}\n"
+                              "  ],\n"
+                              "  \"a.b\": true, \"rules\": 2\n"
+                              "}\n";
+    static const char *const paths[] = {
+        "",
+        "rules",
+        "rules[0]",
+        "rules[0].table",
+        "rules[0].keys",
+        "rules[0].keys[0]",
+        "rules[0].keys[1]",
+        "rules[0].keys[2]",
+        "rules[1]",
+        "rules[1].table",
+        "rules[1][\"k\\u00e9y\"]",
+        "rules[1].k\u00e9y.n[1][1]",
+        "rules[1].k\u00e9y.n[1]",
+        "rules[2].keys[0]",
+        "rules[2].tags",
+        "rules[2][2]",
+        "rules[3]",
+        "rules[1][1]",
+        "[\"a.b\"]",
+        "[2]",
+        "nope",
+        "rules.x",
+        "rules[",
+        "rules[0].keys[0].x",
+    };
+    size_t n = sizeof paths / sizeof paths[0];
+    JsonFinder f;
+
+    (void)state;
+    jsonpos_finder_init(&f, doc, strlen(doc));
+    for (int round = 0; round < 3; round++) {
+        for (size_t k = 0; k < 2 * n; k++) {
+            /* round 0: in order; 1: backwards; 2: strided */
+            size_t idx = round == 0 ? k % n : round == 1 ? n - 1 - k % n : (k * 7) % n;
+            for (int key = 0; key < 2; key++) {
+                JsonPos a = {0, 0, 0}, b = {0, 0, 0};
+                bool oa = key ? jsonpos_find_key(doc, strlen(doc), paths[idx], &a)
+                              : jsonpos_find(doc, strlen(doc), paths[idx], &a);
+                bool ob = jsonpos_finder_find(&f, paths[idx], key, &b);
+                if (oa != ob ||
+                    (oa && (a.offset != b.offset || a.line != b.line || a.column != b.column)))
+                    fail_msg("path %s (key %d, round %d): find %d %zu %d:%d, finder %d %zu %d:%d",
+                             paths[idx], key, round, oa, a.offset, a.line, a.column, ob, b.offset,
+                             b.line, b.column);
+            }
+        }
+    }
+}
+
+/* A rules file with 20,000 rules loads in linear time: every value is
+ * located from the previous lookup, not from the top of the file (this
+ * took minutes when each lookup walked from the start). The problem
+ * reported on the last rule names its line. */
+static void test_rules_many_locate(void **state)
+{
+    size_t n = 20000, cap = n * 64 + 64, len = 0;
+    char *doc = malloc(cap);
+    RulesProblems pr = {0};
+    Rules *r;
+
+    (void)state;
+    assert_non_null(doc);
+    len += (size_t)snprintf(doc + len, cap - len, "{\"rules\": [\n");
+    for (size_t i = 0; i < n; i++)
+        len += (size_t)snprintf(doc + len, cap - len,
+                                " {\"table\": \"t%zu\", \"keys\": [\"%s{id}\"]}%s\n", i,
+                                i + 1 == n ? "k:{nope" : "k:", i + 1 == n ? "" : ",");
+    len += (size_t)snprintf(doc + len, cap - len, "]}\n");
+    r = rules_parse(doc, len, &pr);
+    assert_null(r);
+    assert_int_equal(pr.count, 1);
+    assert_int_equal(pr.items[0].line, (int)n + 1);
+    rules_problems_release(&pr);
+    free(doc);
+}
+
 static void test_jsonpos_check(void **state)
 {
     static const struct {
@@ -1203,6 +1293,7 @@ int main(void)
         cmocka_unit_test(test_random_glob_escape), cmocka_unit_test(test_column_cache),
         cmocka_unit_test(test_stats_accumulate),   cmocka_unit_test(test_example_file),
         cmocka_unit_test(test_parse_edges),        cmocka_unit_test(test_jsonpos_find),
+        cmocka_unit_test(test_jsonpos_finder),     cmocka_unit_test(test_rules_many_locate),
         cmocka_unit_test(test_jsonpos_check),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
