@@ -20,7 +20,7 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 
 # Pure modules: no I/O, unit-tested with cmocka.
 PURE_SRCS = cdc/apply.c cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
-            cdc/lookup.c cdc/relmap.c cdc/batch.c cdc/slotguard.c
+            cdc/lookup.c cdc/relmap.c cdc/batch.c cdc/slotguard.c cdc/rules_audit.c cdc/audit.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
@@ -30,6 +30,7 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opt
             cdc/rconn.c cdc/sentinel.c
 IO_SRCS  += cdc/teardown_cmd.c
 IO_SRCS  += cdc/slotstore.c
+IO_SRCS  += cdc/audit_check.c cdc/audit_cmd.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 
@@ -38,7 +39,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap \
-             schema batch slotguard apply
+             schema batch slotguard apply audit
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -79,7 +80,10 @@ $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 
 # One cmocka binary per pure module, linked against the same objects.
 $(BUILD)/tests/test_pgo: $(BUILD)/obj/pgo.o
-$(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o
+$(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o \
+                         $(BUILD)/obj/rules_audit.o
+$(BUILD)/tests/test_audit: $(BUILD)/obj/audit.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
+                         $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
 $(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
                           $(BUILD)/obj/jsonpos.o

@@ -407,6 +407,46 @@ static void check_lookups(const Config *cfg, PGconn *conn, const Rules *rules, C
     rules_problems_release(&warnings);
 }
 
+/* Prepare every audit's SQL as walbust runs it (read-only): it must
+ * prepare, take one parameter per argument and return one column. */
+static void check_audits(PGconn *conn, const Rules *rules, RulesProblems *problems)
+{
+    if (!rules_has_audits(rules))
+        return;
+    PQclear(PQexec(conn, "SET default_transaction_read_only = on"));
+    for (size_t i = 0; i < rules_rule_count(rules); i++) {
+        RulesAuditInfo info;
+        ShapeBuf b;
+        char name[64], *wrapped;
+        PGresult *res;
+        if (!rules_audit_info(rules, i, &info))
+            continue;
+        memset(&b, 0, sizeof b);
+        snprintf(name, sizeof name, "walbust_check_audit_%zu", i);
+        wrapped = lookup_wrap_sql(info.sql, 1);
+        res = PQprepare(conn, name, info.sql, 0, NULL);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            shape_error(&b, res, "");
+        } else {
+            PQclear(res);
+            res = PQdescribePrepared(conn, name);
+            b.sh.nparams = PQnparams(res);
+            b.sh.nfields = (size_t)PQnfields(res);
+            PQclear(res);
+            res = PQprepare(conn, "", wrapped, 0, NULL);
+            if (PQresultStatus(res) != PGRES_COMMAND_OK)
+                shape_error(&b, res,
+                            "walbust runs it as SELECT * FROM (<sql>) LIMIT 2, which "
+                            "fails: ");
+        }
+        PQclear(res);
+        free(wrapped);
+        (void)rules_check_audit(
+            rules, i, &(RulesAuditShape){b.sh.error, b.sh.error_pos, b.sh.nparams, b.sh.nfields},
+            problems);
+    }
+}
+
 /* wal_level must be logical, as setup, run and decode require: 1 problem
  * (printed) when it is not, else 0. */
 static long check_wal_level(PGconn *conn, const char *where)
@@ -490,6 +530,7 @@ static long check_live(const Config *cfg, const Rules *rules)
     }
     n += check_app_writes(cfg, rules, cat);
     check_lookups(cfg, conn, rules, cat, &problems);
+    check_audits(conn, rules, &problems);
     PQfinish(conn);
     n += (long)problems.count;
     cmd_print_problems(stdout, "", cfg->rules, &problems);

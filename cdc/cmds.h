@@ -16,6 +16,7 @@ int cmd_check(const Config *cfg);
 int cmd_setup(const Config *cfg);
 int cmd_status(const Config *cfg);
 int cmd_teardown(const Config *cfg);
+int cmd_audit(const Config *cfg);
 
 /* Read and compile a rules file. On failure prints every problem as
  * "FILE:LINE:COLUMN: message" (or "FILE: message") to report, or logs each

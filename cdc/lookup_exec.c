@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lsn.h"
 #include "mem.h"
 #include "runtime.h"
 #include "stream.h"
@@ -30,6 +31,9 @@ struct LookupExec {
     PGconn *conn;
     Stmt *stmts; /* per rule index */
     size_t nstmts;
+    Stmt *astmts; /* audits, per rule index */
+    size_t nastmts;
+    char app[64]; /* application_name */
     char errstr[1024];
     LookupExecStats stats;
 };
@@ -40,6 +44,7 @@ LookupExec *lookup_exec_new(const char *conninfo, int timeout_ms)
 
     x->conninfo = xstrdup(conninfo ? conninfo : "");
     x->timeout_ms = timeout_ms > 0 ? timeout_ms : 5000;
+    snprintf(x->app, sizeof x->app, "walbust lookup");
     return x;
 }
 
@@ -60,6 +65,8 @@ static void drop_conn(LookupExec *x)
     x->conn = NULL;
     for (size_t i = 0; i < x->nstmts; i++)
         stmt_forget(&x->stmts[i]);
+    for (size_t i = 0; i < x->nastmts; i++)
+        stmt_forget(&x->astmts[i]);
 }
 
 void lookup_exec_free(LookupExec *x)
@@ -68,6 +75,7 @@ void lookup_exec_free(LookupExec *x)
         return;
     drop_conn(x);
     free(x->stmts);
+    free(x->astmts);
     free(x->conninfo);
     free(x);
 }
@@ -109,8 +117,8 @@ static int ensure_conn(LookupExec *x)
     }
     snprintf(sql, sizeof sql,
              "SET default_transaction_read_only = on; SET statement_timeout = %d; "
-             "SET application_name = 'walbust lookup'",
-             x->timeout_ms);
+             "SET application_name = '%s'",
+             x->timeout_ms, x->app);
     res = PQexec(x->conn, sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         int rc = fail(x, "could not set up the lookup connection", res);
@@ -121,33 +129,27 @@ static int ensure_conn(LookupExec *x)
     return 0;
 }
 
-/* Prepare rule ri's lookup unless prepared from the same text. */
-static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
+/* Statement slot ri of *arr (grown to hold it). */
+static Stmt *stmt_slot(Stmt **arr, size_t *n, size_t ri)
 {
-    RulesLookupInfo info;
-    char name[64], what[256];
-    char *sql;
-    PGresult *res;
-    Stmt *s;
+    if (ri >= *n) {
+        *arr = xrealloc(*arr, (ri + 1) * sizeof **arr);
+        memset(*arr + *n, 0, (ri + 1 - *n) * sizeof **arr);
+        *n = ri + 1;
+    }
+    return &(*arr)[ri];
+}
 
-    if (!rules_lookup_info(r, ri, &info)) {
-        snprintf(x->errstr, sizeof x->errstr, "rule %zu has no lookup", ri);
-        return -1;
-    }
-    if (ri >= x->nstmts) {
-        x->stmts = xrealloc(x->stmts, (ri + 1) * sizeof *x->stmts);
-        memset(x->stmts + x->nstmts, 0, (ri + 1 - x->nstmts) * sizeof *x->stmts);
-        x->nstmts = ri + 1;
-    }
-    s = &x->stmts[ri];
-    sql = lookup_wrap_sql(info.sql, info.limit);
+/* Prepare sql (owned, taken) as statement name into s unless s was
+ * prepared from the same text. */
+static int prepare_stmt(LookupExec *x, Stmt *s, const char *name, char *sql, const char *what)
+{
+    PGresult *res;
+
     if (s->sql != NULL && strcmp(s->sql, sql) == 0) {
         free(sql);
         return 0;
     }
-    snprintf(name, sizeof name, "walbust_lookup_%zu", ri);
-    snprintf(what, sizeof what, "lookup of the rule for %s (rules file line %d)", info.table,
-             info.line);
     if (s->sql != NULL) {
         char dealloc[96];
         snprintf(dealloc, sizeof dealloc, "DEALLOCATE %s", name);
@@ -155,9 +157,9 @@ static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
         stmt_forget(s);
     }
     res = PQprepare(x->conn, name, sql, 0, NULL);
-    free(sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         int rc = fail(x, what, res);
+        free(sql);
         PQclear(res);
         return rc;
     }
@@ -165,6 +167,7 @@ static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
     res = PQdescribePrepared(x->conn, name);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         int rc = fail(x, what, res);
+        free(sql);
         PQclear(res);
         return rc;
     }
@@ -173,8 +176,25 @@ static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
     for (size_t i = 0; i < s->nfields; i++)
         s->fields[i] = xstrdup(PQfname(res, (int)i));
     PQclear(res);
-    s->sql = lookup_wrap_sql(info.sql, info.limit);
+    s->sql = sql;
     return 0;
+}
+
+/* Prepare rule i's lookup unless prepared from the same text. */
+static int ensure_stmt(LookupExec *x, const Rules *r, size_t ri)
+{
+    RulesLookupInfo info;
+    char name[64], what[256];
+
+    if (!rules_lookup_info(r, ri, &info)) {
+        snprintf(x->errstr, sizeof x->errstr, "rule %zu has no lookup", ri);
+        return -1;
+    }
+    snprintf(name, sizeof name, "walbust_lookup_%zu", ri);
+    snprintf(what, sizeof what, "lookup of the rule for %s (rules file line %d)", info.table,
+             info.line);
+    return prepare_stmt(x, stmt_slot(&x->stmts, &x->nstmts, ri), name,
+                        lookup_wrap_sql(info.sql, info.limit), what);
 }
 
 /* Wait until a result can be read without blocking. */
@@ -346,4 +366,79 @@ const LookupExecStats *lookup_exec_stats(const LookupExec *x)
 const char *lookup_exec_errstr(const LookupExec *x)
 {
     return x->errstr;
+}
+
+/* ---- audits ------------------------------------------------------------ */
+
+void lookup_exec_set_name(LookupExec *x, const char *app)
+{
+    snprintf(x->app, sizeof x->app, "%s", app);
+}
+
+void lookup_audit_read_release(LookupAuditRead *rd)
+{
+    free(rd->value);
+    memset(rd, 0, sizeof *rd);
+}
+
+/* The single text value of a one-row-one-column result into rd. */
+static int take_audit_rows(LookupExec *x, const PGresult *res, LookupAuditRead *rd)
+{
+    rd->rows = (size_t)PQntuples(res);
+    if (PQnfields(res) != 1) {
+        snprintf(x->errstr, sizeof x->errstr,
+                 "the audit's SQL returned %d columns; it must return exactly one", PQnfields(res));
+        return -1;
+    }
+    if (rd->rows == 1 && !PQgetisnull(res, 0, 0)) {
+        rd->len = (size_t)PQgetlength(res, 0, 0);
+        rd->value = xstrndup(PQgetvalue(res, 0, 0), rd->len);
+    }
+    return 0;
+}
+
+int lookup_exec_audit(LookupExec *x, const Rules *r, size_t ri, const RulesAuditArgs *args,
+                      LookupAuditRead *rd)
+{
+    RulesAuditInfo info;
+    char name[64], what[256];
+    PGresult *res;
+    int rc;
+
+    memset(rd, 0, sizeof *rd);
+    x->errstr[0] = '\0';
+    if (!rules_audit_info(r, ri, &info)) {
+        snprintf(x->errstr, sizeof x->errstr, "rule %zu has no audit", ri);
+        return -1;
+    }
+    snprintf(name, sizeof name, "walbust_audit_%zu", ri);
+    snprintf(what, sizeof what, "audit of the rule for %s (rules file line %d)", info.table,
+             info.line);
+    if (ensure_conn(x) != 0 || prepare_stmt(x, stmt_slot(&x->astmts, &x->nastmts, ri), name,
+                                            lookup_wrap_sql(info.sql, 1), what) != 0)
+        return -1;
+    x->stats.queries++;
+    res = PQexecPrepared(x->conn, name, (int)args->n, (const char *const *)args->args, args->lens,
+                         NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        rc = fail(x, what, res);
+        PQclear(res);
+        return rc;
+    }
+    rc = take_audit_rows(x, res, rd);
+    PQclear(res);
+    if (rc != 0)
+        return -1;
+    /* After the statement: every commit its snapshot saw ends before this. */
+    res = PQexec(x->conn, "SELECT pg_current_wal_insert_lsn()::text");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
+        !lsn_parse(PQgetvalue(res, 0, 0), &rd->lsn)) {
+        rc = fail(x, "could not read the WAL position after an audit read", res);
+        PQclear(res);
+        lookup_audit_read_release(rd);
+        return rc;
+    }
+    PQclear(res);
+    x->stats.round_trips += 2;
+    return 0;
 }

@@ -18,6 +18,8 @@
 #include "lookup.h"
 #include "rules.h"
 
+#include <stdint.h>
+
 #define LOOKUP_EXEC_PIPELINE 128
 
 typedef struct LookupExec LookupExec;
@@ -48,5 +50,32 @@ const LookupExecStats *lookup_exec_stats(const LookupExec *x);
 
 /* Why the last run failed; "" after a success. */
 const char *lookup_exec_errstr(const LookupExec *x);
+
+/* ---- audits (docs/audit.md) ------------------------------------------ */
+
+/* application_name of the connection ("walbust lookup" by default); takes
+ * effect on the next connect. */
+void lookup_exec_set_name(LookupExec *x, const char *app);
+
+/* One audit read: rows 0 (no row), 1, or 2 (more than one: not
+ * checkable); value NULL for no row or SQL NULL (the key must not exist),
+ * else the first column's text (owned: lookup_audit_read_release()); lsn
+ * the WAL insert position read right after the statement, so every
+ * commit its snapshot saw ends at or before it. */
+typedef struct LookupAuditRead {
+    size_t rows;
+    char *value;
+    size_t len;
+    uint64_t lsn;
+} LookupAuditRead;
+
+void lookup_audit_read_release(LookupAuditRead *rd);
+
+/* Run rule ri's audit SQL (prepared once per connection, as
+ * SELECT * FROM (<sql>) LIMIT 2) with args, then read the WAL insert
+ * position. Returns 0, or -1 (lookup_exec_errstr(); the connection is
+ * dropped and opened again on the next call). */
+int lookup_exec_audit(LookupExec *x, const Rules *r, size_t ri, const RulesAuditArgs *args,
+                      LookupAuditRead *rd) __attribute__((warn_unused_result));
 
 #endif

@@ -44,6 +44,8 @@ int main(int argc, char **argv)
         return cmd_status(&cfg);
     case CMD_TEARDOWN:
         return cmd_teardown(&cfg);
+    case CMD_AUDIT:
+        return cmd_audit(&cfg);
     default:
         opts_usage(stderr, CMD_NONE);
         return 2;

@@ -22,7 +22,8 @@ typedef enum OptKind {
 #define F_SETUP (1u << CMD_SETUP)
 #define F_STATUS (1u << CMD_STATUS)
 #define F_TEARDOWN (1u << CMD_TEARDOWN)
-#define F_ALL (F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN)
+#define F_AUDIT (1u << CMD_AUDIT)
+#define F_ALL (F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN | F_AUDIT)
 
 typedef struct OptSpec {
     const char *name;
@@ -40,17 +41,18 @@ typedef struct OptSpec {
 static const OptSpec opt_table[] = {
     {"pg", "WALBUST_PG", OPT_STRING, OFF(pg), "", F_ALL, "CONNINFO",
      "PostgreSQL conninfo string or URI (default: libpq defaults and PG* variables)"},
-    {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN, "URL",
+    {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN | F_AUDIT,
+     "URL",
      "Redis target: redis://[user:pass@]host:port[/db], unix:///path.sock, "
      "redis+cluster://host:port[,host:port], redis+sentinel://host:port[,host:port]/MASTER "
      "(rediss, rediss+cluster, rediss+sentinel: TLS); parameters ?replicas=N&cacert=FILE&"
      "cert=FILE&key=FILE&sni=NAME&insecure=1 (Sentinel: &sentinel_user=U&sentinel_password=P); "
      "repeat for several targets"},
     {"rules", "WALBUST_RULES", OPT_STRING, OFF(rules), NULL,
-     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS, "FILE",
-     "rules file (JSON); required for run, check and setup"},
+     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_AUDIT, "FILE",
+     "rules file (JSON); required for run, check, setup and audit"},
     {"slot", "WALBUST_SLOT", OPT_STRING, OFF(slot), "walbust",
-     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
+     F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN | F_AUDIT, "NAME",
      "logical replication slot (default: walbust; decode: a temporary slot)"},
     {"publication", "WALBUST_PUBLICATION", OPT_STRING, OFF(publication), "walbust",
      F_RUN | F_CHECK | F_DECODE | F_SETUP | F_STATUS | F_TEARDOWN, "NAME",
@@ -77,6 +79,8 @@ static const OptSpec opt_table[] = {
      "SECONDS",
      "re-check the rules' tables in the catalog this often, for schema changes the DDL event "
      "trigger cannot report (default: 30)"},
+    {"sample", NULL, OPT_LONG, OFF(sample), NULL, F_AUDIT, "N",
+     "check at most N audited keys (default: every one found)"},
     {"json", NULL, OPT_BOOL, OFF(json), NULL, F_STATUS, NULL, "print status as JSON"},
     {"replica-identity-full", NULL, OPT_BOOL, OFF(replica_identity_full), NULL, F_SETUP, NULL,
      "set REPLICA IDENTITY FULL on tables whose rules need old values"},
@@ -99,6 +103,9 @@ static const struct {
     {"setup", CMD_SETUP, "create publication, slot and the walbust SQL schema"},
     {"status", CMD_STATUS, "show slot state, confirmed LSN, lag and publication coverage"},
     {"teardown", CMD_TEARDOWN, "drop the publication, slot and walbust schema that setup created"},
+    {"audit", CMD_AUDIT,
+     "check the audited keys in Redis against the database; exit 1 if any is "
+     "stale"},
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
@@ -317,7 +324,8 @@ int opts_parse(int argc, char **argv, Config *cfg)
                 argv[1], cfg->on_slot_lost);
         return 2;
     }
-    if ((cmd == CMD_RUN || cmd == CMD_CHECK || cmd == CMD_SETUP) && cfg->rules == NULL) {
+    if ((cmd == CMD_RUN || cmd == CMD_CHECK || cmd == CMD_SETUP || cmd == CMD_AUDIT) &&
+        cfg->rules == NULL) {
         fprintf(stderr, "walbust %s: --rules FILE is required (or set WALBUST_RULES)\n", argv[1]);
         return 2;
     }

@@ -22,6 +22,7 @@ typedef enum OptsCommand {
     CMD_SETUP,
     CMD_STATUS,
     CMD_TEARDOWN,
+    CMD_AUDIT,
     CMD_HELP,
     CMD_VERSION,
 } OptsCommand;
@@ -48,6 +49,13 @@ typedef struct Config {
     bool yes;                           /* teardown: drop without asking */
     bool force;                         /* teardown: terminate the slot's walsender */
     long schema_recheck;                /* run: seconds between catalog re-checks; 0 = 30 */
+    const char *audit_rate;     /* run: percent of invalidated audited keys checked */
+    long audit_delay;           /* run: ms after the invalidation; 0 = 1000 */
+    long audit_max_checks;      /* run: checks per second at most; 0 = 20 */
+    long audit_scan_interval;   /* run: seconds between background scans; 0 = 300 */
+    bool audit_no_scan;         /* run: no background scan */
+    bool audit_heal;            /* run: delete a stale entry when found */
+    long sample;                /* audit: check at most N keys; 0 = all */
 } Config;
 
 /* Parse argv and the environment into *cfg. Returns 0 on success, 2 on a

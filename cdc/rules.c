@@ -18,7 +18,6 @@
 #include <cJSON.h>
 #include <ctype.h>
 #include <stdarg.h>
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -265,7 +264,7 @@ typedef struct FieldSpec {
     FieldLoadFn load;
 } FieldSpec;
 
-#define MAX_FIELDS 12
+#define MAX_FIELDS 13
 
 static void unknown_field(Loader *ld, const char *name, const char *path, const char *find,
                           const char *what, const FieldSpec *specs, size_t n)
@@ -339,6 +338,9 @@ static bool expect_string_elem(Loader *ld, const cJSON *e, const char *path, con
 /* Context while one rule is loaded. */
 typedef struct RuleCtx {
     Rule *rule;
+    Lookup *lk; /* the lookup or audit query being loaded */
+    bool audit; /* lk is an audit's */
+    Audit *au;  /* the audit being loaded */
     bool has_on;
     size_t nactions; /* action entries (and mistyped action fields) seen */
 } RuleCtx;
@@ -712,7 +714,8 @@ static size_t sql_max_param(const char *sql)
 
 static void load_lookup_sql(Loader *ld, const cJSON *v, const char *path, void *ctx)
 {
-    Lookup *lk = ((RuleCtx *)ctx)->rule->lookup;
+    const RuleCtx *rc = ctx;
+    Lookup *lk = rc->lk;
     size_t n;
 
     if (!cJSON_IsString(v)) {
@@ -726,7 +729,9 @@ static void load_lookup_sql(Loader *ld, const cJSON *v, const char *path, void *
     while (n > 0 && strchr(" \t\r\n;", v->valuestring[n - 1]) != NULL)
         n--;
     if (n == 0) {
-        ld_problem(ld, path, "\"sql\" is empty; write the query whose rows feed the templates");
+        ld_problem(ld, path, "\"sql\" is empty; write the query %s",
+                   rc->audit ? "that gives the value the key must hold"
+                             : "whose rows feed the templates");
         return;
     }
     lk->sql = xstrndup(v->valuestring, n);
@@ -736,7 +741,7 @@ static void load_lookup_sql(Loader *ld, const cJSON *v, const char *path, void *
 static void load_lookup_args(Loader *ld, const cJSON *v, const char *path, void *ctx)
 {
     Rule *rule = ((RuleCtx *)ctx)->rule;
-    Lookup *lk = rule->lookup;
+    Lookup *lk = ((RuleCtx *)ctx)->lk;
 
     lk->args_written = (size_t)cJSON_GetArraySize(v);
     if (!expect_array(ld, v, path, "args", "[\"{id}\"]"))
@@ -747,7 +752,7 @@ static void load_lookup_args(Loader *ld, const cJSON *v, const char *path, void 
 
 static void load_lookup_limit(Loader *ld, const cJSON *v, const char *path, void *ctx)
 {
-    Lookup *lk = ((RuleCtx *)ctx)->rule->lookup;
+    Lookup *lk = ((RuleCtx *)ctx)->lk;
 
     char got[64];
 
@@ -769,12 +774,25 @@ static void load_lookup_limit(Loader *ld, const cJSON *v, const char *path, void
 static const FieldSpec lookup_fields[] = {
     {"sql", load_lookup_sql}, {"args", load_lookup_args}, {"limit", load_lookup_limit}};
 
+/* The SQL's highest $N against the number of "args" written. */
+static void check_params(Loader *ld, const Lookup *lk, const char *path, bool has_args)
+{
+    size_t used = sql_max_param(lk->sql);
+    char apath[160];
+
+    snprintf(apath, sizeof apath, "%s.args", path);
+    if (used != lk->args_written && (has_args || used > 0))
+        ld_problem(ld, has_args ? apath : path,
+                   "the %s SQL uses parameters up to $%zu but \"args\" has %zu "
+                   "entr%s; give one argument template per parameter, in order",
+                   lk->limit ? "lookup's" : "audit's", used, lk->args_written,
+                   lk->args_written == 1 ? "y" : "ies");
+}
+
 static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
 {
     Rule *rule = ((RuleCtx *)ctx)->rule;
     bool seen[3] = {false, false, false};
-    size_t used;
-    char apath[160];
 
     if (!cJSON_IsObject(v)) {
         ld_problem(ld, path,
@@ -786,6 +804,7 @@ static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
     rule->lookup = xcalloc(1, sizeof *rule->lookup);
     rule->lookup->limit = LOOKUP_DEFAULT_LIMIT;
     loc_find(ld, path, false, path, &rule->lookup->loc);
+    ((RuleCtx *)ctx)->lk = rule->lookup;
     load_fields(ld, v, path, "lookup", lookup_fields, 3, ctx, seen);
     if (!seen[0]) {
         ld_problem(ld, path,
@@ -793,15 +812,8 @@ static void load_lookup(Loader *ld, const cJSON *v, const char *path, void *ctx)
                    "\"SELECT team_id FROM public.team_members WHERE user_id = $1\"");
         return;
     }
-    if (rule->lookup->sql == NULL)
-        return;
-    used = sql_max_param(rule->lookup->sql);
-    snprintf(apath, sizeof apath, "%s.args", path);
-    if (used != rule->lookup->args_written && (seen[1] || used > 0))
-        ld_problem(ld, seen[1] ? apath : path,
-                   "the lookup's SQL uses parameters up to $%zu but \"args\" has %zu "
-                   "entr%s; give one argument template per parameter, in order",
-                   used, rule->lookup->args_written, rule->lookup->args_written == 1 ? "y" : "ies");
+    if (rule->lookup->sql != NULL)
+        check_params(ld, rule->lookup, path, seen[1]);
 }
 
 /* {old.…} on insert only, {new.…} on delete only: never renders. */
@@ -1019,6 +1031,130 @@ static void check_images(Loader *ld, const Rule *rule, const char *path, bool an
                    "\"keys\": [\"team:{team_id}:members\"]");
 }
 
+/* ---- loading: audit (docs/audit.md) ------------------------------------------ */
+
+static void load_audit_key(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    RuleCtx *ac = ctx;
+    Audit *au = ac->au;
+    char err[256];
+
+    if (!cJSON_IsString(v)) {
+        ld_problem(ld, path,
+                   "\"key\" must be the template of the cached key, like \"product:{id}\", not %s",
+                   type_name(v));
+        return;
+    }
+    if (!tpl_compile(ac->rule, v->valuestring, &au->key, err, sizeof err)) {
+        ld_problem(ld, path, "template \"%s\" %s", v->valuestring, err);
+        tpl_release(&au->key);
+        memset(&au->key, 0, sizeof au->key);
+        return;
+    }
+    au->key.src = xstrdup(v->valuestring);
+    loc_find(ld, path, false, path, &au->key.loc);
+}
+
+static void load_audit_compare(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Audit *au = ((RuleCtx *)ctx)->au;
+
+    if (cJSON_IsString(v) && strcmp(v->valuestring, "exact") == 0)
+        au->json = false;
+    else if (cJSON_IsString(v) && strcmp(v->valuestring, "json") == 0)
+        au->json = true;
+    else
+        ld_problem(ld, path,
+                   "\"compare\" must be \"exact\" (the same bytes) or \"json\" (equal JSON, key "
+                   "order and whitespace ignored), not %s%s%s",
+                   cJSON_IsString(v) ? "\"" : "", cJSON_IsString(v) ? v->valuestring : type_name(v),
+                   cJSON_IsString(v) ? "\"" : "");
+}
+
+/* Placeholders of an audit's templates are names read back from a key:
+ * plain {name}, never two without text between them in the key, and every
+ * argument's name also in the key. */
+static void check_audit_templates(Loader *ld, const Audit *au)
+{
+    const Template *key = &au->key;
+
+    for (size_t i = 0; i <= au->q.nargs; i++) {
+        const Template *t = i == 0 ? key : &au->q.args[i - 1];
+        if (t->src != NULL && (t->uses & (USES_OLD | USES_NEW)))
+            ld_problem(ld, t->loc.path,
+                       "audit template \"%s\" uses {old.…} or {new.…}; an audit reads values "
+                       "back from the stored key, so write {column}",
+                       t->src);
+    }
+    for (size_t i = 1; key->src != NULL && i < key->nsegs; i++)
+        if (key->segs[i].kind != SEG_LIT && key->segs[i - 1].kind != SEG_LIT)
+            ld_problem(ld, key->loc.path,
+                       "audit key \"%s\" has the placeholders {%s}{%s} with no text between "
+                       "them, so a key cannot be split back into their values; put a "
+                       "separator between them, e.g. {%s}:{%s}",
+                       key->src, key->segs[i - 1].text, key->segs[i].text, key->segs[i - 1].text,
+                       key->segs[i].text);
+    for (size_t i = 0; key->src != NULL && i < au->q.nargs; i++) {
+        const Template *a = &au->q.args[i];
+        for (size_t k = 0; k < a->nsegs; k++) {
+            bool found = false;
+            if (a->segs[k].kind == SEG_LIT)
+                continue;
+            for (size_t j = 0; j < key->nsegs; j++)
+                found = found || (key->segs[j].kind != SEG_LIT &&
+                                  strcmp(key->segs[j].text, a->segs[k].text) == 0);
+            if (!found)
+                ld_problem(ld, a->loc.path,
+                           "audit argument \"%s\" uses {%s}, which the audit key \"%s\" does "
+                           "not have; an audit reads its arguments back from the key, so use "
+                           "only the key's placeholders",
+                           a->src, a->segs[k].text, key->src);
+        }
+    }
+}
+
+static const FieldSpec audit_fields[] = {{"key", load_audit_key},
+                                         {"sql", load_lookup_sql},
+                                         {"args", load_lookup_args},
+                                         {"compare", load_audit_compare}};
+
+static void load_audit(Loader *ld, const cJSON *v, const char *path, void *ctx)
+{
+    Rule *rule = ((RuleCtx *)ctx)->rule;
+    Rule scope = {0}; /* collects the audit's own placeholder names */
+    RuleCtx ac = {.rule = &scope, .audit = true};
+    bool seen[4] = {false, false, false, false};
+    Audit *au;
+
+    if (!cJSON_IsObject(v)) {
+        ld_problem(ld, path,
+                   "\"audit\" must be an object like {\"key\": \"product:{id}\", \"sql\": "
+                   "\"SELECT row_to_json(p)::text FROM public.products p WHERE id = $1\", "
+                   "\"args\": [\"{id}\"], \"compare\": \"json\"}, not %s",
+                   type_name(v));
+        return;
+    }
+    au = rule->audit = xcalloc(1, sizeof *rule->audit);
+    loc_find(ld, path, false, path, &au->q.loc);
+    ac.lk = &au->q;
+    ac.au = au;
+    load_fields(ld, v, path, "audit", audit_fields, 4, &ac, seen);
+    au->names = scope.cols;
+    au->nnames = scope.ncols;
+    if (!seen[0])
+        ld_problem(ld, path,
+                   "\"audit\" has no \"key\"; add the cached key it checks, e.g. \"key\": "
+                   "\"product:{id}\"");
+    if (!seen[1])
+        ld_problem(ld, path,
+                   "\"audit\" has no \"sql\"; add the query that gives the value the key must "
+                   "hold, e.g. \"sql\": \"SELECT row_to_json(p)::text FROM public.products p "
+                   "WHERE id = $1\"");
+    check_audit_templates(ld, au);
+    if (au->q.sql != NULL)
+        check_params(ld, &au->q, path, seen[2]);
+}
+
 static const FieldSpec rule_fields[] = {
     {"table", load_table},       {"on", load_on},
     {"changed", load_changed},   {"keys", load_keys},
@@ -1026,6 +1162,7 @@ static const FieldSpec rule_fields[] = {
     {"versions", load_versions}, {"publish", load_publish},
     {"lookup", load_lookup},     {"refresh", load_refresh},
     {"stale", load_stale},       {"stale_grace", load_stale_grace},
+    {"audit", load_audit},
 };
 #define NRULE_FIELDS (sizeof rule_fields / sizeof rule_fields[0])
 
@@ -1234,6 +1371,28 @@ Rules *rules_parse(const char *json, size_t len, RulesProblems *problems)
     return ld.r;
 }
 
+static void lookup_release(Lookup *lk)
+{
+    for (size_t i = 0; i < lk->nargs; i++)
+        tpl_release(&lk->args[i]);
+    free(lk->args);
+    free(lk->sql);
+    free(lk->loc.path);
+    free(lk->sql_loc.path);
+}
+
+static void audit_release(Audit *au)
+{
+    if (au == NULL)
+        return;
+    tpl_release(&au->key);
+    lookup_release(&au->q);
+    for (size_t i = 0; i < au->nnames; i++)
+        free(au->names[i]);
+    free(au->names);
+    free(au);
+}
+
 static void rule_release(Rule *rule)
 {
     for (int k = 0; k < TPL_NKINDS; k++) {
@@ -1246,12 +1405,7 @@ static void rule_release(Rule *rule)
     for (size_t i = 0; i < rule->nchanged; i++)
         free(rule->changed_loc[i].path);
     if (rule->lookup != NULL) {
-        for (size_t i = 0; i < rule->lookup->nargs; i++)
-            tpl_release(&rule->lookup->args[i]);
-        free(rule->lookup->args);
-        free(rule->lookup->sql);
-        free(rule->lookup->loc.path);
-        free(rule->lookup->sql_loc.path);
+        lookup_release(rule->lookup);
         free(rule->lookup);
     }
     for (size_t i = 0; i < rule->nrefresh; i++)
@@ -1261,6 +1415,7 @@ static void rule_release(Rule *rule)
         tpl_release(&rule->stale[i]);
     free(rule->stale);
     free(rule->grace_loc.path);
+    audit_release(rule->audit);
     if (rule->cache != NULL)
         free(rule->cache->idx);
     free(rule->cache);

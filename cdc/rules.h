@@ -288,6 +288,68 @@ size_t rules_check_lookup(const Rules *r, size_t i, const RulesLookupShape *shap
                           const RulesTableInfo *info, RulesProblems *problems,
                           RulesProblems *warnings);
 
+/* ---- audits (docs/audit.md) ---------------------------------------------------
+ *
+ * A rule's "audit" says how a cached key relates to the database: the key
+ * template, a read-only query with argument templates and how to compare
+ * ("exact" bytes or "json"). The audit's placeholders are names read back
+ * from a key (rules_audit_match()), so a key found by SCAN or one walbust
+ * just invalidated can be checked the same way. */
+
+typedef struct RulesAuditInfo {
+    const char *table; /* the rule's table */
+    const char *key;   /* the key template as written */
+    const char *sql;   /* trailing whitespace and ';' removed */
+    size_t nargs;
+    bool json;        /* "compare": "json" (else "exact") */
+    int line, column; /* of the "audit" object (0: unknown) */
+} RulesAuditInfo;
+
+/* Fill *out for rule i; false when the rule has no audit. */
+bool rules_audit_info(const Rules *r, size_t i, RulesAuditInfo *out);
+
+/* Does any rule have an audit? */
+bool rules_has_audits(const Rules *r);
+
+/* The glob pattern matching every key rule i's audit key can render (its
+ * literal text glob-escaped, each placeholder `*`), for SCAN MATCH.
+ * Returns a string the caller frees, or NULL when rule i has no audit. */
+char *rules_audit_pattern(const Rules *r, size_t i);
+
+/* The audit's arguments read back from a key. */
+typedef struct RulesAuditArgs {
+    size_t n;
+    char **args; /* n NUL-terminated strings (no NUL inside) */
+    int *lens;
+} RulesAuditArgs;
+
+/* Read key (len bytes) back through rule i's audit key template (each
+ * placeholder one or more bytes, a repeated placeholder the same bytes)
+ * and render the audit's arguments from the values. Returns 1 with *out
+ * filled (free with rules_audit_args_release()), 0 when the key does not
+ * match (or a value would hold a NUL byte), -1 when it matches in more
+ * than one way (the values are ambiguous: such a key is not checkable). */
+int rules_audit_match(const Rules *r, size_t i, const char *key, size_t len, RulesAuditArgs *out)
+    __attribute__((warn_unused_result));
+
+/* Free what rules_audit_match() filled. Accepts an empty one. */
+void rules_audit_args_release(RulesAuditArgs *a);
+
+/* What PostgreSQL says about an audit's SQL (check --pg): PREPARE's error
+ * (or NULL), the parameter and result column counts. */
+typedef struct RulesAuditShape {
+    const char *error;
+    int error_pos; /* 1-based character of the SQL; 0: none */
+    int nparams;
+    size_t nfields;
+} RulesAuditShape;
+
+/* Check rule i's audit against its shape: it prepares, takes one parameter
+ * per "args" entry and returns exactly one column (the value the key must
+ * hold). Appends to *problems; returns the number added. */
+size_t rules_check_audit(const Rules *r, size_t i, const RulesAuditShape *shape,
+                         RulesProblems *problems);
+
 /* Append the glob-escaped form of s (each of `*?[]\` preceded by `\`) to
  * out, which must have room for 2*len+1 bytes. Returns bytes written
  * (excluding the NUL, which is written). */

@@ -1,7 +1,7 @@
 /*
- * rules_int.h — internals shared by rules.c (loading) and rules_eval.c
- * (evaluation and catalog checks). Not part of the rules API: include only
- * from those two files.
+ * rules_int.h — internals shared by rules.c (loading), rules_eval.c
+ * (evaluation and catalog checks) and rules_audit.c (audit keys). Not part
+ * of the rules API: include only from those files.
  *
  * A loaded Rules holds compiled rules (templates split into literal and
  * placeholder segments), an index from table name to rules, the interned
@@ -103,6 +103,18 @@ typedef struct Refresh {
     bool hash; /* "format": "hash" (else "json") */
 } Refresh;
 
+/* A rule's audit declaration (docs/audit.md): how a cached value relates
+ * to the database. The key template and the argument templates have their
+ * own placeholder names (Audit.names), read back from a key, not from a
+ * changed row: every argument placeholder also appears in the key. */
+typedef struct Audit {
+    Template key;
+    Lookup q;     /* sql and args (args_written, loc as for lookups) */
+    bool json;    /* "compare": "json" (else "exact") */
+    char **names; /* placeholder names of key and args */
+    size_t nnames;
+} Audit;
+
 #define STALE_DEFAULT_GRACE 30 /* seconds a stale value is served */
 
 typedef struct Rule {
@@ -124,6 +136,7 @@ typedef struct Rule {
     size_t nstale;
     long stale_grace; /* seconds */
     SrcLoc grace_loc; /* of "stale_grace" (path NULL: not written) */
+    Audit *audit;     /* NULL: none */
 } Rule;
 
 typedef struct TableEnt {

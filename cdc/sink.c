@@ -453,23 +453,20 @@ int sink_ping(Sink *s)
 
 /* ---- single commands (outside a flush) ------------------------------- */
 
-/* Run one command on key (argv[1]) now, routed like the batch, and hand
+/* Run one command on key argv[keyarg] now, routed like the batch, and hand
  * its reply to take(), whose result is returned (-1 on an I/O error or, in
  * a cluster, an error reply). No pipeline may be pending. */
-static int one_key_cmd(Sink *s, int argc, const char **argv,
-                       int (*take)(Sink *, const redisReply *, void *), void *arg)
+static int one_cmd(Sink *s, size_t keyarg, int argc, const char **argv, const size_t *lens,
+                   int (*take)(Sink *, const redisReply *, void *), void *arg)
 {
-    size_t lens[3];
     redisReply *r = NULL;
     int rc;
 
-    for (int i = 0; i < argc; i++)
-        lens[i] = strlen(argv[i]);
     if (s->cl != NULL) {
         if (!cluster_connected(s->cl) && cl_connect(s) < 0)
             return -1;
         cluster_reset(s->cl);
-        (void)cluster_append_key(s->cl, 1, argc, argv, lens);
+        (void)cluster_append_key(s->cl, keyarg, argc, argv, lens);
         if (cl_exec(s) < 0) {
             cluster_reset(s->cl);
             return -1;
@@ -485,6 +482,16 @@ static int one_key_cmd(Sink *s, int argc, const char **argv,
     rc = take(s, r, arg);
     freeReplyObject(r);
     return rc;
+}
+
+static int one_key_cmd(Sink *s, int argc, const char **argv,
+                       int (*take)(Sink *, const redisReply *, void *), void *arg)
+{
+    size_t lens[3];
+
+    for (int i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    return one_cmd(s, 1, argc, argv, lens, take, arg);
 }
 
 typedef struct GetBuf {
@@ -1561,3 +1568,76 @@ const ApplyTargetOps sink_apply_ops = {
     .connected = target_connected,
     .errstr = target_errstr,
 };
+
+/* ---- single commands for the audit (docs/audit.md) ------------------------- */
+
+typedef struct CallArg {
+    SinkReplyFn fn;
+    void *arg;
+} CallArg;
+
+static int take_call(Sink *s, const redisReply *r, void *arg)
+{
+    CallArg *ca = arg;
+
+    (void)s;
+    return ca->fn(ca->arg, r);
+}
+
+int sink_call(Sink *s, size_t keyarg, int argc, const char **argv, const size_t *lens,
+              SinkReplyFn fn, void *arg)
+{
+    CallArg ca = {fn, arg};
+
+    return one_cmd(s, keyarg, argc, argv, lens, take_call, &ca);
+}
+
+int sink_scan_page(Sink *s, SinkScan *sc, const char *pattern, SinkReplyFn fn, void *arg)
+{
+    const char *argv[6] = {"SCAN", sc->cursor, "MATCH", pattern, "COUNT", "100"};
+    size_t lens[6] = {4, strlen(sc->cursor), 5, strlen(pattern), 5, 3};
+    const redisReply *page;
+    redisReply *r = NULL;
+    int rc;
+
+    if (sc->cursor[0] == '\0')
+        snprintf(sc->cursor, sizeof sc->cursor, "0");
+    lens[1] = strlen(sc->cursor);
+    if (s->cl != NULL) {
+        if (!cluster_connected(s->cl) && cl_connect(s) < 0)
+            return -1;
+        if (sc->node >= cluster_master_count(s->cl))
+            return 0;
+        cluster_reset(s->cl);
+        (void)cluster_append_node(s->cl, cluster_master_id(s->cl, sc->node), 6, argv, lens);
+        if (cl_exec(s) < 0) {
+            cluster_reset(s->cl);
+            return -1;
+        }
+        page = cluster_reply(s->cl, 0);
+    } else {
+        if (s->c == NULL && sink_connect(s) < 0)
+            return -1;
+        if (command(s, "SCAN", 6, argv, lens, &r) < 0)
+            return -1;
+        page = r;
+    }
+    if (!cl_page_ok(page)) {
+        set_err(s, "redis SCAN returned an unexpected reply%s%s",
+                page->type == REDIS_REPLY_ERROR ? ": " : "",
+                page->type == REDIS_REPLY_ERROR ? page->str : "");
+        rc = -1;
+    } else {
+        snprintf(sc->cursor, sizeof sc->cursor, "%s", page->element[0]->str);
+        rc = fn(arg, page->element[1]);
+        if (strcmp(sc->cursor, "0") == 0) {
+            sc->node++;
+            sc->done = s->cl == NULL || sc->node >= cluster_master_count(s->cl);
+        }
+    }
+    if (r != NULL)
+        freeReplyObject(r);
+    if (s->cl != NULL)
+        cluster_reset(s->cl);
+    return rc;
+}

@@ -29,6 +29,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <hiredis/hiredis.h>
+
 #include "apply.h"
 #include "redisurl.h"
 #include "rules.h"
@@ -140,6 +142,31 @@ int sink_watch(Sink *s, char *err, size_t errlen);
 
 /* PING with the command timeout: 0 when Redis answers. */
 int sink_ping(Sink *s);
+
+/* Receives one reply of sink_call() or the keys of one SCAN page (an
+ * array of strings); valid only during the call. Its result is returned. */
+typedef int (*SinkReplyFn)(void *arg, const redisReply *r);
+
+/* Run one command now (outside sink_flush()), routed by argv[keyarg] on a
+ * Cluster, connecting first when needed; hand its reply to fn. Returns
+ * fn's result, or -1 on an I/O error or, on a Cluster, an error reply
+ * (sink_errstr()). */
+int sink_call(Sink *s, size_t keyarg, int argc, const char **argv, const size_t *lens,
+              SinkReplyFn fn, void *arg) __attribute__((warn_unused_result));
+
+/* A SCAN over the whole target (every master of a Cluster), one page per
+ * sink_scan_page(). Start zeroed; done once every node was walked. */
+typedef struct SinkScan {
+    size_t node;     /* Cluster: index into the masters */
+    char cursor[32]; /* "" or "0": start */
+    bool done;
+} SinkScan;
+
+/* Ask for the next page of keys matching pattern and hand the keys (an
+ * array reply of strings) to fn. Returns fn's result (0 when the walk is
+ * already done), or -1 (sink_errstr()). */
+int sink_scan_page(Sink *s, SinkScan *sc, const char *pattern, SinkReplyFn fn, void *arg)
+    __attribute__((warn_unused_result));
 
 const char *sink_errstr(const Sink *s);
 const SinkStats *sink_stats(const Sink *s);

@@ -1,0 +1,209 @@
+/*
+ * audit_cmd.c — `walbust audit`: check the audited keys present in Redis
+ * against the database, on demand (docs/audit.md, docs/cli.md).
+ *
+ * For every Redis target and every rule with an "audit", SCAN the audit
+ * key's pattern (its placeholders widened to `*`), then check each key
+ * found the sound way (audit_check.h): a key is stale only when it differs
+ * from the database and still holds the same value after the running
+ * walbust confirmed past the database read. Prints each stale key and a
+ * summary. Exit 0: nothing stale; 1: stale keys found; 2: usage or
+ * configuration error, or the audit could not be completed (a server
+ * failed, or walbust's confirmed position did not pass a read in time, so
+ * a difference could not be verified).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "audit.h"
+#include "audit_check.h"
+#include "cmds.h"
+#include "lsn.h"
+#include "mem.h"
+#include "redisurl.h"
+#include "sink.h"
+
+#define AUDIT_CMD_WAIT_MS 10000
+#define AUDIT_SHOW_BYTES 200
+
+typedef struct Keys {
+    char **keys;
+    size_t *lens;
+    size_t n, cap;
+} Keys;
+
+typedef struct Tally {
+    unsigned long long checked, clean, stale, skipped, unverified;
+} Tally;
+
+typedef struct AuditCmd {
+    const Config *cfg;
+    const Rules *rules;
+    Tally t;
+    long budget; /* keys still to check; < 0: no limit */
+} AuditCmd;
+
+static int collect(void *arg, const redisReply *page)
+{
+    Keys *k = arg;
+
+    for (size_t i = 0; i < page->elements; i++) {
+        size_t cap = k->cap;
+        k->keys = xgrow(k->keys, &cap, k->n + 1, sizeof *k->keys);
+        k->lens = xgrow(k->lens, &k->cap, k->n + 1, sizeof *k->lens);
+        k->keys[k->n] = xstrndup(page->element[i]->str, page->element[i]->len);
+        k->lens[k->n++] = page->element[i]->len;
+    }
+    return 0;
+}
+
+static void keys_clear(Keys *k)
+{
+    for (size_t i = 0; i < k->n; i++)
+        free(k->keys[i]);
+    k->n = 0;
+}
+
+static void print_stale(const AuditCmd *a, const char *target, size_t ri, const char *key,
+                        size_t len, const AuditFinding *f)
+{
+    RulesAuditInfo info;
+    char shown_key[600], cached[4 * AUDIT_SHOW_BYTES], db[4 * AUDIT_SHOW_BYTES];
+    char p[LSN_TEXT_MAX], conf[LSN_TEXT_MAX];
+
+    (void)rules_audit_info(a->rules, ri, &info);
+    audit_show(key, len, 128, shown_key, sizeof shown_key);
+    audit_show(f->cached, f->cached_len, AUDIT_SHOW_BYTES, cached, sizeof cached);
+    if (f->db != NULL)
+        audit_show(f->db, f->db_len, AUDIT_SHOW_BYTES, db, sizeof db);
+    else
+        snprintf(db, sizeof db, "(no row: the key must not exist)");
+    printf("stale: %s at %s (audit of the rule for %s, %s line %d): cached %s, database %s "
+           "(read at WAL %s; the key still held the cached value after walbust confirmed %s)\n",
+           shown_key, target, info.table, a->cfg->rules, info.line, cached, db,
+           lsn_format(f->read_lsn, p), lsn_format(f->confirmed, conf));
+}
+
+/* Check every key of k against rule ri. -1 when a server failed. */
+static int check_keys(AuditCmd *a, AuditChecker *ck, const char *target, size_t ri, const Keys *k)
+{
+    for (size_t i = 0; i < k->n && a->budget != 0; i++) {
+        AuditFinding f;
+        if (audit_check_key(ck, a->rules, ri, k->keys[i], k->lens[i], &f) != 0) {
+            fprintf(stderr, "walbust audit: %s: %s\n", target, audit_checker_errstr(ck));
+            audit_finding_release(&f);
+            return -1;
+        }
+        if (f.outcome == AUDIT_OUT_SKIPPED) {
+            a->t.skipped++;
+            audit_finding_release(&f);
+            continue;
+        }
+        a->t.checked++;
+        a->budget -= a->budget > 0;
+        if (f.outcome == AUDIT_OUT_CLEAN)
+            a->t.clean++;
+        else if (f.outcome == AUDIT_OUT_STALE)
+            a->t.stale++, print_stale(a, target, ri, k->keys[i], k->lens[i], &f);
+        else
+            a->t.unverified++;
+        audit_finding_release(&f);
+    }
+    return 0;
+}
+
+/* SCAN rule ri's audit pattern on one target and check what it finds. */
+static int audit_rule(AuditCmd *a, Sink *sink, AuditChecker *ck, const char *target, size_t ri)
+{
+    char *pattern = rules_audit_pattern(a->rules, ri);
+    SinkScan sc = {0};
+    Keys k = {0};
+    int rc = 0;
+
+    while (rc == 0 && !sc.done && a->budget != 0) {
+        if (sink_scan_page(sink, &sc, pattern, collect, &k) != 0) {
+            fprintf(stderr, "walbust audit: %s: %s\n", target, sink_errstr(sink));
+            rc = -1;
+            break;
+        }
+        rc = check_keys(a, ck, target, ri, &k);
+        keys_clear(&k);
+    }
+    free(k.keys);
+    free(k.lens);
+    free(pattern);
+    return rc;
+}
+
+static int audit_target(AuditCmd *a, const char *url, const char *watermark)
+{
+    SinkConfig sc = {0};
+    char err[512], target[300];
+    Sink *sink;
+    AuditChecker *ck;
+    int rc = 0;
+
+    if (redisurl_parse(url, &sc.url, err, sizeof err) != 0) {
+        fprintf(stderr, "walbust audit: %s\n", err);
+        return -1;
+    }
+    redisurl_describe(&sc.url, target, sizeof target);
+    sink = sink_new(&sc);
+    if (sink_config_error(sink) != NULL || sink_connect(sink) != 0) {
+        fprintf(stderr, "walbust audit: redis target %s: %s\n", target,
+                sink_config_error(sink) ? sink_config_error(sink) : sink_errstr(sink));
+        sink_free(sink);
+        return -1;
+    }
+    ck = audit_checker_new(sink, a->cfg->pg, watermark, AUDIT_CMD_WAIT_MS, NULL);
+    for (size_t ri = 0; rc == 0 && ri < rules_rule_count(a->rules); ri++) {
+        RulesAuditInfo info;
+        if (rules_audit_info(a->rules, ri, &info))
+            rc = audit_rule(a, sink, ck, target, ri);
+    }
+    audit_checker_free(ck);
+    sink_free(sink);
+    return rc;
+}
+
+int cmd_audit(const Config *cfg)
+{
+    AuditCmd a = {cfg, NULL, {0, 0, 0, 0, 0}, cfg->sample > 0 ? cfg->sample : -1};
+    char watermark[200], cons[160];
+    Rules *rules = cmd_load_rules(cfg->rules, stderr);
+    int rc = 0;
+
+    if (rules == NULL)
+        return 2;
+    if (!rules_has_audits(rules)) {
+        fprintf(stderr,
+                "walbust audit: %s has no rule with an \"audit\"; add one, e.g. \"audit\": "
+                "{\"key\": \"product:{id}\", \"sql\": \"SELECT row_to_json(p)::text FROM "
+                "public.products p WHERE id = $1\", \"args\": [\"{id}\"], \"compare\": \"json\"} "
+                "(docs/audit.md)\n",
+                cfg->rules);
+        rules_free(rules);
+        return 2;
+    }
+    a.rules = rules;
+    snprintf(watermark, sizeof watermark, "walbust:confirmed:%s", cfg->slot);
+    for (int i = 0; rc == 0 && i < cfg->nredis && a.budget != 0; i++)
+        rc = audit_target(&a, cfg->redis[i], watermark);
+    audit_consistency(a.t.checked, a.t.stale, cons, sizeof cons);
+    printf("audited %llu key%s: %llu clean, %llu stale, %llu unverified; %llu skipped (absent, "
+           "lease or stale markers, not strings, not checkable); consistency: %s\n",
+           a.t.checked, a.t.checked == 1 ? "" : "s", a.t.clean, a.t.stale, a.t.unverified,
+           a.t.skipped, cons);
+    if (a.t.unverified > 0)
+        fprintf(stderr,
+                "walbust audit: %llu key%s differed from the database but walbust's confirmed "
+                "position (%s) did not pass the database read within %d s, so they could not "
+                "be verified; is walbust running with --slot %s against this Redis?\n",
+                a.t.unverified, a.t.unverified == 1 ? "" : "s", watermark, AUDIT_CMD_WAIT_MS / 1000,
+                cfg->slot);
+    rules_free(rules);
+    if (a.t.stale > 0)
+        return 1;
+    return rc != 0 || a.t.unverified > 0 ? 2 : 0;
+}
