@@ -30,7 +30,7 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opt
             cdc/rconn.c cdc/sentinel.c
 IO_SRCS  += cdc/teardown_cmd.c
 IO_SRCS  += cdc/slotstore.c
-IO_SRCS  += cdc/audit_check.c cdc/audit_cmd.c
+IO_SRCS  += cdc/audit_check.c cdc/audit_cmd.c cdc/audit_run.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
 

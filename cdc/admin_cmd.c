@@ -836,6 +836,7 @@ int cmd_status(const Config *cfg)
     if (conn == NULL || status_slot(conn, cfg, where, obj) < 0 ||
         status_publication(conn, cfg, rules, where, obj) < 0)
         goto cleanup;
+    cmd_audit_status(cfg, rules, obj);
     if (cfg->json) {
         char *text = cJSON_PrintUnformatted(obj);
         if (text == NULL)

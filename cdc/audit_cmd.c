@@ -12,6 +12,7 @@
  * failed, or walbust's confirmed position did not pass a read in time, so
  * a difference could not be verified).
  */
+#include <cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -206,4 +207,102 @@ int cmd_audit(const Config *cfg)
     if (a.t.stale > 0)
         return 1;
     return rc != 0 || a.t.unverified > 0 ? 2 : 0;
+}
+
+/* ---- walbust status: the audit's counts ------------------------------------ */
+
+typedef struct Counts {
+    cJSON *fields; /* the hash walbust:audit:<slot> as an object */
+} Counts;
+
+static int take_hash(void *arg, const redisReply *r)
+{
+    Counts *c = arg;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements % 2 != 0)
+        return -1;
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        const redisReply *k = r->element[i], *v = r->element[i + 1];
+        char name[256];
+        cJSON *prev;
+        double add;
+        if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING)
+            continue;
+        snprintf(name, sizeof name, "%.*s", (int)k->len, k->str);
+        add = strtod(v->str, NULL);
+        prev = cJSON_GetObjectItemCaseSensitive(c->fields, name);
+        if (prev != NULL)
+            cJSON_SetNumberValue(prev, prev->valuedouble + add);
+        else
+            cJSON_AddNumberToObject(c->fields, name, add);
+    }
+    return 0;
+}
+
+/* "public.t 99.9% (3.0 nines): 1 stale in 1000 checks; ..." per table. */
+static void table_lines(const cJSON *fields, char *out, size_t n)
+{
+    const cJSON *it;
+    size_t o = 0;
+
+    out[0] = '\0';
+    cJSON_ArrayForEach(it, fields)
+    {
+        char stale_name[300], cons[160];
+        const cJSON *st;
+        if (strncmp(it->string, "checked:", 8) != 0 || o >= n)
+            continue;
+        snprintf(stale_name, sizeof stale_name, "stale:%s", it->string + 8);
+        st = cJSON_GetObjectItemCaseSensitive(fields, stale_name);
+        audit_consistency((uint64_t)it->valuedouble, st ? (uint64_t)st->valuedouble : 0, cons,
+                          sizeof cons);
+        o += (size_t)snprintf(out + o, n - o, "%s%s %s", o ? "; " : "", it->string + 8, cons);
+    }
+}
+
+void cmd_audit_status(const Config *cfg, const Rules *rules, cJSON *obj)
+{
+    Counts c = {cJSON_CreateObject()};
+    char key[200], cons[160], tables[1024], err[512];
+    const char *failed = NULL;
+    double checked, stale;
+
+    if (c.fields == NULL)
+        mem_oom();
+    if (rules == NULL || !rules_has_audits(rules)) {
+        cJSON_Delete(c.fields);
+        return;
+    }
+    snprintf(key, sizeof key, "walbust:audit:%s", cfg->slot);
+    for (int i = 0; i < cfg->nredis; i++) {
+        SinkConfig sc = {.connect_timeout_ms = 1000, .command_timeout_ms = 2000};
+        const char *argv[2] = {"HGETALL", key};
+        size_t lens[2] = {7, strlen(key)};
+        Sink *s;
+        if (redisurl_parse(cfg->redis[i], &sc.url, err, sizeof err) != 0) {
+            failed = err;
+            continue;
+        }
+        s = sink_new(&sc);
+        if (sink_call(s, 1, 2, argv, lens, take_hash, &c) != 0) {
+            snprintf(err, sizeof err, "%s", sink_errstr(s));
+            failed = err;
+        }
+        sink_free(s);
+    }
+    checked = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(c.fields, "checked"));
+    stale = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(c.fields, "stale"));
+    checked = checked == checked ? checked : 0; /* NaN: not counted yet */
+    stale = stale == stale ? stale : 0;
+    audit_consistency((uint64_t)checked, (uint64_t)stale, cons, sizeof cons);
+    table_lines(c.fields, tables, sizeof tables);
+    cJSON_AddNumberToObject(obj, "audit_checked", checked);
+    cJSON_AddNumberToObject(obj, "audit_stale", stale);
+    cJSON_AddNumberToObject(obj, "audit_nines", audit_nines((uint64_t)checked, (uint64_t)stale));
+    cJSON_AddStringToObject(obj, "audit_consistency", cons);
+    if (tables[0] != '\0')
+        cJSON_AddStringToObject(obj, "audit_tables", tables);
+    if (failed != NULL)
+        cJSON_AddStringToObject(obj, "audit_error", failed);
+    cJSON_Delete(c.fields);
 }

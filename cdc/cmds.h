@@ -18,6 +18,14 @@ int cmd_status(const Config *cfg);
 int cmd_teardown(const Config *cfg);
 int cmd_audit(const Config *cfg);
 
+struct cJSON;
+/* walbust status: add the cache audit's counts (the hash walbust:audit:<slot>
+ * in each --redis target, summed) to obj as audit_checked, audit_stale,
+ * audit_nines, audit_consistency and audit_tables (audit_error when a
+ * target could not be read). Nothing when rules declare no audit.
+ * (audit_cmd.c) */
+void cmd_audit_status(const Config *cfg, const Rules *rules, struct cJSON *obj);
+
 /* Read and compile a rules file. On failure prints every problem as
  * "FILE:LINE:COLUMN: message" (or "FILE: message") to report, or logs each
  * as an error event (log.h: a JSON line under --log-format json) when

@@ -109,6 +109,7 @@ void log_event(LogLevel level, const char *lsn, const char *table, const char *f
         if (*p == '\n' || *p == '\t' || *p == '\r')
             *p = ' ';
     timestamp(ts, sizeof ts);
+    flockfile(stderr); /* one line even when several threads log */
     if (log_json) {
         write_json(level, ts, lsn, table, msg);
     } else {
@@ -120,4 +121,5 @@ void log_event(LogLevel level, const char *lsn, const char *table, const char *f
         fputc('\n', stderr);
     }
     fflush(stderr);
+    funlockfile(stderr);
 }

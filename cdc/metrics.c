@@ -87,6 +87,7 @@ struct Metrics {
     LabelMap widened;     /* table */
     /* The refresh and stale rules' counters, by table. */
     LabelMap refresh_writes, refresh_fallback, stale_marked;
+    LabelMap audit_checked, audit_stale; /* table */
     RedisTarget targets[METRICS_MAX_TARGETS];
     bool cond_failed[METRICS_COND_COUNT];
     char *cond_reason[METRICS_COND_COUNT];
@@ -196,6 +197,8 @@ void metrics_free(Metrics *m)
     labelmap_release(&m->refresh_writes);
     labelmap_release(&m->refresh_fallback);
     labelmap_release(&m->stale_marked);
+    labelmap_release(&m->audit_checked);
+    labelmap_release(&m->audit_stale);
     for (int i = 0; i < METRICS_MAX_TARGETS; i++) {
         free(m->targets[i].name);
         free(m->targets[i].reason);
@@ -251,6 +254,17 @@ void metrics_refresh(Metrics *m, const char *table, uint64_t writes, uint64_t fa
         labelmap_add(&m->refresh_fallback, table, NULL, fallback_deletes);
     if (stale_marks > 0)
         labelmap_add(&m->stale_marked, table, NULL, stale_marks);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_audit(Metrics *m, const char *table, bool stale)
+{
+    if (m == NULL || table == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    labelmap_add(&m->audit_checked, table, NULL, 1);
+    /* Present from the first check, so a rate over it starts at 0. */
+    labelmap_add(&m->audit_stale, table, NULL, stale ? 1 : 0);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -543,6 +557,13 @@ static void render_counters(StrBuf *sb, Metrics *m)
     sb_header(sb, "walbust_widened_total", "counter",
               "Keys widened to patterns because a needed value was missing, by table.");
     render_labelmap(sb, "walbust_widened_total", &m->widened, "table", NULL);
+    sb_header(sb, "walbust_audit_checked_total", "counter",
+              "Cached keys the audit compared with the database, by the audit's table.");
+    render_labelmap(sb, "walbust_audit_checked_total", &m->audit_checked, "table", NULL);
+    sb_header(sb, "walbust_audit_stale_total", "counter",
+              "Audited keys found stale (differing from the database after walbust confirmed "
+              "past the read), by the audit's table.");
+    render_labelmap(sb, "walbust_audit_stale_total", &m->audit_stale, "table", NULL);
     sb_scalar(sb, "walbust_redis_errors_total", "counter", "Failed Redis batches.",
               atomic_load_explicit(&m->counters[METRICS_REDIS_ERRORS], memory_order_relaxed));
     sb_scalar(sb, "walbust_retries_total", "counter", "Redis batch retries after a failure.",

@@ -3,6 +3,8 @@
  */
 #include "opts.h"
 
+#include "audit.h"
+
 #include <getopt.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -41,8 +43,8 @@ typedef struct OptSpec {
 static const OptSpec opt_table[] = {
     {"pg", "WALBUST_PG", OPT_STRING, OFF(pg), "", F_ALL, "CONNINFO",
      "PostgreSQL conninfo string or URI (default: libpq defaults and PG* variables)"},
-    {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379", F_RUN | F_AUDIT,
-     "URL",
+    {"redis", "WALBUST_REDIS", OPT_LIST, OFF(redis), "redis://127.0.0.1:6379",
+     F_RUN | F_STATUS | F_AUDIT, "URL",
      "Redis target: redis://[user:pass@]host:port[/db], unix:///path.sock, "
      "redis+cluster://host:port[,host:port], redis+sentinel://host:port[,host:port]/MASTER "
      "(rediss, rediss+cluster, rediss+sentinel: TLS); parameters ?replicas=N&cacert=FILE&"
@@ -79,6 +81,21 @@ static const OptSpec opt_table[] = {
      "SECONDS",
      "re-check the rules' tables in the catalog this often, for schema changes the DDL event "
      "trigger cannot report (default: 30)"},
+    {"audit-rate", "WALBUST_AUDIT_RATE", OPT_STRING, OFF(audit_rate), "1", F_RUN, "PERCENT",
+     "audit this share of the audited keys walbust invalidates, 0 to 100 (default: 1); 0 "
+     "turns sampling off. Only rules with an \"audit\" are audited"},
+    {"audit-delay", "WALBUST_AUDIT_DELAY", OPT_LONG, OFF(audit_delay), NULL, F_RUN, "MS",
+     "check a sampled key this long after its invalidation (default: 1000)"},
+    {"audit-max-checks", "WALBUST_AUDIT_MAX_CHECKS", OPT_LONG, OFF(audit_max_checks), NULL, F_RUN,
+     "N", "audit at most N keys per second, samples and scan together (default: 20)"},
+    {"audit-scan-interval", "WALBUST_AUDIT_SCAN_INTERVAL", OPT_LONG, OFF(audit_scan_interval), NULL,
+     F_RUN, "SECONDS",
+     "start a background scan of the audited keys in Redis this long after the last one "
+     "ended (default: 300)"},
+    {"audit-no-scan", NULL, OPT_BOOL, OFF(audit_no_scan), NULL, F_RUN, NULL,
+     "no background scan: audit only sampled invalidations"},
+    {"audit-heal", NULL, OPT_BOOL, OFF(audit_heal), NULL, F_RUN, NULL,
+     "delete a stale entry when the audit finds one (default: only report it)"},
     {"sample", NULL, OPT_LONG, OFF(sample), NULL, F_AUDIT, "N",
      "check at most N audited keys (default: every one found)"},
     {"json", NULL, OPT_BOOL, OFF(json), NULL, F_STATUS, NULL, "print status as JSON"},
@@ -322,6 +339,13 @@ int opts_parse(int argc, char **argv, Config *cfg)
     if (strcmp(cfg->on_slot_lost, "fail") != 0 && strcmp(cfg->on_slot_lost, "flush-rules") != 0) {
         fprintf(stderr, "walbust %s: --on-slot-lost must be fail or flush-rules, got \"%s\"\n",
                 argv[1], cfg->on_slot_lost);
+        return 2;
+    }
+    if (!audit_parse_rate(cfg->audit_rate, &(double){0})) {
+        fprintf(stderr,
+                "walbust %s: --audit-rate must be a percentage from 0 to 100 (e.g. 1, 0.5 or "
+                "100%%), got \"%s\"\n",
+                argv[1], cfg->audit_rate);
         return 2;
     }
     if ((cmd == CMD_RUN || cmd == CMD_CHECK || cmd == CMD_SETUP || cmd == CMD_AUDIT) &&

@@ -128,15 +128,17 @@ static char *render_arg(const Match *m, const Template *t, int *len)
 int rules_audit_match(const Rules *r, size_t i, const char *key, size_t len, RulesAuditArgs *out)
 {
     const Audit *au = audit_of(r, i);
-    size_t n = au != NULL ? au->nnames + 1 : 1;
-    size_t *mem = xcalloc(4 * n, sizeof *mem);
-    Match m = {au ? &au->key : NULL, key, len, mem, mem + n, mem + 2 * n, mem + 3 * n,
-               au ? au->nnames : 0,  0};
+    size_t n, *mem;
+    Match m;
     int rc = 0;
 
     memset(out, 0, sizeof *out);
-    if (au != NULL && memchr(key, '\0', len) == NULL)
-        match_from(&m, 0, 0);
+    if (au == NULL || au->key.src == NULL || memchr(key, '\0', len) != NULL)
+        return 0;
+    n = au->nnames + 1;
+    mem = xcalloc(4 * n, sizeof *mem);
+    m = (Match){&au->key, key, len, mem, mem + n, mem + 2 * n, mem + 3 * n, au->nnames, 0};
+    match_from(&m, 0, 0);
     if (m.found == 1) {
         out->n = au->q.nargs;
         out->args = xcalloc(out->n + 1, sizeof *out->args);

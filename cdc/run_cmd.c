@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "apply.h"
+#include "audit_run.h"
 #include "catalog.h"
 #include "change.h"
 #include "cmds.h"
@@ -51,6 +52,8 @@ typedef struct RunStats {
 typedef struct Run {
     const Config *cfg;
     Rules *rules;
+    AuditRun *audit;            /* the cache audit thread (NULL: off) */
+    const RulesChange *chg_now; /* the change rules_eval() is emitting for */
     Sink *sinks[OPTS_MAX_REDIS];
     char targets[OPTS_MAX_REDIS][300]; /* redacted descriptions */
     int nsinks;
@@ -119,6 +122,8 @@ static void emit_to_sinks(void *arg, RulesInvAction action, const char *s, size_
     if (r->in_txn)
         visible_note(r->vis, r->xid);
     apply_add(r->ap, action, s, len, payload, payload_len);
+    if (action == RULES_INV_KEY && r->chg_now != NULL)
+        audit_run_note(r->audit, r->rules, s, len, r->chg_now);
 }
 
 static bool sinks_have_ops(const Run *r)
@@ -518,7 +523,9 @@ static void eval_change(Run *r, const RulesChange *chg)
 {
     RulesEvalStats st = {0};
 
+    r->chg_now = chg;
     rules_eval(r->rules, chg, emit_to_sinks, r, &st);
+    r->chg_now = NULL;
     if (r->lkx != NULL)
         (void)rules_eval_lookups(r->rules, chg, defer_lookup, r);
     schema_note_eval(r->schema, chg->table, &st);
@@ -893,6 +900,7 @@ static void reload_finish(Run *r)
     schema_set_rules(r->schema, fresh);
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
+    audit_run_reload(r->audit);
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
 }
 
@@ -1431,6 +1439,7 @@ static int slot_lost(Run *r)
 
 static void run_free(Run *r)
 {
+    audit_run_stop(r->audit);
     schema_free(r->schema);
     if (r->reload.running) {
         pthread_join(r->reload.thread, NULL);
@@ -1508,6 +1517,7 @@ int cmd_run(const Config *cfg)
     }
     if (setup_sinks(&r) != 0)
         goto done;
+    r.audit = audit_run_from_config(cfg, r.rules, r.metrics);
     notify_ready("connecting to postgresql");
     runtime_on_state(on_runtime_state, &r);
     r.dec = pgo_new();
