@@ -303,6 +303,28 @@ static void test_refresh_counters(void **state)
     metrics_free(m);
 }
 
+/* The audit's counters: checked and stale per table, stale present (0)
+ * from the first check so a rate over it starts at zero. */
+static void test_audit_counters(void **state)
+{
+    Metrics *m = metrics_new();
+    char *text;
+
+    (void)state;
+    metrics_audit(m, "public.products", false);
+    metrics_audit(m, "public.products", true);
+    metrics_audit(m, "public.products", false);
+    metrics_audit(m, "public.teams", false);
+    text = metrics_render(m);
+    assert_valid_exposition(text);
+    assert_true(sample(text, "walbust_audit_checked_total{table=\"public.products\"}") == 3);
+    assert_true(sample(text, "walbust_audit_stale_total{table=\"public.products\"}") == 1);
+    assert_true(sample(text, "walbust_audit_checked_total{table=\"public.teams\"}") == 1);
+    assert_true(has_line(text, "walbust_audit_stale_total{table=\"public.teams\"} 0"));
+    free(text);
+    metrics_free(m);
+}
+
 /* Many distinct label sets (forcing the index to grow several times), each
  * counted exactly. */
 static void test_labelled_counts(void **state)
@@ -748,6 +770,7 @@ int main(void)
         cmocka_unit_test(test_label_escaping),
         cmocka_unit_test(test_refresh_counters),
         cmocka_unit_test(test_labelled_counts),
+        cmocka_unit_test(test_audit_counters),
         cmocka_unit_test(test_histogram),
         cmocka_unit_test(test_positions),
         cmocka_unit_test(test_ready),
