@@ -91,6 +91,7 @@ struct AuditRun {
     char (*targets)[300];
     AuditBucket bucket;
     Scan scan;
+    bool scan_turn; /* the scan goes first in this round */
     uint64_t seen[AUDIT_SEEN_MAX];
     size_t nseen;
     int64_t err_logged_us;
@@ -494,11 +495,16 @@ static void *audit_thread(void *arg)
             nap_ms(10);
             continue;
         }
-        if (take_due(a, &s, now)) {
+        /* Samples and the scan take turns, so neither starves the other. */
+        a->scan_turn = !a->scan_turn;
+        if (!a->scan_turn && take_due(a, &s, now)) {
             (void)audit_bucket_take(&a->bucket, now);
             check_sampled(a, &s);
         } else if (scan_step(a, now)) {
             (void)audit_bucket_take(&a->bucket, now);
+        } else if (a->scan_turn && take_due(a, &s, now)) {
+            (void)audit_bucket_take(&a->bucket, now);
+            check_sampled(a, &s);
         } else if (a->scan.active) {
             nap_ms(10); /* a page was fetched: pace SCAN at ~100 pages a second */
         } else {

@@ -359,8 +359,13 @@ def test_no_false_positive_under_load():
             t.join(30)
         assert not errors, errors
         barrier(env.db, env.r)
-        wait_until(lambda: {k for k, _ in stale_logs(env.wb.read_log())} >= planted, 30,
-                   "the planted keys reported")
+        try:
+            wait_until(lambda: {k for k, _ in stale_logs(env.wb.read_log())} >= planted, 30,
+                       "the planted keys reported")
+        except AssertionError:
+            print("# planted:", sorted(planted), "walbust log (last 40 lines):\n" +
+                  "\n".join(env.wb.read_log().splitlines()[-40:]), flush=True)
+            raise
         time.sleep(2)
         found = {k for k, _ in stale_logs(env.wb.read_log())}
         for key in found:  # re-verify each finding against the database
