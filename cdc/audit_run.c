@@ -170,6 +170,8 @@ static Rules *load_rules(const char *path)
     return r;
 }
 
+static void scan_reset(Scan *s, bool active, int64_t next_us);
+
 static void maybe_reload(AuditRun *a)
 {
     Rules *r;
@@ -178,7 +180,7 @@ static void maybe_reload(AuditRun *a)
         return;
     rules_free(a->rules);
     a->rules = r;
-    a->scan = (Scan){.next_us = runtime_now_us()}; /* rule indexes changed: scan anew */
+    scan_reset(&a->scan, false, runtime_now_us()); /* rule indexes changed: scan anew */
 }
 
 /* ---- reporting ---------------------------------------------------------- */
@@ -221,8 +223,8 @@ static void log_stale(AuditRun *a, int t, const RulesAuditInfo *info, const char
         snprintf(d, sizeof d, "(no row: the key must not exist)");
     if (why != NULL)
         snprintf(change, sizeof change,
-                 "invalidated by the change to %s at LSN %s, xid %u, committed %s, and filled "
-                 "again with older data",
+                 "invalidated by the change to %s at LSN %s, xid %u, committed %s (then filled "
+                 "again with older data, or left stale by a change no rule maps to it)",
                  why->table, why->lsn, (unsigned)why->xid, why->commit_time);
     else
         snprintf(change, sizeof change,
@@ -371,6 +373,15 @@ static void page_clear(Page *p)
     p->n = p->next = 0;
 }
 
+/* Start over (active: now), keeping the page's buffers. */
+static void scan_reset(Scan *s, bool active, int64_t next_us)
+{
+    Page page = s->page;
+
+    page_clear(&page);
+    *s = (Scan){.active = active, .next_us = next_us, .page = page};
+}
+
 /* The next rule with an audit from ri on (rules_rule_count(): none). */
 static size_t next_audited(const Rules *r, size_t ri)
 {
@@ -429,7 +440,8 @@ static bool scan_step(AuditRun *a, int64_t now)
     if (!s->active) {
         if (a->cfg.scan_interval_s < 0 || now < s->next_us)
             return false;
-        *s = (Scan){.active = true, .rule = next_audited(a->rules, 0)};
+        scan_reset(s, true, now);
+        s->rule = next_audited(a->rules, 0);
         if (s->rule >= rules_rule_count(a->rules)) {
             scan_end(a, now);
             return false;
