@@ -251,8 +251,10 @@ def test_legacy_reader_detected():
         chi, clo = (int(x, 16) for x in commit_lsn.split("/"))
         assert (hi << 32 | lo) <= (chi << 32 | clo), (change_lsn, commit_lsn)
         assert '"name\\":\\"product 5\\"' in line and 'database "{\\"id\\":5,\\"name\\":\\"new 5\\"' in line, line
-        checked, stale = wait_until(lambda: (lambda c: c if c[0] >= 9 else None)(audit_counts(port)),
-                                    20, "checks of every sampled key")
+        # Only checks of keys holding a value count (a sampled key refilled
+        # before its check); product:5 and the lease readers' refills.
+        wait_until(lambda: audit_counts(port)[0] >= 2, 20, "checks of the sampled keys")
+        checked, stale = audit_counts(port)
         assert stale == 1, (checked, stale)
         p = subprocess.run([BIN, "status", "--pg", dsn(env.db), "--slot", env.slot, "--rules",
                             env.rules, "--redis", env.url, "--json"], capture_output=True, text=True,
