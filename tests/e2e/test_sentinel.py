@@ -137,6 +137,25 @@ def link_up(node):
         return False
 
 
+def replication_report(d, node):
+    """What the restarted node and the master it was pointed at say (printed
+    when the link does not come up, so a failure can be diagnosed)."""
+    lines = [f"# link of {node.port} did not come up"]
+    for n in d.nodes.values():
+        try:
+            info = n.client(1).info("replication")
+            lines.append(f"#   {n.port}: role={info.get('role')} master_port={info.get('master_port')} "
+                         f"link={info.get('master_link_status')} slaves={info.get('connected_slaves')}")
+        except redis.RedisError as e:
+            lines.append(f"#   {n.port}: {e}")
+    try:
+        with open(os.path.join(node.dir, "redis.log")) as f:
+            lines += ["#   " + ln.rstrip() for ln in f.readlines()[-15:]]
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
 def catch_up(d, timeout=60):
     """Barrier on the current master: once its key is gone, everything
     committed before was applied there."""
@@ -201,6 +220,7 @@ def failover_round(d, w, how):
                                "the killed master back as a replica")
                     break
                 except AssertionError:
+                    print(replication_report(d, d.nodes[old.port]))
                     if attempt == 2:
                         raise
                     old = d.nodes[old.port]
