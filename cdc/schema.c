@@ -275,32 +275,67 @@ static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
     return 0;
 }
 
-/* The relid of the ordinary or partitioned table named "schema.table"; 0
- * when there is none. */
-static int load_relid(Schema *s, const char *name, uint32_t *relid, char *err, size_t errlen)
+/* Add part (len bytes) to b as an element of a text[] literal. */
+static void array_elem(MemText *b, const char *part, size_t len)
 {
-    const char *dot = strchr(name, '.');
-    char *nsp;
+    char c[2] = {0, 0};
+
+    mem_text_add(b, "\"");
+    for (size_t i = 0; i < len; i++) {
+        if (part[i] == '"' || part[i] == '\\')
+            mem_text_add(b, "\\");
+        c[0] = part[i];
+        mem_text_add(b, c);
+    }
+    mem_text_add(b, "\"");
+}
+
+/* The relid of each rules table that is an ordinary or partitioned table
+ * named "schema.table" (0: none), in one query for all of them (one query
+ * per table held the streaming thread for seconds with thousands of
+ * tables). relids has s->ntables entries. */
+static int load_relids(Schema *s, uint32_t *relids, char *err, size_t errlen)
+{
+    MemText nsp = {0}, rel = {0};
     const char *params[2];
     PGresult *res;
 
-    *relid = 0;
-    if (dot == NULL)
-        return 0;
-    nsp = xstrdup(name);
-    nsp[dot - name] = '\0';
-    params[0] = nsp;
-    params[1] = dot + 1;
+    mem_text_add(&nsp, "{");
+    mem_text_add(&rel, "{");
+    for (size_t i = 0; i < s->ntables; i++) {
+        const char *name = s->tables[i].name, *dot = strchr(name, '.');
+        mem_text_add(&nsp, i > 0 ? "," : "");
+        mem_text_add(&rel, i > 0 ? "," : "");
+        if (dot == NULL) {
+            mem_text_add(&nsp, "NULL"); /* not "schema.table": no relid */
+            mem_text_add(&rel, "NULL");
+            continue;
+        }
+        array_elem(&nsp, name, (size_t)(dot - name));
+        array_elem(&rel, dot + 1, strlen(dot + 1));
+    }
+    mem_text_add(&nsp, "}");
+    mem_text_add(&rel, "}");
+    params[0] = nsp.s;
+    params[1] = rel.s;
     res = exec_sql(s,
-                   "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
-                   "ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 "
+                   "SELECT u.i, c.oid FROM ROWS FROM (pg_catalog.unnest($1::text[]), "
+                   "pg_catalog.unnest($2::text[])) "
+                   "WITH ORDINALITY AS u(nsp, rel, i) "
+                   "JOIN pg_catalog.pg_namespace n ON n.nspname = u.nsp "
+                   "JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = u.rel "
                    "AND c.relkind IN ('r', 'p')",
                    2, params, PGRES_TUPLES_OK, err, errlen);
-    free(nsp);
+    free(nsp.s);
+    free(rel.s);
     if (res == NULL)
         return -1;
-    if (PQntuples(res) == 1)
-        *relid = (uint32_t)strtoul(PQgetvalue(res, 0, 0), NULL, 10);
+    memset(relids, 0, s->ntables * sizeof *relids);
+    for (int r = 0; r < PQntuples(res); r++) {
+        size_t i = (size_t)strtoull(PQgetvalue(res, r, 0), NULL, 10);
+        if (i >= 1 && i <= s->ntables)
+            relids[i - 1] = (uint32_t)strtoul(PQgetvalue(res, r, 1), NULL, 10);
+    }
     PQclear(res);
     return 0;
 }
@@ -605,9 +640,11 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
 {
     PubInfo pub = {false, false, false};
     Catalog *cat = NULL;
+    uint32_t *relids = xcalloc(s->ntables + 1, sizeof *relids);
     int rc = -2;
 
     if (!ensure_conn(s, err, errlen) || load_pub(s, &pub, err, errlen) != 0 ||
+        load_relids(s, relids, err, errlen) != 0 ||
         (cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen)) == NULL)
         goto cleanup;
     if (!pub.exists && !s->pub_missing_warned)
@@ -617,11 +654,8 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     s->pub_missing_warned = !pub.exists;
     for (size_t i = 0; i < s->ntables; i++) {
         SchemaTable *t = &s->tables[i];
-        uint32_t relid;
 
-        if (load_relid(s, t->name, &relid, err, errlen) != 0)
-            goto cleanup;
-        if (check_table(s, &pub, cat, t, relid, lsn, err, errlen) != 0) {
+        if (check_table(s, &pub, cat, t, relids[i], lsn, err, errlen) != 0) {
             rc = -1;
             goto cleanup;
         }
@@ -634,6 +668,7 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     rc = 0;
 cleanup:
     catalog_free(cat);
+    free(relids);
     return rc;
 }
 
