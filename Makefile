@@ -29,7 +29,7 @@ IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opt
             cdc/lookup_exec.c \
             cdc/rconn.c cdc/sentinel.c
 IO_SRCS  += cdc/teardown_cmd.c
-IO_SRCS  += cdc/slotstore.c
+IO_SRCS  += cdc/slotstore.c cdc/sink_cluster.c cdc/slotwatch.c
 IO_SRCS  += cdc/audit_check.c cdc/audit_cmd.c cdc/audit_run.c
 MAIN_SRC  = cdc/main.c
 GEN_SRCS  = $(BUILD)/gen/redis_scripts.c
@@ -114,7 +114,8 @@ unit: $(UNIT_BINS)
 	$(Q)set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
 # The Redis sink against a real Redis named by WALBUST_REDIS (scripts/stack).
-$(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/redisurl.o \
+$(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/sink_cluster.o \
+                          $(BUILD)/obj/redisurl.o \
                           $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o $(BUILD)/obj/mem.o \
                           $(BUILD)/obj/rconn.o $(BUILD)/obj/sentinel.o $(BUILD)/obj/batch.o
 	@mkdir -p $(dir $@)

@@ -40,8 +40,7 @@
 #include "schema.h"
 #include "visible.h"
 #include "sink.h"
-#include "slotguard.h"
-#include "slotstore.h"
+#include "slotwatch.h"
 
 _Static_assert(APPLY_MAX_TARGETS >= OPTS_MAX_REDIS, "apply.h holds every --redis target");
 
@@ -101,14 +100,10 @@ typedef struct Run {
     Schema *schema;   /* schema changes on the rules' tables (schema.h) */
     bool schema_stop; /* a schema change walbust cannot follow: exit 1 */
     bool replay;      /* pg_lost on purpose (redis recovered): reconnect at once */
-    /* Slot lifecycle (slotguard.h). */
+    /* Slot lifecycle (slotwatch.h). */
     char mark_key[128];
-    SlotEvidence slot_ev;   /* what walbust knows of its use of the slot */
-    StreamSlot slot_seen;   /* the slot when the stream was opened */
-    bool slot_unverified;   /* redis was unreadable then: verify before a watermark */
-    int64_t slot_verify_at; /* monotonic µs of the next late verification */
-    SlotJudgement lost;     /* verdict SLOT_LOST: why and which range */
-    bool slot_fatal;        /* stopping because of a slot problem: exit 1 */
+    SlotWatch sw;
+    bool slot_fatal; /* stopping because of a slot problem: exit 1 */
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -402,12 +397,10 @@ static int flush_targets(Run *r)
         r->replay = true;
         return 0;
     }
-    if (res.holding == 0 && r->watermark_lsn > r->slot_ev.here_limit) {
-        /* Every target holds the watermark: PostgreSQL may hear of it
-         * (not after a failure: the replay starts from what it was told). */
-        r->slot_ev.here_limit = r->watermark_lsn;
-        stream_set_confirm_limit(r->stream, r->watermark_lsn);
-    }
+    /* Every target holds the watermark: PostgreSQL may hear of it (not
+     * after a failure: the replay starts from what it was told). */
+    if (res.holding == 0)
+        slotwatch_allow(&r->sw, r->stream, r->watermark_lsn);
     if (res.acked > res.was_acked) {
         /* Reported within a few ms (a status update per batch would double
          * the walsender's work on small batches); at once when stopping. */
@@ -479,7 +472,7 @@ static void maybe_watermark(Run *r)
     /* The watermark is the evidence of the slot's past: never overwrite
      * it before the slot was checked against it, nor while the stream is
      * about to reconnect (a replay may start before it). */
-    if (r->pg_lost || (r->slot_unverified && verify_slot_late(r) != 0))
+    if (r->pg_lost || (r->sw.unverified && verify_slot_late(r) != 0))
         return;
     if (confirmed < apply_acked(r->ap))
         confirmed = apply_acked(r->ap);
@@ -1142,231 +1135,31 @@ static void on_runtime_state(void *arg, RuntimeState state, const char *detail)
     }
 }
 
-/* ---- slot lifecycle: is the slot the one walbust streamed from? ---- */
-
-/* Read the evidence from Redis into r->slot_ev; err says why not. */
-static int read_slot_evidence(Run *r, char *err, size_t errlen)
-{
-    return slotstore_read(r->sinks, r->nsinks, r->watermark_key, r->mark_key, &r->slot_ev, err,
-                          errlen);
-}
-
-/* The slot checked out (or was created): write the mark when it is not
- * there yet (or names another server), and let PostgreSQL hear of
- * positions up to what the evidence and the slot itself hold. */
-static int accept_slot(Run *r, const StreamSlot *slot, char *err, size_t errlen)
-{
-    SlotEvidence *ev = &r->slot_ev;
-    uint64_t limit = slotguard_known(ev);
-
-    if (!ev->has_mark || strcmp(ev->mark.system_id, slot->system_id) != 0 ||
-        strcmp(ev->mark.database, slot->database) != 0) {
-        SlotMark m = {.since = slot->confirmed};
-
-        snprintf(m.system_id, sizeof m.system_id, "%s", slot->system_id);
-        snprintf(m.database, sizeof m.database, "%s", slot->database);
-        if (slotstore_mark(r->sinks, r->nsinks, r->mark_key, &m, err, errlen) != 0)
-            return -1;
-        ev->has_mark = true;
-        ev->mark = m;
-    }
-    if (slot->confirmed > limit)
-        limit = slot->confirmed;
-    if (limit > ev->here_limit)
-        ev->here_limit = limit;
-    stream_set_confirm_limit(r->stream, ev->here_limit);
-    r->slot_unverified = false;
-    return 0;
-}
-
-/* The slot cannot decode past a change (stream.h, STREAM_LOST with the
- * slot not invalidated): lost from the last confirmed position on. */
-static void undecodable(Run *r, const Stream *s, const StreamSlot *slot)
-{
-    char a[LSN_TEXT_MAX], b[LSN_TEXT_MAX];
-    SlotJudgement *j = &r->lost;
-
-    j->verdict = SLOT_LOST;
-    j->from = slotguard_known(&r->slot_ev);
-    if (slot->confirmed > j->from)
-        j->from = slot->confirmed;
-    j->to = slot->wal_now > j->from ? slot->wal_now : j->from;
-    snprintf(j->why, sizeof j->why,
-             "%s; the WAL from %s (the last position walbust confirmed) to at least %s (the "
-             "server's position now) cannot be applied, so caches the rules cover may hold "
-             "stale entries",
-             stream_errstr(s), lsn_format(j->from, a), lsn_format(j->to, b));
-}
-
-/* A Redis user that may not read or write the evidence: retrying will not
- * help, and without it walbust could not tell a lost slot. Logs the grant
- * and returns true. */
-static bool evidence_denied(const Run *r, const char *err)
-{
-    if (strstr(err, "NOPERM") == NULL)
-        return false;
-    log_error("%s: walbust reads and writes %s and %s to tell whether the slot is the one it "
-              "streamed from; grant them, e.g. (+get +set +eval ~%s ~%s) in the user's ACL "
-              "(docs/security.md)",
-              err, r->watermark_key, r->mark_key, r->watermark_key, r->mark_key);
-    return true;
-}
-
-/* /readyz: the slot condition fails with why (the slot is missing or
- * lost), or holds when why is NULL. */
-static void slot_condition(Run *r, const char *why)
-{
-    metrics_set_condition(r->metrics, METRICS_COND_SLOT, why == NULL, why);
-}
+/* ---- slot lifecycle (slotwatch.h) ---- */
 
 /* runtime_open_stream()'s slot hook (RuntimeSlotFn). */
 static int slot_hook(void *arg, Stream *s, StreamStatus st)
 {
     Run *r = arg;
-    const StreamSlot *slot = stream_slot(s);
-    char err[512] = "", lsn[LSN_TEXT_MAX], why[800];
-    SlotVerdict v;
 
-    if (read_slot_evidence(r, err, sizeof err) != 0 && evidence_denied(r, err))
-        return -1;
-    if (st == STREAM_LOST && !slot->lost) {
-        undecodable(r, s, slot);
-        slot_condition(r, r->lost.why);
-        log_error("%s", r->lost.why);
-        return -2;
-    }
-    v = slotguard_judge(r->cfg->slot, slot, &r->slot_ev, r->cfg->create_slot, &r->lost);
-    switch (v) {
-    case SLOT_LOST:
-        slot_condition(r, r->lost.why);
-        log_error("%s", r->lost.why);
-        return -2;
-    case SLOT_MISSING:
-        slot_condition(r, stream_errstr(s));
-        log_error("%s", stream_errstr(s));
-        return -1;
-    case SLOT_WAIT:
-        snprintf(why, sizeof why,
-                 "replication slot \"%s\" does not exist, and redis cannot tell whether walbust "
-                 "streamed from it before (%s): waiting for redis (--create-slot creates a slot "
-                 "only on first use)",
-                 r->cfg->slot, err);
-        slot_condition(r, why);
-        log_warn("%s", why);
-        return 1;
-    case SLOT_CREATE:
-        if (stream_create_slot(s) != STREAM_OK) {
-            log_error("could not create replication slot \"%s\": %s", r->cfg->slot,
-                      stream_errstr(s));
-            return -1;
-        }
-        log_info("created replication slot \"%s\" at %s (first use: redis holds no watermark "
-                 "or mark for it)",
-                 r->cfg->slot, lsn_format(slot->confirmed, lsn));
-        break;
-    case SLOT_UNVERIFIED:
-        /* Not the error itself: the retries of the first batch log it. */
-        log_warn("could not read the slot's watermark from redis; streaming, and checking "
-                 "replication slot \"%s\" against it before confirming anything",
-                 r->cfg->slot);
-        break;
-    case SLOT_OK:
-        break;
-    }
-    slot_condition(r, NULL);
-    r->slot_seen = *slot;
-    if (v == SLOT_UNVERIFIED || accept_slot(r, slot, err, sizeof err) != 0) {
-        if (v != SLOT_UNVERIFIED && evidence_denied(r, err))
-            return -1;
-        if (v != SLOT_UNVERIFIED)
-            log_warn("could not record the slot's mark in redis (%s); trying again before the "
-                     "first confirmation",
-                     err);
-        r->slot_unverified = true;
-        stream_set_confirm_limit(
-            s, slot->confirmed > r->slot_ev.here_limit ? slot->confirmed : r->slot_ev.here_limit);
-    }
-    return 0;
+    return slotwatch_hook(&r->sw, s, st);
 }
 
-/* The stream was opened while Redis could not be read: check the slot as
- * it was then against the evidence, at most once a second, and only once
- * every target is connected. Returns 0 once checked, -1 while not (no
- * watermark may be written yet); a lost slot stops the stream. */
+/* The stream was opened while Redis could not be read: returns 0 once the
+ * slot checked out, -1 while not (no watermark may be written yet). A lost
+ * slot leaves the stream loop (cmd_run follows --on-slot-lost); evidence
+ * walbust may not read stops it (drain, then exit 1). */
 static int verify_slot_late(Run *r)
 {
-    char err[512];
-    int64_t now = runtime_now_us();
-
-    if (now < r->slot_verify_at)
-        return -1;
-    r->slot_verify_at = now + 1000000;
-    for (int i = 0; i < r->nsinks; i++)
-        if (!sink_connected(r->sinks[i]))
-            return -1;
-    if (read_slot_evidence(r, err, sizeof err) != 0) {
-        if (evidence_denied(r, err)) {
-            r->slot_fatal = true; /* drain, then exit 1 */
-            runtime_stop = 1;
-        }
-        return -1;
+    if (slotwatch_verify(&r->sw, r->stream) == 0)
+        return 0;
+    if (r->sw.lost.verdict == SLOT_LOST)
+        r->pg_lost = true;
+    if (r->sw.fatal) {
+        r->slot_fatal = true;
+        runtime_stop = 1;
     }
-    if (slotguard_judge(r->cfg->slot, &r->slot_seen, &r->slot_ev, r->cfg->create_slot, &r->lost) ==
-        SLOT_LOST) {
-        slot_condition(r, r->lost.why);
-        log_error("%s", r->lost.why);
-        r->pg_lost = true; /* leave the stream loop; cmd_run follows --on-slot-lost */
-        return -1;
-    }
-    if (accept_slot(r, &r->slot_seen, err, sizeof err) != 0) {
-        if (evidence_denied(r, err)) {
-            r->slot_fatal = true;
-            runtime_stop = 1;
-        }
-        return -1;
-    }
-    log_info("replication slot \"%s\" checked against the watermark in redis: it is the one "
-             "walbust streamed from",
-             r->cfg->slot);
-    return 0;
-}
-
-/* Drop the slot when it exists and create it anew; *at is where the new
- * slot starts. Returns 0, or -1 (logged). */
-static int recreate_slot(Run *r, uint64_t *at)
-{
-    char err[512], sql[320];
-    PGconn *conn = stream_plain_connect(r->cfg->pg, err, sizeof err);
-    PGresult *res;
-
-    if (conn == NULL) {
-        log_error("slot recovery: %s", err);
-        return -1;
-    }
-    snprintf(sql, sizeof sql,
-             "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM "
-             "pg_catalog.pg_replication_slots WHERE slot_name = '%s'",
-             r->cfg->slot);
-    res = PQexec(conn, sql);
-    if (PQresultStatus(res) == PGRES_TUPLES_OK) {
-        PQclear(res);
-        snprintf(sql, sizeof sql,
-                 "SELECT lsn FROM pg_catalog.pg_create_logical_replication_slot('%s', "
-                 "'pgoutput')",
-                 r->cfg->slot);
-        res = PQexec(conn, sql);
-    }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 ||
-        !lsn_parse(PQgetvalue(res, 0, 0), at)) {
-        log_error("slot recovery: could not recreate slot \"%s\": %s", r->cfg->slot,
-                  PQerrorMessage(conn));
-        PQclear(res);
-        PQfinish(conn);
-        return -1;
-    }
-    PQclear(res);
-    PQfinish(conn);
-    return 0;
+    return -1;
 }
 
 /* --on-slot-lost=flush-rules: the slot's WAL is gone, so changes since its
@@ -1377,17 +1170,15 @@ static int recreate_slot(Run *r, uint64_t *at)
  * when all is done. */
 static int recover_lost_slot(Run *r)
 {
-    char a[LSN_TEXT_MAX], b[LSN_TEXT_MAX], err[512];
+    char a[LSN_TEXT_MAX], b[LSN_TEXT_MAX];
     ChangeTxn txn = {0};
-    const StreamSlot *was = stream_slot(r->stream);
-    SlotMark m = {0};
     uint64_t at = 0;
 
-    if (recreate_slot(r, &at) != 0)
+    if (slotwatch_recreate(&r->sw, &at) != 0)
         return -1;
     log_warn("recreated lost slot \"%s\" at %s; the WAL from %s to %s was not applied: "
              "invalidating everything the rules cover",
-             r->cfg->slot, lsn_format(at, a), lsn_format(r->lost.from, b), a);
+             r->cfg->slot, lsn_format(at, a), lsn_format(r->sw.lost.from, b), a);
 
     snprintf(txn.lsn_text, sizeof txn.lsn_text, "0/0");
     pgtime_format(pgtime_now(), txn.time_text);
@@ -1402,25 +1193,14 @@ static int recover_lost_slot(Run *r)
      * watermark may say so (readers waiting for an older LSN may go on). */
     apply_set_watermark(r->ap, r->watermark_key, a, /* reset= */ true);
     r->watermark_lsn = at;
-    if (flush_batch(r) != 0)
+    if (flush_batch(r) != 0 || slotwatch_mark_new(&r->sw, stream_slot(r->stream), at) != 0)
         return -1;
-    m.since = at;
-    snprintf(m.system_id, sizeof m.system_id, "%s", was->system_id);
-    snprintf(m.database, sizeof m.database, "%s", was->database);
-    if (slotstore_mark(r->sinks, r->nsinks, r->mark_key, &m, err, sizeof err) != 0) {
-        log_error("slot recovery: could not record the new slot in redis: %s", err);
-        return -1;
-    }
-    r->slot_ev.has_mark = true;
-    r->slot_ev.mark = m;
-    r->slot_ev.here_limit = at;
     apply_rewind(r->ap, 0);
-    memset(&r->lost, 0, sizeof r->lost);
     log_info("caches the rules cover are flushed; streaming from the new slot");
     return 0;
 }
 
-/* A lost slot (r->lost, logged): follow --on-slot-lost. Returns 0 when the
+/* A lost slot (r->sw.lost, logged): follow --on-slot-lost. Returns 0 when the
  * slot was recreated and the caches flushed, -1 to stop. */
 static int slot_lost(Run *r)
 {
@@ -1518,6 +1298,14 @@ int cmd_run(const Config *cfg)
     if (setup_sinks(&r) != 0)
         goto done;
     r.audit = audit_run_from_config(cfg, r.rules, r.metrics);
+    slotwatch_init(&r.sw, &(SlotWatchConfig){.slot = cfg->slot,
+                                             .conninfo = cfg->pg,
+                                             .create_slot = cfg->create_slot,
+                                             .wm_key = r.watermark_key,
+                                             .mark_key = r.mark_key,
+                                             .sinks = r.sinks,
+                                             .nsinks = r.nsinks,
+                                             .metrics = r.metrics});
     notify_ready("connecting to postgresql");
     runtime_on_state(on_runtime_state, &r);
     r.dec = pgo_new();
@@ -1542,8 +1330,8 @@ int cmd_run(const Config *cfg)
         metrics_postgres_up(r.metrics, false);
         open_rc = runtime_open_stream(r.stream, start, slot_hook, startup_check, &r);
         if (open_rc == -2) {
-            if (r.lost.verdict != SLOT_LOST) /* found at START_REPLICATION */
-                undecodable(&r, r.stream, stream_slot(r.stream));
+            if (r.sw.lost.verdict != SLOT_LOST) /* found at START_REPLICATION */
+                slotwatch_undecodable(&r.sw, r.stream);
             if (slot_lost(&r) != 0)
                 break;
             stream_free(r.stream);
@@ -1558,7 +1346,7 @@ int cmd_run(const Config *cfg)
             apply_start_at(r.ap, stream_confirmed(r.stream));
         r.pg_lost = false;
         r.replay = false;
-        r.slot_ev.streamed_here = true; /* a slot that goes missing now is lost */
+        slotwatch_streaming(&r.sw); /* a slot that goes missing now is lost */
         metrics_postgres_up(r.metrics, true);
         notify_status("streaming");
         streaming_since = runtime_now_us();
@@ -1569,7 +1357,7 @@ int cmd_run(const Config *cfg)
         metrics_postgres_up(r.metrics, false);
         if (runtime_stop)
             break;
-        if (r.lost.verdict == SLOT_LOST) { /* found by the late check */
+        if (r.sw.lost.verdict == SLOT_LOST) { /* found by the late check */
             if (slot_lost(&r) != 0)
                 break;
             stream_free(r.stream);

@@ -24,6 +24,10 @@
  * every reply was still read and the stream is in sync. Connections are
  * rconn.c's (TCP, unix socket or TLS); this file never sees a socket.
  *
+ * A redis+cluster:// target's batch goes through sink_cluster.c instead
+ * (sink_cl_flush()), which shares this file's state and argument helpers
+ * (sink_int.h).
+ *
  * With ?replicas=N the batch ends with WAIT N: it counts as acknowledged
  * only when WAIT reports at least N replicas, so a failover cannot hand
  * the promoted replica a state older than what was confirmed.
@@ -35,6 +39,7 @@
 #include "mem.h"
 #include "rconn.h"
 #include "sentinel.h"
+#include "sink_int.h"
 
 #include <hiredis/hiredis.h>
 #include <stdarg.h>
@@ -54,77 +59,10 @@ extern const char redis_watermark_lua[];
 #define SINK_DEFAULT_MAX_OPS 10000
 #define SINK_DEFAULT_MAX_BYTES (8u << 20)
 #define SINK_KEYS_PER_CMD 512  /* keys per UNLINK/DEL command */
-#define SINK_SCAN_COUNT "1000" /* SCAN COUNT hint */
-#define SINK_NO_OP ((size_t)-1)
-#define SINK_NO_OWNER ((size_t)-2) /* a cluster command that is no op's */
-#define SINK_CLUSTER_WAIT_MS 200   /* WAIT for a replica after a cluster batch */
-#define SINK_WAIT_MS 1000          /* WAIT timeout with ?replicas=N */
-#define SINK_WATCH_POLL_MS 100     /* sink_watch() looks at most this often */
+#define SINK_WAIT_MS 1000      /* WAIT timeout with ?replicas=N */
+#define SINK_WATCH_POLL_MS 100 /* sink_watch() looks at most this often */
 
-/* What reply a pipelined command expects. */
-typedef enum PendKind {
-    PEND_OK,   /* +OK (SET) */
-    PEND_INT,  /* an integer (UNLINK, DEL, INCR, EVALSHA, PUBLISH) */
-    PEND_SHA,  /* the script's SHA1 (SCRIPT LOAD) */
-    PEND_SCAN, /* [cursor, [keys...]] */
-    PEND_WAIT, /* WAIT: an integer >= the replicas asked for */
-    PEND_WM,   /* the watermark script: an integer (1 set, 0 already newer) */
-} PendKind;
-
-/* A command whose reply is outstanding, with enough to name it in errors. */
-typedef struct Pending {
-    PendKind kind;
-    const char *cmd; /* "UNLINK", "INCR", ... */
-    size_t op;       /* the op it came from, or SINK_NO_OP (watermark, script) */
-    size_t nkeys;    /* keys in a grouped UNLINK/DEL */
-    bool scan_match; /* issued for a key found by the op's pattern */
-} Pending;
-
-struct Sink {
-    SinkConfig cfg;
-    Rconn *c;
-    RconnTls *tls;        /* rediss: the CA store and client certificate */
-    char config_err[512]; /* a TLS file could not be loaded */
-    Cluster *cl;          /* redis+cluster:// targets: routing by cluster.c, c unused */
-    SentinelWatch *watch; /* redis+sentinel://: +switch-master (sink_watch), or NULL */
-    long long watch_at;   /* monotonic ms of the next sink_watch() poll */
-    char errstr[512];
-    SinkStats stats;
-
-    Batch b; /* the queued invalidations (batch.c) */
-    char *wm_key, *wm_value;
-    bool wm_reset; /* set the watermark even when it is lower */
-
-    Pending *pend;
-    size_t npend, pend_cap;
-    const char **argv;
-    size_t *argvlen;
-    size_t argv_cap;
-    char sha[41];  /* tag script SHA1, "" until learnt */
-    char rsha[41]; /* refresh script SHA1, "" until learnt */
-    char *fence;   /* the fence key of the op being sent */
-    size_t fence_cap;
-    char why[256];       /* a formatted reason for reply_ok */
-    size_t nrefused;     /* OOM refusals in this flush */
-    size_t fenced;       /* refreshes the fence refused in this flush */
-    bool wm_refused;     /* the watermark SET was one of them */
-    bool oom;            /* the last flush failed only on OOM refusals */
-    bool readonly;       /* a READONLY reply: reconnect (and rediscover) */
-    char oom_first[200]; /* the first refused command and Redis' words */
-    size_t *cl_owner;    /* cluster command index -> op (SINK_NO_OP: watermark) */
-    size_t ncl_owner, cl_owner_cap;
-    size_t cl_op; /* the op cl_cmd() queues for */
-};
-
-/* Cluster targets (the section at the end of this file). */
-static Cluster *cl_new(const SinkConfig *cfg, RconnTls *tls);
-static int cl_connect(Sink *s);
-static int cl_flush(Sink *s);
-static int cl_exec(Sink *s);
-
-static void set_err(Sink *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void set_err(Sink *s, const char *fmt, ...)
+void sink_set_err(Sink *s, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -154,7 +92,7 @@ Sink *sink_new(const SinkConfig *cfg)
                                sizeof s->config_err);
     }
     if (cfg->url.kind == REDISURL_CLUSTER)
-        s->cl = cl_new(&s->cfg, s->tls);
+        s->cl = sink_cl_new(&s->cfg, s->tls);
     return s;
 }
 
@@ -299,12 +237,12 @@ static int io_fail(Sink *s, const char *what)
 
     target(s, t, sizeof t);
     if (rconn_timed_out(s->c))
-        set_err(s,
-                "redis at %s did not answer %s within %d ms (command timeout); "
-                "the connection was closed",
-                t, what, s->cfg.command_timeout_ms);
+        sink_set_err(s,
+                     "redis at %s did not answer %s within %d ms (command timeout); "
+                     "the connection was closed",
+                     t, what, s->cfg.command_timeout_ms);
     else
-        set_err(s, "redis I/O error at %s during %s: %s", t, what, rconn_errstr(s->c));
+        sink_set_err(s, "redis I/O error at %s during %s: %s", t, what, rconn_errstr(s->c));
     disconnect(s);
     return -1;
 }
@@ -332,7 +270,7 @@ static int ping(Sink *s)
         return -1;
     target(s, t, sizeof t);
     if (r->type == REDIS_REPLY_ERROR) {
-        set_err(s, "redis PING failed at %s: %s", t, r->str);
+        sink_set_err(s, "redis PING failed at %s: %s", t, r->str);
         freeReplyObject(r);
         disconnect(s);
         return -1;
@@ -397,11 +335,11 @@ int sink_connect(Sink *s)
 
     disconnect(s);
     if (s->config_err[0] != '\0') {
-        set_err(s, "%s", s->config_err);
+        sink_set_err(s, "%s", s->config_err);
         return -1;
     }
     if (s->cl != NULL)
-        return cl_connect(s);
+        return sink_cl_connect(s);
     if (u->kind == REDISURL_SENTINEL)
         return sentinel_connect(s, &rc);
     s->c = rconn_open(&rc, s->errstr, sizeof s->errstr);
@@ -463,11 +401,11 @@ static int one_cmd(Sink *s, size_t keyarg, int argc, const char **argv, const si
     int rc;
 
     if (s->cl != NULL) {
-        if (!cluster_connected(s->cl) && cl_connect(s) < 0)
+        if (!cluster_connected(s->cl) && sink_cl_connect(s) < 0)
             return -1;
         cluster_reset(s->cl);
         (void)cluster_append_key(s->cl, keyarg, argc, argv, lens);
-        if (cl_exec(s) < 0) {
+        if (sink_cl_exec(s) < 0) {
             cluster_reset(s->cl);
             return -1;
         }
@@ -510,8 +448,8 @@ static int take_get(Sink *s, const redisReply *r, void *arg)
         snprintf(g->buf, g->len, "%.*s", (int)r->len, r->str);
         return 1;
     }
-    set_err(s, "redis GET failed at %s: %s", target(s, t, sizeof t),
-            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    sink_set_err(s, "redis GET failed at %s: %s", target(s, t, sizeof t),
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
     return -1;
 }
 
@@ -522,8 +460,8 @@ static int take_ok(Sink *s, const redisReply *r, void *arg)
     (void)arg;
     if (r->type == REDIS_REPLY_STATUS)
         return 0;
-    set_err(s, "redis SET failed at %s: %s", target(s, t, sizeof t),
-            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    sink_set_err(s, "redis SET failed at %s: %s", target(s, t, sizeof t),
+                 r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
     return -1;
 }
 
@@ -546,7 +484,7 @@ int sink_set(Sink *s, const char *key, const char *value)
 
 /* ---- pipeline -------------------------------------------------------- */
 
-static void argv_reserve(Sink *s, size_t n)
+void sink_argv_reserve(Sink *s, size_t n)
 {
     size_t cap = s->argv_cap;
 
@@ -562,29 +500,40 @@ static void pipe_cmd(Sink *s, size_t argc, PendKind kind, size_t op, size_t nkey
     s->pend[s->npend++] = (Pending){kind, s->argv[0], op, nkeys, scan_match};
 }
 
-static void arg(Sink *s, size_t i, const char *p, size_t n)
+void sink_arg(Sink *s, size_t i, const char *p, size_t n)
 {
     s->argv[i] = p;
     s->argvlen[i] = n;
 }
 
-static void arg_str(Sink *s, size_t i, const char *p)
+void sink_arg_str(Sink *s, size_t i, const char *p)
 {
-    arg(s, i, p, strlen(p));
+    sink_arg(s, i, p, strlen(p));
 }
 
 /* Put the watermark command into s->argv from index 0; returns argc. */
-static size_t watermark_args(Sink *s)
+size_t sink_publish_args(Sink *s, size_t op)
 {
-    argv_reserve(s, 6);
-    arg_str(s, 0, "EVAL");
-    arg_str(s, 1, redis_watermark_lua);
-    arg_str(s, 2, "1");
-    arg_str(s, 3, s->wm_key);
-    arg_str(s, 4, s->wm_value);
+    const BatchOp *o = &s->b.ops[op];
+
+    sink_argv_reserve(s, 3);
+    sink_arg_str(s, 0, "PUBLISH");
+    sink_arg(s, 1, batch_str(&s->b, o), o->len);
+    sink_arg(s, 2, batch_payload(&s->b, o), o->payload_len);
+    return 3;
+}
+
+size_t sink_watermark_args(Sink *s)
+{
+    sink_argv_reserve(s, 6);
+    sink_arg_str(s, 0, "EVAL");
+    sink_arg_str(s, 1, redis_watermark_lua);
+    sink_arg_str(s, 2, "1");
+    sink_arg_str(s, 3, s->wm_key);
+    sink_arg_str(s, 4, s->wm_value);
     if (!s->wm_reset)
         return 5;
-    arg_str(s, 5, "reset");
+    sink_arg_str(s, 5, "reset");
     return 6;
 }
 
@@ -617,7 +566,7 @@ static void describe(const Sink *s, const Pending *p, char *buf, size_t len)
 }
 
 /* The WAIT timeout: well inside the command timeout. */
-static int wait_ms(const Sink *s)
+int sink_wait_ms(const Sink *s)
 {
     int ms = s->cfg.command_timeout_ms / 2;
     return ms < SINK_WAIT_MS ? ms : SINK_WAIT_MS;
@@ -632,11 +581,11 @@ static void pipe_wait(Sink *s)
     if (s->cfg.url.replicas <= 0)
         return;
     snprintf(n, sizeof n, "%d", s->cfg.url.replicas);
-    snprintf(ms, sizeof ms, "%d", wait_ms(s));
-    argv_reserve(s, 3);
-    arg_str(s, 0, "WAIT");
-    arg_str(s, 1, n);
-    arg_str(s, 2, ms);
+    snprintf(ms, sizeof ms, "%d", sink_wait_ms(s));
+    sink_argv_reserve(s, 3);
+    sink_arg_str(s, 0, "WAIT");
+    sink_arg_str(s, 1, n);
+    sink_arg_str(s, 2, ms);
     pipe_cmd(s, 3, PEND_WAIT, SINK_NO_OP, 0, false);
     s->pend[s->npend - 1].cmd = "WAIT for replicas";
 }
@@ -668,7 +617,7 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
         snprintf(s->why, sizeof s->why,
                  "only %lld of the %d replicas asked for (replicas=%d) acknowledged the batch "
                  "within %d ms; it is not confirmed and will be sent again",
-                 r->integer, s->cfg.url.replicas, s->cfg.url.replicas, wait_ms(s));
+                 r->integer, s->cfg.url.replicas, s->cfg.url.replicas, sink_wait_ms(s));
         *why = s->why;
         return false;
     case PEND_SCAN:
@@ -699,7 +648,7 @@ static bool refuse(Sink *s, const Pending *p, const char *err)
 }
 
 /* A refresh op's reply 0: the fence held a newer commit's row (refresh.lua). */
-static void note_fenced(Sink *s, size_t op, const redisReply *r)
+void sink_note_fenced(Sink *s, size_t op, const redisReply *r)
 {
     if (op < s->b.nops && s->b.ops[op].action == RULES_INV_REFRESH && r != NULL &&
         r->type == REDIS_REPLY_INTEGER && r->integer == 0)
@@ -738,14 +687,14 @@ static int drain(Sink *s, redisReply **scan)
             if (rc == 0) {
                 char t[300];
                 describe(s, p, what, sizeof what);
-                set_err(s, "redis at %s refused %s: %s", target(s, t, sizeof t), what, why);
+                sink_set_err(s, "redis at %s refused %s: %s", target(s, t, sizeof t), what, why);
             }
             rc = -1;
         } else if (p->kind == PEND_SCAN && scan != NULL) {
             *scan = r;
             continue;
         } else {
-            note_fenced(s, p->op, r);
+            sink_note_fenced(s, p->op, r);
         }
         freeReplyObject(r);
     }
@@ -763,32 +712,32 @@ static void pipe_delete(Sink *s, const char *const *keys, const size_t *lens, si
 {
     const char *cmd = s->cfg.use_del ? "DEL" : "UNLINK";
 
-    argv_reserve(s, SINK_KEYS_PER_CMD + 1);
+    sink_argv_reserve(s, SINK_KEYS_PER_CMD + 1);
     for (size_t i = 0; i < n; i += SINK_KEYS_PER_CMD) {
         size_t m = n - i < SINK_KEYS_PER_CMD ? n - i : SINK_KEYS_PER_CMD;
-        arg_str(s, 0, cmd);
+        sink_arg_str(s, 0, cmd);
         for (size_t k = 0; k < m; k++)
-            arg(s, 1 + k, keys[i + k], lens[i + k]);
+            sink_arg(s, 1 + k, keys[i + k], lens[i + k]);
         pipe_cmd(s, m + 1, PEND_INT, op, m, scan_match);
     }
 }
 
 static void pipe_tag(Sink *s, const char *tag, size_t len, size_t op, bool scan_match)
 {
-    argv_reserve(s, 5);
-    arg_str(s, 0, "EVALSHA");
-    arg_str(s, 1, s->sha);
-    arg_str(s, 2, "1");
-    arg(s, 3, tag, len);
-    arg_str(s, 4, s->cfg.use_del ? "del" : "unlink");
+    sink_argv_reserve(s, 5);
+    sink_arg_str(s, 0, "EVALSHA");
+    sink_arg_str(s, 1, s->sha);
+    sink_arg_str(s, 2, "1");
+    sink_arg(s, 3, tag, len);
+    sink_arg_str(s, 4, s->cfg.use_del ? "del" : "unlink");
     pipe_cmd(s, 5, PEND_INT, op, 1, scan_match);
 }
 
 static void pipe_incr(Sink *s, const char *key, size_t len, size_t op, bool scan_match)
 {
-    argv_reserve(s, 2);
-    arg_str(s, 0, "INCR");
-    arg(s, 1, key, len);
+    sink_argv_reserve(s, 2);
+    sink_arg_str(s, 0, "INCR");
+    sink_arg(s, 1, key, len);
     pipe_cmd(s, 2, PEND_INT, op, 1, scan_match);
 }
 
@@ -798,11 +747,11 @@ static size_t pipe_key_run(Sink *s, size_t i)
 {
     size_t n = 0;
 
-    argv_reserve(s, SINK_KEYS_PER_CMD + 1);
-    arg_str(s, 0, s->cfg.use_del ? "DEL" : "UNLINK");
+    sink_argv_reserve(s, SINK_KEYS_PER_CMD + 1);
+    sink_arg_str(s, 0, s->cfg.use_del ? "DEL" : "UNLINK");
     while (i + n < s->b.nops && n < SINK_KEYS_PER_CMD && s->b.ops[i + n].action == RULES_INV_KEY) {
         const BatchOp *op = &s->b.ops[i + n];
-        arg(s, 1 + n, batch_str(&s->b, op), op->len);
+        sink_arg(s, 1 + n, batch_str(&s->b, op), op->len);
         n++;
     }
     pipe_cmd(s, n + 1, PEND_INT, i, n, false);
@@ -811,18 +760,23 @@ static size_t pipe_key_run(Sink *s, size_t i)
 
 /* ---- SCAN loops ------------------------------------------------------ */
 
-static void pipe_scan(Sink *s, const char *cursor, size_t op)
+size_t sink_scan_args(Sink *s, const char *cursor, size_t op)
 {
     const BatchOp *o = &s->b.ops[op];
 
-    argv_reserve(s, 6);
-    arg_str(s, 0, "SCAN");
-    arg_str(s, 1, cursor);
-    arg_str(s, 2, "MATCH");
-    arg(s, 3, batch_str(&s->b, o), o->len);
-    arg_str(s, 4, "COUNT");
-    arg_str(s, 5, SINK_SCAN_COUNT);
-    pipe_cmd(s, 6, PEND_SCAN, op, 0, false);
+    sink_argv_reserve(s, 6);
+    sink_arg_str(s, 0, "SCAN");
+    sink_arg_str(s, 1, cursor);
+    sink_arg_str(s, 2, "MATCH");
+    sink_arg(s, 3, batch_str(&s->b, o), o->len);
+    sink_arg_str(s, 4, "COUNT");
+    sink_arg_str(s, 5, SINK_SCAN_COUNT);
+    return 6;
+}
+
+static void pipe_scan(Sink *s, const char *cursor, size_t op)
+{
+    pipe_cmd(s, sink_scan_args(s, cursor, op), PEND_SCAN, op, 0, false);
 }
 
 /* Queue the pattern op's action for one page of matched keys. */
@@ -870,7 +824,7 @@ static int run_scan(Sink *s, size_t op)
         const redisReply *next = page->element[0];
         for (size_t i = 0; i < page->element[1]->elements; i++)
             if (page->element[1]->element[i]->type != REDIS_REPLY_STRING) {
-                set_err(s, "redis SCAN returned a non-string key");
+                sink_set_err(s, "redis SCAN returned a non-string key");
                 freeReplyObject(page);
                 return -1;
             }
@@ -905,9 +859,9 @@ static int learn_script(Sink *s, const char *script, char *sha)
     if (command(s, "SCRIPT LOAD", 3, argv, lens, &r) < 0)
         return -1;
     if (r->type != REDIS_REPLY_STRING || r->len != 40) {
-        set_err(s, "redis at %s refused SCRIPT LOAD of the %s script: %s", target(s, t, sizeof t),
-                script == redis_refresh_lua ? "refresh" : "tag",
-                r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        sink_set_err(s, "redis at %s refused SCRIPT LOAD of the %s script: %s",
+                     target(s, t, sizeof t), script == redis_refresh_lua ? "refresh" : "tag",
+                     r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
         freeReplyObject(r);
         return -1;
     }
@@ -926,21 +880,21 @@ static int learn_sha(Sink *s)
 static void pipe_prologue(Sink *s, bool tags, bool refresh)
 {
     if (s->wm_key != NULL) {
-        pipe_cmd(s, watermark_args(s), PEND_WM, SINK_NO_OP, 0, false);
+        pipe_cmd(s, sink_watermark_args(s), PEND_WM, SINK_NO_OP, 0, false);
         s->pend[s->npend - 1].cmd = "the watermark SET";
     }
-    argv_reserve(s, 3);
+    sink_argv_reserve(s, 3);
     if (tags) {
-        arg_str(s, 0, "SCRIPT");
-        arg_str(s, 1, "LOAD");
-        arg_str(s, 2, redis_tag_invalidate_lua);
+        sink_arg_str(s, 0, "SCRIPT");
+        sink_arg_str(s, 1, "LOAD");
+        sink_arg_str(s, 2, redis_tag_invalidate_lua);
         pipe_cmd(s, 3, PEND_SHA, SINK_NO_OP, 0, false);
         s->pend[s->npend - 1].cmd = "SCRIPT LOAD";
     }
     if (refresh) {
-        arg_str(s, 0, "SCRIPT");
-        arg_str(s, 1, "LOAD");
-        arg_str(s, 2, redis_refresh_lua);
+        sink_arg_str(s, 0, "SCRIPT");
+        sink_arg_str(s, 1, "LOAD");
+        sink_arg_str(s, 2, redis_refresh_lua);
         pipe_cmd(s, 3, PEND_SHA, SINK_NO_OP, 1, false);
         s->pend[s->npend - 1].cmd = "SCRIPT LOAD of the refresh script";
     }
@@ -970,7 +924,7 @@ static const char *fence_key(Sink *s, const char *key, size_t len, size_t *flen)
 
 /* Put the refresh script's arguments for op i into argv from index at:
  * numkeys, key[, fence], mode, lsn, seconds, value. Returns the argc. */
-static size_t refresh_args(Sink *s, size_t i, size_t at)
+size_t sink_refresh_args(Sink *s, size_t i, size_t at)
 {
     const BatchOp *op = &s->b.ops[i];
     const char *key = batch_str(&s->b, op);
@@ -978,18 +932,18 @@ static size_t refresh_args(Sink *s, size_t i, size_t at)
     bool stale = op->action == RULES_INV_STALE;
     size_t flen, k = at;
 
-    argv_reserve(s, at + 8);
-    arg_str(s, k++, stale ? "1" : "2");
-    arg(s, k++, key, op->len);
+    sink_argv_reserve(s, at + 8);
+    sink_arg_str(s, k++, stale ? "1" : "2");
+    sink_arg(s, k++, key, op->len);
     if (!stale) {
         const char *f = fence_key(s, key, op->len, &flen);
-        arg(s, k++, f, flen);
+        sink_arg(s, k++, f, flen);
     }
     for (int f = 0; f < 4; f++) {
         const char *nul = f < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
         if (nul == NULL)
             nul = end;
-        arg(s, k++, p, (size_t)(nul - p));
+        sink_arg(s, k++, p, (size_t)(nul - p));
         p = nul < end ? nul + 1 : end;
     }
     return k;
@@ -999,10 +953,10 @@ static void pipe_refresh(Sink *s, size_t i)
 {
     size_t argc;
 
-    argv_reserve(s, 10);
-    arg_str(s, 0, "EVALSHA");
-    arg_str(s, 1, s->rsha);
-    argc = refresh_args(s, i, 2);
+    sink_argv_reserve(s, 10);
+    sink_arg_str(s, 0, "EVALSHA");
+    sink_arg_str(s, 1, s->rsha);
+    argc = sink_refresh_args(s, i, 2);
     pipe_cmd(s, argc, PEND_INT, i, 1, false);
     s->pend[s->npend - 1].cmd = "the refresh script";
 }
@@ -1039,11 +993,7 @@ static int flush_batch(Sink *s)
             pipe_incr(s, str, op->len, i, false);
             break;
         case RULES_INV_PUBLISH:
-            argv_reserve(s, 3);
-            arg_str(s, 0, "PUBLISH");
-            arg(s, 1, str, op->len);
-            arg(s, 2, batch_payload(&s->b, op), op->payload_len);
-            pipe_cmd(s, 3, PEND_INT, i, 1, false);
+            pipe_cmd(s, sink_publish_args(s, i), PEND_INT, i, 1, false);
             break;
         case RULES_INV_REFRESH:
         case RULES_INV_STALE:
@@ -1098,12 +1048,12 @@ static int oom_fail(Sink *s)
     keep_refused(s);
     s->oom = true;
     s->stats.oom_refusals += s->nrefused;
-    set_err(s,
-            "redis at %s is out of memory and refused %s%s; the deletes of the batch were "
-            "applied, the refused writes are kept and sent again (nothing is confirmed past "
-            "them): free memory in redis, raise maxmemory, or use an evicting "
-            "maxmemory-policy (allkeys-lru) on a cache",
-            target(s, t, sizeof t), s->oom_first, more);
+    sink_set_err(s,
+                 "redis at %s is out of memory and refused %s%s; the deletes of the batch were "
+                 "applied, the refused writes are kept and sent again (nothing is confirmed past "
+                 "them): free memory in redis, raise maxmemory, or use an evicting "
+                 "maxmemory-policy (allkeys-lru) on a cache",
+                 target(s, t, sizeof t), s->oom_first, more);
     return -1;
 }
 
@@ -1119,7 +1069,7 @@ int sink_flush(Sink *s)
     if (!sink_dirty(s))
         return 0;
     if (s->cl != NULL) {
-        if (cl_flush(s) < 0)
+        if (sink_cl_flush(s) < 0)
             goto fail;
         if (s->nrefused > 0) {
             (void)oom_fail(s);
@@ -1147,366 +1097,6 @@ done:
 fail:
     s->stats.errors++;
     return -1;
-}
-
-/* ---- cluster targets ------------------------------------------------- */
-
-/* A redis+cluster:// target sends the same commands through cluster.c,
- * which routes each by its key's slot: keys, versions, publishes and the
- * watermark in one pipelined exec across the masters; patterns as a SCAN
- * loop on every master; tags without the script (a script may only touch
- * keys of its own slot, and members live anywhere): TYPE, then SSCAN pages
- * of the set on its node, UNLINK of each member routed by slot, and only
- * after those are acknowledged SREM of the same members from the set
- * (Redis removes a set when its last member goes). The batch ends with
- * WAIT 1 on every master that has a replica (cluster_append_wait). Members
- * first, so a
- * failure part-way leaves the set to find them again on replay; SREM
- * rather than UNLINK of the set so a member added during the walk stays
- * indexed for the next invalidation of the tag. */
-
-static Cluster *cl_new(const SinkConfig *cfg, RconnTls *tls)
-{
-    ClusterConfig cc = {.has_password = cfg->url.has_password,
-                        .connect_timeout_ms = cfg->connect_timeout_ms,
-                        .command_timeout_ms = cfg->command_timeout_ms,
-                        .tls = tls,
-                        .replicas = cfg->url.replicas};
-
-    snprintf(cc.seeds, sizeof cc.seeds, "%s", cfg->url.seeds);
-    snprintf(cc.user, sizeof cc.user, "%s", cfg->url.user);
-    snprintf(cc.password, sizeof cc.password, "%s", cfg->url.password);
-    snprintf(cc.sni, sizeof cc.sni, "%s", cfg->url.sni);
-    return cluster_new(&cc);
-}
-
-static int cl_connect(Sink *s)
-{
-    if (cluster_connect(s->cl) == 0)
-        return 0;
-    set_err(s, "%s", cluster_errstr(s->cl));
-    return -1;
-}
-
-/* The commands of a failed exec were refused only for lack of memory:
- * record them (their ops are kept, see refuse()) and go on. False when
- * one of them belongs to no op (it cannot be kept). */
-static bool cl_refuse(Sink *s)
-{
-    size_t n = cluster_queued(s->cl);
-
-    for (size_t i = 0; i < n; i++)
-        if (cluster_refused_oom(s->cl, i) && (i >= s->ncl_owner || s->cl_owner[i] == SINK_NO_OWNER))
-            return false;
-    for (size_t i = 0; i < n; i++) {
-        size_t op = s->cl_owner[i];
-        if (!cluster_refused_oom(s->cl, i))
-            continue;
-        if (s->nrefused++ == 0)
-            snprintf(s->oom_first, sizeof s->oom_first, "%s (OOM)", cluster_command_name(s->cl, i));
-        if (op == SINK_NO_OP)
-            s->wm_refused = true;
-        else
-            batch_mark(&s->b, op);
-    }
-    return true;
-}
-
-static int cl_exec(Sink *s)
-{
-    if (cluster_exec(s->cl) == 0 || (cluster_only_oom(s->cl) && cl_refuse(s)))
-        return 0;
-    set_err(s, "%s", cluster_errstr(s->cl));
-    return -1;
-}
-
-/* Record that cluster command i was queued for op owner. */
-static void cl_own(Sink *s, size_t i, size_t owner)
-{
-    size_t cap = s->cl_owner_cap;
-
-    s->cl_owner = xgrow(s->cl_owner, &cap, i + 1, sizeof *s->cl_owner);
-    s->cl_owner_cap = cap;
-    s->cl_owner[i] = owner;
-    s->ncl_owner = i + 1;
-}
-
-/* Empty the cluster's queue (and the owners), counting the refreshes in it
- * that the fence refused (their replies are gone after the reset). */
-static void cl_reset(Sink *s)
-{
-    for (size_t i = 0; i < s->ncl_owner && i < cluster_queued(s->cl); i++)
-        note_fenced(s, s->cl_owner[i], cluster_reply(s->cl, i));
-    cluster_reset(s->cl);
-    s->ncl_owner = 0;
-}
-
-/* Queue s->argv[0..argc), routed by argv[1], for op s->cl_op. */
-static void cl_cmd(Sink *s, size_t argc)
-{
-    cl_own(s, cluster_append_key(s->cl, 1, (int)argc, s->argv, s->argvlen), s->cl_op);
-}
-
-static void cl_key_cmd(Sink *s, const char *cmd, const char *key, size_t len)
-{
-    argv_reserve(s, 2);
-    arg_str(s, 0, cmd);
-    arg(s, 1, key, len);
-    cl_cmd(s, 2);
-}
-
-static const char *cl_del(const Sink *s)
-{
-    return s->cfg.use_del ? "DEL" : "UNLINK";
-}
-
-/* Is r a [cursor, [strings...]] page? */
-static bool cl_page_ok(const redisReply *r)
-{
-    if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_ARRAY)
-        return false;
-    for (size_t i = 0; i < r->element[1]->elements; i++)
-        if (r->element[1]->element[i]->type != REDIS_REPLY_STRING)
-            return false;
-    return true;
-}
-
-/* Delete the members of one page of the tag set (routed by their slots),
- * then, once acknowledged, remove them from the set. */
-static int cl_tag_page(Sink *s, const char *tag, size_t len, const redisReply *members)
-{
-    size_t n = members->elements;
-
-    if (n == 0)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        cl_key_cmd(s, cl_del(s), members->element[i]->str, members->element[i]->len);
-    if (cl_exec(s) < 0)
-        return -1;
-    argv_reserve(s, n + 2);
-    arg_str(s, 0, "SREM");
-    arg(s, 1, tag, len);
-    for (size_t i = 0; i < n; i++)
-        arg(s, 2 + i, members->element[i]->str, members->element[i]->len);
-    cl_cmd(s, n + 2);
-    return cl_exec(s);
-}
-
-/* Invalidate one tag (see the section comment). The queue must be empty. */
-static int cl_tag(Sink *s, const char *tag, size_t len)
-{
-    char cursor[32] = "0";
-    const redisReply *r;
-
-    cl_reset(s);
-    cl_key_cmd(s, "TYPE", tag, len);
-    if (cl_exec(s) < 0)
-        return -1;
-    r = cluster_reply(s->cl, 0);
-    if (r->type != REDIS_REPLY_STATUS) {
-        set_err(s, "redis cluster TYPE of a tag set returned an unexpected reply");
-        return -1;
-    }
-    if (strcmp(r->str, "none") == 0)
-        return 0;
-    if (strcmp(r->str, "set") != 0) { /* another type in the tag namespace */
-        cl_reset(s);
-        cl_key_cmd(s, cl_del(s), tag, len);
-        return cl_exec(s);
-    }
-    do {
-        cl_reset(s);
-        argv_reserve(s, 5);
-        arg_str(s, 0, "SSCAN");
-        arg(s, 1, tag, len);
-        arg_str(s, 2, cursor);
-        arg_str(s, 3, "COUNT");
-        arg_str(s, 4, SINK_SCAN_COUNT);
-        cl_cmd(s, 5);
-        if (cl_exec(s) < 0)
-            return -1;
-        r = cluster_reply(s->cl, 0);
-        if (!cl_page_ok(r)) {
-            set_err(s, "redis cluster SSCAN of a tag set returned an unexpected reply");
-            return -1;
-        }
-        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
-        if (cl_tag_page(s, tag, len, r->element[1]) < 0)
-            return -1;
-    } while (strcmp(cursor, "0") != 0);
-    cl_reset(s);
-    return 0;
-}
-
-/* Copy a page of tag-set names out of the cluster's reply (they are
- * applied one by one with cl_tag(), which reuses the queue). */
-static int cl_tags_of_page(Sink *s, const redisReply *keys)
-{
-    size_t n = keys->elements, total = 0, off = 0;
-    char *buf;
-    size_t *lens = xrealloc(NULL, (n ? n : 1) * sizeof *lens);
-    int rc = 0;
-
-    for (size_t i = 0; i < n; i++)
-        total += (lens[i] = keys->element[i]->len);
-    buf = xrealloc(NULL, total ? total : 1);
-    for (size_t i = 0; i < n; i++) {
-        memcpy(buf + off, keys->element[i]->str, lens[i]);
-        off += lens[i];
-    }
-    off = 0;
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        rc = cl_tag(s, buf + off, lens[i]);
-        off += lens[i];
-    }
-    free(buf);
-    free(lens);
-    return rc;
-}
-
-/* SCAN node id for pattern op `op` and apply it to every match. */
-static int cl_scan_node(Sink *s, size_t op, int id)
-{
-    const BatchOp *o = &s->b.ops[op];
-    char cursor[32] = "0";
-
-    do {
-        const redisReply *r;
-        cl_reset(s);
-        argv_reserve(s, 6);
-        arg_str(s, 0, "SCAN");
-        arg_str(s, 1, cursor);
-        arg_str(s, 2, "MATCH");
-        arg(s, 3, batch_str(&s->b, o), o->len);
-        arg_str(s, 4, "COUNT");
-        arg_str(s, 5, SINK_SCAN_COUNT);
-        cl_own(s, cluster_append_node(s->cl, id, 6, s->argv, s->argvlen), SINK_NO_OWNER);
-        if (cl_exec(s) < 0)
-            return -1;
-        r = cluster_reply(s->cl, 0);
-        if (!cl_page_ok(r)) {
-            set_err(s, "redis cluster node %s: SCAN returned an unexpected reply",
-                    cluster_node_addr(s->cl, id));
-            return -1;
-        }
-        snprintf(cursor, sizeof cursor, "%s", r->element[0]->str);
-        if (o->action == RULES_INV_TAG_PATTERN) {
-            if (cl_tags_of_page(s, r->element[1]) < 0)
-                return -1;
-            continue;
-        }
-        for (size_t i = 0; i < r->element[1]->elements; i++) {
-            const redisReply *k = r->element[1]->element[i];
-            cl_key_cmd(s, o->action == RULES_INV_VERSION_PATTERN ? "INCR" : cl_del(s), k->str,
-                       k->len);
-        }
-        if (cl_exec(s) < 0)
-            return -1;
-    } while (strcmp(cursor, "0") != 0);
-    cl_reset(s);
-    return 0;
-}
-
-/* Run pattern op `op` on every master of the current map (a copy of the
- * list: a refresh during the walk may change it). */
-static int cl_scan(Sink *s, size_t op)
-{
-    size_t n = cluster_master_count(s->cl);
-    int *ids = xrealloc(NULL, (n ? n : 1) * sizeof *ids);
-    int rc = 0;
-
-    for (size_t i = 0; i < n; i++)
-        ids[i] = cluster_master_id(s->cl, i);
-    for (size_t i = 0; i < n && rc == 0; i++)
-        rc = cl_scan_node(s, op, ids[i]);
-    free(ids);
-    return rc;
-}
-
-/* End the batch with WAIT on the masters (see cluster_append_wait); with
- * ?replicas=N every master must report N replicas. */
-static int cl_wait(Sink *s)
-{
-    int n = s->cfg.url.replicas;
-    int ms = n > 0 ? wait_ms(s) : SINK_CLUSTER_WAIT_MS;
-    size_t first = cluster_append_wait(s->cl, n, ms);
-
-    for (size_t i = first; i < cluster_queued(s->cl); i++)
-        cl_own(s, i, SINK_NO_OWNER);
-    if (cl_exec(s) < 0)
-        return -1;
-    for (size_t i = first; n > 0 && i < cluster_queued(s->cl); i++) {
-        const redisReply *r = cluster_reply(s->cl, i);
-        if (r->type == REDIS_REPLY_INTEGER && r->integer >= n)
-            continue;
-        s->stats.replica_shortfalls++;
-        set_err(s,
-                "redis cluster: only %lld of the %d replicas asked for (replicas=%d) acknowledged "
-                "the batch on a master within %d ms; it is not confirmed and will be sent again",
-                r->type == REDIS_REPLY_INTEGER ? r->integer : 0LL, n, n, ms);
-        return -1;
-    }
-    return 0;
-}
-
-/* Queue the watermark and every simple op; run tags and patterns in
- * order, each after what precedes it was acknowledged. */
-static int cl_flush(Sink *s)
-{
-    if (!cluster_connected(s->cl) && cl_connect(s) < 0)
-        return -1;
-    cl_reset(s);
-    s->nrefused = 0;
-    s->fenced = 0;
-    s->wm_refused = false;
-    batch_unmark_all(&s->b);
-    s->cl_op = SINK_NO_OP;
-    if (s->wm_key != NULL) /* routed by its key, the script's KEYS[1] */
-        cl_own(s, cluster_append_key(s->cl, 3, (int)watermark_args(s), s->argv, s->argvlen),
-               SINK_NO_OP);
-    for (size_t i = 0; i < s->b.nops; i++) {
-        const BatchOp *op = &s->b.ops[i];
-        const char *str = batch_str(&s->b, op);
-        s->cl_op = i;
-        switch (op->action) {
-        case RULES_INV_KEY:
-            cl_key_cmd(s, cl_del(s), str, op->len);
-            break;
-        case RULES_INV_VERSION:
-            cl_key_cmd(s, "INCR", str, op->len);
-            break;
-        case RULES_INV_PUBLISH:
-            argv_reserve(s, 3);
-            arg_str(s, 0, "PUBLISH");
-            arg(s, 1, str, op->len);
-            arg(s, 2, batch_payload(&s->b, op), op->payload_len);
-            cl_cmd(s, 3);
-            break;
-        case RULES_INV_REFRESH:
-        case RULES_INV_STALE: /* EVAL: each node learns nothing to forget */
-            argv_reserve(s, 10);
-            arg_str(s, 0, "EVAL");
-            arg_str(s, 1, redis_refresh_lua);
-            cl_own(s, cluster_append_key(s->cl, 3, (int)refresh_args(s, i, 2), s->argv, s->argvlen),
-                   i);
-            break;
-        case RULES_INV_TAG:
-            if (cl_exec(s) < 0 || cl_tag(s, str, op->len) < 0)
-                return -1;
-            break;
-        case RULES_INV_PATTERN:
-        case RULES_INV_TAG_PATTERN:
-        case RULES_INV_VERSION_PATTERN:
-            if (cl_exec(s) < 0 || cl_scan(s, i) < 0)
-                return -1;
-            break;
-        }
-    }
-    if (cl_wait(s) < 0)
-        return -1;
-    cl_reset(s); /* counts the fenced refreshes of the last exec */
-    return 0;
 }
 
 /* ---- the sink as an apply target (apply.h) --------------------------- */
@@ -1604,13 +1194,13 @@ int sink_scan_page(Sink *s, SinkScan *sc, const char *pattern, SinkReplyFn fn, v
         snprintf(sc->cursor, sizeof sc->cursor, "0");
     lens[1] = strlen(sc->cursor);
     if (s->cl != NULL) {
-        if (!cluster_connected(s->cl) && cl_connect(s) < 0)
+        if (!cluster_connected(s->cl) && sink_cl_connect(s) < 0)
             return -1;
         if (sc->node >= cluster_master_count(s->cl))
             return 0;
         cluster_reset(s->cl);
         (void)cluster_append_node(s->cl, cluster_master_id(s->cl, sc->node), 6, argv, lens);
-        if (cl_exec(s) < 0) {
+        if (sink_cl_exec(s) < 0) {
             cluster_reset(s->cl);
             return -1;
         }
@@ -1622,10 +1212,10 @@ int sink_scan_page(Sink *s, SinkScan *sc, const char *pattern, SinkReplyFn fn, v
             return -1;
         page = r;
     }
-    if (!cl_page_ok(page)) {
-        set_err(s, "redis SCAN returned an unexpected reply%s%s",
-                page->type == REDIS_REPLY_ERROR ? ": " : "",
-                page->type == REDIS_REPLY_ERROR ? page->str : "");
+    if (!sink_page_ok(page)) {
+        sink_set_err(s, "redis SCAN returned an unexpected reply%s%s",
+                     page->type == REDIS_REPLY_ERROR ? ": " : "",
+                     page->type == REDIS_REPLY_ERROR ? page->str : "");
         rc = -1;
     } else {
         snprintf(sc->cursor, sizeof sc->cursor, "%s", page->element[0]->str);
