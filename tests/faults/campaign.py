@@ -428,7 +428,21 @@ class Target:
                 log(f"teardown: {e!r}")
 
 
-class ClusterNodes:
+class LoopbackNodes:
+    """Clients of the loopback redis-servers a scripts/* helper started."""
+
+    def node(self, port, timeout=2):
+        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True,
+                           socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def node_up(self, port):
+        try:
+            return self.node(port, 0.5).ping()
+        except (redis.RedisError, OSError):
+            return False
+
+
+class ClusterNodes(LoopbackNodes):
     """A 3-master + 3-replica cluster started with scripts/cluster in the
     campaign's directory. client() is a cluster-aware redis-py client;
     node_client() and publish() talk to single nodes (a PUBLISH reaches
@@ -447,16 +461,6 @@ class ClusterNodes:
         env = dict(re.findall(r"export (\w+)='?([^'\n]*)'?", p.stdout))
         self.url = env["CLUSTER_URL"]
         self.ports = [int(x) for x in env["CLUSTER_PORTS"].split()]
-
-    def node(self, port, timeout=2):
-        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True,
-                           socket_timeout=timeout, socket_connect_timeout=timeout)
-
-    def node_up(self, port):
-        try:
-            return self.node(port, 0.5).ping()
-        except (redis.RedisError, OSError):
-            return False
 
     def live(self):
         return [p for p in self.ports if self.node_up(p)]
@@ -531,7 +535,7 @@ class ClusterTarget:
             log(f"teardown: {e!r}")
 
 
-class SentinelNodes:
+class SentinelNodes(LoopbackNodes):
     """A Sentinel deployment started with scripts/sentinel in the campaign's
     directory: a master, a replica and three Sentinels. client(),
     node_client() and publish() talk to the current master (as the
@@ -549,16 +553,6 @@ class SentinelNodes:
         self.name = env["SENTINEL_NAME"]
         self.sentinels = [int(x) for x in env["SENTINEL_PORTS"].split()]
         self.nodes = [int(x) for x in env["SENTINEL_NODES"].split()]
-
-    def node(self, port, timeout=2):
-        return redis.Redis(host="127.0.0.1", port=port, decode_responses=True,
-                           socket_timeout=timeout, socket_connect_timeout=timeout)
-
-    def node_up(self, port):
-        try:
-            return self.node(port, 0.5).ping()
-        except (redis.RedisError, OSError):
-            return False
 
     def named(self):
         """The master port each Sentinel names (None: no answer)."""
