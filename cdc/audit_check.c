@@ -303,14 +303,45 @@ int audit_checker_heal(AuditChecker *c, const char *key, size_t len, const char 
     return n > 0 ? 1 : 0;
 }
 
+static bool rule_matches(const Rules *r, size_t i, const char *key, size_t len)
+{
+    RulesAuditArgs args;
+
+    if (rules_audit_match(r, i, key, len, &args) != 1)
+        return false;
+    rules_audit_args_release(&args);
+    return true;
+}
+
 bool audit_rule_for_key(const Rules *r, const char *key, size_t len, size_t *ri)
 {
     for (size_t i = 0; i < rules_rule_count(r); i++) {
-        RulesAuditArgs args;
-        int m = rules_audit_match(r, i, key, len, &args);
-        if (m == 1) {
-            rules_audit_args_release(&args);
+        if (rule_matches(r, i, key, len)) {
             *ri = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+size_t *audit_index_build(const Rules *r, size_t *n)
+{
+    size_t *idx = xcalloc(rules_rule_count(r) + 1, sizeof *idx);
+    RulesAuditInfo info;
+
+    *n = 0;
+    for (size_t i = 0; i < rules_rule_count(r); i++)
+        if (rules_audit_info(r, i, &info))
+            idx[(*n)++] = i;
+    return idx;
+}
+
+bool audit_rule_for_key_in(const Rules *r, const size_t *idx, size_t n, const char *key, size_t len,
+                           size_t *ri)
+{
+    for (size_t k = 0; k < n; k++) {
+        if (rule_matches(r, idx[k], key, len)) {
+            *ri = idx[k];
             return true;
         }
     }

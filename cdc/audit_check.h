@@ -69,6 +69,15 @@ int audit_checker_heal(AuditChecker *c, const char *key, size_t len, const char 
 /* The first rule whose audit key matches key unambiguously (*ri), or false. */
 bool audit_rule_for_key(const Rules *r, const char *key, size_t len, size_t *ri);
 
+/* The indices of r's rules that have an audit, in order (*n of them; free
+ * the array). For callers that match many keys: audit_rule_for_key_in()
+ * then costs the audited rules, not every rule of the file. */
+size_t *audit_index_build(const Rules *r, size_t *n);
+
+/* audit_rule_for_key() over the rules idx names (from audit_index_build). */
+bool audit_rule_for_key_in(const Rules *r, const size_t *idx, size_t n, const char *key, size_t len,
+                           size_t *ri);
+
 /* Why the last call failed. */
 const char *audit_checker_errstr(const AuditChecker *c);
 

@@ -77,7 +77,8 @@ struct AuditRun {
     /* streaming thread only */
     AuditSampler sampler;
     const Rules *note_rules; /* the rules last seen by audit_run_note() */
-    bool note_has;           /* ... and whether they have audits */
+    size_t *note_idx;        /* ... the indices of their rules with an audit */
+    size_t note_n;
 
     pthread_mutex_t lock; /* guards the queue */
     Sampled *q;
@@ -109,10 +110,11 @@ void audit_run_note(AuditRun *a, const Rules *rules, const char *key, size_t len
     if (a == NULL || a->cfg.rate <= 0)
         return;
     if (rules != a->note_rules) {
+        free(a->note_idx);
+        a->note_idx = audit_index_build(rules, &a->note_n);
         a->note_rules = rules;
-        a->note_has = rules_has_audits(rules);
     }
-    if (!a->note_has || !audit_rule_for_key(rules, key, len, &ri) ||
+    if (a->note_n == 0 || !audit_rule_for_key_in(rules, a->note_idx, a->note_n, key, len, &ri) ||
         !audit_sample(&a->sampler, a->cfg.rate))
         return;
     pthread_mutex_lock(&a->lock);
@@ -134,8 +136,10 @@ void audit_run_note(AuditRun *a, const Rules *rules, const char *key, size_t len
 
 void audit_run_reload(AuditRun *a)
 {
-    if (a != NULL)
-        atomic_store(&a->reload, true);
+    if (a == NULL)
+        return;
+    a->note_rules = NULL; /* new rules may be allocated where the old were */
+    atomic_store(&a->reload, true);
 }
 
 /* ---- rules ------------------------------------------------------------- */
@@ -573,6 +577,7 @@ void audit_run_stop(AuditRun *a)
         sink_free(a->sinks[t]);
     }
     page_clear(&a->scan.page);
+    free(a->note_idx);
     free(a->scan.page.keys);
     free(a->scan.page.lens);
     free(a->sinks);

@@ -60,7 +60,9 @@ AuditRun *audit_run_from_config(const struct Config *c, const Rules *rules, Metr
 void audit_run_note(AuditRun *a, const Rules *rules, const char *key, size_t len,
                     const RulesChange *chg);
 
-/* Re-read the rules file in the audit thread (after a SIGHUP reload). */
+/* The rules were swapped (a SIGHUP reload): forget what was derived from
+ * the old ones and re-read the rules file in the audit thread. Call it on
+ * the streaming thread, like audit_run_note(). */
 void audit_run_reload(AuditRun *a);
 
 /* Stop the thread (a check in progress ends within about a second) and
