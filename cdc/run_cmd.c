@@ -15,6 +15,7 @@
  * arrives never invalidates for aborted work (docs/guarantees.md guarantee 1); confirmation still
  * waits for the COMMIT.
  */
+#include <malloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -688,6 +689,12 @@ static int on_schema_change(Run *r)
     char err[1024], lsn[LSN_TEXT_MAX];
 
     lsn_format(r->in_txn ? r->txn.final_lsn : apply_pending_lsn(r->ap), lsn);
+    if (r->in_txn) {
+        /* The COMMIT is decoded before other sessions see it: the catalog
+         * must show this transaction's DDL before it is read. */
+        visible_note(r->vis, r->xid);
+        wait_visible(r);
+    }
     if (schema_apply(r->schema, lsn, err, sizeof err) == 0) {
         schema_readiness(r);
         return 0;
@@ -894,6 +901,9 @@ static void reload_finish(Run *r)
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     audit_run_reload(r->audit);
+    /* The old rules and what the reload thread parsed were freed in two
+     * malloc arenas that glibc would otherwise keep: hand them back. */
+    malloc_trim(0);
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
 }
 

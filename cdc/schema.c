@@ -42,6 +42,7 @@ struct Schema {
     size_t nproblems;
     char first_problem[512]; /* the first of them, for /readyz */
     bool pub_missing_warned;
+    bool altered; /* this check added a table to a publication */
 };
 
 /* Publication facts for one check. */
@@ -411,6 +412,8 @@ static int add_to_publication(Schema *s, const char *publication, const char *ta
                  "owner, then restart walbust (it replays the change and invalidates everything "
                  "the rules for %s cover)",
                  table, publication, msg, sql, table);
+    if (res != NULL)
+        s->altered = true;
     PQclear(res);
     PQfreemem(qp);
     free(sql);
@@ -652,6 +655,7 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
                   "publication \"%s\" does not exist; tables cannot be put back into it",
                   s->cfg.publication);
     s->pub_missing_warned = !pub.exists;
+    s->altered = false;
     for (size_t i = 0; i < s->ntables; i++) {
         SchemaTable *t = &s->tables[i];
 
@@ -660,9 +664,10 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
             goto cleanup;
         }
     }
-    /* Re-read after acting: membership may have changed. */
-    catalog_free(cat);
-    cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen);
+    if (s->altered) { /* re-read after acting: membership has changed */
+        catalog_free(cat);
+        cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen);
+    }
     if (cat != NULL)
         log_problems(s, cat, lsn);
     rc = 0;
