@@ -442,6 +442,8 @@ static int flush_wait_ms(const Run *r, int cap)
  * is full (all = false), retrying with each target's backoff; reading from
  * PostgreSQL pauses meanwhile (docs/guarantees.md guarantee 3) while status updates keep the
  * connection alive. Returns 0, or -1 when asked to stop first. */
+static void watch_targets(Run *r);
+
 static int flush_wait(Run *r, bool all)
 {
     for (;;) {
@@ -452,6 +454,9 @@ static int flush_wait(Run *r, bool all)
         if (runtime_stop)
             return -1;
         runtime_sleep(flush_wait_ms(r, 1000), keepalive_tick, r);
+        /* A failover is the likeliest reason a batch keeps failing: follow
+         * a +switch-master now rather than after the batch landed. */
+        watch_targets(r);
     }
 }
 
