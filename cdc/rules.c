@@ -756,8 +756,9 @@ static void load_lookup_limit(Loader *ld, const cJSON *v, const char *path, void
 
     char got[64];
 
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long long)v->valuedouble ||
-        v->valuedouble < 1 || v->valuedouble > LOOKUP_MAX_LIMIT) {
+    /* The range first: casting a double outside long long's range is undefined. */
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 1 && v->valuedouble <= LOOKUP_MAX_LIMIT) ||
+        v->valuedouble != (double)(long long)v->valuedouble) {
         if (cJSON_IsNumber(v))
             snprintf(got, sizeof got, "%g", v->valuedouble);
         else
@@ -876,8 +877,8 @@ static bool load_seconds(Loader *ld, const cJSON *v, const char *path, const cha
     const long max = 10L * 366 * 86400;
     char got[64];
 
-    if (cJSON_IsNumber(v) && v->valuedouble == (double)(long long)v->valuedouble &&
-        v->valuedouble >= (double)min && v->valuedouble <= (double)max) {
+    if (cJSON_IsNumber(v) && v->valuedouble >= (double)min && v->valuedouble <= (double)max &&
+        v->valuedouble == (double)(long long)v->valuedouble) {
         *out = (long)v->valuedouble;
         return true;
     }
