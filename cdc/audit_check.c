@@ -347,3 +347,32 @@ bool audit_rule_for_key_in(const Rules *r, const size_t *idx, size_t n, const ch
     }
     return false;
 }
+
+int audit_keys_take(void *arg, const redisReply *page)
+{
+    AuditKeys *k = arg;
+
+    for (size_t i = 0; i < page->elements; i++) {
+        size_t cap = k->cap;
+        k->keys = xgrow(k->keys, &cap, k->n + 1, sizeof *k->keys);
+        k->lens = xgrow(k->lens, &k->cap, k->n + 1, sizeof *k->lens);
+        k->keys[k->n] = xstrndup(page->element[i]->str, page->element[i]->len);
+        k->lens[k->n++] = page->element[i]->len;
+    }
+    return 0;
+}
+
+void audit_keys_clear(AuditKeys *k)
+{
+    for (size_t i = 0; i < k->n; i++)
+        free(k->keys[i]);
+    k->n = 0;
+}
+
+void audit_keys_free(AuditKeys *k)
+{
+    audit_keys_clear(k);
+    free(k->keys);
+    free(k->lens);
+    *k = (AuditKeys){0};
+}

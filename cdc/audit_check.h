@@ -66,6 +66,18 @@ void audit_finding_release(AuditFinding *f);
 int audit_checker_heal(AuditChecker *c, const char *key, size_t len, const char *value,
                        size_t vlen);
 
+/* The keys of SCAN pages: audit_keys_take() is a SinkReplyFn for
+ * sink_scan_page() that appends a page's keys to an AuditKeys (arg). */
+typedef struct AuditKeys {
+    char **keys;
+    size_t *lens;
+    size_t n, cap;
+} AuditKeys;
+
+int audit_keys_take(void *arg, const redisReply *page);
+void audit_keys_clear(AuditKeys *k); /* frees the keys, keeps the buffers */
+void audit_keys_free(AuditKeys *k);  /* frees everything */
+
 /* The first rule whose audit key matches key unambiguously (*ri), or false. */
 bool audit_rule_for_key(const Rules *r, const char *key, size_t len, size_t *ri);
 

@@ -28,12 +28,6 @@
 #define AUDIT_CMD_WAIT_MS 10000
 #define AUDIT_SHOW_BYTES 200
 
-typedef struct Keys {
-    char **keys;
-    size_t *lens;
-    size_t n, cap;
-} Keys;
-
 typedef struct Tally {
     unsigned long long checked, clean, stale, skipped, unverified;
 } Tally;
@@ -44,27 +38,6 @@ typedef struct AuditCmd {
     Tally t;
     long budget; /* keys still to check; < 0: no limit */
 } AuditCmd;
-
-static int collect(void *arg, const redisReply *page)
-{
-    Keys *k = arg;
-
-    for (size_t i = 0; i < page->elements; i++) {
-        size_t cap = k->cap;
-        k->keys = xgrow(k->keys, &cap, k->n + 1, sizeof *k->keys);
-        k->lens = xgrow(k->lens, &k->cap, k->n + 1, sizeof *k->lens);
-        k->keys[k->n] = xstrndup(page->element[i]->str, page->element[i]->len);
-        k->lens[k->n++] = page->element[i]->len;
-    }
-    return 0;
-}
-
-static void keys_clear(Keys *k)
-{
-    for (size_t i = 0; i < k->n; i++)
-        free(k->keys[i]);
-    k->n = 0;
-}
 
 static void print_stale(const AuditCmd *a, const char *target, size_t ri, const char *key,
                         size_t len, const AuditFinding *f)
@@ -87,7 +60,8 @@ static void print_stale(const AuditCmd *a, const char *target, size_t ri, const 
 }
 
 /* Check every key of k against rule ri. -1 when a server failed. */
-static int check_keys(AuditCmd *a, AuditChecker *ck, const char *target, size_t ri, const Keys *k)
+static int check_keys(AuditCmd *a, AuditChecker *ck, const char *target, size_t ri,
+                      const AuditKeys *k)
 {
     for (size_t i = 0; i < k->n && a->budget != 0; i++) {
         AuditFinding f;
@@ -119,20 +93,19 @@ static int audit_rule(AuditCmd *a, Sink *sink, AuditChecker *ck, const char *tar
 {
     char *pattern = rules_audit_pattern(a->rules, ri);
     SinkScan sc = {0};
-    Keys k = {0};
+    AuditKeys k = {0};
     int rc = 0;
 
     while (rc == 0 && !sc.done && a->budget != 0) {
-        if (sink_scan_page(sink, &sc, pattern, collect, &k) != 0) {
+        if (sink_scan_page(sink, &sc, pattern, audit_keys_take, &k) != 0) {
             fprintf(stderr, "walbust audit: %s: %s\n", target, sink_errstr(sink));
             rc = -1;
             break;
         }
         rc = check_keys(a, ck, target, ri, &k);
-        keys_clear(&k);
+        audit_keys_clear(&k);
     }
-    free(k.keys);
-    free(k.lens);
+    audit_keys_free(&k);
     free(pattern);
     return rc;
 }

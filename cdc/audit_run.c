@@ -48,9 +48,8 @@ typedef struct Sampled {
 
 /* Keys of the SCAN page being checked. */
 typedef struct Page {
-    char **keys;
-    size_t *lens;
-    size_t n, cap, next;
+    AuditKeys k;
+    size_t next; /* the next of k's keys to check */
 } Page;
 
 typedef struct Scan {
@@ -356,25 +355,10 @@ static void check_sampled(AuditRun *a, Sampled *s)
 
 /* ---- the background scan ------------------------------------------------ */
 
-static int take_page(void *arg, const redisReply *keys)
-{
-    Page *p = arg;
-
-    for (size_t i = 0; i < keys->elements; i++) {
-        size_t cap = p->cap;
-        p->keys = xgrow(p->keys, &cap, p->n + 1, sizeof *p->keys);
-        p->lens = xgrow(p->lens, &p->cap, p->n + 1, sizeof *p->lens);
-        p->keys[p->n] = xstrndup(keys->element[i]->str, keys->element[i]->len);
-        p->lens[p->n++] = keys->element[i]->len;
-    }
-    return 0;
-}
-
 static void page_clear(Page *p)
 {
-    for (size_t i = 0; i < p->n; i++)
-        free(p->keys[i]);
-    p->n = p->next = 0;
+    audit_keys_clear(&p->k);
+    p->next = 0;
 }
 
 /* Start over (active: now), keeping the page's buffers. */
@@ -429,7 +413,7 @@ static void scan_fetch(AuditRun *a, int64_t now)
     }
     pattern = rules_audit_pattern(a->rules, s->rule);
     if (pattern == NULL ||
-        sink_scan_page(a->sinks[s->target], &s->sc, pattern, take_page, &s->page) != 0) {
+        sink_scan_page(a->sinks[s->target], &s->sc, pattern, audit_keys_take, &s->page.k) != 0) {
         check_failed(a, s->target, pattern ? sink_errstr(a->sinks[s->target]) : "no audit");
         scan_end(a, now); /* tried again after the interval */
     }
@@ -451,9 +435,10 @@ static bool scan_step(AuditRun *a, int64_t now)
             return false;
         }
     }
-    if (s->page.next < s->page.n) {
+    if (s->page.next < s->page.k.n) {
         size_t i = s->page.next++;
-        AuditOutcome out = check_on(a, s->target, s->rule, s->page.keys[i], s->page.lens[i], NULL);
+        AuditOutcome out =
+            check_on(a, s->target, s->rule, s->page.k.keys[i], s->page.k.lens[i], NULL);
         s->checked += out == AUDIT_OUT_CLEAN || out == AUDIT_OUT_STALE;
         s->stale += out == AUDIT_OUT_STALE;
         return true;
@@ -576,10 +561,8 @@ void audit_run_stop(AuditRun *a)
         audit_checker_free(a->checkers[t]);
         sink_free(a->sinks[t]);
     }
-    page_clear(&a->scan.page);
+    audit_keys_free(&a->scan.page.k);
     free(a->note_idx);
-    free(a->scan.page.keys);
-    free(a->scan.page.lens);
     free(a->sinks);
     free(a->checkers);
     free(a->targets);
