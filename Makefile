@@ -96,7 +96,7 @@ $(BUILD)/tests/test_notify: $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_cluster: $(BUILD)/obj/cluster.o $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_rconn: $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_batch: $(BUILD)/obj/batch.o
-$(BUILD)/tests/test_apply: $(BUILD)/obj/apply.o
+$(BUILD)/tests/test_apply: $(BUILD)/obj/apply.o $(BUILD)/obj/mem.o
 $(BUILD)/tests/test_sentinel: $(BUILD)/obj/sentinel.o $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
                            $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o

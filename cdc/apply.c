@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mem.h"
+
 typedef struct ApplyTarget {
     const ApplyTargetOps *ops;
     void *obj;
@@ -27,12 +29,8 @@ struct Apply {
 
 Apply *apply_new(const ApplyConfig *cfg)
 {
-    Apply *a = calloc(1, sizeof *a);
+    Apply *a = xcalloc(1, sizeof *a);
 
-    if (a == NULL) {
-        fprintf(stderr, "walbust: out of memory\n");
-        abort();
-    }
     a->cfg = *cfg;
     return a;
 }
