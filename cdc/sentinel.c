@@ -71,21 +71,34 @@ static bool next_addr(const char **p, char *host, size_t hostlen, int *port)
     return *port > 0;
 }
 
+static int min_ms(int a, int b)
+{
+    return a > 0 && a < b ? a : b;
+}
+
+/* How to reach the Sentinel at host:port; cap_ms > 0 caps both timeouts. */
+static RconnConfig conn_config(const SentinelConfig *cfg, const char *host, int port, int cap_ms)
+{
+    return (RconnConfig){.label = "redis sentinel",
+                         .host = host,
+                         .port = port,
+                         .tls = cfg->tls,
+                         .sni = cfg->sni,
+                         .user = cfg->user,
+                         .password = cfg->password,
+                         .has_password = cfg->has_password,
+                         .connect_timeout_ms = cap_ms > 0 ? min_ms(cfg->connect_timeout_ms, cap_ms)
+                                                          : cfg->connect_timeout_ms,
+                         .command_timeout_ms = cap_ms > 0 ? min_ms(cfg->command_timeout_ms, cap_ms)
+                                                          : cfg->command_timeout_ms};
+}
+
 /* Ask one Sentinel. 1: found, 0: does not know the master, -1: failed
  * (why set). */
 static int ask(const SentinelConfig *cfg, const char *shost, int sport, char *host, size_t hostlen,
                int *port, char *why, size_t whylen)
 {
-    RconnConfig rc = {.label = "redis sentinel",
-                      .host = shost,
-                      .port = sport,
-                      .tls = cfg->tls,
-                      .sni = cfg->sni,
-                      .user = cfg->user,
-                      .password = cfg->password,
-                      .has_password = cfg->has_password,
-                      .connect_timeout_ms = cfg->connect_timeout_ms,
-                      .command_timeout_ms = cfg->command_timeout_ms};
+    RconnConfig rc = conn_config(cfg, shost, sport, 0);
     const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", cfg->master_name};
     size_t lens[3] = {8, 23, strlen(cfg->master_name)};
     Rconn *c = rconn_open(&rc, why, whylen);
@@ -252,11 +265,6 @@ static bool nth_addr(const char *list, int idx, char *host, size_t hostlen, int 
     return true;
 }
 
-static int min_ms(int a, int b)
-{
-    return a > 0 && a < b ? a : b;
-}
-
 /* Connect to the next Sentinel, ask for the master and SUBSCRIBE. */
 static int watch_open(SentinelWatch *w, char *err, size_t errlen)
 {
@@ -271,17 +279,7 @@ static int watch_open(SentinelWatch *w, char *err, size_t errlen)
         snprintf(err, errlen, "no redis sentinel address in \"%s\"", w->cfg.sentinels);
         return -1;
     }
-    RconnConfig rc = {
-        .label = "redis sentinel",
-        .host = shost,
-        .port = sport,
-        .tls = w->cfg.tls,
-        .sni = w->cfg.sni,
-        .user = w->cfg.user,
-        .password = w->cfg.password,
-        .has_password = w->cfg.has_password,
-        .connect_timeout_ms = min_ms(w->cfg.connect_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS),
-        .command_timeout_ms = min_ms(w->cfg.command_timeout_ms, SENTINEL_WATCH_OPEN_MAX_MS)};
+    RconnConfig rc = conn_config(&w->cfg, shost, sport, SENTINEL_WATCH_OPEN_MAX_MS);
     w->c = rconn_open(&rc, err, errlen);
     if (w->c == NULL)
         return -1;
