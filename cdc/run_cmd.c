@@ -97,6 +97,8 @@ typedef struct Run {
         bool running;    /* a reload thread was started and not joined */
         atomic_int done; /* set by the thread when fresh is final */
         Rules *fresh;    /* its result: validated rules, or NULL */
+        uint32_t *relids;    /* and their tables' relids (schema_load_relids), or NULL */
+        uint64_t generation; /* schema_generation() when the thread started */
     } reload;
     Schema *schema;   /* schema changes on the rules' tables (schema.h) */
     bool schema_stop; /* a schema change walbust cannot follow: exit 1 */
@@ -854,6 +856,15 @@ static void *reload_thread(void *arg)
         if (check_catalog(r, conn, fresh, /* reload= */ true) != 0) {
             rules_free(fresh);
             fresh = NULL;
+        } else {
+            /* So that the swap needs no catalog check on the streaming
+             * thread (schema_set_rules_checked()). */
+            r->reload.relids = xcalloc(rules_table_count(fresh) + 1, sizeof *r->reload.relids);
+            if (schema_load_relids(conn, fresh, r->reload.relids, err, sizeof err) != 0) {
+                log_warn("rules reload: %s; the new tables are checked after the swap", err);
+                free(r->reload.relids);
+                r->reload.relids = NULL;
+            }
         }
         PQfinish(conn);
     }
@@ -870,6 +881,8 @@ static void reload_begin(Run *r)
     log_info("SIGHUP: reloading rules from %s (streaming goes on meanwhile)", r->cfg->rules);
     atomic_store(&r->reload.done, 0);
     r->reload.fresh = NULL;
+    r->reload.relids = NULL;
+    r->reload.generation = schema_generation(r->schema);
     if (pthread_create(&r->reload.thread, NULL, reload_thread, r) != 0) {
         log_error("rules reload: could not start a thread; keeping the previous rules");
         return;
@@ -888,8 +901,11 @@ static void reload_finish(Run *r)
     r->reload.running = false;
     fresh = r->reload.fresh;
     r->reload.fresh = NULL;
-    if (fresh == NULL)
+    if (fresh == NULL) {
+        free(r->reload.relids);
+        r->reload.relids = NULL;
         return;
+    }
     if (lookup_batch_calls(r->lk) > 0) {
         /* Queued calls belong to the old rules: apply them widened. */
         log_warn("rules reload: %zu queued lookup(s) applied widened to patterns",
@@ -902,7 +918,10 @@ static void reload_finish(Run *r)
     rules_free(r->rules);
     r->rules = fresh;
     route_rules_changed(r->route);
-    schema_set_rules(r->schema, fresh);
+    schema_set_rules_checked(r->schema, fresh, r->reload.relids, r->reload.generation);
+    free(r->reload.relids);
+    r->reload.relids = NULL;
+    schema_readiness(r);
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     audit_run_reload(r->audit);
@@ -1239,6 +1258,7 @@ static void run_free(Run *r)
     if (r->reload.running) {
         pthread_join(r->reload.thread, NULL);
         rules_free(r->reload.fresh);
+        free(r->reload.relids);
     }
     metrics_free(r->metrics);
     route_free(r->route);

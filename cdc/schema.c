@@ -42,7 +42,8 @@ struct Schema {
     size_t nproblems;
     char first_problem[512]; /* the first of them, for /readyz */
     bool pub_missing_warned;
-    bool altered; /* this check added a table to a publication */
+    bool altered;        /* this check added a table to a publication */
+    uint64_t generation; /* counts DDL and Relation messages and checks */
 };
 
 /* Publication facts for one check. */
@@ -117,6 +118,33 @@ void schema_set_rules(Schema *s, const Rules *rules)
     s->pending = true; /* validate the new rules against the catalog soon */
 }
 
+uint64_t schema_generation(const Schema *s)
+{
+    return s->generation;
+}
+
+void schema_set_rules_checked(Schema *s, const Rules *rules, const uint32_t *relids,
+                              uint64_t generation)
+{
+    bool known = relids != NULL && generation == s->generation;
+    bool pending = s->pending;
+
+    schema_set_rules(s, rules);
+    if (!known)
+        return; /* something happened meanwhile: check at once */
+    for (size_t i = 0; i < s->ntables; i++)
+        if (!s->tables[i].learnt) {
+            s->tables[i].relid = relids[i];
+            s->tables[i].learnt = true;
+        }
+    s->pending = pending;
+    if (s->problems != NULL)
+        log_event(LOG_LEVEL_INFO, NULL, NULL, "the rules match the schema again");
+    free(s->problems);
+    s->problems = NULL;
+    s->nproblems = 0;
+}
+
 /* ---- noticing changes ------------------------------------------------------------ */
 
 /* Does one object of a DDL message concern the rules? */
@@ -152,6 +180,7 @@ bool schema_on_message(Schema *s, const PgoMsg *m)
 
     if (strcmp(m->u.message.prefix, SCHEMA_DDL_PREFIX) != 0)
         return false;
+    s->generation++;
     root = cJSON_ParseWithLength(m->u.message.content, m->u.message.len);
     tag = cJSON_GetObjectItemCaseSensitive(root, "tag");
     objs = cJSON_GetObjectItemCaseSensitive(root, "objects");
@@ -195,6 +224,7 @@ void schema_on_relation(Schema *s, const PgoRelation *rel)
     SchemaTable *t = find_table(s, rel->qualname, strlen(rel->qualname));
     uint64_t sig;
 
+    s->generation++; /* maybe a table new rules name: see schema_set_rules_checked() */
     if (t == NULL)
         return;
     sig = columns_sig(rel);
@@ -233,16 +263,16 @@ bool schema_due(const Schema *s, bool idle)
 
 /* ---- reading the catalog ---------------------------------------------------------- */
 
-/* Run one statement on the plain connection; NULL with err set on failure. */
-static PGresult *exec_sql(Schema *s, const char *sql, int nparams, const char *const *params,
+/* Run one statement on a plain connection; NULL with err set on failure. */
+static PGresult *exec_sql(PGconn *conn, const char *sql, int nparams, const char *const *params,
                           ExecStatusType want, char *err, size_t errlen)
 {
-    PGresult *res = PQexecParams(s->conn, sql, nparams, NULL, params, NULL, NULL, 0);
+    PGresult *res = PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
     char *nl;
 
     if (PQresultStatus(res) == want)
         return res;
-    snprintf(err, errlen, "%s", PQerrorMessage(s->conn));
+    snprintf(err, errlen, "%s", PQerrorMessage(conn));
     if ((nl = strchr(err, '\n')) != NULL)
         *nl = '\0';
     PQclear(res);
@@ -261,7 +291,7 @@ static bool ensure_conn(Schema *s, char *err, size_t errlen)
 static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
 {
     const char *params[1] = {s->cfg.publication};
-    PGresult *res = exec_sql(s,
+    PGresult *res = exec_sql(s->conn,
                              "SELECT p.puballtables, coalesce(pg_catalog.obj_description(p.oid, "
                              "'pg_publication'), '') LIKE 'walbust:%' "
                              "FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
@@ -291,20 +321,20 @@ static void array_elem(MemText *b, const char *part, size_t len)
     mem_text_add(b, "\"");
 }
 
-/* The relid of each rules table that is an ordinary or partitioned table
- * named "schema.table" (0: none), in one query for all of them (one query
- * per table held the streaming thread for seconds with thousands of
- * tables). relids has s->ntables entries. */
-static int load_relids(Schema *s, uint32_t *relids, char *err, size_t errlen)
+/* In one query for all rules tables (one query per table held the
+ * streaming thread for seconds with thousands of tables). */
+int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err,
+                       size_t errlen)
 {
     MemText nsp = {0}, rel = {0};
     const char *params[2];
+    size_t n = rules_table_count(rules);
     PGresult *res;
 
     mem_text_add(&nsp, "{");
     mem_text_add(&rel, "{");
-    for (size_t i = 0; i < s->ntables; i++) {
-        const char *name = s->tables[i].name, *dot = strchr(name, '.');
+    for (size_t i = 0; i < n; i++) {
+        const char *name = rules_table(rules, i), *dot = strchr(name, '.');
         mem_text_add(&nsp, i > 0 ? "," : "");
         mem_text_add(&rel, i > 0 ? "," : "");
         if (dot == NULL) {
@@ -319,7 +349,7 @@ static int load_relids(Schema *s, uint32_t *relids, char *err, size_t errlen)
     mem_text_add(&rel, "}");
     params[0] = nsp.s;
     params[1] = rel.s;
-    res = exec_sql(s,
+    res = exec_sql(conn,
                    "SELECT u.i, c.oid FROM ROWS FROM (pg_catalog.unnest($1::text[]), "
                    "pg_catalog.unnest($2::text[])) "
                    "WITH ORDINALITY AS u(nsp, rel, i) "
@@ -331,10 +361,10 @@ static int load_relids(Schema *s, uint32_t *relids, char *err, size_t errlen)
     free(rel.s);
     if (res == NULL)
         return -1;
-    memset(relids, 0, s->ntables * sizeof *relids);
+    memset(relids, 0, n * sizeof *relids);
     for (int r = 0; r < PQntuples(res); r++) {
         size_t i = (size_t)strtoull(PQgetvalue(res, r, 0), NULL, 10);
-        if (i >= 1 && i <= s->ntables)
+        if (i >= 1 && i <= n)
             relids[i - 1] = (uint32_t)strtoul(PQgetvalue(res, r, 1), NULL, 10);
     }
     PQclear(res);
@@ -405,7 +435,7 @@ static int add_to_publication(Schema *s, const char *publication, const char *ta
     len = strlen(qp) + strlen(qt) + 64;
     sql = xcalloc(1, len);
     snprintf(sql, len, "ALTER PUBLICATION %s ADD TABLE %s", qp, qt);
-    res = exec_sql(s, sql, 0, NULL, PGRES_COMMAND_OK, msg, sizeof msg);
+    res = exec_sql(s->conn, sql, 0, NULL, PGRES_COMMAND_OK, msg, sizeof msg);
     if (res == NULL)
         snprintf(err, errlen,
                  "could not add table %s back to publication \"%s\": %s; run %s as the table's "
@@ -474,7 +504,7 @@ static const char *target_publication(Schema *s, const Catalog *cat, const Rules
 static int wait_in_flight(Schema *s, const char *table, char *err, size_t errlen)
 {
     PGresult *res =
-        exec_sql(s, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())", 0, NULL,
+        exec_sql(s->conn, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())", 0, NULL,
                  PGRES_TUPLES_OK, err, errlen);
     char xmax[32];
     const char *params[1] = {xmax};
@@ -487,7 +517,7 @@ static int wait_in_flight(Schema *s, const char *table, char *err, size_t errlen
     PQclear(res);
     for (;;) {
         bool done;
-        res = exec_sql(s,
+        res = exec_sql(s->conn,
                        "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot()) >= "
                        "$1::pg_catalog.xid8",
                        1, params, PGRES_TUPLES_OK, err, errlen);
@@ -644,10 +674,12 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     PubInfo pub = {false, false, false};
     Catalog *cat = NULL;
     uint32_t *relids = xcalloc(s->ntables + 1, sizeof *relids);
+    int64_t start = runtime_now_us();
     int rc = -2;
 
+    s->generation++;
     if (!ensure_conn(s, err, errlen) || load_pub(s, &pub, err, errlen) != 0 ||
-        load_relids(s, relids, err, errlen) != 0 ||
+        schema_load_relids(s->conn, s->rules, relids, err, errlen) != 0 ||
         (cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen)) == NULL)
         goto cleanup;
     if (!pub.exists && !s->pub_missing_warned)
@@ -671,6 +703,8 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     if (cat != NULL)
         log_problems(s, cat, lsn);
     rc = 0;
+    log_event(LOG_LEVEL_DEBUG, lsn, NULL, "schema: catalog check of %zu rules tables took %.1f ms",
+              s->ntables, (double)(runtime_now_us() - start) / 1000.0);
 cleanup:
     catalog_free(cat);
     free(relids);

@@ -73,6 +73,29 @@ void schema_free(Schema *s);
  * them. */
 void schema_set_rules(Schema *s, const Rules *rules);
 
+/* How many DDL messages, Relation messages and catalog checks the module
+ * has seen: what schema_set_rules_checked() compares. */
+uint64_t schema_generation(const Schema *s);
+
+/* The relid of each table of rules (relids[i] for rules_table(rules, i)):
+ * an ordinary or partitioned table of that "schema.table" name, 0 when
+ * there is none. One query on conn, whatever the number of tables: the
+ * reload thread runs it on its own connection. Returns 0, or -1 with err
+ * set. */
+int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err,
+                       size_t errlen) __attribute__((warn_unused_result));
+
+/* As schema_set_rules(), for rules already validated against the catalog
+ * off the streaming thread (no problems found: the reload refuses rules
+ * with problems) with relids from schema_load_relids(), read after
+ * schema_generation() returned generation. When the generation is still
+ * the same (no DDL or Relation message and no check since), tables new to
+ * the rules take those relids and no check is due: a reload of thousands
+ * of tables does not pause streaming for a catalog check. Otherwise (or
+ * relids NULL) the new tables are learnt at a check due at once. */
+void schema_set_rules_checked(Schema *s, const Rules *rules, const uint32_t *relids,
+                              uint64_t generation);
+
 /* Before streaming: learn each rules table's relid, and put a rules table
  * that is missing from a managed publication back into it (invalidating
  * everything its rules cover, since its changes were not published). Tables
