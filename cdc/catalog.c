@@ -38,6 +38,7 @@ typedef struct Pub {
 struct Catalog {
     size_t n;
     CatTable *tables;
+    CatTable **by_name; /* tables sorted by name, for catalog_lookup() */
     Pub pub[2]; /* the publication and its insert-only companion */
     size_t nmembers;
     CatalogMember *members; /* strings owned */
@@ -430,6 +431,11 @@ static int suggest_tables(Catalog *c, PGconn *conn, char *err, size_t errlen)
     return 0;
 }
 
+static int cmp_table(const void *a, const void *b)
+{
+    return strcmp((*(const CatTable *const *)a)->table, (*(const CatTable *const *)b)->table);
+}
+
 Catalog *catalog_load(PGconn *conn, const Rules *rules, const char *publication, char *err,
                       size_t errlen)
 {
@@ -448,22 +454,26 @@ Catalog *catalog_load(PGconn *conn, const Rules *rules, const char *publication,
     summarize(c);
     if (suggest_tables(c, conn, err, errlen) < 0)
         goto fail;
+    c->by_name = xcalloc(c->n + 1, sizeof *c->by_name);
+    for (size_t i = 0; i < c->n; i++)
+        c->by_name[i] = &c->tables[i];
+    qsort(c->by_name, c->n, sizeof *c->by_name, cmp_table);
     return c;
 fail:
     catalog_free(c);
     return NULL;
 }
 
-/* Tables are looked up by name once per rule at check time: a linear scan
- * is 2,000 x 2,000 string compares at worst, a few milliseconds. */
+/* Tables are looked up by name once per rule at check time: by bisection,
+ * since 10,000 rules over 5,000 tables made a linear scan 50 million string
+ * compares. */
 const RulesTableInfo *catalog_lookup(void *arg, const char *table)
 {
     const Catalog *c = arg;
+    CatTable key = {.table = (char *)table}, *pkey = &key, **found;
 
-    for (size_t i = 0; i < c->n; i++)
-        if (strcmp(c->tables[i].table, table) == 0)
-            return &c->tables[i].info;
-    return NULL;
+    found = c->n > 0 ? bsearch(&pkey, c->by_name, c->n, sizeof *c->by_name, cmp_table) : NULL;
+    return found != NULL ? &(*found)->info : NULL;
 }
 
 int catalog_publication(const Catalog *c)
@@ -584,5 +594,6 @@ void catalog_free(Catalog *c)
     }
     free(c->members);
     free(c->tables);
+    free(c->by_name);
     free(c);
 }

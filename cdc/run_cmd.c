@@ -99,6 +99,8 @@ typedef struct Run {
         Rules *fresh;    /* its result: validated rules, or NULL */
         uint32_t *relids;    /* and their tables' relids (schema_load_relids), or NULL */
         uint64_t generation; /* schema_generation() when the thread started */
+        pthread_t reaper;    /* frees the rules a swap replaced */
+        bool reaping;        /* the reaper was started and not joined */
     } reload;
     Schema *schema;   /* schema changes on the rules' tables (schema.h) */
     bool schema_stop; /* a schema change walbust cannot follow: exit 1 */
@@ -890,12 +892,41 @@ static void reload_begin(Run *r)
     r->reload.running = true;
 }
 
+static void *reaper_thread(void *arg)
+{
+    rules_free(arg);
+    /* The old rules and what the reload thread parsed were freed in two
+     * malloc arenas that glibc would otherwise keep: hand them back. */
+    malloc_trim(0);
+    return NULL;
+}
+
+static void reap_join(Run *r)
+{
+    if (r->reload.reaping)
+        pthread_join(r->reload.reaper, NULL);
+    r->reload.reaping = false;
+}
+
+/* Free rules a swap replaced off the streaming thread: with 10,000 rules
+ * freeing them and trimming the heap took ~50 ms. */
+static void reap_rules(Run *r, Rules *old)
+{
+    reap_join(r);
+    if (pthread_create(&r->reload.reaper, NULL, reaper_thread, old) == 0) {
+        r->reload.reaping = true;
+        return;
+    }
+    reaper_thread(old);
+}
+
 /* Swap in the validated rules once the thread is done (between changes:
  * a transaction may see the old rules for its first changes and the new
  * ones after, as with any reload). */
 static void reload_finish(Run *r)
 {
     Rules *fresh;
+    int64_t t0 = runtime_now_us();
 
     pthread_join(r->reload.thread, NULL);
     r->reload.running = false;
@@ -915,7 +946,7 @@ static void reload_finish(Run *r)
     }
     if (r->lkx == NULL && rules_has_lookups(fresh))
         r->lkx = lookup_exec_new(r->cfg->pg, RUN_LOOKUP_TIMEOUT_MS);
-    rules_free(r->rules);
+    reap_rules(r, r->rules);
     r->rules = fresh;
     route_rules_changed(r->route);
     schema_set_rules_checked(r->schema, fresh, r->reload.relids, r->reload.generation);
@@ -925,9 +956,8 @@ static void reload_finish(Run *r)
     for (int i = 0; i < r->nsinks; i++)
         sink_set_use_del(r->sinks[i], rules_use_del(fresh));
     audit_run_reload(r->audit);
-    /* The old rules and what the reload thread parsed were freed in two
-     * malloc arenas that glibc would otherwise keep: hand them back. */
-    malloc_trim(0);
+    log_debug("rules swap: %.1f ms on the streaming thread",
+              (double)(runtime_now_us() - t0) / 1000.0);
     log_info("rules reloaded: %zu tables", rules_table_count(fresh));
 }
 
@@ -1260,6 +1290,7 @@ static void run_free(Run *r)
         rules_free(r->reload.fresh);
         free(r->reload.relids);
     }
+    reap_join(r);
     metrics_free(r->metrics);
     route_free(r->route);
     visible_free(r->vis);

@@ -97,20 +97,34 @@ void schema_free(Schema *s)
     free(s);
 }
 
+static int cmp_table_name(const void *a, const void *b)
+{
+    return strcmp((*(const SchemaTable *const *)a)->name, (*(const SchemaTable *const *)b)->name);
+}
+
 void schema_set_rules(Schema *s, const Rules *rules)
 {
     size_t n = rules_table_count(rules);
     SchemaTable *t = xcalloc(n ? n : 1, sizeof *t);
+    /* The old tables by name, searched by bisection: a reload of thousands
+     * of tables runs on the streaming thread. */
+    SchemaTable **by_name = xcalloc(s->ntables + 1, sizeof *by_name);
 
+    for (size_t i = 0; i < s->ntables; i++)
+        by_name[i] = &s->tables[i];
+    qsort(by_name, s->ntables, sizeof *by_name, cmp_table_name);
     for (size_t i = 0; i < n; i++) {
-        const char *name = rules_table(rules, i);
-        const SchemaTable *old = find_table(s, name, strlen(name));
+        SchemaTable key = {.name = (char *)rules_table(rules, i)}, *pkey = &key;
+        SchemaTable **old = s->ntables > 0 ? bsearch(&pkey, by_name, s->ntables, sizeof *by_name,
+                                                     cmp_table_name)
+                                           : NULL;
         if (old != NULL)
-            t[i] = *old;
+            t[i] = **old;
         else
             memset(&t[i], 0, sizeof t[i]);
-        t[i].name = xstrdup(name);
+        t[i].name = xstrdup(key.name);
     }
+    free(by_name);
     free_tables(s->tables, s->ntables);
     s->tables = t;
     s->ntables = n;
