@@ -39,7 +39,7 @@ struct Catalog {
     size_t n;
     CatTable *tables;
     CatTable **by_name; /* tables sorted by name, for catalog_lookup() */
-    Pub pub[2]; /* the publication and its insert-only companion */
+    Pub pub[2];         /* the publication and its insert-only companion */
     size_t nmembers;
     CatalogMember *members; /* strings owned */
 };

@@ -94,9 +94,9 @@ typedef struct Run {
     Route *route;                             /* partitions/children → the rules tables above */
     struct {
         pthread_t thread;
-        bool running;    /* a reload thread was started and not joined */
-        atomic_int done; /* set by the thread when fresh is final */
-        Rules *fresh;    /* its result: validated rules, or NULL */
+        bool running;        /* a reload thread was started and not joined */
+        atomic_int done;     /* set by the thread when fresh is final */
+        Rules *fresh;        /* its result: validated rules, or NULL */
         uint32_t *relids;    /* and their tables' relids (schema_load_relids), or NULL */
         uint64_t generation; /* schema_generation() when the thread started */
         pthread_t reaper;    /* frees the rules a swap replaced */
@@ -963,7 +963,7 @@ static void reload_finish(Run *r)
 
 static void reload_rules(Run *r)
 {
-    if (r->reload.running && atomic_load(&r->reload.done))
+    if (r->reload.running && atomic_load(&r->reload.done) && !schema_busy(r->schema))
         reload_finish(r);
     if (runtime_reload && !r->reload.running)
         reload_begin(r);

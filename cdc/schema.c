@@ -6,6 +6,8 @@
 #include "schema.h"
 
 #include <cjson/cJSON.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,36 @@ typedef struct SchemaTable {
     bool warned_changed; /* the missing-`changed`-column warning was logged */
 } SchemaTable;
 
+/* Publication facts for one check. */
+typedef struct PubInfo {
+    bool exists, all_tables, managed;
+} PubInfo;
+
+/* What one check reads from the catalog for the rules' tables. */
+typedef struct SchemaRead {
+    PubInfo pub;
+    uint32_t *relids; /* one per rules table, as schema_load_relids() */
+    Catalog *cat;
+} SchemaRead;
+
+/* The periodic re-check's catalog reads, done on a thread of its own (with
+ * thousands of rules tables they take ~0.5 s, which held the streaming
+ * thread every --schema-recheck seconds); only the comparison and any
+ * action run on the streaming thread. */
+typedef struct SchemaBackground {
+    pthread_t thread;
+    bool running;         /* started and not joined */
+    atomic_bool done;     /* the thread has finished: rc, rd and err are final */
+    PGconn *conn;         /* the thread's own connection (kept between reads) */
+    const Rules *rules;   /* what it reads for (s->rules when it started) */
+    uint64_t checks;      /* s->checks when it started */
+    const char *conninfo; /* borrowed from the config */
+    const char *publication;
+    SchemaRead rd;
+    int rc; /* 0, or -1 with err set */
+    char err[512];
+} SchemaBackground;
+
 struct Schema {
     SchemaConfig cfg;
     const Rules *rules;
@@ -44,12 +76,12 @@ struct Schema {
     bool pub_missing_warned;
     bool altered;        /* this check added a table to a publication */
     uint64_t generation; /* counts DDL and Relation messages and checks */
+    uint64_t checks;     /* counts the checks that acted on what they read */
+    SchemaBackground bg;
 };
 
-/* Publication facts for one check. */
-typedef struct PubInfo {
-    bool exists, all_tables, managed;
-} PubInfo;
+static bool bg_join(Schema *s);
+static void read_release(SchemaRead *rd);
 
 static SchemaTable *find_table(Schema *s, const char *name, size_t len)
 {
@@ -91,6 +123,9 @@ void schema_free(Schema *s)
 {
     if (s == NULL)
         return;
+    bg_join(s);
+    read_release(&s->bg.rd);
+    PQfinish(s->bg.conn);
     free_tables(s->tables, s->ntables);
     PQfinish(s->conn);
     free(s->problems);
@@ -104,6 +139,10 @@ static int cmp_table_name(const void *a, const void *b)
 
 void schema_set_rules(Schema *s, const Rules *rules)
 {
+    if (s->bg.running) { /* it reads the old rules: wait, and drop its read */
+        bg_join(s);
+        read_release(&s->bg.rd);
+    }
     size_t n = rules_table_count(rules);
     SchemaTable *t = xcalloc(n ? n : 1, sizeof *t);
     /* The old tables by name, searched by bisection: a reload of thousands
@@ -115,9 +154,9 @@ void schema_set_rules(Schema *s, const Rules *rules)
     qsort(by_name, s->ntables, sizeof *by_name, cmp_table_name);
     for (size_t i = 0; i < n; i++) {
         SchemaTable key = {.name = (char *)rules_table(rules, i)}, *pkey = &key;
-        SchemaTable **old = s->ntables > 0 ? bsearch(&pkey, by_name, s->ntables, sizeof *by_name,
-                                                     cmp_table_name)
-                                           : NULL;
+        SchemaTable **old =
+            s->ntables > 0 ? bsearch(&pkey, by_name, s->ntables, sizeof *by_name, cmp_table_name)
+                           : NULL;
         if (old != NULL)
             t[i] = **old;
         else
@@ -271,8 +310,18 @@ void schema_note_eval(Schema *s, const char *table, const RulesEvalStats *st)
 
 bool schema_due(const Schema *s, bool idle)
 {
-    return s->pending ||
-           (idle && runtime_now_us() - s->last_check_us >= (int64_t)s->cfg.recheck_s * 1000000);
+    if (s->pending)
+        return true;
+    if (!idle)
+        return false;
+    if (s->bg.running)
+        return atomic_load(&s->bg.done);
+    return runtime_now_us() - s->last_check_us >= (int64_t)s->cfg.recheck_s * 1000000;
+}
+
+bool schema_busy(const Schema *s)
+{
+    return s->bg.running && !atomic_load(&s->bg.done);
 }
 
 /* ---- reading the catalog ---------------------------------------------------------- */
@@ -302,10 +351,10 @@ static bool ensure_conn(Schema *s, char *err, size_t errlen)
     return s->conn != NULL;
 }
 
-static int load_pub(Schema *s, PubInfo *pub, char *err, size_t errlen)
+static int load_pub(PGconn *conn, const char *publication, PubInfo *pub, char *err, size_t errlen)
 {
-    const char *params[1] = {s->cfg.publication};
-    PGresult *res = exec_sql(s->conn,
+    const char *params[1] = {publication};
+    PGresult *res = exec_sql(conn,
                              "SELECT p.puballtables, coalesce(pg_catalog.obj_description(p.oid, "
                              "'pg_publication'), '') LIKE 'walbust:%' "
                              "FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
@@ -337,8 +386,7 @@ static void array_elem(MemText *b, const char *part, size_t len)
 
 /* In one query for all rules tables (one query per table held the
  * streaming thread for seconds with thousands of tables). */
-int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err,
-                       size_t errlen)
+int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err, size_t errlen)
 {
     MemText nsp = {0}, rel = {0};
     const char *params[2];
@@ -518,8 +566,8 @@ static const char *target_publication(Schema *s, const Catalog *cat, const Rules
 static int wait_in_flight(Schema *s, const char *table, char *err, size_t errlen)
 {
     PGresult *res =
-        exec_sql(s->conn, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())", 0, NULL,
-                 PGRES_TUPLES_OK, err, errlen);
+        exec_sql(s->conn, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())", 0,
+                 NULL, PGRES_TUPLES_OK, err, errlen);
     char xmax[32];
     const char *params[1] = {xmax};
     int64_t start = runtime_now_us();
@@ -681,47 +729,156 @@ static void log_problems(Schema *s, Catalog *cat, const char *lsn)
     rules_problems_release(&pr);
 }
 
-/* One check. Returns 0, -1 (must stop; err set) or -2 (the catalog could
- * not be read; err set). */
-static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
+static void read_release(SchemaRead *rd)
 {
-    PubInfo pub = {false, false, false};
-    Catalog *cat = NULL;
-    uint32_t *relids = xcalloc(s->ntables + 1, sizeof *relids);
-    int64_t start = runtime_now_us();
-    int rc = -2;
+    catalog_free(rd->cat);
+    free(rd->relids);
+    memset(rd, 0, sizeof *rd);
+}
 
+/* Read what a check needs on conn. Returns 0, or -1 with err set (rd
+ * released). */
+static int read_catalog(PGconn *conn, const Rules *rules, const char *publication, SchemaRead *rd,
+                        char *err, size_t errlen)
+{
+    memset(rd, 0, sizeof *rd);
+    rd->relids = xcalloc(rules_table_count(rules) + 1, sizeof *rd->relids);
+    if (load_pub(conn, publication, &rd->pub, err, errlen) != 0 ||
+        schema_load_relids(conn, rules, rd->relids, err, errlen) != 0 ||
+        (rd->cat = catalog_load(conn, rules, publication, err, errlen)) == NULL) {
+        read_release(rd);
+        return -1;
+    }
+    return 0;
+}
+
+/* Compare the rules tables with what was read and act. Returns 0 or -1
+ * (must stop; err set). */
+static int act(Schema *s, SchemaRead *rd, const char *lsn, char *err, size_t errlen)
+{
     s->generation++;
-    if (!ensure_conn(s, err, errlen) || load_pub(s, &pub, err, errlen) != 0 ||
-        schema_load_relids(s->conn, s->rules, relids, err, errlen) != 0 ||
-        (cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen)) == NULL)
-        goto cleanup;
-    if (!pub.exists && !s->pub_missing_warned)
+    s->checks++;
+    if (!rd->pub.exists && !s->pub_missing_warned)
         log_event(LOG_LEVEL_WARN, lsn, NULL,
                   "publication \"%s\" does not exist; tables cannot be put back into it",
                   s->cfg.publication);
-    s->pub_missing_warned = !pub.exists;
+    s->pub_missing_warned = !rd->pub.exists;
     s->altered = false;
-    for (size_t i = 0; i < s->ntables; i++) {
-        SchemaTable *t = &s->tables[i];
-
-        if (check_table(s, &pub, cat, t, relids[i], lsn, err, errlen) != 0) {
-            rc = -1;
-            goto cleanup;
-        }
-    }
+    for (size_t i = 0; i < s->ntables; i++)
+        if (check_table(s, &rd->pub, rd->cat, &s->tables[i], rd->relids[i], lsn, err, errlen) != 0)
+            return -1;
     if (s->altered) { /* re-read after acting: membership has changed */
-        catalog_free(cat);
-        cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen);
+        catalog_free(rd->cat);
+        rd->cat = catalog_load(s->conn, s->rules, s->cfg.publication, err, errlen);
     }
-    if (cat != NULL)
-        log_problems(s, cat, lsn);
-    rc = 0;
-    log_event(LOG_LEVEL_DEBUG, lsn, NULL, "schema: catalog check of %zu rules tables took %.1f ms",
-              s->ntables, (double)(runtime_now_us() - start) / 1000.0);
-cleanup:
-    catalog_free(cat);
-    free(relids);
+    if (rd->cat != NULL)
+        log_problems(s, rd->cat, lsn);
+    return 0;
+}
+
+/* One check on the module's own connection. Returns 0, -1 (must stop; err
+ * set) or -2 (the catalog could not be read; err set). */
+static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
+{
+    SchemaRead rd;
+    int64_t start = runtime_now_us();
+    int rc;
+
+    s->generation++;
+    if (!ensure_conn(s, err, errlen) ||
+        read_catalog(s->conn, s->rules, s->cfg.publication, &rd, err, errlen) != 0)
+        return -2;
+    rc = act(s, &rd, lsn, err, errlen);
+    read_release(&rd);
+    if (rc == 0)
+        log_event(LOG_LEVEL_DEBUG, lsn, NULL,
+                  "schema: catalog check of %zu rules tables took %.1f ms", s->ntables,
+                  (double)(runtime_now_us() - start) / 1000.0);
+    return rc;
+}
+
+/* ---- the periodic re-check in the background -------------------------------- */
+
+static void *bg_thread(void *arg)
+{
+    SchemaBackground *bg = arg;
+
+    bg->rc = -1;
+    if (bg->conn == NULL || PQstatus(bg->conn) != CONNECTION_OK) {
+        PQfinish(bg->conn);
+        bg->conn = stream_plain_connect(bg->conninfo, bg->err, sizeof bg->err);
+    }
+    if (bg->conn != NULL)
+        bg->rc =
+            read_catalog(bg->conn, bg->rules, bg->publication, &bg->rd, bg->err, sizeof bg->err);
+    if (bg->rc != 0) { /* reconnect next time */
+        PQfinish(bg->conn);
+        bg->conn = NULL;
+    }
+    atomic_store(&bg->done, true);
+    return NULL;
+}
+
+/* Start the background read. Returns false when no thread could start. */
+static bool bg_start(Schema *s)
+{
+    SchemaBackground *bg = &s->bg;
+
+    bg->rules = s->rules;
+    bg->checks = s->checks;
+    bg->conninfo = s->cfg.conninfo;
+    bg->publication = s->cfg.publication;
+    atomic_store(&bg->done, false);
+    if (pthread_create(&bg->thread, NULL, bg_thread, bg) != 0)
+        return false;
+    bg->running = true;
+    return true;
+}
+
+/* Join the thread (waiting for it when not done). Returns whether its read
+ * is still current: it succeeded, no check acted and no change was noted
+ * since it started, and the rules are the same. */
+static bool bg_join(Schema *s)
+{
+    SchemaBackground *bg = &s->bg;
+
+    if (!bg->running)
+        return false;
+    pthread_join(bg->thread, NULL);
+    bg->running = false;
+    return bg->rc == 0 && bg->checks == s->checks && !s->pending && bg->rules == s->rules;
+}
+
+/* The periodic re-check: start the read, or act on a finished one. */
+static int recheck(Schema *s, const char *lsn, char *err, size_t errlen)
+{
+    int64_t start = runtime_now_us();
+    bool current;
+    int rc;
+
+    if (!s->bg.running) {
+        if (bg_start(s))
+            return 0;
+        return check_once(s, lsn, err, errlen) == -1 ? -1 : 0; /* no thread: inline */
+    }
+    if (!atomic_load(&s->bg.done))
+        return 0;
+    current = bg_join(s);
+    if (!current) {
+        if (s->bg.rc != 0)
+            log_warn("periodic schema re-check failed: %s", s->bg.err);
+        read_release(&s->bg.rd);
+        s->last_check_us = runtime_now_us(); /* the next one in an interval */
+        return 0;
+    }
+    rc = act(s, &s->bg.rd, lsn, err, errlen);
+    read_release(&s->bg.rd);
+    s->last_check_us = runtime_now_us();
+    if (rc == 0)
+        log_event(LOG_LEVEL_DEBUG, lsn, NULL,
+                  "schema: periodic catalog check of %zu rules tables read in the background, "
+                  "compared in %.1f ms",
+                  s->ntables, (double)(runtime_now_us() - start) / 1000.0);
     return rc;
 }
 
@@ -729,6 +886,8 @@ int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
 {
     Backoff b = {0, 200, 5000};
 
+    if (!s->pending)
+        return recheck(s, lsn, err, errlen);
     for (;;) {
         int rc = check_once(s, lsn, err, errlen);
 

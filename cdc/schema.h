@@ -82,8 +82,8 @@ uint64_t schema_generation(const Schema *s);
  * there is none. One query on conn, whatever the number of tables: the
  * reload thread runs it on its own connection. Returns 0, or -1 with err
  * set. */
-int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err,
-                       size_t errlen) __attribute__((warn_unused_result));
+int schema_load_relids(PGconn *conn, const Rules *rules, uint32_t *relids, char *err, size_t errlen)
+    __attribute__((warn_unused_result));
 
 /* As schema_set_rules(), for rules already validated against the catalog
  * off the streaming thread (no problems found: the reload refuses rules
@@ -120,11 +120,22 @@ void schema_on_relation(Schema *s, const PgoRelation *rel);
 void schema_note_eval(Schema *s, const char *table, const RulesEvalStats *st);
 
 /* Is a check due: a change was seen (pending), or the backstop interval has
- * passed (only when idle is true: outside a transaction)? */
+ * passed or its background read finished (only when idle is true: outside
+ * a transaction)? */
 bool schema_due(const Schema *s, bool idle);
 
+/* Is the backstop's background read still running? schema_set_rules()
+ * waits for it (it reads the rules being replaced): the daemon defers a
+ * reload's swap meanwhile. */
+bool schema_busy(const Schema *s);
+
 /* Re-check the catalog and act (see the file comment). lsn names the
- * position for log lines (the COMMIT being processed). Returns 0 when done
+ * position for log lines (the COMMIT being processed). The backstop (when
+ * nothing is pending) reads the catalog on a thread and connection of its
+ * own: the first call starts the read, a call once it finished compares
+ * and acts, unless a check acted, a change was noted or the rules were
+ * replaced meanwhile (then the read is dropped and the next backstop is an
+ * interval later). Returns 0 when done
  * (invalidations, if any, emitted), -1 when walbust must stop: err names
  * the table, the change and the fix. A catalog that cannot be read is
  * retried on the next call (the schema stays pending) and is not fatal:

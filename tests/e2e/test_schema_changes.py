@@ -201,6 +201,8 @@ def test_rename_swap_without_trigger_backstop():
                COMMIT""")
         e.q("INSERT INTO items VALUES (2, 'gap', 2)")
         e.log_has(r"table public\.items was replaced.*added it back", timeout=30)
+        # The backstop read the catalog off the streaming thread.
+        e.log_has(r"periodic catalog check of 2 rules tables read in the background")
         e.gone("item:1", "item:2")
         assert in_publication(e.db, "public.items")
         check_new_table_invalidates(e, [2, 3])
