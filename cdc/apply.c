@@ -168,6 +168,8 @@ static void target_failed(Apply *a, ApplyTarget *t, ApplyTargetResult *tr)
             ms = APPLY_OOM_RETRY_MS;
     } else {
         tr->kind = t->ops->connected(t->obj) ? APPLY_FAIL_REFUSED : APPLY_FAIL_IO;
+        if (t->ops->shortfall != NULL && t->ops->shortfall(t->obj) && ms > APPLY_SHORTFALL_RETRY_MS)
+            ms = APPLY_SHORTFALL_RETRY_MS;
     }
     tr->retry_ms = ms;
     tr->attempts = t->attempts;

@@ -15,6 +15,8 @@
  * A target that refused only writes for lack of memory (OOM) has applied
  * the deletes of its batch, holds the refused writes, and is retried at
  * least every APPLY_OOM_RETRY_MS; confirmation waits for those writes.
+ * A batch short of replica acknowledgements is retried at least every
+ * APPLY_SHORTFALL_RETRY_MS.
  *
  * Targets are reached through ApplyTargetOps (the Redis sink in
  * production, a fake in tests/unit/test_apply.c). The module does not
@@ -36,6 +38,11 @@
 /* A target that refuses writes for lack of memory keeps receiving deletes
  * at least this often while its refused writes are retried. */
 #define APPLY_OOM_RETRY_MS 500
+/* A batch that fewer replicas than asked for acknowledged (?replicas=N) is
+ * sent again at least this often, not after a backoff that grows to 30 s:
+ * confirmation resumes soon after a replica is back (e.g. the old master
+ * rejoining as a replica after a failover). */
+#define APPLY_SHORTFALL_RETRY_MS 500
 
 /* What a target must do. obj is the target given to apply_add_target().
  * add/set_watermark queue; flush sends everything queued and waits for the
@@ -51,6 +58,7 @@ typedef struct ApplyTargetOps {
     bool (*full)(const void *obj);      /* flush now to bound memory */
     int (*flush)(void *obj);
     bool (*oom)(const void *obj);       /* last flush failed only on OOM refusals */
+    bool (*shortfall)(const void *obj); /* ... only on too few replica acks (may be NULL) */
     bool (*connected)(const void *obj); /* a live connection */
     const char *(*errstr)(const void *obj);
 } ApplyTargetOps;

@@ -614,6 +614,7 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
         if (r->integer >= s->cfg.url.replicas)
             return true;
         s->stats.replica_shortfalls++;
+        s->shortfall = true;
         snprintf(s->why, sizeof s->why,
                  "only %lld of the %d replicas asked for (replicas=%d) acknowledged the batch "
                  "within %d ms; it is not confirmed and will be sent again",
@@ -1062,9 +1063,15 @@ bool sink_oom(const Sink *s)
     return s->oom;
 }
 
+bool sink_shortfall(const Sink *s)
+{
+    return s->shortfall;
+}
+
 int sink_flush(Sink *s)
 {
     s->oom = false;
+    s->shortfall = false;
     s->readonly = false;
     if (!sink_dirty(s))
         return 0;
@@ -1137,6 +1144,11 @@ static bool target_oom(const void *obj)
     return sink_oom(obj);
 }
 
+static bool target_shortfall(const void *obj)
+{
+    return sink_shortfall(obj);
+}
+
 static bool target_connected(const void *obj)
 {
     return sink_connected(obj);
@@ -1155,6 +1167,7 @@ const ApplyTargetOps sink_apply_ops = {
     .full = target_full,
     .flush = target_flush,
     .oom = target_oom,
+    .shortfall = target_shortfall,
     .connected = target_connected,
     .errstr = target_errstr,
 };

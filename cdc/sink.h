@@ -109,6 +109,11 @@ int sink_flush(Sink *s) __attribute__((warn_unused_result));
  * Cluster target the same holds for refusals from any master. */
 bool sink_oom(const Sink *s);
 
+/* Did the last sink_flush() fail only because fewer replicas than
+ * ?replicas=N acknowledged the batch (WAIT)? The batch was applied on the
+ * master and is kept to be sent again. */
+bool sink_shortfall(const Sink *s);
+
 /* Read the string at key into buf (len bytes, NUL-terminated, cut to fit),
  * connecting first when needed. Outside sink_flush() only; the queued
  * batch is untouched. Returns 1 when the key holds a string, 0 when it does

@@ -297,6 +297,7 @@ static int cl_wait(Sink *s)
         if (r->type == REDIS_REPLY_INTEGER && r->integer >= n)
             continue;
         s->stats.replica_shortfalls++;
+        s->shortfall = true;
         sink_set_err(
             s,
             "redis cluster: only %lld of the %d replicas asked for (replicas=%d) acknowledged "

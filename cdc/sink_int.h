@@ -70,6 +70,7 @@ struct Sink {
     size_t fenced;       /* refreshes the fence refused in this flush */
     bool wm_refused;     /* the watermark SET was one of them */
     bool oom;            /* the last flush failed only on OOM refusals */
+    bool shortfall;      /* ... only because too few replicas acknowledged it */
     bool readonly;       /* a READONLY reply: reconnect (and rediscover) */
     char oom_first[200]; /* the first refused command and Redis' words */
     size_t *cl_owner;    /* cluster command index -> op (SINK_NO_OP: watermark) */

@@ -29,6 +29,8 @@ typedef struct Fake {
     bool refuse; /* every command answered with an error (READONLY) */
     bool oom;    /* writes (INCR, PUBLISH, the watermark) refused for lack of memory */
     bool last_oom;
+    bool few_replicas; /* everything applied, but too few replicas acknowledged it */
+    bool last_short;
     int flushes;
     int max_ops; /* full() threshold */
     char err[64];
@@ -118,6 +120,7 @@ static int fake_flush(void *obj)
 
     f->flushes++;
     f->last_oom = false;
+    f->last_short = false;
     if (f->down) {
         snprintf(f->err, sizeof f->err, "connection refused");
         return -1;
@@ -128,6 +131,13 @@ static int fake_flush(void *obj)
     }
     if (f->oom)
         return fake_flush_oom(f);
+    if (f->few_replicas) { /* applied on the master, kept to be sent again */
+        for (int i = 0; i < f->nq; i++)
+            fake_apply(f, f->queued[i]);
+        f->last_short = true;
+        snprintf(f->err, sizeof f->err, "only 0 of the 1 replicas asked for acknowledged");
+        return -1;
+    }
     for (int i = 0; i < f->nq; i++)
         fake_apply(f, f->queued[i]);
     if (f->wm[0] != '\0') {
@@ -143,6 +153,11 @@ static int fake_flush(void *obj)
 static bool fake_oom(const void *obj)
 {
     return ((const Fake *)obj)->last_oom;
+}
+
+static bool fake_shortfall(const void *obj)
+{
+    return ((const Fake *)obj)->last_short;
 }
 
 static bool fake_connected(const void *obj)
@@ -163,6 +178,7 @@ static const ApplyTargetOps fake_ops = {
     .full = fake_full,
     .flush = fake_flush,
     .oom = fake_oom,
+    .shortfall = fake_shortfall,
     .connected = fake_connected,
     .errstr = fake_errstr,
 };
@@ -432,6 +448,57 @@ static void test_oom_holds_writes_not_deletes(void **state)
     apply_free(a);
 }
 
+/* Too few replicas acknowledged: the batch is retried at least every
+ * APPLY_SHORTFALL_RETRY_MS however many times it failed, and is never
+ * confirmed meanwhile. */
+static void test_replica_shortfall_retried_soon(void **state)
+{
+    Fake f[1];
+    Apply *a = new_stage(f, 1);
+    ApplyResult res;
+    (void)state;
+
+    f[0].few_replicas = true;
+    key(a, "k1");
+    apply_commit(a, 100);
+    for (int i = 0; i < 10; i++) { /* the backoff alone would reach 30 s */
+        flush(a, &res);
+        assert_int_equal(res.t[0].outcome, APPLY_FAILED);
+        assert_int_equal(res.t[0].kind, APPLY_FAIL_REFUSED);
+        assert_true(res.t[0].retry_ms <= APPLY_SHORTFALL_RETRY_MS);
+        assert_int_equal(apply_acked(a), 0);
+        now_us += APPLY_SHORTFALL_RETRY_MS * 1000;
+    }
+    f[0].few_replicas = false;
+    flush(a, &res);
+    assert_int_equal(res.t[0].outcome, APPLY_RECOVERED);
+    assert_true(res.replay); /* as after any failure */
+    apply_free(a);
+}
+
+/* A refusal that is not a shortfall still backs off past the cap. */
+static void test_refusal_backs_off(void **state)
+{
+    Fake f[1];
+    Apply *a = new_stage(f, 1);
+    ApplyResult res;
+    int longest = 0;
+    (void)state;
+
+    f[0].refuse = true;
+    key(a, "k1");
+    apply_commit(a, 100);
+    for (int i = 0; i < 10; i++) {
+        flush(a, &res);
+        assert_int_equal(res.t[0].outcome, APPLY_FAILED);
+        if (res.t[0].retry_ms > longest)
+            longest = res.t[0].retry_ms;
+        now_us += (int64_t)res.t[0].retry_ms * 1000;
+    }
+    assert_true(longest > APPLY_SHORTFALL_RETRY_MS);
+    apply_free(a);
+}
+
 /* An error reply from a connected target is a refusal, not an I/O error;
  * a target is not flushed before its retry time. */
 static void test_refused_and_schedule(void **state)
@@ -522,6 +589,8 @@ int main(void)
         cmocka_unit_test(test_commit_order),
         cmocka_unit_test(test_oom_holds_writes_not_deletes),
         cmocka_unit_test(test_refused_and_schedule),
+        cmocka_unit_test(test_replica_shortfall_retried_soon),
+        cmocka_unit_test(test_refusal_backs_off),
         cmocka_unit_test(test_before_send_and_watermark),
         cmocka_unit_test(test_target_limit),
     };

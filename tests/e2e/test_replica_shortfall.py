@@ -1,0 +1,110 @@
+"""?replicas=N when the replica is away: a batch fewer replicas acknowledged
+is never confirmed, and is sent again at least every 500 ms however long
+the outage lasts (not after a backoff that grows to 30 s), so confirmation
+resumes within about a second of the replica being back.
+
+Real servers: a Redis master and its replica (redis-server --replicaof),
+walbust on redis://master/0?replicas=1. The replica is frozen with SIGSTOP
+for 10 s while a row is updated: every retry in the log is scheduled at most
+500 ms ahead, the slot does not confirm the update meanwhile, and after
+SIGCONT it does within 5 s, with the key gone on master and replica.
+
+Database walbust_replica_shortfall, slot replica_shortfall.
+"""
+import os
+import re
+import subprocess
+import time
+
+from faultkit import RedisServer
+from harness import (BARRIER_RULE, BARRIER_SQL, Runner, Walbust, fresh_db, slot_confirmed, sql,
+                     wait_until, write_rules)
+
+DB = "walbust_replica_shortfall"
+SLOT = "replica_shortfall"
+RULES = {"rules": [{"table": "items", "keys": ["rs:item:{id}"]}, BARRIER_RULE]}
+OUTAGE_S = 10
+
+
+class Replica(RedisServer):
+    """A redis-server replicating master_port."""
+
+    def __init__(self, master_port):
+        super().__init__()
+        self.master_port = master_port
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "no", "--logfile",
+                os.path.join(self.dir, "redis.log"), "--replicaof", "127.0.0.1",
+                str(self.master_port)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "redis-server to start")
+        assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
+        return self
+
+
+def lsn_ge(a, b):
+    return sql(DB, "SELECT %s::pg_lsn >= %s::pg_lsn", (a, b), fetch=True)[0][0]
+
+
+def test_shortfall_retried_soon_and_confirmed_after():
+    master = RedisServer().start()
+    replica = Replica(master.port).start()
+    wb = None
+    try:
+        wait_until(lambda: replica.client(1).info("replication").get("master_link_status") == "up",
+                   20, "the replica to sync")
+        fresh_db(DB)
+        sql(DB, "CREATE TABLE items(id int PRIMARY KEY, v int)")
+        sql(DB, "INSERT INTO items SELECT g, 0 FROM generate_series(1, 10) g")
+        sql(DB, BARRIER_SQL)
+        sql(DB, "CREATE PUBLICATION walbust FOR TABLE items, walbust_barrier")
+        wb = Walbust(DB, write_rules(RULES), slot=SLOT,
+                     redis_urls=[f"redis://127.0.0.1:{master.port}/0?replicas=1"])
+        wb.start().wait_streaming()
+        m = master.client(2)
+
+        m.set("rs:item:1", "cached")
+        sql(DB, "UPDATE items SET v = 1 WHERE id = 1")
+        wait_until(lambda: not m.exists("rs:item:1"), 20, "the first update to apply")
+
+        replica.sigstop()
+        m.set("rs:item:2", "cached")
+        sql(DB, "UPDATE items SET v = 1 WHERE id = 2")
+        lsn = sql(DB, "SELECT pg_current_wal_lsn()::text", fetch=True)[0][0]
+        wait_until(lambda: not m.exists("rs:item:2"), 20, "the delete to reach the master")
+        time.sleep(OUTAGE_S)
+        confirmed = slot_confirmed(DB, SLOT) or "0/0"
+        assert not lsn_ge(confirmed, lsn), f"confirmed {confirmed} past {lsn} without the replica"
+        delays = [int(x) for x in re.findall(
+            r"only 0 of the 1 replicas asked for \(replicas=1\) acknowledged the batch within "
+            r"\d+ ms; it is not confirmed and will be sent again; retrying in (\d+) ms",
+            wb.read_log())]
+        assert len(delays) >= 4, f"retries during {OUTAGE_S} s: {delays}\n{wb.read_log()[-3000:]}"
+        assert max(delays) <= 500, f"a retry was scheduled {max(delays)} ms ahead: {delays}"
+
+        replica.sigcont()
+        t0 = time.time()
+        wait_until(lambda: lsn_ge(slot_confirmed(DB, SLOT) or "0/0", lsn), 5,
+                   "the update to be confirmed once the replica is back")
+        print(f"# {len(delays)} retries in {OUTAGE_S} s, confirmed {time.time() - t0:.2f} s after "
+              f"SIGCONT", flush=True)
+        assert not replica.client(2).exists("rs:item:2")
+        assert wb.alive()
+    finally:
+        replica.sigcont()
+        if wb is not None and wb.alive():
+            wb.stop()
+        replica.stop()
+        master.stop()
+
+
+def main():
+    run = Runner("test_replica_shortfall")
+    run.run(test_shortfall_retried_soon_and_confirmed_after)
+    run.done()
+
+
+if __name__ == "__main__":
+    main()
