@@ -139,16 +139,16 @@ static int cmp_table_name(const void *a, const void *b)
 
 void schema_set_rules(Schema *s, const Rules *rules)
 {
-    if (s->bg.running) { /* it reads the old rules: wait, and drop its read */
-        bg_join(s);
-        read_release(&s->bg.rd);
-    }
     size_t n = rules_table_count(rules);
     SchemaTable *t = xcalloc(n ? n : 1, sizeof *t);
     /* The old tables by name, searched by bisection: a reload of thousands
      * of tables runs on the streaming thread. */
     SchemaTable **by_name = xcalloc(s->ntables + 1, sizeof *by_name);
 
+    if (s->bg.running) { /* it reads the old rules: wait, and drop its read */
+        bg_join(s);
+        read_release(&s->bg.rd);
+    }
     for (size_t i = 0; i < s->ntables; i++)
         by_name[i] = &s->tables[i];
     qsort(by_name, s->ntables, sizeof *by_name, cmp_table_name);
@@ -859,7 +859,11 @@ static int recheck(Schema *s, const char *lsn, char *err, size_t errlen)
     if (!s->bg.running) {
         if (bg_start(s))
             return 0;
-        return check_once(s, lsn, err, errlen) == -1 ? -1 : 0; /* no thread: inline */
+        rc = check_once(s, lsn, err, errlen); /* no thread: inline */
+        s->last_check_us = runtime_now_us();
+        if (rc == -2)
+            log_warn("periodic schema re-check failed: %s", err);
+        return rc == -1 ? -1 : 0;
     }
     if (!atomic_load(&s->bg.done))
         return 0;
