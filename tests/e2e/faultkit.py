@@ -45,16 +45,18 @@ class RedisServer:
     snapshots, AOF only when asked. kill9/terminate/sigstop are real signals
     to the real process."""
 
-    def __init__(self, aof=False, port=None):
+    def __init__(self, aof=False, port=None, extra=()):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-", dir=STACK_DIR)
         self.aof = aof
+        self.extra = list(extra)  # more redis-server arguments, e.g. --replicaof
         self.proc = None
 
     def start(self):
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", "", "--appendonly", "yes" if self.aof else "no",
-                "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no"]
+                "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no",
+                *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "redis-server to start")
         assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"

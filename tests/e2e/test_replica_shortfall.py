@@ -11,9 +11,7 @@ SIGCONT it does within 5 s, with the key gone on master and replica.
 
 Database walbust_replica_shortfall, slot replica_shortfall.
 """
-import os
 import re
-import subprocess
 import time
 
 from faultkit import RedisServer
@@ -26,31 +24,13 @@ RULES = {"rules": [{"table": "items", "keys": ["rs:item:{id}"]}, BARRIER_RULE]}
 OUTAGE_S = 10
 
 
-class Replica(RedisServer):
-    """A redis-server replicating master_port."""
-
-    def __init__(self, master_port):
-        super().__init__()
-        self.master_port = master_port
-
-    def start(self):
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", "", "--appendonly", "no", "--logfile",
-                os.path.join(self.dir, "redis.log"), "--replicaof", "127.0.0.1",
-                str(self.master_port)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.ping() or self.proc.poll() is not None, 10, "redis-server to start")
-        assert self.proc.poll() is None, f"redis-server exited with {self.proc.returncode}"
-        return self
-
-
 def lsn_ge(a, b):
     return sql(DB, "SELECT %s::pg_lsn >= %s::pg_lsn", (a, b), fetch=True)[0][0]
 
 
 def test_shortfall_retried_soon_and_confirmed_after():
     master = RedisServer().start()
-    replica = Replica(master.port).start()
+    replica = RedisServer(extra=["--replicaof", "127.0.0.1", str(master.port)]).start()
     wb = None
     try:
         wait_until(lambda: replica.client(1).info("replication").get("master_link_status") == "up",
