@@ -39,7 +39,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap \
-             schema batch slotguard apply audit
+             schema batch slotguard apply audit audit_match
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -84,6 +84,11 @@ $(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUIL
                          $(BUILD)/obj/rules_audit.o
 $(BUILD)/tests/test_audit: $(BUILD)/obj/audit.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
                          $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o
+$(BUILD)/tests/test_audit_match: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
+                               $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o
+# It counts allocations: malloc/calloc/realloc wrapped at link time (on
+# CMOCKA_LIBS because the asan build sets LDFLAGS on the command line).
+$(BUILD)/tests/test_audit_match: CMOCKA_LIBS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
 $(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
                           $(BUILD)/obj/jsonpos.o

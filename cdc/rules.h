@@ -328,7 +328,11 @@ typedef struct RulesAuditArgs {
  * and render the audit's arguments from the values. Returns 1 with *out
  * filled (free with rules_audit_args_release()), 0 when the key does not
  * match (or a value would hold a NUL byte), -1 when it matches in more
- * than one way (the values are ambiguous: such a key is not checkable). */
+ * than one way (the values are ambiguous: such a key is not checkable).
+ * out may be NULL: then only the answer is computed, and a call allocates
+ * nothing unless the template has more than 7 placeholder names (a key
+ * whose beginning or end differs from the template's literal text is
+ * refused before any matching). *out is emptied on 0 and -1. */
 int rules_audit_match(const Rules *r, size_t i, const char *key, size_t len, RulesAuditArgs *out)
     __attribute__((warn_unused_result));
 

@@ -9,8 +9,14 @@
  * twice must take the same bytes both times). Every way the key can be
  * split is counted, up to two: a key that splits in two ways would give
  * arguments that may belong to another row, so it is reported ambiguous and
- * never checked (a wrong row's value would look like a stale entry). Pure:
- * no I/O, no logging.
+ * never checked (a wrong row's value would look like a stale entry).
+ *
+ * The streaming thread matches every key it invalidates against the audit
+ * keys (audit_run.c), sampled or not, so a key that cannot match is turned
+ * away before any work (the template's leading and trailing literal text),
+ * the match state of a template with few names lives on the stack, and a
+ * caller that only asks whether a key matches gets no arguments rendered:
+ * no allocation per key. Pure: no I/O, no logging.
  */
 #include "rules.h"
 
@@ -64,7 +70,10 @@ char *rules_audit_pattern(const Rules *r, size_t i)
 }
 
 /* Matching state: the values taken so far (per audit name) and the first
- * complete split found. */
+ * complete split found. Up to MATCH_STACK_NAMES names it lives on the
+ * stack. */
+#define MATCH_STACK_NAMES 8
+
 typedef struct Match {
     const Template *t;
     const char *key;
@@ -78,6 +87,7 @@ typedef struct Match {
 static void match_from(Match *m, size_t seg, size_t pos)
 {
     const Seg *sg;
+    size_t end;
 
     if (m->found >= 2)
         return;
@@ -100,7 +110,9 @@ static void match_from(Match *m, size_t seg, size_t pos)
             match_from(m, seg + 1, pos + n);
         return;
     }
-    for (size_t end = pos + 1; end <= m->len && m->found < 2; end++) {
+    /* One byte or more; the last segment takes the rest of the key. */
+    for (end = seg + 1 == m->t->nsegs ? m->len : pos + 1;
+         end > pos && end <= m->len && m->found < 2; end++) {
         m->start[sg->col] = pos;
         m->vlen[sg->col] = end - pos;
         match_from(m, seg + 1, end);
@@ -125,32 +137,57 @@ static char *render_arg(const Match *m, const Template *t, int *len)
     return b.data;
 }
 
+/* Can key (len bytes) match t at all? Its leading literal must begin the
+ * key and its trailing literal end it (without overlapping). */
+static bool ends_fit(const Template *t, const char *key, size_t len)
+{
+    const Seg *first, *last;
+    size_t need = 0;
+
+    if (t->nsegs == 0)
+        return true;
+    first = &t->segs[0];
+    last = &t->segs[t->nsegs - 1];
+    if (first->kind == SEG_LIT) {
+        if (len < first->len || memcmp(key, first->text, first->len) != 0)
+            return false;
+        need = first->len;
+    }
+    if (last != first && last->kind == SEG_LIT) {
+        if (len < need + last->len || memcmp(key + len - last->len, last->text, last->len) != 0)
+            return false;
+    }
+    return true;
+}
+
 int rules_audit_match(const Rules *r, size_t i, const char *key, size_t len, RulesAuditArgs *out)
 {
     const Audit *au = audit_of(r, i);
-    size_t n, *mem;
+    size_t n, stack[4 * MATCH_STACK_NAMES], *mem = stack;
     Match m;
-    int rc = 0;
 
-    memset(out, 0, sizeof *out);
-    if (au == NULL || au->key.src == NULL || memchr(key, '\0', len) != NULL)
+    if (out != NULL)
+        memset(out, 0, sizeof *out);
+    if (au == NULL || au->key.src == NULL || !ends_fit(&au->key, key, len) ||
+        memchr(key, '\0', len) != NULL)
         return 0;
     n = au->nnames + 1;
-    mem = xcalloc(4 * n, sizeof *mem);
+    if (n > MATCH_STACK_NAMES)
+        mem = xcalloc(4 * n, sizeof *mem);
+    else
+        memset(stack, 0, 4 * n * sizeof *mem);
     m = (Match){&au->key, key, len, mem, mem + n, mem + 2 * n, mem + 3 * n, au->nnames, 0};
     match_from(&m, 0, 0);
-    if (m.found == 1) {
+    if (m.found == 1 && out != NULL) {
         out->n = au->q.nargs;
         out->args = xcalloc(out->n + 1, sizeof *out->args);
         out->lens = xcalloc(out->n + 1, sizeof *out->lens);
         for (size_t a = 0; a < out->n; a++)
             out->args[a] = render_arg(&m, &au->q.args[a], &out->lens[a]);
-        rc = 1;
-    } else if (m.found > 1) {
-        rc = -1;
     }
-    free(mem);
-    return rc;
+    if (mem != stack)
+        free(mem);
+    return m.found == 1 ? 1 : m.found > 1 ? -1 : 0;
 }
 
 void rules_audit_args_release(RulesAuditArgs *a)
