@@ -175,6 +175,19 @@ static AuditDb db_of(const LookupAuditRead *rd)
     return (AuditDb){rd->value == NULL, rd->value, rd->len};
 }
 
+static const char refused_why[] =
+    "the audit's SQL refused the values read from the key (is it a key of another template that "
+    "the audit key also matches?)";
+
+/* The database refused the values (rd->refused): skipped, never a finding. */
+static void skip_refused(AuditFinding *f, const LookupAuditRead *rd)
+{
+    f->outcome = AUDIT_OUT_SKIPPED;
+    f->why = refused_why;
+    f->refused = true;
+    snprintf(f->refusal, sizeof f->refusal, "%s", rd->refusal);
+}
+
 static const char *skip_reason(const KeyRead *k)
 {
     if (k->kind == AUDIT_KEY_ABSENT)
@@ -209,7 +222,9 @@ static int second_read(AuditChecker *c, const Rules *r, size_t ri, bool json, co
             return -1;
         }
         db2 = db_of(&d2);
-        if (d2.rows <= 1 && audit_second(json, &a1, &a2, &db2) == AUDIT_STALE)
+        if (d2.refused) /* its rows 0 is not "no row": never stale */
+            skip_refused(f, &d2);
+        else if (d2.rows <= 1 && audit_second(json, &a1, &a2, &db2) == AUDIT_STALE)
             f->outcome = AUDIT_OUT_STALE;
         lookup_audit_read_release(&d2);
     }
@@ -255,6 +270,10 @@ int audit_check_key(AuditChecker *c, const Rules *r, size_t ri, const char *key,
         rc = -1;
         goto cleanup;
     }
+    if (d1.refused) {
+        skip_refused(f, &d1);
+        goto cleanup;
+    }
     if (d1.rows > 1) {
         f->why = "the audit's SQL returned more than one row";
         goto cleanup;
@@ -264,7 +283,7 @@ int audit_check_key(AuditChecker *c, const Rules *r, size_t ri, const char *key,
     f->outcome = AUDIT_OUT_CLEAN;
     if (audit_first(info.json, &a1, &db1) == AUDIT_VERIFY)
         rc = second_read(c, r, ri, info.json, key, len, &args, &v1, f);
-    if (rc == 0 && f->outcome != AUDIT_OUT_CLEAN) {
+    if (rc == 0 && (f->outcome == AUDIT_OUT_STALE || f->outcome == AUDIT_OUT_UNVERIFIED)) {
         f->cached = v1.val;
         f->cached_len = v1.len;
         v1.val = NULL;

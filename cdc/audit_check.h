@@ -37,6 +37,11 @@ typedef struct AuditFinding {
     size_t db_len;
     uint64_t read_lsn;  /* P: the WAL insert position after the database read */
     uint64_t confirmed; /* the watermark when the key was read again */
+    /* SKIPPED because the audit's SQL refused the values read from the key
+     * (a data exception, e.g. a key of another template that the audit key
+     * also matches): PostgreSQL's message. */
+    bool refused;
+    char refusal[256];
 } AuditFinding;
 
 typedef struct AuditChecker AuditChecker;

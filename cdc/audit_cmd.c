@@ -37,6 +37,11 @@ typedef struct AuditCmd {
     const Rules *rules;
     Tally t;
     long budget; /* keys still to check; < 0: no limit */
+    /* Keys skipped because the audit's SQL refused their values, and the
+     * first of them with its rule and PostgreSQL's message. */
+    unsigned long long refused;
+    size_t refused_rule;
+    char refused_key[600], refusal[256];
 } AuditCmd;
 
 static void print_stale(const AuditCmd *a, const char *target, size_t ri, const char *key,
@@ -59,6 +64,29 @@ static void print_stale(const AuditCmd *a, const char *target, size_t ri, const 
            lsn_format(f->read_lsn, p), lsn_format(f->confirmed, conf));
 }
 
+static void note_refused(AuditCmd *a, size_t ri, const char *key, size_t len, const AuditFinding *f)
+{
+    a->refused_rule = ri;
+    audit_show(key, len, 128, a->refused_key, sizeof a->refused_key);
+    snprintf(a->refusal, sizeof a->refusal, "%s", f->refusal);
+}
+
+/* Say why keys were skipped when the audit's SQL refused their values. */
+static void print_refused(const AuditCmd *a)
+{
+    RulesAuditInfo info;
+
+    if (a->refused == 0 || !rules_audit_info(a->rules, a->refused_rule, &info))
+        return;
+    fprintf(stderr,
+            "walbust audit: %llu key%s skipped: the audit's SQL refused the values read from "
+            "%s, e.g. %s (audit key \"%s\" of the rule for %s, %s line %d: %s); such a key "
+            "matches the audit key but is likely a key of another template, and is not "
+            "checked (give the audit key literal text no other key has; docs/audit.md)\n",
+            a->refused, a->refused == 1 ? "" : "s", a->refused == 1 ? "it" : "them", a->refused_key,
+            info.key, info.table, a->cfg->rules, info.line, a->refusal);
+}
+
 /* Check every key of k against rule ri. -1 when a server failed. */
 static int check_keys(AuditCmd *a, AuditChecker *ck, const char *target, size_t ri,
                       const AuditKeys *k)
@@ -72,6 +100,8 @@ static int check_keys(AuditCmd *a, AuditChecker *ck, const char *target, size_t 
         }
         if (f.outcome == AUDIT_OUT_SKIPPED) {
             a->t.skipped++;
+            if (f.refused && a->refused++ == 0)
+                note_refused(a, ri, k->keys[i], k->lens[i], &f);
             audit_finding_release(&f);
             continue;
         }
@@ -143,7 +173,7 @@ static int audit_target(AuditCmd *a, const char *url, const char *watermark)
 
 int cmd_audit(const Config *cfg)
 {
-    AuditCmd a = {cfg, NULL, {0, 0, 0, 0, 0}, cfg->sample > 0 ? cfg->sample : -1};
+    AuditCmd a = {.cfg = cfg, .budget = cfg->sample > 0 ? cfg->sample : -1};
     char watermark[200], cons[160];
     Rules *rules = cmd_load_rules(cfg->rules, stderr);
     int rc = 0;
@@ -169,6 +199,7 @@ int cmd_audit(const Config *cfg)
            "lease or stale markers, not strings, not checkable); consistency: %s\n",
            a.t.checked, a.t.checked == 1 ? "" : "s", a.t.clean, a.t.stale, a.t.unverified,
            a.t.skipped, cons);
+    print_refused(&a);
     if (a.t.unverified > 0)
         fprintf(stderr,
                 "walbust audit: %llu key%s differed from the database but walbust's confirmed "

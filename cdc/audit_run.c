@@ -95,6 +95,7 @@ struct AuditRun {
     uint64_t seen[AUDIT_SEEN_MAX];
     size_t nseen;
     int64_t err_logged_us;
+    bool refused_logged; /* a key whose values the audit's SQL refused */
     char stats_key[200];
 };
 
@@ -264,6 +265,23 @@ static int ignore_reply(void *arg, const redisReply *r)
     return 0;
 }
 
+/* Once per run: keys the audit's SQL refuses are skipped, not errors. */
+static void note_refused(AuditRun *a, const RulesAuditInfo *info, const char *key, size_t len,
+                         const AuditFinding *f)
+{
+    char k[600];
+
+    if (a->refused_logged)
+        return;
+    a->refused_logged = true;
+    audit_show(key, len, 128, k, sizeof k);
+    log_info("audit: %s is not checked: the audit's SQL refused the values read from it (%s); "
+             "the audit key \"%s\" of the rule for %s (rules file line %d) matches it, but it "
+             "is likely a key of another template; such keys are skipped (logged once; give the "
+             "audit key literal text no other key has, docs/audit.md)",
+             k, f->refusal, info->key, info->table, info->line);
+}
+
 /* Count one check in the target's hash walbust:audit:<slot> (read by
  * walbust status): checked, stale, and the same per table. */
 static void count_in_redis(AuditRun *a, int t, const char *table, bool stale)
@@ -295,6 +313,8 @@ static AuditOutcome check_on(AuditRun *a, int t, size_t ri, const char *key, siz
     if (audit_check_key(a->checkers[t], a->rules, ri, key, len, &f) != 0)
         check_failed(a, t, audit_checker_errstr(a->checkers[t]));
     out = f.outcome;
+    if (out == AUDIT_OUT_SKIPPED && f.refused)
+        note_refused(a, &info, key, len, &f);
     if (out == AUDIT_OUT_CLEAN || out == AUDIT_OUT_STALE) {
         metrics_audit(a->metrics, info.table, out == AUDIT_OUT_STALE);
         count_in_redis(a, t, info.table, out == AUDIT_OUT_STALE);

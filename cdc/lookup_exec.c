@@ -397,6 +397,23 @@ static int take_audit_rows(LookupExec *x, const PGresult *res, LookupAuditRead *
     return 0;
 }
 
+/* Did the statement refuse the values with a data exception (SQLSTATE
+ * class 22: invalid_text_representation, numeric_value_out_of_range, ...)?
+ * The values are then not a row's key, e.g. "5:detail" for an integer id
+ * read from a key of another template that the audit key also matches.
+ * Outside a transaction block, the connection stays usable. */
+static bool refused(LookupExec *x, const PGresult *res, LookupAuditRead *rd)
+{
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+    if (PQresultStatus(res) != PGRES_FATAL_ERROR || state == NULL || strncmp(state, "22", 2) != 0 ||
+        PQtransactionStatus(x->conn) != PQTRANS_IDLE)
+        return false;
+    rd->refused = true;
+    pg_msg(x->conn, res, rd->refusal, sizeof rd->refusal);
+    return true;
+}
+
 int lookup_exec_audit(LookupExec *x, const Rules *r, size_t ri, const RulesAuditArgs *args,
                       LookupAuditRead *rd)
 {
@@ -420,6 +437,10 @@ int lookup_exec_audit(LookupExec *x, const Rules *r, size_t ri, const RulesAudit
     x->stats.queries++;
     res = PQexecPrepared(x->conn, name, (int)args->n, (const char *const *)args->args, args->lens,
                          NULL, 0);
+    if (refused(x, res, rd)) {
+        PQclear(res);
+        return 0;
+    }
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         rc = fail(x, what, res);
         PQclear(res);

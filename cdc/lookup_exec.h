@@ -18,6 +18,7 @@
 #include "lookup.h"
 #include "rules.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #define LOOKUP_EXEC_PIPELINE 128
@@ -61,19 +62,26 @@ void lookup_exec_set_name(LookupExec *x, const char *app);
  * checkable); value NULL for no row or SQL NULL (the key must not exist),
  * else the first column's text (owned: lookup_audit_read_release()); lsn
  * the WAL insert position read right after the statement, so every
- * commit its snapshot saw ends at or before it. */
+ * commit its snapshot saw ends at or before it.
+ * refused: the statement raised a data exception (SQLSTATE class 22, e.g.
+ * 22P02 for "5:detail" as an integer): the values are not a row's key.
+ * Then rows is 0 and value NULL, which mean nothing (not "no row"), lsn
+ * is 0, and refusal holds PostgreSQL's message. */
 typedef struct LookupAuditRead {
     size_t rows;
     char *value;
     size_t len;
     uint64_t lsn;
+    bool refused;
+    char refusal[256];
 } LookupAuditRead;
 
 void lookup_audit_read_release(LookupAuditRead *rd);
 
 /* Run rule ri's audit SQL (prepared once per connection, as
  * SELECT * FROM (<sql>) LIMIT 2) with args, then read the WAL insert
- * position. Returns 0, or -1 (lookup_exec_errstr(); the connection is
+ * position. Returns 0 (also when the SQL refused the values: rd->refused;
+ * the connection stays), or -1 (lookup_exec_errstr(); the connection is
  * dropped and opened again on the next call). */
 int lookup_exec_audit(LookupExec *x, const Rules *r, size_t ri, const RulesAuditArgs *args,
                       LookupAuditRead *rd) __attribute__((warn_unused_result));

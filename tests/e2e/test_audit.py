@@ -7,6 +7,8 @@ Schema: products (an entity cached as JSON under product:{id}), teams and
 users (a team page team:{id}:page built from the team and its members'
 names). The rules deliberately have no rule on users for the team page:
 the audit of the team page must find what that forgotten rule leaves stale.
+One test adds product:{id}:detail, a key the audit key product:{id} also
+matches, whose values the audit's SQL refuses.
 
 Run by hand:
   make && scripts/stack start /tmp/me-stack && . /tmp/me-stack/env &&
@@ -290,6 +292,98 @@ def test_forgotten_derived_key():
         env.close()
 
 
+# product:{id} is audited; product:{id}:detail is another key of the same
+# rule, which the audit key matches too (id = "5:detail").
+DETAIL_RULE = {"table": "public.products", "keys": ["product:{id}", "product:{id}:detail"],
+               "audit": {"key": "product:{id}", "sql": PRODUCT_SQL, "args": ["{id}"],
+                         "compare": "json"}}
+
+
+def check_failures(log):
+    return re.findall(r"audit: a check on .* failed: .*$", log, re.M)
+
+
+def test_other_template_keys_skipped():
+    """An audit key product:{id} also matches product:5:detail (id =
+    "5:detail"), which the audit's SQL refuses (SQLSTATE 22P02 for an int):
+    such keys are skipped with a note, never an error and never stale.
+    `walbust audit` still finds a planted stale product and exits 1, then 0
+    once it is gone; the daemon auditing every invalidation (and its scan)
+    logs no failed check, only the note, and finds no detail key stale."""
+    port = free_port()
+    env = Env("detail", 7, rules=[DETAIL_RULE]).start(
+        extra=["--audit-rate", "100", "--audit-delay", "200", "--audit-scan-interval", "1"],
+        metrics_port=port)
+    try:
+        pids = range(1, 11)
+        for pid in pids:
+            env.r.set(f"product:{pid}", env.product_json(pid))
+            env.r.set(f"product:{pid}:detail", f"<p>detail of product {pid}</p>")
+        env.r.set("product:11", json.dumps({"id": 11, "name": "old name", "price": 1}))
+        rc, out, err = env.audit()
+        assert rc == 1, (rc, out, err)
+        assert stale_keys(out) == ["product:11"], out
+        m = re.search(r"audited (\d+) keys: (\d+) clean, (\d+) stale, 0 unverified; (\d+) skipped",
+                      out)
+        assert m and m.groups() == ("11", "10", "1", "10"), out
+        assert re.search(r'walbust audit: 10 keys skipped: the audit\'s SQL refused the values read '
+                         r'from them, e\.g\. "product:\d+:detail" \(audit key "product:\{id\}" '
+                         r'of the rule for public\.products, .* line \d+: ERROR: +invalid input '
+                         r'syntax for type integer: "\d+:detail"\)', err), err
+        env.r.delete("product:11")
+        rc, out, err = env.audit()
+        assert rc == 0 and stale_keys(out) == [], (rc, out, err)
+        assert "audited 10 keys: 10 clean, 0 stale, 0 unverified; 10 skipped" in out, out
+        # The daemon: every invalidated key is sampled, both are refilled
+        # before their check (200 ms later), and the scan runs each second.
+        for pid in pids:
+            env.q("UPDATE products SET price = price + 1 WHERE id = %s", (pid,))
+            wait_until(lambda: not env.r.exists(f"product:{pid}:detail"), 20,
+                       f"product:{pid} invalidated")
+            env.r.set(f"product:{pid}", env.product_json(pid))
+            env.r.set(f"product:{pid}:detail", f"<p>detail of product {pid}, again</p>")
+        wait_until(lambda: audit_counts(port)[0] >= len(pids), 30, "checks of the products")
+        note = wait_until(lambda: re.findall(r'audit: "product:\d+:detail" is not checked: the '
+                                             r"audit's SQL refused the values read from it "
+                                             r"\(ERROR: +invalid input syntax .*$",
+                                             env.wb.read_log(), re.M), 30, "the note")
+        time.sleep(2)  # more scans over the detail keys
+        log = env.wb.read_log()
+        assert check_failures(log) == [], check_failures(log)
+        assert len(re.findall(r"is not checked: the audit's SQL refused", log)) == 1, note
+        # The scan may have found the planted product:11 before it was deleted.
+        assert {k for k, _ in stale_logs(log)} <= {"product:11"}, stale_logs(log)
+        assert env.wb.alive()
+    finally:
+        env.close()
+
+
+# Refuses every second read on its connection (22012, a data exception): a
+# session setting counts the reads (set_config is allowed read-only).
+FLAKY_SQL = ("SELECT CASE WHEN set_config('walbust_test.reads', (coalesce(nullif(current_setting("
+             "'walbust_test.reads', true), ''), '0')::int + 1)::text, false)::int % 2 = 1 "
+             "THEN row_to_json(p)::text ELSE (1 / (p.id - p.id))::text END "
+             "FROM public.products p WHERE id = $1")
+
+
+def test_refused_second_read_not_stale():
+    """A key that differs from its first database read is read again after
+    walbust confirmed past it; when the audit's SQL refuses the values that
+    second time, the read has no row, which must not pass for "the row is
+    gone": the key is skipped, not reported stale."""
+    rule = dict(PRODUCT_RULE, audit=dict(PRODUCT_RULE["audit"], sql=FLAKY_SQL))
+    env = Env("refused2", 8, rules=[rule]).start(extra=["--audit-rate", "0", "--audit-no-scan"])
+    try:
+        env.r.set("product:1", json.dumps({"id": 1, "name": "old name", "price": 1}))
+        rc, out, err = env.audit()
+        assert rc == 0 and stale_keys(out) == [], (rc, out, err)
+        assert "audited 0 keys: 0 clean, 0 stale, 0 unverified; 1 skipped" in out, out
+        assert re.search(r'1 key skipped: .* e\.g\. "product:1" .*: ERROR: +division by zero\)',
+                         err), err
+    finally:
+        env.close()
+
+
 LOAD_SECONDS = float(os.environ.get("AUDIT_LOAD_SECONDS", "60"))
 
 
@@ -395,6 +489,8 @@ def main():
     t.run(test_on_demand_unverified_without_walbust)
     t.run(test_legacy_reader_detected)
     t.run(test_forgotten_derived_key)
+    t.run(test_other_template_keys_skipped)
+    t.run(test_refused_second_read_not_stale)
     t.run(test_no_false_positive_under_load)
     t.done()
 
