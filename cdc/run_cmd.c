@@ -752,9 +752,12 @@ static int on_data(Run *r, const StreamData *data)
             r->commit_times[r->ncommit_times++] = m.u.commit.commit_time;
 #ifdef WALBUST_TEST_BROKEN_CONFIRM
         /* Deliberately wrong, for proving that the fault campaign sees a
-         * loss: confirm at decode time, before Redis acknowledged. Only in
-         * `make broken` builds (build/broken/walbust). */
+         * loss: confirm at decode time, before Redis acknowledged, past
+         * the watermark gate too (it alone would hold the position back to
+         * what Redis acknowledged; see slotguard.c for the other half).
+         * Only in `make broken` builds (build/broken/walbust). */
         apply_start_at(r->ap, apply_pending_lsn(r->ap));
+        stream_set_confirm_limit(r->stream, UINT64_MAX);
         (void)stream_confirm(r->stream, apply_acked(r->ap), true);
 #endif
         break;
