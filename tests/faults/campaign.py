@@ -1342,30 +1342,59 @@ class Faults:
                 f"back empty as its replica, walbust applied on {new} {probe:.1f}s after; "
                 f"{c.walbust.count('replicas asked for') - e0} replica shortfalls logged")
 
-    def sentinel_master_held(self):
-        """SIGSTOP the master while walbust writes to it (its batch, or the
-        rest of it, waits unread in the frozen master's socket, or was read
-        and never answered), verify that commits go on and the slot stands
-        still, kill -9 walbust, kill -9 the master (what it held dies with
-        it), wait for
-        the Sentinels to promote the replica, restart the killed node as
-        its replica and start a new walbust. Whatever the first process
-        had not confirmed must be replayed onto the new master; a walbust
-        that confirms before Redis acknowledged (make broken) loses it."""
+    def _freeze_master_with_batch(self):
+        """SIGSTOP the master the Sentinels name until the freeze catches
+        invalidations of walbust's unread in the master's socket: more
+        bytes than a lone watermark update takes (its script and a WAIT).
+        A freeze that finds walbust waiting for a batch the master had
+        already read (and so had passed to its replica: nothing to lose,
+        even for a walbust that confirms early) or for a lone watermark is
+        thawed within 0.5 s, under the Sentinels' down-after-milliseconds,
+        and tried again. Returns (old master, its replica, pid, attempts,
+        the slot's position during the freeze, unread bytes)."""
         c = self.camp
         sn = c.targets[0].redis
-        old = self._sentinel_settled()
-        new = sn.replica_of(old)
-        pid = sn.pid(old)
-        lsn0 = c.pg.insert_lsn()
-        os.kill(pid, signal.SIGSTOP)
+        lone = os.path.getsize(os.path.join(SRC, "redis", "watermark.lua")) + 150
+        for attempt in range(1, 11):
+            old = self._sentinel_settled()
+            new, pid = sn.replica_of(old), sn.pid(old)
+            lsn0 = c.pg.insert_lsn()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: c.pg.insert_lsn() > lsn0, 3,
+                           "a commit while the master is frozen")
+                conf1 = c.pg.slot()[1]
+                deadline = time.time() + 0.4
+                while (held := held_bytes(c.walbust.proc.pid, old)) <= lone and \
+                        time.time() < deadline:
+                    time.sleep(0.02)
+            except BaseException:
+                os.kill(pid, signal.SIGCONT)
+                raise
+            if held > lone:
+                return old, new, pid, attempt, conf1, held
+            os.kill(pid, signal.SIGCONT)
+            self.pause(0.2, 0.8)
+        raise AssertionError(f"10 freezes of the master caught no invalidation of walbust's "
+                             f"unread (at most {lone} bytes held each time)")
+
+    def sentinel_master_held(self):
+        """SIGSTOP the master while walbust's invalidations wait unread in
+        its socket (_freeze_master_with_batch), verify that commits go on
+        and the slot stands still, kill -9 walbust, kill -9 the master (what
+        it held dies with it), wait for the Sentinels to promote the
+        replica, restart the killed node as its replica and start a new
+        walbust. Whatever the first process had not confirmed must be
+        replayed onto the new master; a walbust that confirms before Redis
+        acknowledged (make broken) loses the held batch."""
+        c = self.camp
+        sn = c.targets[0].redis
+        old, new, pid, attempts, conf1, held = self._freeze_master_with_batch()
         try:
             # Killed well inside walbust's 5 s command timeout: it is still
             # waiting for the frozen master's answer then.
-            wait_until(lambda: c.pg.insert_lsn() > lsn0, 3, "a commit while the master is frozen")
-            conf1 = c.pg.slot()[1]
-            self.pause(0.3, 1.0)
-            held = held_bytes(c.walbust.proc.pid, old)
+            self.pause(0.2, 0.6)
+            held = max(held, held_bytes(c.walbust.proc.pid, old))
             conf2 = c.pg.slot()[1]
             c.walbust.kill9()
         except BaseException:
@@ -1390,7 +1419,8 @@ class Faults:
                 if advanced else f"slot frozen at {lsn_text(conf2)}")
         assert not advanced or c.args.broken, \
             f"the slot advanced while walbust's master was frozen ({slot})"
-        return (f"master {old} frozen, {held} bytes of walbust's unread, {slot}; walbust and "
+        return (f"master {old} frozen (attempt {attempts}), {held} bytes of walbust's unread, "
+                f"{slot}; walbust and "
                 f"master SIGKILLed, {new} promoted {took:.1f}s later, {old} back as its replica, "
                 f"new walsender {ws}, walbust applied on {new} {probe:.1f}s after")
 
