@@ -163,7 +163,7 @@ broken:
 # The randomized fault campaign (tests/faults/README.md) on its own stack;
 # faults-broken must find missed invalidations in build/broken/walbust.
 FAULT_ROUNDS ?= 20
-.PHONY: faults faults-broken faults-tls faults-sentinel
+.PHONY: faults faults-broken faults-tls faults-sentinel faults-sentinel-broken
 faults: deps $(BUILD)/walbust
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --bin $(CURDIR)/$(BUILD)/walbust \
 	    --rounds $(FAULT_ROUNDS)
@@ -187,6 +187,11 @@ faults-sentinel: deps $(BUILD)/walbust
 
 faults-broken: deps broken
 	$(Q)/usr/bin/python3 tests/faults/campaign.py --broken
+
+# The same proof against Sentinel: frozen and killed masters must lose the
+# broken build's held batches (3 rounds of sentinel_master_held/walbust_kill9).
+faults-sentinel-broken: deps broken
+	$(Q)/usr/bin/python3 tests/faults/campaign.py --sentinel --broken
 
 format:
 	clang-format -i cdc/*.c cdc/*.h tests/unit/*.c

@@ -130,6 +130,7 @@ SlotVerdict slotguard_judge(const char *slot_name, const StreamSlot *slot, const
     }
     if (!ev->redis_read)
         return out->verdict = SLOT_UNVERIFIED;
+#ifndef WALBUST_TEST_BROKEN_CONFIRM
     /* Only a walbust that reports no position before its watermark holds
      * it (the mark says so) makes "ahead of the watermark" a proof; what
      * this process reported alone is not (another instance on the same
@@ -137,7 +138,6 @@ SlotVerdict slotguard_judge(const char *slot_name, const StreamSlot *slot, const
      * `make broken` (confirms before Redis acknowledged) skips this check:
      * it would stop that build at the next start instead of letting the
      * fault campaign see the invalidations it lost. */
-#ifndef WALBUST_TEST_BROKEN_CONFIRM
     if (ev->has_mark && slot->confirmed > known)
         return lost(out, known, slot->confirmed,
                     "replication slot \"%s\" starts past the last position walbust confirmed%s: "

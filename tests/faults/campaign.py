@@ -23,8 +23,8 @@ redis+sentinel://...?replicas=1; the fault kinds are walbust_kill9,
 pg_restart, walsender_kill, sentinel_failover (SENTINEL FAILOVER),
 sentinel_master_kill (SIGKILL the master, wait for the promotion, restart
 the killed node empty as the new master's replica) and sentinel_master_held
-(SIGSTOP the master under walbust's writes, SIGKILL walbust and then the
-master, restart both), each verified by a barrier key that walbust must
+(SIGSTOP the master while invalidations of walbust's wait unread in its
+socket, SIGKILL walbust and then the master, restart both), each verified by a barrier key that walbust must
 invalidate on the new master; the checker reads the master the Sentinels
 name.
 With --tls every Redis target also listens on a TLS port that requires a
@@ -80,9 +80,11 @@ managed publication and invalidate its whole coverage, checked like a
 TRUNCATE of side).
 
 --broken runs build/broken/walbust (`make broken`: confirms the LSN when the
-COMMIT is decoded, before Redis acknowledged) through kill -9 faults and must
-report missed invalidations: exit status 0 only when it did (proof that the
-checker sees a loss). Otherwise the exit status is 0 only when every round
+COMMIT is decoded, before Redis acknowledged, past the watermark gate and
+the slot-ahead-of-watermark check that would otherwise hold it back) through
+kill -9 faults (with --sentinel: sentinel_master_held and walbust_kill9) and
+must report missed invalidations: exit status 0 only when it did (proof that
+the checker sees a loss). Otherwise the exit status is 0 only when every round
 had no missed and no over-invalidation and every fault was verified.
 """
 import argparse
