@@ -117,15 +117,17 @@ bool apply_full(const Apply *a)
     return false;
 }
 
-bool apply_only_oom_holds(const Apply *a)
+bool apply_only_soft_holds(const Apply *a)
 {
     bool any = false;
 
     for (int i = 0; i < a->n; i++) {
         const ApplyTarget *t = &a->t[i];
+        bool soft;
         if (!t->ops->dirty(t->obj))
             continue;
-        if (!t->ops->oom(t->obj) || t->ops->full(t->obj))
+        soft = t->ops->oom(t->obj) || (t->ops->shortfall != NULL && t->ops->shortfall(t->obj));
+        if (!soft || t->ops->full(t->obj))
             return false;
         any = true;
     }
@@ -157,6 +159,7 @@ int apply_attempts(const Apply *a, int i)
 static void target_failed(Apply *a, ApplyTarget *t, ApplyTargetResult *tr)
 {
     int ms = a->cfg.delay_ms(t->attempts);
+    bool shortfall = false;
 
     if (t->attempts < 30)
         t->attempts++;
@@ -168,7 +171,8 @@ static void target_failed(Apply *a, ApplyTarget *t, ApplyTargetResult *tr)
             ms = APPLY_OOM_RETRY_MS;
     } else {
         tr->kind = t->ops->connected(t->obj) ? APPLY_FAIL_REFUSED : APPLY_FAIL_IO;
-        if (t->ops->shortfall != NULL && t->ops->shortfall(t->obj) && ms > APPLY_SHORTFALL_RETRY_MS)
+        shortfall = t->ops->shortfall != NULL && t->ops->shortfall(t->obj);
+        if (shortfall && ms > APPLY_SHORTFALL_RETRY_MS)
             ms = APPLY_SHORTFALL_RETRY_MS;
     }
     tr->retry_ms = ms;
@@ -176,8 +180,13 @@ static void target_failed(Apply *a, ApplyTarget *t, ApplyTargetResult *tr)
     snprintf(tr->err, sizeof tr->err, "%s", t->ops->errstr(t->obj));
     t->retry_at = a->cfg.now_us() + (int64_t)ms * 1000;
     /* A failed Redis may lose what it acknowledged before (a restart
-     * without persistence, a failover): replay once every target is back. */
-    a->replay_after_recovery = true;
+     * without persistence, a failover): replay once every target is back.
+     * Not after a replica shortfall alone: the master applied everything,
+     * and the WAIT that succeeds on the same connection covers it all (a
+     * connection lost meanwhile fails as I/O, and a failover followed is
+     * replayed by the caller, apply_replay_needed()). */
+    if (!shortfall)
+        a->replay_after_recovery = true;
 }
 
 /* Flush target t when it holds work and its time has come. */

@@ -15,8 +15,11 @@
  * A target that refused only writes for lack of memory (OOM) has applied
  * the deletes of its batch, holds the refused writes, and is retried at
  * least every APPLY_OOM_RETRY_MS; confirmation waits for those writes.
- * A batch short of replica acknowledgements is retried at least every
- * APPLY_SHORTFALL_RETRY_MS.
+ * A batch short of replica acknowledgements was applied on the master; it
+ * is kept and sent again, with what was queued since, at least every
+ * APPLY_SHORTFALL_RETRY_MS, and reading may go on meanwhile as for OOM;
+ * once enough replicas acknowledge, it counts as acknowledged without a
+ * replay (the master lost nothing).
  *
  * Targets are reached through ApplyTargetOps (the Redis sink in
  * production, a fake in tests/unit/test_apply.c). The module does not
@@ -138,9 +141,10 @@ bool apply_dirty(const Apply *a);
 bool apply_full(const Apply *a);
 
 /* Does every target that holds work hold only writes refused for lack of
- * memory (and is not full)? Then reading may go on so deletes keep being
- * applied; confirmation still waits. False when no target holds work. */
-bool apply_only_oom_holds(const Apply *a);
+ * memory, or a batch it applied that too few replicas acknowledged (and is
+ * not full)? Then reading may go on so deletes keep being applied (with
+ * each retry); confirmation still waits. False when no target holds work. */
+bool apply_only_soft_holds(const Apply *a);
 
 /* Microseconds until the earliest retry of a target holding work: 0 when
  * a flush is due now, INT64_MAX when no target holds work. */

@@ -296,6 +296,15 @@ static void log_target_failure(Run *r, int i, const ApplyTargetResult *tr, uint6
                   RUN_OOM_LOG_US / 1000000);
         return;
     }
+    if (sink_shortfall(r->sinks[i])) {
+        log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
+                  "redis target %s failed: %s; retrying in %d ms (then at least every %d ms); "
+                  "reading from postgresql goes on and new deletes ride with each retry, but "
+                  "nothing is confirmed past this position until enough replicas acknowledge "
+                  "(WAL is retained by the slot)",
+                  r->targets[i], tr->err, tr->retry_ms, APPLY_SHORTFALL_RETRY_MS);
+        return;
+    }
     log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
               "redis target %s failed: %s; retrying in %d ms; %s", r->targets[i], tr->err,
               tr->retry_ms,
@@ -453,7 +462,7 @@ static int flush_wait(Run *r, bool all)
     for (;;) {
         int holding = flush_targets(r);
 
-        if (all ? holding == 0 || apply_only_oom_holds(r->ap) : !sinks_full(r))
+        if (all ? holding == 0 || apply_only_soft_holds(r->ap) : !sinks_full(r))
             return 0;
         if (runtime_stop)
             return -1;

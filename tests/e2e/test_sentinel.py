@@ -158,10 +158,14 @@ def replication_report(d, node):
 
 def catch_up(d, timeout=60):
     """Barrier on the current master: once its key is gone, everything
-    committed before was applied there."""
+    committed before was applied there; once the slot confirmed past it,
+    nothing before it is applied again (walbust keeps applying while a batch
+    is short of replicas, and replays what it applied to a master that
+    failed over), so keys set from now on stay."""
     token = f"{time.time_ns()}"
     d.current().client().set(f"barrier:{token}", "1")
     sql(DB, "INSERT INTO walbust_barrier(token) VALUES (%s)", (token,))
+    lsn = sql(DB, "SELECT pg_current_wal_lsn()::text", fetch=True)[0][0]
 
     def gone():
         try:
@@ -169,6 +173,9 @@ def catch_up(d, timeout=60):
         except redis.RedisError:
             return False
     wait_until(gone, timeout, "the barrier on the current master")
+    wait_until(lambda: sql(DB, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                               "WHERE slot_name = %s", (lsn, SLOT), fetch=True)[0][0],
+               timeout, "the slot to confirm the barrier")
 
 
 def populate(master):

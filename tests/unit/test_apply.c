@@ -414,7 +414,7 @@ static void test_oom_holds_writes_not_deletes(void **state)
     assert_int_equal(res.t[0].outcome, APPLY_FAILED);
     assert_int_equal(res.t[0].kind, APPLY_FAIL_OOM);
     assert_applied(&f[0], (const char *[]){"k:k1"}, 1);
-    assert_true(apply_only_oom_holds(a));
+    assert_true(apply_only_soft_holds(a));
     assert_int_equal(f[0].nq, 1); /* only the refused INCR is kept */
     assert_int_equal(apply_acked(a), 0);
 
@@ -435,7 +435,7 @@ static void test_oom_holds_writes_not_deletes(void **state)
 
     /* A target that is full is no longer "only OOM": reading must pause. */
     f[0].max_ops = 1;
-    assert_false(apply_only_oom_holds(a));
+    assert_false(apply_only_soft_holds(a));
     f[0].max_ops = 0;
 
     f[0].oom = false;
@@ -467,12 +467,24 @@ static void test_replica_shortfall_retried_soon(void **state)
         assert_int_equal(res.t[0].kind, APPLY_FAIL_REFUSED);
         assert_true(res.t[0].retry_ms <= APPLY_SHORTFALL_RETRY_MS);
         assert_int_equal(apply_acked(a), 0);
+        assert_true(apply_only_soft_holds(a)); /* reading goes on: deletes flow */
         now_us += APPLY_SHORTFALL_RETRY_MS * 1000;
     }
+    key(a, "k2"); /* decoded meanwhile: sent with the next retry */
+    apply_commit(a, 200);
+    flush(a, &res);
+    assert_int_equal(res.t[0].outcome, APPLY_FAILED);
+    assert_string_equal(f[0].applied[f[0].na - 1], "k:k2");
+    f[0].max_ops = 1; /* a full target pauses reading */
+    assert_false(apply_only_soft_holds(a));
+    f[0].max_ops = 0;
+    now_us += APPLY_SHORTFALL_RETRY_MS * 1000;
     f[0].few_replicas = false;
     flush(a, &res);
     assert_int_equal(res.t[0].outcome, APPLY_RECOVERED);
-    assert_true(res.replay); /* as after any failure */
+    /* The master had it all: confirmed, no replay of what it applied. */
+    assert_false(res.replay);
+    assert_int_equal(apply_acked(a), 200);
     apply_free(a);
 }
 
