@@ -117,6 +117,36 @@ class Deployment:
                 continue
         raise AssertionError("no sentinel answers")
 
+    def agreed_master(self):
+        """The master port every Sentinel names, or None while they differ
+        (or one does not answer)."""
+        ports = set()
+        for s in self.sentinels:
+            try:
+                ports.add(int(s.client(1).execute_command("SENTINEL", "get-master-addr-by-name",
+                                                          NAME)[1]))
+            except (redis.RedisError, TypeError):
+                return None
+        return ports.pop() if len(ports) == 1 else None
+
+    def healthy(self):
+        """The Sentinels agree on a master that says it is one, and the other
+        node is its replica with the link up."""
+        m = self.agreed_master()
+        if m is None or m not in self.nodes:
+            return False
+        try:
+            if self.nodes[m].client(1).info("replication").get("role") != "master":
+                return False
+        except redis.RedisError:
+            return False
+        other = self.replica_of(self.nodes[m])
+        try:
+            info = other.client(1).info("replication")
+        except redis.RedisError:
+            return False
+        return info.get("master_port") == m and info.get("master_link_status") == "up"
+
     def current(self):
         return self.nodes[self.master_port()]
 
@@ -209,28 +239,30 @@ def failover_round(d, w, how):
             d.sentinels[0].client().execute_command("SENTINEL", "FAILOVER", NAME)
         else:
             old.kill9()
-        wait_until(lambda: d.master_port() != old.port, 60, "the sentinels to promote the replica")
+        wait_until(lambda: d.agreed_master() not in (None, old.port), 60,
+                   "every sentinel to name the promoted replica")
         if how != "failover":
             # Back empty on its port as a replica of the new master (as an
             # operator restarts it), which replicas=1 needs before anything
-            # confirms.
-            # Asked again when its link does not come up: the Sentinels may
-            # still have been settling on the new master when it was named
-            # (one CI-like run in five waited 60 s for a link that never
-            # came up).
+            # confirms. The Sentinels may still be settling: they have
+            # been seen to make the restarted node the master again, with
+            # the other as its replica. Either way round is a healthy
+            # deployment; it is restarted again only while the Sentinels
+            # name the other node and its own link stays down.
             for attempt in range(3):
-                old.stop()
-                d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(d.master_port())],
-                                         port=old.port).start()
+                master = d.agreed_master() or d.master_port()
+                if master != old.port:
+                    old.stop()
+                    d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(master)],
+                                             port=old.port).start()
+                    old = d.nodes[old.port]
                 try:
-                    wait_until(lambda: link_up(d.nodes[old.port]), 40,
-                               "the killed master back as a replica")
+                    wait_until(d.healthy, 40, "the killed master back, master and replica linked")
                     break
                 except AssertionError:
                     print(replication_report(d, d.nodes[old.port]))
                     if attempt == 2:
                         raise
-                    old = d.nodes[old.port]
         writer.wait_more(300, timeout=60)
     finally:
         writer.finish()
