@@ -784,7 +784,6 @@ static int check_once(Schema *s, const char *lsn, char *err, size_t errlen)
     int64_t start = runtime_now_us();
     int rc;
 
-    s->generation++;
     if (!ensure_conn(s, err, errlen) ||
         read_catalog(s->conn, s->rules, s->cfg.publication, &rd, err, errlen) != 0)
         return -2;
@@ -895,13 +894,11 @@ int schema_apply(Schema *s, const char *lsn, char *err, size_t errlen)
     for (;;) {
         int rc = check_once(s, lsn, err, errlen);
 
-        if (rc != -2 || !s->pending) {
-            if (rc == -2) /* only the backstop: try again at its next turn */
-                log_warn("periodic schema re-check failed: %s", err);
+        if (rc != -2) {
             s->last_check_us = runtime_now_us();
-            if (rc != -1)
+            if (rc == 0)
                 s->pending = false;
-            return rc == -1 ? -1 : 0;
+            return rc;
         }
         /* A schema change is waiting to be checked: never go past it. */
         log_event(LOG_LEVEL_WARN, lsn, NULL,

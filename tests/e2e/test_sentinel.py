@@ -108,25 +108,26 @@ class Deployment:
         addrs = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         return f"redis+sentinel://:{MPW}@{addrs}/{NAME}?replicas=1&sentinel_password={SPW}"
 
+    @staticmethod
+    def named_by(sentinel):
+        """The master port this Sentinel names, or None when it does not answer."""
+        try:
+            return int(sentinel.client(1).execute_command("SENTINEL", "get-master-addr-by-name",
+                                                          NAME)[1])
+        except (redis.RedisError, TypeError):
+            return None
+
     def master_port(self):
         for s in self.sentinels:
-            try:
-                return int(s.client(1).execute_command("SENTINEL", "get-master-addr-by-name",
-                                                       NAME)[1])
-            except (redis.RedisError, TypeError):
-                continue
+            port = self.named_by(s)
+            if port is not None:
+                return port
         raise AssertionError("no sentinel answers")
 
     def agreed_master(self):
         """The master port every Sentinel names, or None while they differ
         (or one does not answer)."""
-        ports = set()
-        for s in self.sentinels:
-            try:
-                ports.add(int(s.client(1).execute_command("SENTINEL", "get-master-addr-by-name",
-                                                          NAME)[1]))
-            except (redis.RedisError, TypeError):
-                return None
+        ports = {self.named_by(s) for s in self.sentinels}
         return ports.pop() if len(ports) == 1 else None
 
     def healthy(self):
