@@ -170,3 +170,17 @@ int64_t pgtime_now(void)
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000 - PG_EPOCH_OFFSET_US;
 }
+
+/* PostgreSQL's page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD:
+ * MAXALIGNed on every platform it supports). */
+#define LSN_SHORT_PAGE_HEADER 24
+#define LSN_LONG_PAGE_HEADER 40
+
+uint64_t lsn_past_page_header(uint64_t lsn, uint64_t block, uint64_t segment)
+{
+    if (block == 0 || lsn == 0 || lsn % block != 0)
+        return lsn;
+    if (segment != 0 && lsn % segment == 0)
+        return lsn + LSN_LONG_PAGE_HEADER;
+    return lsn + LSN_SHORT_PAGE_HEADER;
+}

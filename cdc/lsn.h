@@ -30,6 +30,16 @@ char *lsn_format(uint64_t lsn, char *buf);
  * PGTIME_TEXT_MAX bytes). Returns buf. */
 char *pgtime_format(int64_t pg_us, char *buf);
 
+/* The position just past the WAL page header that starts at lsn, when lsn
+ * is a page boundary (block: the server's wal_block_size, segment: its
+ * wal_segment_size; the first page of a segment has the long header);
+ * otherwise, or when block is 0 (unknown), lsn itself. No record ends
+ * inside a page header, so a consumer that has applied everything up to a
+ * commit ending at a page boundary has also applied everything up to just
+ * past the header, which is where pg_current_wal_insert_lsn() points after
+ * such a commit. */
+uint64_t lsn_past_page_header(uint64_t lsn, uint64_t block, uint64_t segment);
+
 /* Current time as a PostgreSQL timestamp (µs since 2000-01-01 UTC). */
 int64_t pgtime_now(void);
 

@@ -495,6 +495,10 @@ static void maybe_watermark(Run *r)
         return;
     if (confirmed < apply_acked(r->ap))
         confirmed = apply_acked(r->ap);
+    /* A reader's pg_current_wal_insert_lsn() after a commit that ended at
+     * a page boundary is past the next page's header, where no record
+     * ends: without this it would wait for some later WAL. */
+    confirmed = stream_past_page_header(r->stream, confirmed);
     if (confirmed <= r->watermark_lsn)
         return;
     lsn_format(confirmed, lsn);

@@ -41,6 +41,10 @@ struct Stream {
     StreamSlot slot;
     uint64_t received;
     uint64_t server_end;
+    uint64_t keepalive_end; /* newest keepalive end this connection (stream_set_idle) */
+    bool keepalive_moved;   /* a keepalive moved confirmed: stream_next() returns */
+    uint64_t wal_block;     /* the server's wal_block_size; 0: not known yet */
+    uint64_t wal_segment;   /* ... and wal_segment_size */
     int64_t last_status_us; /* monotonic time of the last status update */
     int interval_ms;        /* status interval: configured, or less (below) */
     int recv_timeout_ms;    /* silence after which the connection is dead */
@@ -187,6 +191,18 @@ void stream_set_confirm_limit(Stream *s, uint64_t limit)
 void stream_set_idle(Stream *s, bool idle)
 {
     s->idle = idle;
+    /* Everything dispatched before that keepalive is acknowledged now. */
+    if (idle && s->cfg.confirm && s->keepalive_end > s->confirmed) {
+        s->confirmed = s->keepalive_end;
+        s->keepalive_moved = true;
+        if (reportable(s) > s->reported)
+            s->confirm_pending = true;
+    }
+}
+
+uint64_t stream_past_page_header(const Stream *s, uint64_t lsn)
+{
+    return lsn_past_page_header(lsn, s->wal_block, s->wal_segment);
 }
 
 void stream_set_pace(Stream *s, int pace_us)
@@ -480,14 +496,23 @@ static StreamStatus classify_connect_error(const char *msg)
     return STREAM_RETRY;
 }
 
+/* wal_level, and the WAL page and segment sizes (stream_past_page_header). */
 static StreamStatus check_wal_level(Stream *s)
 {
-    PGresult *res = simple_query(s, "SHOW wal_level", PGRES_TUPLES_OK);
+    PGresult *res = simple_query(s,
+                                 "SELECT current_setting('wal_level'), "
+                                 "current_setting('wal_block_size')::bigint, "
+                                 "pg_catalog.pg_size_bytes(current_setting('wal_segment_size'))",
+                                 PGRES_TUPLES_OK);
     const char *level;
 
     if (res == NULL)
         return STREAM_RETRY;
     level = PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "";
+    if (PQntuples(res) == 1 && PQnfields(res) == 3) {
+        s->wal_block = strtoull(PQgetvalue(res, 0, 1), NULL, 10);
+        s->wal_segment = strtoull(PQgetvalue(res, 0, 2), NULL, 10);
+    }
     if (strcmp(level, "logical") != 0) {
         snprintf(s->errstr, sizeof s->errstr,
                  "wal_level is \"%s\" on %s; logical replication needs wal_level=logical in "
@@ -828,6 +853,8 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn)
         s->ping_sent_us = 0;
         s->got_message = false;
         s->reported = 0;
+        s->keepalive_end = 0; /* only this connection's keepalives count */
+        s->keepalive_moved = false;
         if (s->confirmed < start_lsn)
             s->confirmed = start_lsn;
         return STREAM_OK;
@@ -911,10 +938,13 @@ static int handle_keepalive(Stream *s, const char *buf, int len)
     end = get_u64(buf + 1);
     if (end > s->server_end)
         s->server_end = end;
+    if (end > s->keepalive_end)
+        s->keepalive_end = end;
     /* Nothing decoded is waiting for Redis: every change before this point
      * has been acknowledged, so the position can be confirmed. */
     if (s->idle && end > s->confirmed && s->cfg.confirm) {
         s->confirmed = end;
+        s->keepalive_moved = true;
         if (buf[17] || reportable(s) > s->reported)
             return send_status(s, false);
         return 0;
@@ -1082,6 +1112,10 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
         snprintf(s->errstr, sizeof s->errstr, "not streaming");
         return -1;
     }
+    if (s->keepalive_moved) { /* by stream_set_idle() */
+        s->keepalive_moved = false;
+        return 0;
+    }
     for (;;) {
         int len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
         int64_t left_ms;
@@ -1091,6 +1125,11 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
             int rc = dispatch(s, len, out);
             if (rc != 0)
                 return rc;
+            if (s->keepalive_moved) {
+                /* The caller may now record the position (the watermark). */
+                s->keepalive_moved = false;
+                return 0;
+            }
             continue;
         }
         if (len < 0)

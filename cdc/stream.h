@@ -103,8 +103,9 @@ PGconn *stream_conn(Stream *s);
 StreamStatus stream_start(Stream *s, uint64_t start_lsn) __attribute__((warn_unused_result));
 
 /* Wait up to timeout_ms (0: do not wait) for the next XLogData message.
- * Returns 1 with *out filled, 0 when none arrived in time, -1 when the
- * connection failed (stream_errstr() says why; call stream_close()). */
+ * Returns 1 with *out filled, 0 when none arrived in time or a keepalive
+ * moved stream_confirmed() (while idle), -1 when the connection failed
+ * (stream_errstr() says why; call stream_close()). */
 int stream_next(Stream *s, int timeout_ms, StreamData *out) __attribute__((warn_unused_result));
 
 /* Record that everything up to flush_lsn is durably applied. Sends a status
@@ -128,7 +129,10 @@ int stream_confirm_soon(Stream *s, uint64_t flush_lsn);
  * position held back is sent within a few ms of the limit reaching it. */
 void stream_set_confirm_limit(Stream *s, uint64_t limit);
 
-/* Declare whether everything decoded so far is acknowledged. */
+/* Declare whether everything decoded so far is acknowledged. When it is, a
+ * keepalive that arrived while it was not (its end covers only what was
+ * sent before it) is confirmed now, instead of waiting for the server's
+ * next keepalive, which may come only after the next status interval. */
 void stream_set_idle(Stream *s, bool idle);
 
 /* Read the socket at most once per pace_us (0: as soon as bytes arrive).
@@ -154,6 +158,10 @@ uint64_t stream_server_end(const Stream *s);
 
 /* Server facts from the last stream_connect(). */
 int stream_server_version(const Stream *s);
+/* lsn_past_page_header() with the server's WAL page and segment sizes:
+ * the position a reader's pg_current_wal_insert_lsn() may show once
+ * everything up to lsn is applied (lsn itself before the first connect). */
+uint64_t stream_past_page_header(const Stream *s, uint64_t lsn);
 const char *stream_describe(const Stream *s); /* "host:port/db", no password */
 
 /* Drop the connection (keeps configuration and positions). */

@@ -29,8 +29,8 @@ static void test_parse_format_roundtrip(void **state)
 
 static void test_parse_rejects(void **state)
 {
-    static const char *const bad[] = {"", "/", "0/", "/0", "0", "0/0/0", "g/0",
-                                      "0/123456789", "0/1 ", " 0/1", "-1/0"};
+    static const char *const bad[] = {"",    "/",           "0/",   "/0",   "0",   "0/0/0",
+                                      "g/0", "0/123456789", "0/1 ", " 0/1", "-1/0"};
     (void)state;
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         uint64_t v = 42;
@@ -77,6 +77,25 @@ static void test_format_matches_libc(void **state)
     }
 }
 
+/* A position on a page boundary moves past the page header: the long one at
+ * a segment start, the short one elsewhere; anything else stays. */
+static void test_past_page_header(void **state)
+{
+    const uint64_t blk = 8192, seg = 16u << 20;
+    (void)state;
+    assert_int_equal(lsn_past_page_header(0x2000000, blk, seg), 0x2000028); /* segment: 40 */
+    assert_int_equal(lsn_past_page_header(0x2002000, blk, seg), 0x2002018); /* page: 24 */
+    assert_int_equal(lsn_past_page_header(0x2002018, blk, seg), 0x2002018); /* past it */
+    assert_int_equal(lsn_past_page_header(0x2001FF8, blk, seg), 0x2001FF8); /* mid-page */
+    assert_int_equal(lsn_past_page_header(0x2002028, blk, seg), 0x2002028);
+    assert_int_equal(lsn_past_page_header(0x2000000, blk, 0), 0x2000018); /* no segment size */
+    assert_int_equal(lsn_past_page_header(0x2000000, 0, seg), 0x2000000); /* unknown layout */
+    assert_int_equal(lsn_past_page_header(0, blk, seg), 0);               /* no position */
+    /* Other page sizes (initdb --wal-segsize, a build with another XLOG_BLCKSZ). */
+    assert_int_equal(lsn_past_page_header(0x10000, 32768, 1u << 20), 0x10018);
+    assert_int_equal(lsn_past_page_header(0x100000, 32768, 1u << 20), 0x100028);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -84,6 +103,7 @@ int main(void)
         cmocka_unit_test(test_parse_rejects),
         cmocka_unit_test(test_pgtime),
         cmocka_unit_test(test_format_matches_libc),
+        cmocka_unit_test(test_past_page_header),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
