@@ -90,7 +90,7 @@ typedef struct Run {
 
     uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
-    int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last out-of-memory log line */
+    int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last OOM or replica shortfall log line */
     Route *route;                             /* partitions/children → the rules tables above */
     struct {
         pthread_t thread;
@@ -274,9 +274,19 @@ static int run_lookups(Run *r)
     return -1;
 }
 
-/* An out-of-memory target is logged at most this often (it is retried
- * every APPLY_OOM_RETRY_MS). */
+/* An out-of-memory target, or one short of replicas, is logged at most
+ * this often (it is retried every APPLY_OOM_RETRY_MS or
+ * APPLY_SHORTFALL_RETRY_MS; the metrics count every refusal). */
 #define RUN_OOM_LOG_US (10 * 1000000)
+
+/* Whether target i's soft failure may be logged now (RUN_OOM_LOG_US). */
+static bool soft_log_due(Run *r, int i)
+{
+    if (runtime_now_us() - r->oom_logged_us[i] < RUN_OOM_LOG_US)
+        return false;
+    r->oom_logged_us[i] = runtime_now_us();
+    return true;
+}
 
 /* Log target i's failed flush (tr), with acked the position confirmed. */
 static void log_target_failure(Run *r, int i, const ApplyTargetResult *tr, uint64_t acked)
@@ -284,9 +294,8 @@ static void log_target_failure(Run *r, int i, const ApplyTargetResult *tr, uint6
     char lsn[LSN_TEXT_MAX];
 
     if (tr->kind == APPLY_FAIL_OOM) {
-        if (runtime_now_us() - r->oom_logged_us[i] < RUN_OOM_LOG_US)
+        if (!soft_log_due(r, i))
             return;
-        r->oom_logged_us[i] = runtime_now_us();
         log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
                   "redis target %s failed: %s; retrying in %d ms (then at least every %d ms); "
                   "reading from postgresql goes on and new deletes are applied, but nothing is "
@@ -297,12 +306,19 @@ static void log_target_failure(Run *r, int i, const ApplyTargetResult *tr, uint6
         return;
     }
     if (sink_shortfall(r->sinks[i])) {
+        if (!soft_log_due(r, i)) {
+            log_debug("redis target %s: %s; retrying in %d ms", r->targets[i], tr->err,
+                      tr->retry_ms);
+            return;
+        }
         log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
-                  "redis target %s failed: %s; retrying in %d ms (then at least every %d ms); "
-                  "reading from postgresql goes on and new deletes ride with each retry, but "
-                  "nothing is confirmed past this position until enough replicas acknowledge "
-                  "(WAL is retained by the slot)",
-                  r->targets[i], tr->err, tr->retry_ms, APPLY_SHORTFALL_RETRY_MS);
+                  "redis target %s failed: %s; retrying in %d ms (then at least every %d ms, "
+                  "each retry counted in walbust_replica_shortfalls_total); reading from "
+                  "postgresql goes on and new deletes ride with each retry, but nothing is "
+                  "confirmed past this position until enough replicas acknowledge (WAL is "
+                  "retained by the slot; this line repeats at most every %d s)",
+                  r->targets[i], tr->err, tr->retry_ms, APPLY_SHORTFALL_RETRY_MS,
+                  RUN_OOM_LOG_US / 1000000);
         return;
     }
     log_event(LOG_LEVEL_ERROR, lsn_format(acked, lsn), NULL,
@@ -343,6 +359,7 @@ static void on_target_result(Run *r, int i, const ApplyTargetResult *tr, uint64_
     if (tr->outcome == APPLY_RECOVERED) {
         log_info("redis acknowledged after %d retries (target %s); resuming", tr->attempts,
                  r->targets[i]);
+        r->oom_logged_us[i] = 0; /* the next outage is logged at once */
         notify_status("streaming");
     } else if (tr->outcome == APPLY_FAILED) {
         count_refusals(r, i);
