@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <time.h>
 
 #include "lsn.h"
@@ -30,6 +31,7 @@ struct Stream {
     bool streaming;
     bool idle;
     int pace_us;           /* stream_set_pace() */
+    bool paced_behind;     /* the last paced read left a lot unread (consume) */
     int64_t last_read_us;  /* monotonic time of the last socket read */
     bool confirm_pending;  /* confirmed moved since the last status update */
     char *copybuf;         /* last PQgetCopyData buffer */
@@ -210,20 +212,33 @@ void stream_set_pace(Stream *s, int pace_us)
     s->pace_us = pace_us > 0 ? pace_us : 0;
 }
 
+/* A paced read takes what fits in libpq's buffer (8-16 kB); when at least
+ * this much more is still waiting after it, the next read comes after a
+ * fifth of the pause, so that one read per pause does not cap the rate.
+ * (Reading until the socket is empty instead doubled walbust's system time
+ * in a drain: it keeps chasing the walsender's writes.) */
+#define STREAM_PACED_MORE_BYTES 16384
+
 /* Read what the kernel has (stream_set_pace() permitting). Returns
  * PQconsumeInput()'s result. */
 static int consume(Stream *s)
 {
     int64_t now = mono_us();
+    int pace = s->paced_behind ? s->pace_us / 5 : s->pace_us;
+    int avail = 0;
 
-    if (s->pace_us > 0 && now - s->last_read_us < s->pace_us && now >= s->last_read_us) {
-        struct timespec ts = {0, (long)(s->pace_us - (now - s->last_read_us)) * 1000};
+    if (pace > 0 && now - s->last_read_us < pace && now >= s->last_read_us) {
+        struct timespec ts = {0, (long)(pace - (now - s->last_read_us)) * 1000};
 
         nanosleep(&ts, NULL);
         now = mono_us();
     }
     s->last_read_us = now;
-    return PQconsumeInput(s->conn);
+    if (PQconsumeInput(s->conn) == 0)
+        return 0;
+    s->paced_behind = pace > 0 && ioctl(PQsocket(s->conn), FIONREAD, &avail) == 0 &&
+                      avail >= STREAM_PACED_MORE_BYTES;
+    return 1;
 }
 
 void stream_describe_conn(PGconn *conn, char *buf, size_t len)

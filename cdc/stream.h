@@ -135,7 +135,8 @@ void stream_set_confirm_limit(Stream *s, uint64_t limit);
  * next keepalive, which may come only after the next status interval. */
 void stream_set_idle(Stream *s, bool idle);
 
-/* Read the socket at most once per pace_us (0: as soon as bytes arrive).
+/* Read the socket at most once per pace_us (0: as soon as bytes arrive), or
+ * per fifth of it while more than a read's worth (16 kB) was left waiting.
  * For catching up on a backlog: the walsender is then the slower side, and
  * a consumer that reads every message as it arrives spends a system call
  * and a wakeup on every few hundred bytes. The pause happens only when
