@@ -320,9 +320,11 @@ int sink_cl_flush(Sink *s)
     s->wm_refused = false;
     batch_unmark_all(&s->b);
     s->cl_op = SINK_NO_OP;
-    if (s->wm_key != NULL) /* routed by its key, the script's KEYS[1] */
-        cl_own(s, cluster_append_key(s->cl, 3, (int)sink_watermark_args(s), s->argv, s->argvlen),
-               SINK_NO_OP);
+    if (s->wm_key != NULL) { /* routed by its key, the script's KEYS[1] */
+        /* Build the arguments before reading s->argv: they may move it. */
+        int argc = (int)sink_watermark_args(s);
+        cl_own(s, cluster_append_key(s->cl, 3, argc, s->argv, s->argvlen), SINK_NO_OP);
+    }
     for (size_t i = 0; i < s->b.nops; i++) {
         const BatchOp *op = &s->b.ops[i];
         const char *str = batch_str(&s->b, op);
@@ -338,15 +340,15 @@ int sink_cl_flush(Sink *s)
             cl_cmd(s, sink_publish_args(s, i));
             break;
         case RULES_INV_REFRESH:
-        case RULES_INV_STALE: /* EVAL: each node learns nothing to forget */
+        case RULES_INV_STALE: { /* EVAL: each node learns nothing to forget */
+            int argc;
             sink_argv_reserve(s, 10);
             sink_arg_str(s, 0, "EVAL");
             sink_arg_str(s, 1, redis_refresh_lua);
-            cl_own(
-                s,
-                cluster_append_key(s->cl, 3, (int)sink_refresh_args(s, i, 2), s->argv, s->argvlen),
-                i);
+            argc = (int)sink_refresh_args(s, i, 2); /* may move s->argv: before reading it */
+            cl_own(s, cluster_append_key(s->cl, 3, argc, s->argv, s->argvlen), i);
             break;
+        }
         case RULES_INV_TAG:
             if (sink_cl_exec(s) < 0 || cl_tag(s, str, op->len) < 0)
                 return -1;

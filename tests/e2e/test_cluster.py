@@ -597,6 +597,35 @@ def test_full_masters_keep_deleting():
         scene.close()
 
 
+def test_lone_watermark_first():
+    """The first command a Cluster target ever builds can be the watermark
+    alone: WAL nobody publishes (here a table outside the publication)
+    moves the position walbust confirms from a keepalive. Building its
+    arguments grows the sink's argument array; it was read before it was
+    grown (C leaves the order of a call's arguments open), and walbust died
+    of a segfault (seen in CI). The watermark must land on the master that
+    owns its key and walbust must go on."""
+    CL.flush()
+    rules = setup()
+    sql(DB, "CREATE TABLE unpublished(id int PRIMARY KEY)")
+    scene = Scene()
+    try:
+        w = start_walbust(scene, rules, [CL.url])
+        rc = CL.client()
+        sql(DB, "INSERT INTO unpublished SELECT generate_series(1, 100)")
+        lsn = sql(DB, "SELECT pg_current_wal_insert_lsn()::text", fetch=True)[0][0]
+        wm = f"walbust:confirmed:{SLOT}"
+        wait_until(lambda: not w.alive() or (rc.get(wm) is not None and sql(
+            DB, "SELECT %s::pg_lsn >= %s::pg_lsn", (rc.get(wm), lsn), fetch=True)[0][0]),
+            20, f"the watermark to reach {lsn}")
+        assert w.alive(), f"walbust exited with {w.proc.returncode}:\n{w.read_log()[-2000:]}"
+        assert CL.node(CL.owner(keyslot(wm))).get(wm) == rc.get(wm)
+        sql(DB, "UPDATE items SET v = v + 1 WHERE id = 1")
+        barrier_all([rc])
+    finally:
+        scene.close()
+
+
 def main():
     global CL
     runner = Runner("cluster")
@@ -605,7 +634,7 @@ def main():
         for t in (test_keys_land_on_owning_masters, test_patterns_scan_every_master,
                   test_refresh_fenced_across_masters, test_tags_across_slots, test_two_targets_one_paused,
                   test_reshard_during_write_storm, test_master_failover_during_write_storm,
-                  test_full_masters_keep_deleting):
+                  test_full_masters_keep_deleting, test_lone_watermark_first):
             runner.run(t)
     finally:
         CL.stop()
