@@ -91,7 +91,7 @@ typedef struct Run {
 
     uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
-    int64_t oom_logged_us[OPTS_MAX_REDIS];    /* last OOM or replica shortfall log line */
+    int64_t soft_logged_us[OPTS_MAX_REDIS];   /* last OOM or replica shortfall log line */
     Route *route;                             /* partitions/children → the rules tables above */
     struct {
         pthread_t thread;
@@ -283,9 +283,9 @@ static int run_lookups(Run *r)
 /* Whether target i's soft failure may be logged now (RUN_OOM_LOG_US). */
 static bool soft_log_due(Run *r, int i)
 {
-    if (runtime_now_us() - r->oom_logged_us[i] < RUN_OOM_LOG_US)
+    if (runtime_now_us() - r->soft_logged_us[i] < RUN_OOM_LOG_US)
         return false;
-    r->oom_logged_us[i] = runtime_now_us();
+    r->soft_logged_us[i] = runtime_now_us();
     return true;
 }
 
@@ -360,7 +360,7 @@ static void on_target_result(Run *r, int i, const ApplyTargetResult *tr, uint64_
     if (tr->outcome == APPLY_RECOVERED) {
         log_info("redis acknowledged after %d retries (target %s); resuming", tr->attempts,
                  r->targets[i]);
-        r->oom_logged_us[i] = 0; /* the next outage is logged at once */
+        r->soft_logged_us[i] = 0; /* the next outage is logged at once */
         notify_status("streaming");
     } else if (tr->outcome == APPLY_FAILED) {
         count_refusals(r, i);

@@ -190,16 +190,23 @@ void stream_set_confirm_limit(Stream *s, uint64_t limit)
         s->confirm_pending = true;
 }
 
+/* While idle, every change dispatched before the newest keepalive has been
+ * acknowledged, so its end can be confirmed. Returns whether it moved
+ * confirmed (stream_next() then returns to the caller). */
+static bool take_keepalive(Stream *s)
+{
+    if (!s->idle || !s->cfg.confirm || s->keepalive_end <= s->confirmed)
+        return false;
+    s->confirmed = s->keepalive_end;
+    s->keepalive_moved = true;
+    return true;
+}
+
 void stream_set_idle(Stream *s, bool idle)
 {
     s->idle = idle;
-    /* Everything dispatched before that keepalive is acknowledged now. */
-    if (idle && s->cfg.confirm && s->keepalive_end > s->confirmed) {
-        s->confirmed = s->keepalive_end;
-        s->keepalive_moved = true;
-        if (reportable(s) > s->reported)
-            s->confirm_pending = true;
-    }
+    if (take_keepalive(s) && reportable(s) > s->reported)
+        s->confirm_pending = true;
 }
 
 uint64_t stream_past_page_header(const Stream *s, uint64_t lsn)
@@ -955,16 +962,7 @@ static int handle_keepalive(Stream *s, const char *buf, int len)
         s->server_end = end;
     if (end > s->keepalive_end)
         s->keepalive_end = end;
-    /* Nothing decoded is waiting for Redis: every change before this point
-     * has been acknowledged, so the position can be confirmed. */
-    if (s->idle && end > s->confirmed && s->cfg.confirm) {
-        s->confirmed = end;
-        s->keepalive_moved = true;
-        if (buf[17] || reportable(s) > s->reported)
-            return send_status(s, false);
-        return 0;
-    }
-    if (buf[17])
+    if ((take_keepalive(s) && reportable(s) > s->reported) || buf[17])
         return send_status(s, false);
     return 0;
 }
@@ -1127,24 +1125,20 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
         snprintf(s->errstr, sizeof s->errstr, "not streaming");
         return -1;
     }
-    if (s->keepalive_moved) { /* by stream_set_idle() */
-        s->keepalive_moved = false;
-        return 0;
-    }
     for (;;) {
-        int len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
+        int len;
         int64_t left_ms;
         int wait;
 
+        if (s->keepalive_moved) { /* the caller may now record it (the watermark) */
+            s->keepalive_moved = false;
+            return 0;
+        }
+        len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
         if (len > 0) {
             int rc = dispatch(s, len, out);
             if (rc != 0)
                 return rc;
-            if (s->keepalive_moved) {
-                /* The caller may now record the position (the watermark). */
-                s->keepalive_moved = false;
-                return 0;
-            }
             continue;
         }
         if (len < 0)
