@@ -34,6 +34,9 @@
 #include <unistd.h>
 
 #define RCONN_READ_CHUNK 16384
+/* How long a TLS 1.3 handshake waits for the server's verdict on the
+ * client certificate (see settle_tls13()). */
+#define RCONN_TLS13_SETTLE_MS 250
 
 struct RconnTls {
     SSL_CTX *ctx;
@@ -575,6 +578,35 @@ static int open_tcp(Rconn *c, const char *host, int port, long long deadline, ch
     return rc;
 }
 
+/* In TLS 1.3 the client's handshake is over before the server has judged
+ * the client's certificate: the server answers the client's Finished with
+ * session tickets (accepted) or an alert such as "certificate required",
+ * then closes. Writing the first command before that answer arrives makes
+ * the server's kernel reset the connection, and the reset discards the
+ * alert: the error would say "connection reset" instead of naming the
+ * certificate. So wait for the server's first record (one round trip),
+ * at most RCONN_TLS13_SETTLE_MS: a server that sends no tickets costs that
+ * wait once per connection. */
+static int settle_tls13(Rconn *c, long long deadline, char *why, size_t whylen)
+{
+    if (SSL_version(c->ssl) != TLS1_3_VERSION)
+        return 0;
+    int left = (int)(deadline - now_ms());
+    if (left <= 0 ||
+        wait_fd(c->fd, POLLIN, left < RCONN_TLS13_SETTLE_MS ? left : RCONN_TLS13_SETTLE_MS) != 1)
+        return 0;
+    char b;
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_peek(c->ssl, &b, 1);
+    int e = r > 0 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_NONE || e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+        return 0;
+    tls_fail(c, r, "the TLS handshake");
+    snprintf(why, whylen, "%s", c->errstr);
+    return -1;
+}
+
 /* The TLS handshake within the deadline, verifying name (unless
  * insecure). */
 static int handshake(Rconn *c, RconnTls *t, const char *name, long long deadline, char *why,
@@ -600,7 +632,7 @@ static int handshake(Rconn *c, RconnTls *t, const char *name, long long deadline
         errno = 0;
         int r = SSL_connect(c->ssl);
         if (r == 1)
-            return 0;
+            return settle_tls13(c, deadline, why, whylen);
         int e = SSL_get_error(c->ssl, r);
         int left = (int)(deadline - now_ms());
         if ((e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) && left > 0 &&

@@ -2,7 +2,8 @@
  * loading errors, connect failures and timeouts against loopback sockets,
  * and pipelining against a tiny in-process RESP responder (a thread that
  * answers PING and ECHO), large enough that both directions fill their
- * socket buffers at once. */
+ * socket buffers at once; a TLS 1.3 server thread that refuses clients
+ * without a certificate. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -11,6 +12,10 @@
 #include <cmocka.h>
 
 #include <arpa/inet.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
@@ -306,6 +311,120 @@ static void test_closed_by_server(void **state)
     close(r.lfd);
 }
 
+/* ---- a TLS 1.3 server that demands a client certificate ---------------- */
+
+#define REFUSALS 100
+
+typedef struct TlsRefuser {
+    int lfd;
+    SSL_CTX *ctx;
+} TlsRefuser;
+
+static int accept_any(int ok, X509_STORE_CTX *x)
+{
+    (void)ok;
+    (void)x;
+    return 1;
+}
+
+/* A self-signed certificate for localhost with its key. */
+static void make_cert(EVP_PKEY **key, X509 **crt)
+{
+    *key = EVP_EC_gen("P-256");
+    *crt = X509_new();
+    assert_non_null(*key);
+    assert_non_null(*crt);
+    X509_set_version(*crt, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(*crt), 1);
+    X509_gmtime_adj(X509_getm_notBefore(*crt), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(*crt), 3600);
+    X509_NAME *n = X509_get_subject_name(*crt);
+    X509_NAME_add_entry_by_txt(n, "CN", MBSTRING_ASC, (const unsigned char *)"localhost", -1, -1,
+                               0);
+    X509_set_issuer_name(*crt, n);
+    X509_set_pubkey(*crt, *key);
+    assert_true(X509_sign(*crt, *key, EVP_sha256()) > 0);
+}
+
+/* Each connection: the handshake fails for want of a client certificate
+ * (the server sends its alert), then the socket is closed with a reset, as
+ * Redis does when the client's first command is already waiting. */
+static void *refuse_clients(void *arg)
+{
+    TlsRefuser *r = arg;
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+
+    for (int i = 0; i < REFUSALS; i++) {
+        int fd = accept(r->lfd, NULL, NULL);
+        if (fd < 0)
+            break;
+        SSL *ssl = SSL_new(r->ctx);
+        SSL_set_fd(ssl, fd);
+        if (SSL_accept(ssl) == 1)
+            (void)!write(fd, "", 0); /* a client certificate: the test fails below */
+        SSL_free(ssl);
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        close(fd);
+    }
+    return NULL;
+}
+
+/* In TLS 1.3 the client's handshake ends before the server judged the
+ * client certificate; the server's alert and reset then race the client's
+ * first command. Every refusal must still name the missing certificate,
+ * never just "connection reset" (seen in CI under ASan). */
+static void test_missing_client_cert_named(void **state)
+{
+    char dir[] = "/tmp/test_rconn.XXXXXX", ca[300], err[512];
+    TlsRefuser r = {0};
+    EVP_PKEY *key;
+    X509 *crt;
+    pthread_t th;
+    int port, named = 0;
+    (void)state;
+
+    make_cert(&key, &crt);
+    assert_non_null(mkdtemp(dir));
+    snprintf(ca, sizeof ca, "%s/ca.pem", dir);
+    FILE *f = fopen(ca, "w");
+    assert_non_null(f);
+    assert_int_equal(PEM_write_X509(f, crt), 1);
+    fclose(f);
+    r.ctx = SSL_CTX_new(TLS_server_method());
+    assert_non_null(r.ctx);
+    SSL_CTX_set_min_proto_version(r.ctx, TLS1_3_VERSION);
+    assert_int_equal(SSL_CTX_use_certificate(r.ctx, crt), 1);
+    assert_int_equal(SSL_CTX_use_PrivateKey(r.ctx, key), 1);
+    SSL_CTX_set_verify(r.ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, accept_any);
+    r.lfd = listener(&port);
+    assert_int_equal(pthread_create(&th, NULL, refuse_clients, &r), 0);
+
+    RconnTls *t = rconn_tls_new(ca, NULL, NULL, false, err, sizeof err);
+    assert_non_null(t);
+    RconnConfig cfg = cfg_for(port, 2000);
+    cfg.host = "localhost";
+    cfg.tls = t;
+    for (int i = 0; i < REFUSALS; i++) {
+        Rconn *c = rconn_open(&cfg, err, sizeof err);
+        assert_null(c);
+        if (strstr(err, "requires a client certificate") != NULL)
+            named++;
+        else
+            print_message("refusal %d: %s\n", i, err);
+    }
+    print_message("%d of %d refusals name the client certificate\n", named, REFUSALS);
+    assert_int_equal(named, REFUSALS);
+
+    pthread_join(th, NULL);
+    close(r.lfd);
+    rconn_tls_free(t);
+    SSL_CTX_free(r.ctx);
+    X509_free(crt);
+    EVP_PKEY_free(key);
+    unlink(ca);
+    rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -316,6 +435,7 @@ int main(void)
         cmocka_unit_test(test_silent_server),
         cmocka_unit_test(test_pipeline),
         cmocka_unit_test(test_closed_by_server),
+        cmocka_unit_test(test_missing_client_cert_named),
     };
     signal(SIGPIPE, SIG_IGN);
     return cmocka_run_group_tests(tests, NULL, NULL);
