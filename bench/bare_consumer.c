@@ -15,7 +15,7 @@
  * seconds runs from just before START_REPLICATION to the last Commit.
  *
  * usage: bare_consumer --pg CONNINFO --slot S --publication P --until X/X
- *        [--binary] [--timeout SECONDS] [--status-ms MS] [--pace-us N]
+ *        [--binary] [--timeout SECONDS] [--status-ms MS] [--pace-us N] [--rcvbuf BYTES]
  *
  * --status-ms (default 1000) is how often received positions are confirmed;
  * bench/run uses 10 when it measures the slot's lag under live load.
@@ -23,6 +23,10 @@
  * --pace-us N: read the socket at most once per N µs, as walbust does while
  * catching up (stream_set_pace); shows how much of the "ceiling" is the
  * consumer's own read pattern (default 0: read every message as it comes).
+ *
+ * --rcvbuf BYTES: set the replication socket's receive buffer (SO_RCVBUF;
+ * default: the kernel's autotuning), to study how the walsender's cost per
+ * message depends on whether its sends find the TCP window open.
  *
  * --probe: for every transaction carrying a logical message with prefix
  * "probe", print "<message content> <CLOCK_MONOTONIC ns>" when its Commit
@@ -39,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 typedef struct Bare {
@@ -50,6 +55,8 @@ typedef struct Bare {
     double last_status;
     double status_interval;
     double pace_us, last_read; /* --pace-us; when the socket was last read */
+    int rcvbuf;                /* --rcvbuf, 0: autotuned */
+    int rcvlowat;              /* --rcvlowat, 0: the kernel's (1 byte) */
     bool probe;
     char probe_id[64]; /* content of a "probe" message in this transaction */
 } Bare;
@@ -147,8 +154,7 @@ static int handle(Bare *b, const char *m, int len)
             if (b->probe_id[0] != '\0') {
                 struct timespec ts;
                 clock_gettime(CLOCK_MONOTONIC, &ts);
-                printf("%s %lld\n", b->probe_id,
-                       (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+                printf("%s %lld\n", b->probe_id, (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
                 fflush(stdout);
                 b->probe_id[0] = '\0';
             }
@@ -238,6 +244,10 @@ int main(int argc, char **argv)
             b.status_interval = atof(v) / 1000.0;
         else if (strcmp(a, "--pace-us") == 0)
             b.pace_us = atof(v);
+        else if (strcmp(a, "--rcvbuf") == 0)
+            b.rcvbuf = atoi(v);
+        else if (strcmp(a, "--rcvlowat") == 0)
+            b.rcvlowat = atoi(v);
         else {
             fprintf(stderr, "bare_consumer: unknown option %s\n", a);
             return 1;
@@ -246,7 +256,7 @@ int main(int argc, char **argv)
     }
     if (slot == NULL || pub == NULL || until == NULL || parse_lsn(until, &b.until) < 0) {
         fprintf(stderr, "usage: bare_consumer --pg C --slot S --publication P --until X/X "
-                        "[--binary] [--timeout S] [--status-ms MS] [--pace-us N]\n");
+                        "[--binary] [--timeout S] [--status-ms MS] [--pace-us N] [--rcvbuf B]\n");
         return 1;
     }
     {
@@ -256,6 +266,16 @@ int main(int argc, char **argv)
     }
     if (PQstatus(b.conn) != CONNECTION_OK) {
         fprintf(stderr, "bare_consumer: %s", PQerrorMessage(b.conn));
+        return 1;
+    }
+    if (b.rcvbuf > 0 &&
+        setsockopt(PQsocket(b.conn), SOL_SOCKET, SO_RCVBUF, &b.rcvbuf, sizeof b.rcvbuf) != 0) {
+        perror("bare_consumer: SO_RCVBUF");
+        return 1;
+    }
+    if (b.rcvlowat > 0 && setsockopt(PQsocket(b.conn), SOL_SOCKET, SO_RCVLOWAT, &b.rcvlowat,
+                                     sizeof b.rcvlowat) != 0) {
+        perror("bare_consumer: SO_RCVLOWAT");
         return 1;
     }
     snprintf(sql, sizeof sql,
@@ -274,9 +294,8 @@ int main(int argc, char **argv)
         (void)send_status(&b);
     printf("{\"seconds\":%.6f,\"messages\":%llu,\"changes\":%llu,\"commits\":%llu,"
            "\"bytes\":%llu}\n",
-           b.last_commit - b.start, (unsigned long long)b.messages,
-           (unsigned long long)b.changes, (unsigned long long)b.commits,
-           (unsigned long long)b.bytes);
+           b.last_commit - b.start, (unsigned long long)b.messages, (unsigned long long)b.changes,
+           (unsigned long long)b.commits, (unsigned long long)b.bytes);
     PQfinish(b.conn);
     return rc == 0 ? 0 : 1;
 }
