@@ -16,6 +16,7 @@
  *
  * usage: bare_consumer --pg CONNINFO --slot S --publication P --until X/X
  *        [--binary] [--timeout SECONDS] [--status-ms MS] [--pace-us N] [--rcvbuf BYTES]
+ *        [--rcvlowat BYTES]
  *
  * --status-ms (default 1000) is how often received positions are confirmed;
  * bench/run uses 10 when it measures the slot's lag under live load.
@@ -27,6 +28,9 @@
  * --rcvbuf BYTES: set the replication socket's receive buffer (SO_RCVBUF;
  * default: the kernel's autotuning), to study how the walsender's cost per
  * message depends on whether its sends find the TCP window open.
+ * --rcvlowat BYTES: wake only when this much is waiting (SO_RCVLOWAT; poll
+ * still returns at the status interval), for the same study
+ * (docs/performance.md, "What decides the drain's mode").
  *
  * --probe: for every transaction carrying a logical message with prefix
  * "probe", print "<message content> <CLOCK_MONOTONIC ns>" when its Commit
@@ -256,7 +260,8 @@ int main(int argc, char **argv)
     }
     if (slot == NULL || pub == NULL || until == NULL || parse_lsn(until, &b.until) < 0) {
         fprintf(stderr, "usage: bare_consumer --pg C --slot S --publication P --until X/X "
-                        "[--binary] [--timeout S] [--status-ms MS] [--pace-us N] [--rcvbuf B]\n");
+                        "[--binary] [--timeout S] [--status-ms MS] [--pace-us N] [--rcvbuf B] "
+                        "[--rcvlowat B]\n");
         return 1;
     }
     {

@@ -581,10 +581,11 @@ static int open_tcp(Rconn *c, const char *host, int port, long long deadline, ch
 /* In TLS 1.3 the client's handshake is over before the server has judged
  * the client's certificate: the server answers the client's Finished with
  * session tickets (accepted) or an alert such as "certificate required",
- * then closes. Writing the first command before that answer arrives makes
- * the server's kernel reset the connection, and the reset discards the
- * alert: the error would say "connection reset" instead of naming the
- * certificate. So wait for the server's first record (one round trip),
+ * then closes, resetting the connection. When that reset arrives before
+ * the first command is written, the write fails with "connection reset"
+ * and the alert, already received, is never read: the error would not name
+ * the certificate (one refusal in a hundred on an idle machine, most of
+ * them under load). So wait for the server's first record (one round trip),
  * at most RCONN_TLS13_SETTLE_MS: a server that sends no tickets costs that
  * wait once per connection. */
 static int settle_tls13(Rconn *c, long long deadline, char *why, size_t whylen)
