@@ -360,8 +360,7 @@ static void *refuse_clients(void *arg)
             break;
         SSL *ssl = SSL_new(r->ctx);
         SSL_set_fd(ssl, fd);
-        if (SSL_accept(ssl) == 1)
-            (void)!write(fd, "", 0); /* a client certificate: the test fails below */
+        (void)SSL_accept(ssl); /* fails: the client sends no certificate */
         SSL_free(ssl);
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
         close(fd);
