@@ -49,6 +49,14 @@ static const double ack_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.
                                      0.5,   1,      2.5,   5,    10,    30,   60,  300};
 #define ACK_NBUCKETS (sizeof ack_buckets / sizeof ack_buckets[0])
 
+/* ... and of walbust_batch_stage_seconds: sub-millisecond, where a
+ * loopback round trip sits. */
+static const double stage_buckets[] = {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                       0.01,    0.025,  0.05,    0.1,    0.25,  1,      10};
+#define STAGE_NBUCKETS (sizeof stage_buckets / sizeof stage_buckets[0])
+static const char *const stage_names[METRICS_STAGE_COUNT] = {"decode", "batch", "visibility",
+                                                             "redis"};
+
 static const char *const action_names[METRICS_ACTION_COUNT] = {"key", "pattern", "tag", "version",
                                                                "publish"};
 
@@ -96,6 +104,9 @@ struct Metrics {
     uint64_t ack_counts[ACK_NBUCKETS + 1]; /* per bucket, not cumulative; last = +Inf */
     double ack_sum;
     uint64_t ack_count;
+    uint64_t stage_counts[METRICS_STAGE_COUNT][STAGE_NBUCKETS + 1]; /* as ack_counts */
+    double stage_sum[METRICS_STAGE_COUNT];
+    uint64_t stage_count;
 
     struct MHD_Daemon *daemon;
 };
@@ -583,8 +594,7 @@ static void render_counters(StrBuf *sb, Metrics *m)
     sb_scalar(sb, "walbust_replica_shortfalls_total", "counter",
               "Batches that WAIT did not report on as many replicas as ?replicas=N asks; each "
               "is sent again and not confirmed.",
-              atomic_load_explicit(&m->counters[METRICS_REPLICA_SHORTFALLS],
-                                   memory_order_relaxed));
+              atomic_load_explicit(&m->counters[METRICS_REPLICA_SHORTFALLS], memory_order_relaxed));
     sb_scalar(sb, "walbust_lookup_queries_total", "counter",
               "Lookup queries run (rules with a lookup; one per distinct rule and arguments per "
               "batch).",
@@ -614,6 +624,54 @@ static void render_positions(StrBuf *sb, Metrics *m)
     sb_scalar(sb, "walbust_lag_bytes", "gauge",
               "Bytes of WAL between the server's WAL end and the confirmed LSN.",
               end > confirmed ? end - confirmed : 0);
+}
+
+void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT])
+{
+    size_t b[METRICS_STAGE_COUNT];
+    double v[METRICS_STAGE_COUNT];
+
+    if (m == NULL)
+        return;
+    for (int i = 0; i < METRICS_STAGE_COUNT; i++) {
+        if (isnan(seconds[i]))
+            return;
+        v[i] = seconds[i] < 0 || isinf(seconds[i]) ? 0 : seconds[i];
+        b[i] = 0;
+        while (b[i] < STAGE_NBUCKETS && v[i] > stage_buckets[b[i]])
+            b[i]++;
+    }
+    pthread_mutex_lock(&m->lock);
+    for (int i = 0; i < METRICS_STAGE_COUNT; i++) {
+        m->stage_counts[i][b[i]]++;
+        m->stage_sum[i] += v[i];
+    }
+    m->stage_count++;
+    pthread_mutex_unlock(&m->lock);
+}
+
+static void render_stages(StrBuf *sb, Metrics *m)
+{
+    sb_header(sb, "walbust_batch_stage_seconds", "histogram",
+              "Where acknowledged batches spent their time, by stage: decode (commit timestamp "
+              "to decoded), batch (decoded to flushed), visibility, redis.");
+    for (int i = 0; i < METRICS_STAGE_COUNT; i++) {
+        uint64_t cum = 0;
+
+        for (size_t b = 0; b <= STAGE_NBUCKETS; b++) {
+            cum += m->stage_counts[i][b];
+            if (b < STAGE_NBUCKETS)
+                sb_printf(sb, "walbust_batch_stage_seconds_bucket{stage=\"%s\",le=\"%g\"} %llu\n",
+                          stage_names[i], stage_buckets[b], (unsigned long long)cum);
+            else
+                sb_printf(sb, "walbust_batch_stage_seconds_bucket{stage=\"%s\",le=\"+Inf\"} %llu\n",
+                          stage_names[i], (unsigned long long)cum);
+        }
+        sb_printf(sb, "walbust_batch_stage_seconds_sum{stage=\"%s\"} %.9g\n", stage_names[i],
+                  m->stage_sum[i]);
+        sb_printf(sb, "walbust_batch_stage_seconds_count{stage=\"%s\"} %llu\n", stage_names[i],
+                  (unsigned long long)m->stage_count);
+    }
 }
 
 static void render_histogram(StrBuf *sb, Metrics *m)
@@ -673,6 +731,7 @@ char *metrics_render(Metrics *m)
     render_counters(&sb, m);
     render_positions(&sb, m);
     render_histogram(&sb, m);
+    render_stages(&sb, m);
     render_health(&sb, m);
     pthread_mutex_unlock(&m->lock);
     /* Computed outside the lock (it takes it); a scrape needs no snapshot. */

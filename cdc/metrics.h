@@ -17,7 +17,8 @@
  * walbust_transactions_total, walbust_invalidations_total{action},
  * walbust_widened_total{table}, walbust_redis_errors_total,
  * walbust_retries_total, walbust_confirmed_lsn, walbust_received_lsn,
- * walbust_lag_bytes, walbust_commit_to_ack_seconds histogram,
+ * walbust_lag_bytes, walbust_commit_to_ack_seconds and
+ * walbust_batch_stage_seconds{stage} histograms,
  * walbust_postgres_up, walbust_redis_up, walbust_refresh_writes_total{table},
  * walbust_refresh_fenced_total, walbust_refresh_fallback_deletes_total{table},
  * walbust_stale_marked_total{table}) plus per-target
@@ -106,6 +107,18 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
 
 /* One transaction acknowledged by Redis `seconds` after its commit. */
 void metrics_commit_to_ack(Metrics *m, double seconds);
+
+/* Where one acknowledged batch spent its time (seconds), for
+ * walbust_batch_stage_seconds{stage}; see MetricsStage. Negative values
+ * (clock skew in decode) count as 0, NaN is ignored. */
+typedef enum MetricsStage {
+    METRICS_STAGE_DECODE,     /* first commit's timestamp -> walbust decoded it */
+    METRICS_STAGE_BATCH,      /* decoded -> the flush began (gathering, spacing) */
+    METRICS_STAGE_VISIBILITY, /* waiting for a snapshot that sees the commits */
+    METRICS_STAGE_REDIS,      /* sent -> every target acknowledged */
+    METRICS_STAGE_COUNT
+} MetricsStage;
+void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT]);
 
 void metrics_postgres_up(Metrics *m, bool up);
 /* target: a password-free description; index < 8. Same as

@@ -77,10 +77,17 @@ typedef struct Run {
     int64_t batch_since_us; /* when the unflushed batch was first seen; 0: none */
     int64_t last_flush_us;  /* when the last flush on an empty stream ended */
     bool catching_up;       /* the last commit decoded was old (pace_reads) */
-    Visible *vis;           /* xids whose invalidations wait for visibility */
-    VisibleStats vis_seen;  /* visible_stats() already counted in metrics */
-    uint32_t xid;           /* xid of the transaction being decoded */
-    bool ever_streamed;     /* held the slot at least once (role active) */
+    /* Timing of the unacknowledged batch (walbust_batch_stage_seconds):
+     * when its first commit was decoded (0: none yet) and that commit's
+     * age then; when the flush's visibility wait began and ended (0: the
+     * flush sent nothing). */
+    int64_t stage_decoded_us;
+    double stage_decode_s;
+    int64_t stage_vis_start_us, stage_vis_end_us;
+    Visible *vis;          /* xids whose invalidations wait for visibility */
+    VisibleStats vis_seen; /* visible_stats() already counted in metrics */
+    uint32_t xid;          /* xid of the transaction being decoded */
+    bool ever_streamed;    /* held the slot at least once (role active) */
 
     /* Lookups (lookup.h): calls the unflushed batch needs, the executor
      * (NULL when no rule has a lookup), its retry schedule. */
@@ -401,7 +408,28 @@ static void rewind_to_reported(Run *r)
 
 static void before_send(void *arg)
 {
-    wait_visible(arg);
+    Run *r = arg;
+
+    r->stage_vis_start_us = runtime_now_us();
+    wait_visible(r);
+    r->stage_vis_end_us = runtime_now_us();
+}
+
+/* A flush moved the acknowledged position: record where the batch's first
+ * commit spent its time (when the flush sent anything) and start timing
+ * the next batch. */
+static void record_stages(Run *r)
+{
+    if (r->stage_decoded_us != 0 && r->stage_vis_start_us != 0) {
+        double st[METRICS_STAGE_COUNT];
+
+        st[METRICS_STAGE_DECODE] = r->stage_decode_s;
+        st[METRICS_STAGE_BATCH] = (double)(r->stage_vis_start_us - r->stage_decoded_us) / 1e6;
+        st[METRICS_STAGE_VISIBILITY] = (double)(r->stage_vis_end_us - r->stage_vis_start_us) / 1e6;
+        st[METRICS_STAGE_REDIS] = (double)(runtime_now_us() - r->stage_vis_end_us) / 1e6;
+        metrics_batch_stages(r->metrics, st);
+    }
+    r->stage_decoded_us = 0;
 }
 
 /* Apply to every target whose turn it is (apply.h) and confirm the newest
@@ -414,6 +442,7 @@ static int flush_targets(Run *r)
 
     if (run_lookups(r) != 0)
         return r->nsinks; /* nothing is applied or confirmed past them */
+    r->stage_vis_start_us = 0;
     apply_flush(r->ap, before_send, r, &res);
     for (int i = 0; i < r->nsinks; i++)
         on_target_result(r, i, &res.t[i], res.was_acked);
@@ -422,6 +451,7 @@ static int flush_targets(Run *r)
          * restart without persistence, a failover): replay from the
          * confirmed position, as after a crash (docs/guarantees.md guarantee 2). */
         rewind_to_reported(r);
+        r->stage_decoded_us = 0;
         log_info("redis recovered; replaying from %s so that nothing applied only to the "
                  "failed redis is missed",
                  lsn_format(apply_acked(r->ap), lsn));
@@ -442,6 +472,7 @@ static int flush_targets(Run *r)
             r->pg_lost = true;
         }
         record_ack(r);
+        record_stages(r);
     }
     return res.holding;
 }
@@ -781,6 +812,10 @@ static int on_data(Run *r, const StreamData *data)
             return -1; /* not confirmed: replayed on restart */
         r->in_txn = false;
         apply_commit(r->ap, m.u.commit.end_lsn);
+        if (r->stage_decoded_us == 0) {
+            r->stage_decoded_us = runtime_now_us();
+            r->stage_decode_s = ((double)pgtime_now() - (double)m.u.commit.commit_time) / 1e6;
+        }
         pace_reads(r, m.u.commit.commit_time);
         r->stats.transactions++;
         metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
@@ -1482,6 +1517,7 @@ int cmd_run(const Config *cfg)
         stream_close(r.stream);
         pgo_reset(r.dec);
         r.in_txn = false;
+        r.stage_decoded_us = 0; /* the replay times its batches afresh */
         apply_start_at(r.ap, apply_acked(r.ap));
         if (!r.replay)
             reconnect_pause(&reconnect, streaming_since);

@@ -92,6 +92,19 @@ def test_metrics_move_with_the_stream():
         assert hist >= 22, hist
         assert m1['walbust_commit_to_ack_seconds_bucket{le="+Inf"}'] == \
             m1["walbust_commit_to_ack_seconds_count"]
+        # Each acknowledged batch is split into stages: one observation per
+        # stage, and together they are the batch's first commit's
+        # commit-to-ack time, so their total stays within the histogram's.
+        stages = ("decode", "batch", "visibility", "redis")
+        counts = {st: m1[f'walbust_batch_stage_seconds_count{{stage="{st}"}}'] for st in stages}
+        assert len(set(counts.values())) == 1, counts
+        batches = counts["redis"]
+        assert 1 <= batches <= m1["walbust_commit_to_ack_seconds_count"], (batches, m1)
+        for st in stages:
+            assert m1[f'walbust_batch_stage_seconds_bucket{{stage="{st}",le="+Inf"}}'] == batches
+        total = sum(m1[f'walbust_batch_stage_seconds_sum{{stage="{st}"}}'] for st in stages)
+        assert 0 < total <= m1["walbust_commit_to_ack_seconds_sum"] + 0.001 * batches, \
+            (total, m1["walbust_commit_to_ack_seconds_sum"])
         # Idle: lag goes to zero once everything is confirmed.
         wait_until(lambda: scrape(mport)["walbust_lag_bytes"] == 0, 20, "lag 0 when idle")
 

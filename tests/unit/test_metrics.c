@@ -34,7 +34,7 @@ static double sample(const char *text, const char *series)
     size_t n = strlen(series);
     const char *found = NULL;
 
-    for (const char *line = text; *line; ) {
+    for (const char *line = text; *line;) {
         const char *eol = strchr(line, '\n');
         if (strncmp(line, series, n) == 0 && line[n] == ' ') {
             if (found != NULL)
@@ -63,7 +63,7 @@ static int count_lines_starting(const char *text, const char *prefix)
 {
     int count = 0;
     size_t n = strlen(prefix);
-    for (const char *line = text; *line; ) {
+    for (const char *line = text; *line;) {
         if (strncmp(line, prefix, n) == 0)
             count++;
         const char *eol = strchr(line, '\n');
@@ -126,7 +126,7 @@ static bool valid_sample_line(const char *p, const char *end)
 static void assert_valid_exposition(const char *text)
 {
     char family[128] = "";
-    for (const char *line = text; *line; ) {
+    for (const char *line = text; *line;) {
         const char *eol = strchr(line, '\n');
         assert_non_null(eol); /* the text ends with a newline */
         if (strncmp(line, "# HELP ", 7) == 0) {
@@ -154,7 +154,9 @@ static void assert_valid_exposition(const char *text)
 
 static void test_render_families(void **state)
 {
-    static const struct { const char *name, *type; } families[] = {
+    static const struct {
+        const char *name, *type;
+    } families[] = {
         {"walbust_changes_total", "counter"},
         {"walbust_transactions_total", "counter"},
         {"walbust_invalidations_total", "counter"},
@@ -173,6 +175,7 @@ static void test_render_families(void **state)
         {"walbust_received_lsn", "gauge"},
         {"walbust_lag_bytes", "gauge"},
         {"walbust_commit_to_ack_seconds", "histogram"},
+        {"walbust_batch_stage_seconds", "histogram"},
         {"walbust_postgres_up", "gauge"},
         {"walbust_redis_up", "gauge"},
         {"walbust_redis_target_up", "gauge"},
@@ -202,6 +205,7 @@ static void test_render_families(void **state)
     assert_true(sample(text, "walbust_postgres_up") == 0);
     assert_true(sample(text, "walbust_redis_up") == 0);
     assert_true(sample(text, "walbust_commit_to_ack_seconds_count") == 0);
+    assert_true(sample(text, "walbust_batch_stage_seconds_count{stage=\"redis\"}") == 0);
     assert_true(sample(text, "walbust_role{role=\"starting\"}") == 1);
     assert_true(sample(text, "walbust_role{role=\"active\"}") == 0);
     assert_true(sample(text, "walbust_role{role=\"standby\"}") == 0);
@@ -262,11 +266,15 @@ static void test_label_escaping(void **state)
     char *text = metrics_render(m);
 
     assert_valid_exposition(text);
-    assert_true(sample(text, "walbust_changes_total{table=\"public.\\\"quoted\\\"\",op=\"insert\"}") == 1);
-    assert_true(sample(text, "walbust_changes_total{table=\"public.back\\\\slash\",op=\"update\"}") == 1);
-    assert_true(sample(text, "walbust_changes_total{table=\"public.new\\nline\",op=\"delete\"}") == 2);
+    assert_true(
+        sample(text, "walbust_changes_total{table=\"public.\\\"quoted\\\"\",op=\"insert\"}") == 1);
+    assert_true(
+        sample(text, "walbust_changes_total{table=\"public.back\\\\slash\",op=\"update\"}") == 1);
+    assert_true(sample(text, "walbust_changes_total{table=\"public.new\\nline\",op=\"delete\"}") ==
+                2);
     assert_true(sample(text, "walbust_widened_total{table=\"s.\\\"a\\\\b\\nc\\\"\"}") == 3);
-    assert_true(sample(text, "walbust_redis_target_up{target=\"redis://10.0.0.1:6379/\\\"0\\\"\"}") == 1);
+    assert_true(
+        sample(text, "walbust_redis_target_up{target=\"redis://10.0.0.1:6379/\\\"0\\\"\"}") == 1);
     free(text);
     metrics_free(m);
 }
@@ -366,10 +374,61 @@ static void test_labelled_counts(void **state)
     metrics_free(m);
 }
 
+/* walbust_batch_stage_seconds: one observation per stage per batch, in
+ * sub-millisecond buckets; clock skew counts as 0, a NaN drops the batch. */
+static void test_batch_stages(void **state)
+{
+    (void)state;
+    /* decode, batch, visibility, redis */
+    static const double batches[][METRICS_STAGE_COUNT] = {
+        {0.00004, 0.0002, 0.00003, 0.00012},
+        {-0.002 /* skew */, 0.0009, 0.0003, 0.0004},
+        {0.03, 0.0011, 0.00005, 20},
+    };
+    const double dropped[METRICS_STAGE_COUNT] = {0.001, NAN, 0.001, 0.001};
+    Metrics *m = metrics_new();
+
+    for (size_t i = 0; i < sizeof batches / sizeof batches[0]; i++)
+        metrics_batch_stages(m, batches[i]);
+    metrics_batch_stages(m, dropped);
+    char *text = metrics_render(m);
+    assert_valid_exposition(text);
+#define B(st, le) sample(text, "walbust_batch_stage_seconds_bucket{stage=\"" st "\",le=\"" le "\"}")
+    assert_true(B("decode", "5e-05") == 2); /* 0.00004 and the skewed 0 */
+    assert_true(B("decode", "0.025") == 2);
+    assert_true(B("decode", "0.05") == 3);
+    assert_true(B("batch", "0.0001") == 0);
+    assert_true(B("batch", "0.00025") == 1);
+    assert_true(B("batch", "0.001") == 2);
+    assert_true(B("batch", "0.0025") == 3);
+    assert_true(B("visibility", "5e-05") == 2); /* le is inclusive */
+    assert_true(B("visibility", "0.0005") == 3);
+    assert_true(B("redis", "0.00025") == 1);
+    assert_true(B("redis", "0.0005") == 2);
+    assert_true(B("redis", "10") == 2);
+    assert_true(B("redis", "+Inf") == 3);
+#undef B
+    static const char *const stages[] = {"decode", "batch", "visibility", "redis"};
+    for (size_t i = 0; i < 4; i++) {
+        char name[96];
+        double sum = 0;
+
+        for (size_t b = 0; b < sizeof batches / sizeof batches[0]; b++)
+            sum += batches[b][i] > 0 ? batches[b][i] : 0;
+        snprintf(name, sizeof name, "walbust_batch_stage_seconds_count{stage=\"%s\"}", stages[i]);
+        assert_true(sample(text, name) == 3);
+        snprintf(name, sizeof name, "walbust_batch_stage_seconds_sum{stage=\"%s\"}", stages[i]);
+        assert_true(fabs(sample(text, name) - sum) < 1e-9);
+    }
+    free(text);
+    metrics_free(m);
+}
+
 static void test_histogram(void **state)
 {
     (void)state;
-    static const double obs[] = {0.0005, 0.003, 0.003, 0.7, 45, 1000, -1 /* clock skew: 0 */, 0.001};
+    static const double obs[] = {0.0005, 0.003, 0.003, 0.7, 45, 1000, -1 /* clock skew: 0 */,
+                                 0.001};
     Metrics *m = metrics_new();
     double sum = 0;
 
@@ -397,7 +456,8 @@ static void test_histogram(void **state)
     /* Buckets are cumulative: non-decreasing in order of appearance. */
     double prev = -1;
     int buckets = 0;
-    for (const char *p = text; (p = strstr(p, "walbust_commit_to_ack_seconds_bucket{")) != NULL; p++) {
+    for (const char *p = text; (p = strstr(p, "walbust_commit_to_ack_seconds_bucket{")) != NULL;
+         p++) {
         double v = strtod(strchr(p, ' ') + 1, NULL);
         assert_true(v >= prev);
         prev = v;
@@ -711,7 +771,8 @@ static void test_http_endpoints(void **state)
 
     /* After metrics_free the port is closed. */
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     assert_int_not_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
     close(fd);
@@ -720,8 +781,13 @@ static void test_http_endpoints(void **state)
 static void test_listen_addresses(void **state)
 {
     (void)state;
-    static const char *const bad[] = {"9187", "127.0.0.1", "127.0.0.1:", "127.0.0.1:x",
-                                      "[::1:9187", "[::1]9187", "no.such.host.invalid:9187"};
+    static const char *const bad[] = {"9187",
+                                      "127.0.0.1",
+                                      "127.0.0.1:",
+                                      "127.0.0.1:x",
+                                      "[::1:9187",
+                                      "[::1]9187",
+                                      "no.such.host.invalid:9187"};
     char err[256], addr[64], *resp;
     Metrics *m = metrics_new();
 
@@ -765,19 +831,13 @@ static void test_listen_addresses(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_render_families),
-        cmocka_unit_test(test_counters_monotonic),
-        cmocka_unit_test(test_label_escaping),
-        cmocka_unit_test(test_refresh_counters),
-        cmocka_unit_test(test_labelled_counts),
-        cmocka_unit_test(test_audit_counters),
-        cmocka_unit_test(test_histogram),
-        cmocka_unit_test(test_positions),
-        cmocka_unit_test(test_ready),
-        cmocka_unit_test(test_ready_reasons),
-        cmocka_unit_test(test_concurrent_recording),
-        cmocka_unit_test(test_http_endpoints),
-        cmocka_unit_test(test_listen_addresses),
+        cmocka_unit_test(test_render_families), cmocka_unit_test(test_counters_monotonic),
+        cmocka_unit_test(test_label_escaping),  cmocka_unit_test(test_refresh_counters),
+        cmocka_unit_test(test_labelled_counts), cmocka_unit_test(test_audit_counters),
+        cmocka_unit_test(test_histogram),       cmocka_unit_test(test_batch_stages),
+        cmocka_unit_test(test_positions),       cmocka_unit_test(test_ready),
+        cmocka_unit_test(test_ready_reasons),   cmocka_unit_test(test_concurrent_recording),
+        cmocka_unit_test(test_http_endpoints),  cmocka_unit_test(test_listen_addresses),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
