@@ -113,7 +113,7 @@ void metrics_commit_to_ack(Metrics *m, double seconds);
  * (clock skew in decode) count as 0, NaN is ignored. */
 typedef enum MetricsStage {
     METRICS_STAGE_DECODE,     /* first commit's timestamp -> walbust decoded it */
-    METRICS_STAGE_BATCH,      /* decoded -> the flush began (gathering, spacing) */
+    METRICS_STAGE_BATCH,      /* decoded -> flush began (gathering, lookups, spacing, retries) */
     METRICS_STAGE_VISIBILITY, /* waiting for a snapshot that sees the commits */
     METRICS_STAGE_REDIS,      /* sent -> every target acknowledged */
     METRICS_STAGE_COUNT
