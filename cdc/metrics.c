@@ -288,9 +288,19 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
     atomic_store_explicit(&m->server_end, server_end, memory_order_relaxed);
 }
 
-void metrics_commit_to_ack(Metrics *m, double seconds)
+/* Index of the bucket that holds v among n upper bounds (n: +Inf). */
+static size_t bucket_of(const double *bounds, size_t n, double v)
 {
     size_t b = 0;
+
+    while (b < n && v > bounds[b])
+        b++;
+    return b;
+}
+
+void metrics_commit_to_ack(Metrics *m, double seconds)
+{
+    size_t b;
 
     if (m == NULL || isnan(seconds))
         return;
@@ -299,8 +309,7 @@ void metrics_commit_to_ack(Metrics *m, double seconds)
      * reads as a counter reset. */
     if (seconds < 0)
         seconds = 0;
-    while (b < ACK_NBUCKETS && seconds > ack_buckets[b])
-        b++;
+    b = bucket_of(ack_buckets, ACK_NBUCKETS, seconds);
     pthread_mutex_lock(&m->lock);
     m->ack_counts[b]++;
     m->ack_sum += isinf(seconds) ? 0 : seconds;
@@ -637,9 +646,7 @@ void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT])
         if (isnan(seconds[i]))
             return;
         v[i] = seconds[i] < 0 || isinf(seconds[i]) ? 0 : seconds[i];
-        b[i] = 0;
-        while (b[i] < STAGE_NBUCKETS && v[i] > stage_buckets[b[i]])
-            b[i]++;
+        b[i] = bucket_of(stage_buckets, STAGE_NBUCKETS, v[i]);
     }
     pthread_mutex_lock(&m->lock);
     for (int i = 0; i < METRICS_STAGE_COUNT; i++) {
@@ -650,46 +657,51 @@ void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT])
     pthread_mutex_unlock(&m->lock);
 }
 
+/* One histogram series: cumulative buckets from per-bucket counts[0..n]
+ * (counts[n]: above the last bound), then _sum and _count. label: e.g.
+ * stage="redis", or "" for none. */
+static void render_series(StrBuf *sb, const char *name, const char *label, const double *bounds,
+                          size_t n, const uint64_t *counts, double sum, uint64_t count)
+{
+    const char *sep = *label != '\0' ? "," : "";
+    uint64_t cum = 0;
+
+    for (size_t b = 0; b < n; b++) {
+        cum += counts[b];
+        sb_printf(sb, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, label, sep, bounds[b],
+                  (unsigned long long)cum);
+    }
+    cum += counts[n];
+    sb_printf(sb, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, label, sep, (unsigned long long)cum);
+    if (*label != '\0') {
+        sb_printf(sb, "%s_sum{%s} %.9g\n", name, label, sum);
+        sb_printf(sb, "%s_count{%s} %llu\n", name, label, (unsigned long long)count);
+    } else {
+        sb_printf(sb, "%s_sum %.9g\n", name, sum);
+        sb_printf(sb, "%s_count %llu\n", name, (unsigned long long)count);
+    }
+}
+
 static void render_stages(StrBuf *sb, Metrics *m)
 {
     sb_header(sb, "walbust_batch_stage_seconds", "histogram",
               "Where acknowledged batches spent their time, by stage: decode (commit timestamp "
               "to decoded), batch (decoded to flushed), visibility, redis.");
     for (int i = 0; i < METRICS_STAGE_COUNT; i++) {
-        uint64_t cum = 0;
+        char label[32];
 
-        for (size_t b = 0; b <= STAGE_NBUCKETS; b++) {
-            cum += m->stage_counts[i][b];
-            if (b < STAGE_NBUCKETS)
-                sb_printf(sb, "walbust_batch_stage_seconds_bucket{stage=\"%s\",le=\"%g\"} %llu\n",
-                          stage_names[i], stage_buckets[b], (unsigned long long)cum);
-            else
-                sb_printf(sb, "walbust_batch_stage_seconds_bucket{stage=\"%s\",le=\"+Inf\"} %llu\n",
-                          stage_names[i], (unsigned long long)cum);
-        }
-        sb_printf(sb, "walbust_batch_stage_seconds_sum{stage=\"%s\"} %.9g\n", stage_names[i],
-                  m->stage_sum[i]);
-        sb_printf(sb, "walbust_batch_stage_seconds_count{stage=\"%s\"} %llu\n", stage_names[i],
-                  (unsigned long long)m->stage_count);
+        snprintf(label, sizeof label, "stage=\"%s\"", stage_names[i]);
+        render_series(sb, "walbust_batch_stage_seconds", label, stage_buckets, STAGE_NBUCKETS,
+                      m->stage_counts[i], m->stage_sum[i], m->stage_count);
     }
 }
 
 static void render_histogram(StrBuf *sb, Metrics *m)
 {
-    uint64_t cum = 0;
-
     sb_header(sb, "walbust_commit_to_ack_seconds", "histogram",
               "Seconds from a transaction's commit timestamp to Redis acknowledging it.");
-    for (size_t b = 0; b < ACK_NBUCKETS; b++) {
-        cum += m->ack_counts[b];
-        sb_printf(sb, "walbust_commit_to_ack_seconds_bucket{le=\"%g\"} %llu\n", ack_buckets[b],
-                  (unsigned long long)cum);
-    }
-    cum += m->ack_counts[ACK_NBUCKETS];
-    sb_printf(sb, "walbust_commit_to_ack_seconds_bucket{le=\"+Inf\"} %llu\n",
-              (unsigned long long)cum);
-    sb_printf(sb, "walbust_commit_to_ack_seconds_sum %.9g\n", m->ack_sum);
-    sb_printf(sb, "walbust_commit_to_ack_seconds_count %llu\n", (unsigned long long)m->ack_count);
+    render_series(sb, "walbust_commit_to_ack_seconds", "", ack_buckets, ACK_NBUCKETS, m->ack_counts,
+                  m->ack_sum, m->ack_count);
 }
 
 static void render_health(StrBuf *sb, Metrics *m)
