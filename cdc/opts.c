@@ -5,7 +5,9 @@
 
 #include "audit.h"
 
+#include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +83,11 @@ static const OptSpec opt_table[] = {
      "SECONDS",
      "re-check the rules' tables in the catalog this often, for schema changes the DDL event "
      "trigger cannot report (default: 30)"},
+    {"flush-interval", "WALBUST_FLUSH_INTERVAL", OPT_STRING, OFF(flush_interval), "0.2", F_RUN,
+     "MS",
+     "start a Redis write at least this long after the previous one ended, in milliseconds, "
+     "0 to 100 (default: 0.2); more means fewer, larger batches: less CPU for walbust, Redis "
+     "and PostgreSQL per change, for up to this much more latency"},
     {"audit-rate", "WALBUST_AUDIT_RATE", OPT_STRING, OFF(audit_rate), "1", F_RUN, "PERCENT",
      "audit this share of the audited keys walbust invalidates, 0 to 100 (default: 1); 0 "
      "turns sampling off. Only rules with an \"audit\" are audited"},
@@ -187,6 +194,21 @@ void opts_usage(FILE *out, OptsCommand cmd)
     }
     fprintf(out, "\nexit codes: 0 clean stop, 1 runtime or configuration error, 2 usage error\n"
                  "signals (run): SIGTERM/SIGINT drain and exit, SIGHUP reloads the rules file\n");
+}
+
+bool opts_parse_ms(const char *text, double max_ms, long *out_us)
+{
+    char *end;
+    double v;
+
+    if (text == NULL || *text == '\0')
+        return false;
+    errno = 0;
+    v = strtod(text, &end);
+    if (errno != 0 || *end != '\0' || !(v >= 0 && v <= max_ms)) /* !(..): NaN fails too */
+        return false;
+    *out_us = lround(v * 1000);
+    return true;
 }
 
 static int set_value(Config *cfg, const OptSpec *o, const char *val, bool from_env)
@@ -339,6 +361,13 @@ int opts_parse(int argc, char **argv, Config *cfg)
     if (strcmp(cfg->on_slot_lost, "fail") != 0 && strcmp(cfg->on_slot_lost, "flush-rules") != 0) {
         fprintf(stderr, "walbust %s: --on-slot-lost must be fail or flush-rules, got \"%s\"\n",
                 argv[1], cfg->on_slot_lost);
+        return 2;
+    }
+    if (!opts_parse_ms(cfg->flush_interval, 100, &cfg->flush_interval_us)) {
+        fprintf(stderr,
+                "walbust %s: --flush-interval must be a number of milliseconds from 0 to 100 "
+                "(e.g. 0.2 or 2), got \"%s\"\n",
+                argv[1], cfg->flush_interval);
         return 2;
     }
     if (!audit_parse_rate(cfg->audit_rate, &(double){0})) {

@@ -49,6 +49,8 @@ typedef struct Config {
     bool yes;                           /* teardown: drop without asking */
     bool force;                         /* teardown: terminate the slot's walsender */
     long schema_recheck;                /* run: seconds between catalog re-checks; 0 = 30 */
+    const char *flush_interval;         /* run: ms between Redis writes, as given */
+    long flush_interval_us;             /* ... parsed (opts_parse_ms) */
     const char *audit_rate;     /* run: percent of invalidated audited keys checked */
     long audit_delay;           /* run: ms after the invalidation; 0 = 1000 */
     long audit_max_checks;      /* run: checks per second at most; 0 = 20 */
@@ -62,6 +64,10 @@ typedef struct Config {
  * usage error (message already printed to stderr with a hint). Strings in
  * cfg point into argv or the environment (no allocation). */
 int opts_parse(int argc, char **argv, Config *cfg) __attribute__((warn_unused_result));
+
+/* Parse a number of milliseconds from 0 to max_ms ("0.2", "5") into
+ * microseconds (rounded). False on anything else (NaN, negative, junk). */
+bool opts_parse_ms(const char *text, double max_ms, long *out_us);
 
 /* Print usage for the whole program (or one command when cmd != CMD_NONE). */
 void opts_usage(FILE *out, OptsCommand cmd);

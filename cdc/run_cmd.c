@@ -556,22 +556,25 @@ static void maybe_watermark(Run *r)
     r->watermark_at_us = runtime_now_us();
 }
 
-/* A watermark queued alone waits up to this long for the next batch to
- * ride with, instead of costing a Redis round trip of its own after every
- * batch (at ~1k commits/s that was half of all round trips). Readers that
- * wait for it (walbust_caught_up) poll at 2 ms and more. */
+/* A watermark queued alone waits up to this long (or --flush-interval,
+ * when that is longer: the next batch comes no later) for the next batch
+ * to ride with, instead of costing a Redis round trip of its own after
+ * every batch (at ~1k commits/s that was half of all round trips). Readers
+ * that wait for it (walbust_caught_up) poll at 2 ms and more. */
 #define RUN_WATERMARK_DELAY_US 1000
 
 /* Milliseconds to keep a lone watermark back (0: send it now, or there is
  * none, or other work is due anyway). */
 static int watermark_hold_ms(const Run *r)
 {
-    int64_t left;
+    int64_t left, delay;
 
     if (r->watermark_at_us == 0 || sinks_have_ops(r) ||
         (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap)) || !sinks_dirty(r))
         return 0;
-    left = r->watermark_at_us + RUN_WATERMARK_DELAY_US - runtime_now_us();
+    delay = r->cfg->flush_interval_us > RUN_WATERMARK_DELAY_US ? r->cfg->flush_interval_us
+                                                               : RUN_WATERMARK_DELAY_US;
+    left = r->watermark_at_us + delay - runtime_now_us();
     return left > 0 ? (int)((left + 999) / 1000) : 0;
 }
 
@@ -1061,14 +1064,16 @@ static void report(Run *r, bool force)
 /* Stream until stopped or the connection fails. */
 /* Under sustained load the connection always has more ready, so "flush
  * when nothing more is ready" alone would hold a batch until it is full
- * (10,000 invalidations). Bound how long decoded work may wait instead. */
+ * (10,000 invalidations). Bound how long decoded work may wait instead
+ * (or --flush-interval, when that is longer). */
 #define RUN_MAX_BATCH_AGE_US 1000
 
-/* Has the unflushed batch waited RUN_MAX_BATCH_AGE_US (and may a flush run
- * now)? Called every few messages while the stream has more ready. */
+/* Has the unflushed batch waited RUN_MAX_BATCH_AGE_US or --flush-interval
+ * (and may a flush run now)? Called every few messages while the stream
+ * has more ready. */
 static bool batch_overdue(Run *r)
 {
-    int64_t now;
+    int64_t now, age = r->cfg->flush_interval_us;
 
     if (!sinks_have_ops(r) && apply_pending_lsn(r->ap) <= apply_acked(r->ap)) {
         r->batch_since_us = 0;
@@ -1077,37 +1082,45 @@ static bool batch_overdue(Run *r)
     now = runtime_now_us();
     if (r->batch_since_us == 0)
         r->batch_since_us = now;
-    if (now - r->batch_since_us < RUN_MAX_BATCH_AGE_US || flush_wait_ms(r, 1000) != 0)
+    if (age < RUN_MAX_BATCH_AGE_US)
+        age = RUN_MAX_BATCH_AGE_US;
+    if (now - r->batch_since_us < age || flush_wait_ms(r, 1000) != 0)
         return false;
     r->batch_since_us = 0;
     return true;
 }
 
-/* Flushing more often than this buys no latency anyone could see, but each
- * flush costs a wakeup, a Redis round trip and the batch overhead: in a
- * backlog drain walbust outpaces the walsender and would flush every few
- * changes. Measured: -35 % CPU per change in the drain, latency unchanged. */
-#define RUN_MIN_FLUSH_INTERVAL_US 200
-/* ... and while catching up on a backlog (commits older than
- * RUN_BACKLOG_AGE_US), where a millisecond more on a commit already that old
- * changes nothing anyone sees, but fewer, larger batches cost fewer round
- * trips and wakeups per change. */
+/* Flushes are spaced by --flush-interval (default 0.2 ms). Flushing more
+ * often than that buys no latency anyone could see, but each flush costs a
+ * wakeup, a Redis round trip and the batch overhead: in a backlog drain
+ * walbust outpaces the walsender and would flush every few changes.
+ * Measured: -35 % CPU per change in the drain, latency unchanged. A larger
+ * interval trades latency for less CPU per change, on walbust, Redis and
+ * PostgreSQL's snapshot session alike (docs/performance.md). The spacing
+ * is at least this while catching up on a backlog (commits older than
+ * RUN_BACKLOG_AGE_US), where a millisecond more on a commit already that
+ * old changes nothing anyone sees, but fewer, larger batches cost fewer
+ * round trips and wakeups per change. */
 #define RUN_BACKLOG_FLUSH_INTERVAL_US 1000
 
-/* When the last flush ended less than RUN_MIN_FLUSH_INTERVAL_US ago, sleep
- * out the rest (so more of the stream gathers) and return true: the caller
- * reads again before flushing. A bounded delay that only exists while
- * flushes come faster than 5,000/s; at ordinary rates it never sleeps. */
+/* When the last flush ended less than --flush-interval ago, sleep out the
+ * rest (so more of the stream gathers) and return true: the caller reads
+ * again before flushing. A bounded delay that only exists while flushes
+ * come faster than one per interval (5,000/s by default); at ordinary
+ * rates it never sleeps. */
 static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
-    int64_t interval = r->catching_up ? RUN_BACKLOG_FLUSH_INTERVAL_US : RUN_MIN_FLUSH_INTERVAL_US;
+    int64_t interval = r->cfg->flush_interval_us;
     struct timespec ts = {0, 0};
 
+    if (r->catching_up && interval < RUN_BACKLOG_FLUSH_INTERVAL_US)
+        interval = RUN_BACKLOG_FLUSH_INTERVAL_US;
     /* A commit without queued work costs no round trip: never held. */
     if (since < 0 || since >= interval || !sinks_have_ops(r))
         return false;
-    ts.tv_nsec = (long)(interval - since) * 1000;
+    ts.tv_sec = (time_t)((interval - since) / 1000000);
+    ts.tv_nsec = (long)((interval - since) % 1000000) * 1000;
     nanosleep(&ts, NULL);
     return true;
 }

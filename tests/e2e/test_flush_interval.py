@@ -1,0 +1,89 @@
+"""--flush-interval: walbust gathers commits that arrive within the interval
+into one Redis write. The same 40 one-row commits, 10 ms apart, go through
+walbust with the default interval (0.2 ms: about one batch per commit) and
+with --flush-interval 50 (one batch per ~50 ms); the batches acknowledged are
+counted from walbust_batch_stage_seconds, and every key must be gone in both
+runs. Counting batches, not timing them, keeps the test stable on a loaded
+machine."""
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (BARRIER_RULE, BARRIER_SQL, REDIS_PORT, Runner, Walbust, barrier, connect,
+                     free_port, fresh_db, redis_client, scrape, sql, wait_until, write_rules)
+
+DB = "flush_interval"
+COMMITS = 40
+SPACING = 0.01
+
+
+def batches_and_keys(extra, slot):
+    """Run walbust with `extra` options on its own slot, commit COMMITS
+    one-row updates SPACING apart, and return (batches acknowledged, keys
+    left in Redis)."""
+    r = redis_client(4)
+    mport = free_port()
+    rules = write_rules({"rules": [{"table": "items", "keys": ["fi:{id}"]}, BARRIER_RULE]})
+    wb = Walbust(DB, rules, slot=slot, redis_urls=[f"redis://127.0.0.1:{REDIS_PORT}/4"],
+                 extra=extra)
+    wb.args[wb.args.index("--metrics") + 1] = f"127.0.0.1:{mport}"
+    try:
+        wb.start().wait_streaming()
+        barrier(DB, r)
+        for i in range(1, COMMITS + 1):
+            r.set(f"fi:{i}", "cached")
+        m0 = scrape(mport)
+        conn = connect(DB)
+        t0 = time.monotonic()
+        with conn.cursor() as cur:
+            for i in range(1, COMMITS + 1):
+                cur.execute("UPDATE items SET v = v + 1 WHERE id = %s", (i,))
+                time.sleep(SPACING)
+        elapsed = time.monotonic() - t0
+        conn.close()
+        barrier(DB, r)
+        # The barrier's key can go before its batch's stages are recorded.
+        count = 'walbust_batch_stage_seconds_count{stage="redis"}'
+        wait_until(lambda: scrape(mport)["walbust_transactions_total"] -
+                   m0["walbust_transactions_total"] >= COMMITS + 1, 10, "every commit counted")
+        time.sleep(0.2)
+        m1 = scrape(mport)
+        left = [i for i in range(1, COMMITS + 1) if r.exists(f"fi:{i}")]
+        return int(m1[count] - m0[count]), left, elapsed
+    finally:
+        if wb.alive():
+            wb.proc.send_signal(signal.SIGTERM)
+            wb.proc.wait(20)
+        sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND NOT active", (slot,))
+
+
+def test_flush_interval_gathers_commits():
+    fresh_db(DB)
+    sql(DB, "CREATE TABLE items(id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+    sql(DB, BARRIER_SQL)
+    sql(DB, f"INSERT INTO items(id) SELECT g FROM generate_series(1, {COMMITS}) g")
+    sql(DB, "CREATE PUBLICATION walbust FOR TABLE items, walbust_barrier")
+
+    default, left, _ = batches_and_keys([], "fi_default")
+    assert left == [], f"keys not invalidated with the default interval: {left}"
+    spaced, left, elapsed = batches_and_keys(["--flush-interval", "50"], "fi_spaced")
+    assert left == [], f"keys not invalidated with --flush-interval 50: {left}"
+    # With the default nearly one batch per commit (10 ms apart); with 50 ms
+    # between writes at most one per 50 ms of the commits' span (+ the
+    # first commit's, the barrier's and one of slack), so several commits share each.
+    assert default >= COMMITS // 2, f"default interval: {default} batches for {COMMITS} commits"
+    most = int(elapsed / 0.05) + 4
+    print(f"# {COMMITS} commits in {elapsed:.2f} s: {default} batches with the default "
+          f"interval, {spaced} with --flush-interval 50 (at most {most})")
+    assert 2 <= spaced <= most, \
+        f"--flush-interval 50: {spaced} batches for {COMMITS} commits in {elapsed:.2f} s"
+    assert spaced * 2 < default, (spaced, default)
+
+
+if __name__ == "__main__":
+    t = Runner("test_flush_interval")
+    t.run(test_flush_interval_gathers_commits)
+    t.done()
