@@ -111,6 +111,8 @@ typedef struct RulesEvalStats {
                                  because the change lacked a column's value
                                  (an unchanged TOASTed value) */
     unsigned stales;          /* RULES_INV_STALE emitted (keys to mark stale) */
+    unsigned examined;        /* rules looked at: only those of the change's own
+                                 table, however many other tables have rules */
 } RulesEvalStats;
 
 /* One problem found while loading or checking rules. */

@@ -561,7 +561,9 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     emit_publishes(&ev, emit, arg, &st);
     st.matched = (unsigned)ev.sc->nfired;
     st.refresh_deletes = ev.sc->refresh_deletes;
+    st.examined = (unsigned)te->nrules;
     if (stats != NULL) {
+        stats->examined += st.examined;
         stats->matched += st.matched;
         stats->widened += st.widened;
         stats->emitted += st.emitted;
