@@ -8,7 +8,8 @@
   walbust to send), SENTINEL FAILOVER: within 10 s of the new master taking
   over, walbust logs the +switch-master and holds a connection to the new
   master (seen in /proc: with no write, only the announcement can have moved
-  it), without a failed Redis write in between;
+  it), without a failed Redis write in between (a WAIT shortfall of an idle
+  watermark write may coincide: it never moves the connection);
 - then every row is updated again: every key is gone on the new master, a
   key no row covers is still there, and the old master (now its replica)
   has the same.
@@ -165,7 +166,15 @@ def test_switch_master_followed_without_writes():
         assert re.search(rf"the redis sentinels name 127\.0\.0\.1:{new} as the master of "
                          rf"\"{d.name}\" \(\+switch-master\), not 127\.0\.0\.1:{old}; reconnecting",
                          since), since
-        assert "failed:" not in since, f"walbust followed after a failed write:\n{since}"
+        # No failed write may have moved it. A WAIT shortfall cannot: it keeps
+        # the connection and retries on it (apply.c). One can coincide with
+        # the failover without the test writing anything: a keepalive after
+        # PostgreSQL's periodic running-xacts record (every 15 s when WAL
+        # moved) makes walbust write its watermark, and the demoted master's
+        # replica does not acknowledge it (seen once in CI).
+        moved_by = [line for line in since.splitlines()
+                    if "failed:" in line and "refused WAIT for replicas" not in line]
+        assert not moved_by, f"walbust followed after a failed write:\n{since}"
 
         # Writes go to the new master; nothing is lost.
         wait_until(lambda: d.role(old) == "slave", 30, f"{old} to become a replica")
