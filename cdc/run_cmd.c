@@ -563,18 +563,23 @@ static void maybe_watermark(Run *r)
  * that wait for it (walbust_caught_up) poll at 2 ms and more. */
 #define RUN_WATERMARK_DELAY_US 1000
 
+/* --flush-interval, or floor_us when that is longer: a larger interval
+ * stretches the waits that are tied to the next flush. */
+static int64_t interval_at_least(const Run *r, int64_t floor_us)
+{
+    return r->cfg->flush_interval_us > floor_us ? r->cfg->flush_interval_us : floor_us;
+}
+
 /* Milliseconds to keep a lone watermark back (0: send it now, or there is
  * none, or other work is due anyway). */
 static int watermark_hold_ms(const Run *r)
 {
-    int64_t left, delay;
+    int64_t left;
 
     if (r->watermark_at_us == 0 || sinks_have_ops(r) ||
         (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap)) || !sinks_dirty(r))
         return 0;
-    delay = r->cfg->flush_interval_us > RUN_WATERMARK_DELAY_US ? r->cfg->flush_interval_us
-                                                               : RUN_WATERMARK_DELAY_US;
-    left = r->watermark_at_us + delay - runtime_now_us();
+    left = r->watermark_at_us + interval_at_least(r, RUN_WATERMARK_DELAY_US) - runtime_now_us();
     return left > 0 ? (int)((left + 999) / 1000) : 0;
 }
 
@@ -1073,7 +1078,7 @@ static void report(Run *r, bool force)
  * has more ready. */
 static bool batch_overdue(Run *r)
 {
-    int64_t now, age = r->cfg->flush_interval_us;
+    int64_t now;
 
     if (!sinks_have_ops(r) && apply_pending_lsn(r->ap) <= apply_acked(r->ap)) {
         r->batch_since_us = 0;
@@ -1082,9 +1087,8 @@ static bool batch_overdue(Run *r)
     now = runtime_now_us();
     if (r->batch_since_us == 0)
         r->batch_since_us = now;
-    if (age < RUN_MAX_BATCH_AGE_US)
-        age = RUN_MAX_BATCH_AGE_US;
-    if (now - r->batch_since_us < age || flush_wait_ms(r, 1000) != 0)
+    if (now - r->batch_since_us < interval_at_least(r, RUN_MAX_BATCH_AGE_US) ||
+        flush_wait_ms(r, 1000) != 0)
         return false;
     r->batch_since_us = 0;
     return true;
@@ -1111,11 +1115,10 @@ static bool batch_overdue(Run *r)
 static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
-    int64_t interval = r->cfg->flush_interval_us;
+    int64_t interval = r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US)
+                                      : r->cfg->flush_interval_us;
     struct timespec ts = {0, 0};
 
-    if (r->catching_up && interval < RUN_BACKLOG_FLUSH_INTERVAL_US)
-        interval = RUN_BACKLOG_FLUSH_INTERVAL_US;
     /* A commit without queued work costs no round trip: never held. */
     if (since < 0 || since >= interval || !sinks_have_ops(r))
         return false;
