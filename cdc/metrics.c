@@ -89,6 +89,7 @@ struct Metrics {
     atomic_uint_fast64_t actions[METRICS_ACTION_COUNT];
     atomic_uint_fast64_t confirmed, received, server_end;
     atomic_bool postgres_up;
+    atomic_uint_fast64_t flush_interval_ns;
 
     pthread_mutex_t lock; /* guards everything below */
     LabelMap changes;     /* table, op */
@@ -633,6 +634,19 @@ static void render_positions(StrBuf *sb, Metrics *m)
     sb_scalar(sb, "walbust_lag_bytes", "gauge",
               "Bytes of WAL between the server's WAL end and the confirmed LSN.",
               end > confirmed ? end - confirmed : 0);
+    sb_header(sb, "walbust_flush_interval_seconds", "gauge",
+              "Least time between the end of one Redis write and the start of the next "
+              "(--flush-interval; with auto, what it chose last).");
+    sb_printf(sb, "walbust_flush_interval_seconds %.6f\n",
+              (double)atomic_load_explicit(&m->flush_interval_ns, memory_order_relaxed) / 1e9);
+}
+
+void metrics_flush_interval(Metrics *m, double seconds)
+{
+    if (m == NULL || !(seconds >= 0))
+        return;
+    atomic_store_explicit(&m->flush_interval_ns, (uint_fast64_t)(seconds * 1e9 + 0.5),
+                          memory_order_relaxed);
 }
 
 void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT])

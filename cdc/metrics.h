@@ -120,6 +120,10 @@ typedef enum MetricsStage {
 } MetricsStage;
 void metrics_batch_stages(Metrics *m, const double seconds[METRICS_STAGE_COUNT]);
 
+/* The flush interval in use (walbust_flush_interval_seconds): fixed by
+ * --flush-interval, or what auto chose last (cpuwait.h). */
+void metrics_flush_interval(Metrics *m, double seconds);
+
 void metrics_postgres_up(Metrics *m, bool up);
 /* target: a password-free description; index < 8. Same as
  * metrics_redis_target() without a reason. */

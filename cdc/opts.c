@@ -83,11 +83,12 @@ static const OptSpec opt_table[] = {
      "SECONDS",
      "re-check the rules' tables in the catalog this often, for schema changes the DDL event "
      "trigger cannot report (default: 30)"},
-    {"flush-interval", "WALBUST_FLUSH_INTERVAL", OPT_STRING, OFF(flush_interval), "0.2", F_RUN,
-     "MS",
+    {"flush-interval", "WALBUST_FLUSH_INTERVAL", OPT_STRING, OFF(flush_interval), "auto", F_RUN,
+     "MS|auto",
      "start a Redis write at least this long after the previous one ended, in milliseconds, "
-     "0 to 100 (default: 0.2); more means fewer, larger batches: less CPU for walbust, Redis "
-     "and PostgreSQL per change, for up to this much more latency"},
+     "0 to 100; more means fewer, larger batches: less CPU for walbust, Redis and PostgreSQL "
+     "per change, for up to this much more latency. auto (default): 0.2, rising to at most 1 "
+     "while the host's CPUs are saturated"},
     {"audit-rate", "WALBUST_AUDIT_RATE", OPT_STRING, OFF(audit_rate), "1", F_RUN, "PERCENT",
      "audit this share of the audited keys walbust invalidates, 0 to 100 (default: 1); 0 "
      "turns sampling off. Only rules with an \"audit\" are audited"},
@@ -363,10 +364,12 @@ int opts_parse(int argc, char **argv, Config *cfg)
                 argv[1], cfg->on_slot_lost);
         return 2;
     }
-    if (!opts_parse_ms(cfg->flush_interval, 100, &cfg->flush_interval_us)) {
+    cfg->flush_interval_auto = strcmp(cfg->flush_interval, "auto") == 0;
+    if (!cfg->flush_interval_auto &&
+        !opts_parse_ms(cfg->flush_interval, 100, &cfg->flush_interval_us)) {
         fprintf(stderr,
-                "walbust %s: --flush-interval must be a number of milliseconds from 0 to 100 "
-                "(e.g. 0.2 or 2), got \"%s\"\n",
+                "walbust %s: --flush-interval must be auto or a number of milliseconds from 0 "
+                "to 100 (e.g. 0.2 or 2), got \"%s\"\n",
                 argv[1], cfg->flush_interval);
         return 2;
     }

@@ -50,7 +50,8 @@ typedef struct Config {
     bool force;                         /* teardown: terminate the slot's walsender */
     long schema_recheck;                /* run: seconds between catalog re-checks; 0 = 30 */
     const char *flush_interval;         /* run: ms between Redis writes, as given */
-    long flush_interval_us;             /* ... parsed (opts_parse_ms) */
+    long flush_interval_us;             /* ... parsed (opts_parse_ms); 0 when auto */
+    bool flush_interval_auto;           /* ... is "auto" (run_cmd.c, cpuwait.h) */
     const char *audit_rate;     /* run: percent of invalidated audited keys checked */
     long audit_delay;           /* run: ms after the invalidation; 0 = 1000 */
     long audit_max_checks;      /* run: checks per second at most; 0 = 20 */

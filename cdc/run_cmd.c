@@ -40,6 +40,7 @@
 #include "runtime.h"
 #include "schema.h"
 #include "visible.h"
+#include "cpuwait.h"
 #include "sink.h"
 #include "slotwatch.h"
 
@@ -77,6 +78,9 @@ typedef struct Run {
     int64_t batch_since_us; /* when the unflushed batch was first seen; 0: none */
     int64_t last_flush_us;  /* when the last flush on an empty stream ended */
     bool catching_up;       /* the last commit decoded was old (pace_reads) */
+    int64_t flush_interval_us; /* --flush-interval now (retune_flush_interval) */
+    CpuWait cpuwait;           /* --flush-interval auto: where it comes from */
+    bool auto_interval;        /* ... and whether it is on */
     /* Timing of the unacknowledged batch (walbust_batch_stage_seconds):
      * when its first commit was decoded (0: none yet) and that commit's
      * age then; when the flush's visibility wait began and ended (0: the
@@ -567,7 +571,7 @@ static void maybe_watermark(Run *r)
  * stretches the waits that are tied to the next flush. */
 static int64_t interval_at_least(const Run *r, int64_t floor_us)
 {
-    return r->cfg->flush_interval_us > floor_us ? r->cfg->flush_interval_us : floor_us;
+    return r->flush_interval_us > floor_us ? r->flush_interval_us : floor_us;
 }
 
 /* Milliseconds to keep a lone watermark back (0: send it now, or there is
@@ -1107,6 +1111,52 @@ static bool batch_overdue(Run *r)
  * round trips and wakeups per change. */
 #define RUN_BACKLOG_FLUSH_INTERVAL_US 1000
 
+/* --flush-interval auto: its range. 0.2 ms is the old fixed default
+ * (below it flushing buys no latency anyone could see); 1 ms bounds the
+ * latency it may add. Under pgbench on a saturated 2-core host, 1 ms cut
+ * the CPU walbust, Redis and walbust's sessions take per transaction by
+ * about a third; 2 ms saved little more for twice the latency
+ * (docs/performance.md). */
+#define RUN_AUTO_FLUSH_MIN_US 200
+#define RUN_AUTO_FLUSH_MAX_US 1000
+
+static void start_flush_interval(Run *r)
+{
+    uint64_t delay_ns, slices;
+
+    r->flush_interval_us = r->cfg->flush_interval_us;
+    r->auto_interval = r->cfg->flush_interval_auto;
+    if (r->auto_interval && !runtime_sched_wait(&delay_ns, &slices)) {
+        log_warn("--flush-interval auto: this kernel does not report how long walbust waits "
+                 "for a CPU (/proc/thread-self/schedstat); using %g ms. Set --flush-interval "
+                 "to silence this",
+                 RUN_AUTO_FLUSH_MIN_US / 1000.0);
+        r->auto_interval = false;
+    }
+    if (r->cfg->flush_interval_auto)
+        r->flush_interval_us = RUN_AUTO_FLUSH_MIN_US;
+    cpuwait_init(&r->cpuwait, RUN_AUTO_FLUSH_MIN_US, RUN_AUTO_FLUSH_MAX_US);
+    metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
+}
+
+/* --flush-interval auto: follow the streaming thread's wait for a CPU
+ * (cpuwait.h). A clock read per call; the counters every 100 ms. */
+static void retune_flush_interval(Run *r)
+{
+    int64_t now;
+    uint64_t delay_ns, slices;
+
+    if (!r->auto_interval)
+        return;
+    now = runtime_now_us();
+    if (!cpuwait_due(&r->cpuwait, now) || !runtime_sched_wait(&delay_ns, &slices))
+        return;
+    if (cpuwait_sample(&r->cpuwait, now, delay_ns, slices)) {
+        r->flush_interval_us = cpuwait_interval_us(&r->cpuwait);
+        metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
+    }
+}
+
 /* When the last flush ended less than --flush-interval ago, sleep out the
  * rest (so more of the stream gathers) and return true: the caller reads
  * again before flushing. A bounded delay that only exists while flushes
@@ -1116,7 +1166,7 @@ static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
     int64_t interval = r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US)
-                                      : r->cfg->flush_interval_us;
+                                      : r->flush_interval_us;
     struct timespec ts = {0, 0};
 
     /* A commit without queued work costs no round trip: never held. */
@@ -1190,6 +1240,8 @@ static void stream_loop(Run *r)
                 watch_targets(r);
                 notify_watchdog();
             }
+            if ((r->since_tick & 31) == 0)
+                retune_flush_interval(r);
             if ((r->since_tick & 31) == 0 && batch_overdue(r) &&
                 (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0))
                 return;
@@ -1204,6 +1256,7 @@ static void stream_loop(Run *r)
          * Several: a failing target keeps its batch (bounded by sink_full)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */
+        retune_flush_interval(r);
         if (dirty && flush_wait_ms(r, 1000) == 0) {
             if (hold_flush(r))
                 continue;
@@ -1459,6 +1512,7 @@ int cmd_run(const Config *cfg)
     }
     if (setup_sinks(&r) != 0)
         goto done;
+    start_flush_interval(&r);
     r.audit = audit_run_from_config(cfg, r.rules, r.metrics);
     slotwatch_init(&r.sw, &(SlotWatchConfig){.slot = cfg->slot,
                                              .conninfo = cfg->pg,

@@ -3,6 +3,8 @@
  */
 #include "runtime.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -62,6 +64,28 @@ int64_t runtime_now_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices)
+{
+    char buf[128];
+    unsigned long long run_ns, wait_ns, n;
+    ssize_t len;
+    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return false;
+    len = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (len <= 0)
+        return false;
+    buf[len] = '\0';
+    /* "<ns on a CPU> <ns waiting for one> <timeslices>" */
+    if (sscanf(buf, "%llu %llu %llu", &run_ns, &wait_ns, &n) != 3)
+        return false;
+    *delay_ns = wait_ns;
+    *slices = n;
+    return true;
 }
 
 int backoff_next(Backoff *b)

@@ -71,4 +71,9 @@ int runtime_open_stream(Stream *s, uint64_t start_lsn, RuntimeSlotFn slot, Runti
 /* Monotonic clock in microseconds. */
 int64_t runtime_now_us(void);
 
+/* The calling thread's scheduler counters (/proc/thread-self/schedstat):
+ * total time spent runnable but waiting for a CPU (ns) and the number of
+ * times it was given one. false when the kernel does not report them. */
+bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices);
+
 #endif

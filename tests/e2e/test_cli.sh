@@ -108,15 +108,18 @@ run wb check
 expect "check without --rules exits 2" 2 "--rules FILE is required"
 run wb check --rules "$tmp/x.json" --redis redis://x
 expect "an option of another command exits 2" 2 "does not apply"
-for bad in 101 -1 abc nan 1ms ""; do
+for bad in 101 -1 abc nan 1ms "" AUTO auto1; do
     run wb run --rules "$tmp/x.json" --flush-interval "$bad"
     expect "run --flush-interval \"$bad\" exits 2 naming the range" 2 \
-        "--flush-interval must be a number of milliseconds from 0 to 100"
+        "--flush-interval must be auto or a number of milliseconds from 0 to 100"
 done
 run env WALBUST_FLUSH_INTERVAL=200 "$WALBUST_BIN" run --rules "$tmp/x.json"
 expect "WALBUST_FLUSH_INTERVAL is checked like the flag" 2 "got \"200\""
 run wb run --rules "$tmp/nosuch.json" --flush-interval 2.5
 expect "run --flush-interval 2.5 is accepted (then the missing rules file)" 1 \
+    "could not read rules file" "!--flush-interval"
+run wb run --rules "$tmp/nosuch.json" --flush-interval auto
+expect "run --flush-interval auto is accepted (then the missing rules file)" 1 \
     "could not read rules file" "!--flush-interval"
 run wb status --rules "$tmp/x.json" --slot nosuch --pg "host=127.0.0.1 port=1 connect_timeout=2"
 expect "status accepts --rules" 1 "could not read rules file"

@@ -1,12 +1,14 @@
 """--flush-interval: walbust gathers commits that arrive within the interval
 into one Redis write. The same 40 one-row commits, 10 ms apart, go through
-walbust with the default interval (0.2 ms: about one batch per commit) and
-with --flush-interval 50 (one batch per ~50 ms); the batches acknowledged are
+walbust with --flush-interval 0.2 (about one batch per commit) and with
+--flush-interval 50 (one batch per ~50 ms); the batches acknowledged are
 counted from walbust_batch_stage_seconds, and every key must be gone in both
 runs. Counting batches, not timing them, keeps the test stable on a loaded
-machine."""
+machine. Then the default, auto: walbust_flush_interval_seconds follows real
+CPU contention (busy processes) up and back down."""
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -17,6 +19,7 @@ from harness import (BARRIER_RULE, BARRIER_SQL, REDIS_PORT, Runner, Walbust, bar
 DB = "flush_interval"
 COMMITS = 40
 SPACING = 0.01
+HOG_SECONDS = 40
 
 
 def batches_and_keys(extra, slot):
@@ -51,6 +54,10 @@ def batches_and_keys(extra, slot):
         time.sleep(0.2)
         m1 = scrape(mport)
         left = [i for i in range(1, COMMITS + 1) if r.exists(f"fi:{i}")]
+        # a fixed interval is shown as it was given
+        want = float(extra[extra.index("--flush-interval") + 1]) / 1000
+        assert abs(m1["walbust_flush_interval_seconds"] - want) < 1e-9, \
+            (m1["walbust_flush_interval_seconds"], want)
         return int(m1[count] - m0[count]), left, elapsed
     finally:
         if wb.alive():
@@ -60,30 +67,100 @@ def batches_and_keys(extra, slot):
             "WHERE slot_name = %s AND NOT active", (slot,))
 
 
-def test_flush_interval_gathers_commits():
+def make_db():
     fresh_db(DB)
     sql(DB, "CREATE TABLE items(id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
     sql(DB, BARRIER_SQL)
     sql(DB, f"INSERT INTO items(id) SELECT g FROM generate_series(1, {COMMITS}) g")
     sql(DB, "CREATE PUBLICATION walbust FOR TABLE items, walbust_barrier")
 
-    default, left, _ = batches_and_keys([], "fi_default")
-    assert left == [], f"keys not invalidated with the default interval: {left}"
+
+def test_flush_interval_gathers_commits():
+    make_db()
+    fast, left, _ = batches_and_keys(["--flush-interval", "0.2"], "fi_default")
+    assert left == [], f"keys not invalidated with --flush-interval 0.2: {left}"
     spaced, left, elapsed = batches_and_keys(["--flush-interval", "50"], "fi_spaced")
     assert left == [], f"keys not invalidated with --flush-interval 50: {left}"
-    # With the default nearly one batch per commit (10 ms apart); with 50 ms
+    # With 0.2 ms nearly one batch per commit (10 ms apart); with 50 ms
     # between writes at most one per 50 ms of the commits' span (+ the
     # first commit's, the barrier's and one of slack), so several commits share each.
-    assert default >= COMMITS // 2, f"default interval: {default} batches for {COMMITS} commits"
+    assert fast >= COMMITS // 2, f"--flush-interval 0.2: {fast} batches for {COMMITS} commits"
     most = int(elapsed / 0.05) + 4
-    print(f"# {COMMITS} commits in {elapsed:.2f} s: {default} batches with the default "
-          f"interval, {spaced} with --flush-interval 50 (at most {most})")
+    print(f"# {COMMITS} commits in {elapsed:.2f} s: {fast} batches with "
+          f"--flush-interval 0.2, {spaced} with --flush-interval 50 (at most {most})")
     assert 2 <= spaced <= most, \
         f"--flush-interval 50: {spaced} batches for {COMMITS} commits in {elapsed:.2f} s"
-    assert spaced * 2 < default, (spaced, default)
+    assert spaced * 2 < fast, (spaced, fast)
+
+
+HOG = "import time\nt = time.monotonic() + {secs}\nwhile time.monotonic() < t:\n    pass\n"
+
+
+def test_auto_follows_cpu_contention():
+    """--flush-interval auto (the default) keeps 0.2 ms while walbust gets a
+    CPU when it wakes, rises (never past 1 ms) while busy processes keep
+    every CPU saturated, invalidates every key meanwhile, and comes back to
+    0.2 ms once the load is gone. The contention is real: three processes
+    spinning per CPU, each stopping by itself after HOG_SECONDS."""
+    make_db()
+    r = redis_client(4)
+    mport = free_port()
+    rules = write_rules({"rules": [{"table": "items", "keys": ["fa:{id}"]}, BARRIER_RULE]})
+    wb = Walbust(DB, rules, slot="fi_auto", redis_urls=[f"redis://127.0.0.1:{REDIS_PORT}/4"])
+    wb.args[wb.args.index("--metrics") + 1] = f"127.0.0.1:{mport}"
+    gauge = "walbust_flush_interval_seconds"
+    hogs = []
+    seen = []
+    try:
+        wb.start().wait_streaming()
+        assert abs(scrape(mport)[gauge] - 0.0002) < 1e-9, scrape(mport)[gauge]
+        conn = connect(DB)
+        conn.autocommit = True
+
+        def commits_until(pred, timeout, what):
+            """Commit one-row updates (keys set first) until pred() holds."""
+            end = time.monotonic() + timeout
+            with conn.cursor() as cur:
+                while time.monotonic() < end:
+                    for i in range(1, COMMITS + 1):
+                        r.set(f"fa:{i}", "cached")
+                        cur.execute("UPDATE items SET v = v + 1 WHERE id = %s", (i,))
+                        time.sleep(0.002)
+                    seen.append(scrape(mport)[gauge])
+                    if pred(seen[-1]):
+                        return
+            raise AssertionError(f"{what} within {timeout} s: {gauge} was {seen}")
+
+        hogs = [subprocess.Popen([sys.executable, "-c", HOG.format(secs=HOG_SECONDS)])
+                for _ in range(3 * (os.cpu_count() or 2))]
+        commits_until(lambda v: v > 0.0002, HOG_SECONDS - 5,
+                      "the interval rose under CPU contention")
+        for h in hogs:
+            h.kill()
+            h.wait()
+        barrier(DB, r)
+        left = [i for i in range(1, COMMITS + 1) if r.exists(f"fa:{i}")]
+        assert left == [], f"keys not invalidated under contention: {left}"
+        # Without load (and then without commits: too few wakeups to
+        # gather) it goes back to the floor.
+        wait_until(lambda: scrape(mport)[gauge] < 0.0002 + 1e-9, 30,
+                   "the interval back at 0.2 ms after the load")
+        print(f"# {gauge} under contention: {seen}")
+        assert max(seen) <= 0.001 + 1e-9, f"auto interval above its 1 ms cap: {seen}"
+        conn.close()
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+        if wb.alive():
+            wb.proc.send_signal(signal.SIGTERM)
+            wb.proc.wait(20)
+        sql("postgres", "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = 'fi_auto' AND NOT active")
 
 
 if __name__ == "__main__":
     t = Runner("test_flush_interval")
     t.run(test_flush_interval_gathers_commits)
+    t.run(test_auto_follows_cpu_contention)
     t.done()

@@ -1,0 +1,168 @@
+/* Unit tests for cpuwait.c, the automatic flush interval: an idle or
+ * lightly loaded thread keeps the minimum; a thread that waits for a CPU
+ * gets CPUWAIT_FACTOR x its wait, capped; the interval comes back down when
+ * the contention ends, also when wakeups become too few to measure; short
+ * windows and counters that go backwards change nothing. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "cpuwait.h"
+
+#define MIN_US 200
+#define MAX_US 2000
+
+/* A thread that, every 100 ms window from t, ran `wakeups` times and
+ * waited wait_us per wakeup; windows counts them. Returns the time after. */
+typedef struct Thread {
+    int64_t now_us;
+    uint64_t delay_ns, slices;
+} Thread;
+
+static void windows(CpuWait *w, Thread *t, int n, uint64_t wakeups, double wait_us)
+{
+    for (int i = 0; i < n; i++) {
+        t->now_us += CPUWAIT_WINDOW_US;
+        t->slices += wakeups;
+        t->delay_ns += (uint64_t)(wait_us * 1000.0 * (double)wakeups);
+        assert_true(cpuwait_due(w, t->now_us));
+        cpuwait_sample(w, t->now_us, t->delay_ns, t->slices);
+    }
+}
+
+static void start(CpuWait *w, Thread *t)
+{
+    *t = (Thread){.now_us = 1000000, .delay_ns = 5000000, .slices = 1000};
+    cpuwait_init(w, MIN_US, MAX_US);
+    assert_int_equal(cpuwait_interval_us(w), MIN_US);
+    assert_true(cpuwait_due(w, t->now_us)); /* no window yet */
+    assert_false(cpuwait_sample(w, t->now_us, t->delay_ns, t->slices));
+    assert_int_equal(cpuwait_interval_us(w), MIN_US);
+}
+
+static void test_uncontended_keeps_minimum(void **state)
+{
+    CpuWait w;
+    Thread t;
+    (void)state;
+
+    start(&w, &t);
+    /* ~1k commits/s on an idle 2-core VM: 3,000 wakeups/s, 35 µs each;
+     * and noise: a window of 90 µs now and then. */
+    windows(&w, &t, 50, 300, 35.0);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    for (int i = 0; i < 10; i++) {
+        windows(&w, &t, 1, 300, 90.0);
+        windows(&w, &t, 4, 300, 35.0);
+        assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    }
+}
+
+static void test_contended_follows_wait_and_caps(void **state)
+{
+    CpuWait w;
+    Thread t;
+    (void)state;
+
+    start(&w, &t);
+    /* A saturated host: 250 µs per wakeup. After ~2 s of it the smoothed
+     * wait is 250 µs (±1 %): the interval is 5 x (250 - 50) = 1 ms. */
+    windows(&w, &t, 20, 250, 250.0);
+    assert_in_range(cpuwait_interval_us(&w), 990, 1000);
+    /* Three windows (0.3 s) after the load began it has moved. */
+    start(&w, &t);
+    windows(&w, &t, 3, 250, 250.0);
+    assert_in_range(cpuwait_interval_us(&w), MIN_US + 1, 1000 - 1);
+    /* Never more than the cap, whatever the wait. */
+    windows(&w, &t, 30, 100, 5000.0);
+    assert_int_equal(cpuwait_interval_us(&w), MAX_US);
+}
+
+static void test_comes_back_down(void **state)
+{
+    CpuWait w;
+    Thread t;
+    (void)state;
+
+    start(&w, &t);
+    windows(&w, &t, 20, 250, 250.0);
+    assert_true(cpuwait_interval_us(&w) > MIN_US);
+    /* The load ends, commits go on: back to the minimum within ~2 s. */
+    windows(&w, &t, 20, 300, 20.0);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+
+    /* The load ends with the commits: too few wakeups to measure. Windows
+     * of 100 ms stay open until 1 s has passed, then count as no wait. */
+    windows(&w, &t, 20, 250, 250.0);
+    assert_true(cpuwait_interval_us(&w) > MIN_US);
+    for (int i = 0; i < 9; i++) {
+        t.now_us += CPUWAIT_WINDOW_US;
+        t.slices += 1;
+        t.delay_ns += 300000;
+        assert_false(cpuwait_sample(&w, t.now_us, t.delay_ns, t.slices));
+    }
+    assert_true(cpuwait_interval_us(&w) > MIN_US);
+    for (int i = 0; i < 20; i++) {
+        t.now_us += CPUWAIT_IDLE_WINDOW_US;
+        t.slices += 5;
+        t.delay_ns += 5 * 300000;
+        cpuwait_sample(&w, t.now_us, t.delay_ns, t.slices);
+    }
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+}
+
+static void test_short_windows_and_resets(void **state)
+{
+    CpuWait w;
+    Thread t;
+    (void)state;
+
+    start(&w, &t);
+    /* Before the window is over nothing changes, however bad the wait. */
+    assert_false(cpuwait_due(&w, t.now_us + CPUWAIT_WINDOW_US - 1));
+    assert_false(
+        cpuwait_sample(&w, t.now_us + CPUWAIT_WINDOW_US / 2, t.delay_ns + 1000000000, t.slices + 100));
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    /* Counters that go backwards (another thread's, a restarted reading)
+     * restart the window: no sample from a negative difference. */
+    t.now_us += CPUWAIT_WINDOW_US;
+    assert_false(cpuwait_sample(&w, t.now_us, t.delay_ns - 1000, t.slices + 500));
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    t.delay_ns -= 1000;
+    t.slices += 500;
+    windows(&w, &t, 5, 300, 30.0);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    /* A clock that goes backwards restarts the window too. */
+    assert_false(cpuwait_sample(&w, t.now_us - 5, t.delay_ns + 100000000, t.slices + 200));
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+}
+
+static void test_fixed_range(void **state)
+{
+    CpuWait w;
+    Thread t = {.now_us = 1, .delay_ns = 0, .slices = 0};
+    (void)state;
+
+    /* min == max: a fixed interval whatever the load. */
+    cpuwait_init(&w, 500, 500);
+    cpuwait_sample(&w, t.now_us, 0, 0);
+    windows(&w, &t, 10, 250, 1000.0);
+    assert_int_equal(cpuwait_interval_us(&w), 500);
+    /* max < min is taken as min. */
+    cpuwait_init(&w, 500, 100);
+    assert_int_equal(w.max_us, 500);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_uncontended_keeps_minimum),
+        cmocka_unit_test(test_contended_follows_wait_and_caps),
+        cmocka_unit_test(test_comes_back_down),
+        cmocka_unit_test(test_short_windows_and_resets),
+        cmocka_unit_test(test_fixed_range),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
