@@ -75,9 +75,9 @@ typedef struct Run {
     int64_t *commit_times; /* commit timestamps awaiting acknowledgement */
     size_t ncommit_times;
     unsigned since_tick;
-    int64_t batch_since_us; /* when the unflushed batch was first seen; 0: none */
-    int64_t last_flush_us;  /* when the last flush on an empty stream ended */
-    bool catching_up;       /* the last commit decoded was old (pace_reads) */
+    int64_t batch_since_us;    /* when the unflushed batch was first seen; 0: none */
+    int64_t last_flush_us;     /* when the last flush on an empty stream ended */
+    bool catching_up;          /* the last commit decoded was old (pace_reads) */
     int64_t flush_interval_us; /* --flush-interval now (retune_flush_interval) */
     CpuWait cpuwait;           /* --flush-interval auto: where it comes from */
     bool auto_interval;        /* ... and whether it is on */
@@ -1165,8 +1165,8 @@ static void retune_flush_interval(Run *r)
 static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
-    int64_t interval = r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US)
-                                      : r->flush_interval_us;
+    int64_t interval =
+        r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US) : r->flush_interval_us;
     struct timespec ts = {0, 0};
 
     /* A commit without queued work costs no round trip: never held. */
