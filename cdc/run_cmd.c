@@ -1127,9 +1127,10 @@ static void start_flush_interval(Run *r)
     r->flush_interval_us = r->cfg->flush_interval_us;
     r->auto_interval = r->cfg->flush_interval_auto;
     if (r->auto_interval && !runtime_sched_wait(&delay_ns, &slices)) {
-        log_warn("--flush-interval auto: this kernel does not report how long walbust waits "
-                 "for a CPU (/proc/thread-self/schedstat); using %g ms. Set --flush-interval "
-                 "to silence this",
+        log_warn("--flush-interval auto: cannot read how long walbust waits for a CPU "
+                 "(/proc/thread-self/schedstat: /proc not mounted, or a kernel without "
+                 "CONFIG_SCHED_INFO); using a fixed %g ms. Set --flush-interval to a number "
+                 "of milliseconds to silence this",
                  RUN_AUTO_FLUSH_MIN_US / 1000.0);
         r->auto_interval = false;
     }
