@@ -1098,7 +1098,8 @@ static bool batch_overdue(Run *r)
     return true;
 }
 
-/* Flushes are spaced by --flush-interval (default 0.2 ms). Flushing more
+/* Flushes are spaced by --flush-interval (0.2 ms, or up to 1 ms under
+ * CPU contention with the default auto). Flushing more
  * often than that buys no latency anyone could see, but each flush costs a
  * wakeup, a Redis round trip and the batch overhead: in a backlog drain
  * walbust outpaces the walsender and would flush every few changes.
@@ -1115,7 +1116,7 @@ static bool batch_overdue(Run *r)
  * (below it flushing buys no latency anyone could see); 1 ms bounds the
  * latency it may add. Under pgbench on a saturated 2-core host, 1 ms cut
  * the CPU walbust, Redis and walbust's sessions take per transaction by
- * about a third; 2 ms saved little more for twice the latency
+ * a fifth to a third; a 2 ms cap saved no more, for more latency
  * (docs/performance.md). */
 #define RUN_AUTO_FLUSH_MIN_US 200
 #define RUN_AUTO_FLUSH_MAX_US 1000
