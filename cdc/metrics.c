@@ -634,6 +634,10 @@ static void render_positions(StrBuf *sb, Metrics *m)
     sb_scalar(sb, "walbust_lag_bytes", "gauge",
               "Bytes of WAL between the server's WAL end and the confirmed LSN.",
               end > confirmed ? end - confirmed : 0);
+}
+
+static void render_flush_interval(StrBuf *sb, Metrics *m)
+{
     sb_header(sb, "walbust_flush_interval_seconds", "gauge",
               "Least time between the end of one Redis write and the start of the next "
               "(--flush-interval; with auto, what it chose last).");
@@ -756,6 +760,7 @@ char *metrics_render(Metrics *m)
     pthread_mutex_lock(&m->lock);
     render_counters(&sb, m);
     render_positions(&sb, m);
+    render_flush_interval(&sb, m);
     render_histogram(&sb, m);
     render_stages(&sb, m);
     render_health(&sb, m);

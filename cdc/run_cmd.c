@@ -1242,9 +1242,10 @@ static void stream_loop(Run *r)
                 watch_targets(r);
                 notify_watchdog();
             }
-            if ((r->since_tick & 31) == 0)
-                retune_flush_interval(r);
-            if ((r->since_tick & 31) == 0 && batch_overdue(r) &&
+            if ((r->since_tick & 31) != 0)
+                continue;
+            retune_flush_interval(r);
+            if (batch_overdue(r) &&
                 (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0))
                 return;
             continue;
