@@ -85,10 +85,10 @@ static const OptSpec opt_table[] = {
      "trigger cannot report (default: 30)"},
     {"flush-interval", "WALBUST_FLUSH_INTERVAL", OPT_STRING, OFF(flush_interval), "auto", F_RUN,
      "MS|auto",
-     "start a Redis write at least this long after the previous one ended, in milliseconds, "
-     "0 to 100; more means fewer, larger batches: less CPU for walbust, Redis and PostgreSQL "
-     "per change, for up to this much more latency. auto (default): 0.2, rising to at most 1 "
-     "while the host's CPUs are saturated"},
+     "while commits arrive faster than one per interval, start a Redis write at least this "
+     "long after the previous one ended, in milliseconds, 0 to 100; more means fewer, larger "
+     "batches: less CPU for walbust, Redis and PostgreSQL per change, for up to this much more "
+     "latency. auto (default): 0.2, rising to at most 1 while the host's CPUs are saturated"},
     {"audit-rate", "WALBUST_AUDIT_RATE", OPT_STRING, OFF(audit_rate), "1", F_RUN, "PERCENT",
      "audit this share of the audited keys walbust invalidates, 0 to 100 (default: 1); 0 "
      "turns sampling off. Only rules with an \"audit\" are audited"},

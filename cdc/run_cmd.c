@@ -41,6 +41,7 @@
 #include "schema.h"
 #include "visible.h"
 #include "cpuwait.h"
+#include "commitpace.h"
 #include "sink.h"
 #include "slotwatch.h"
 
@@ -80,6 +81,7 @@ typedef struct Run {
     bool catching_up;          /* the last commit decoded was old (pace_reads) */
     int64_t flush_interval_us; /* --flush-interval now (retune_flush_interval) */
     CpuWait cpuwait;           /* --flush-interval auto: where it comes from */
+    CommitPace pace;           /* hold a batch only while commits come fast (hold_flush) */
     bool auto_interval;        /* ... and whether it is on */
     /* Timing of the unacknowledged batch (walbust_batch_stage_seconds):
      * when its first commit was decoded (0: none yet) and that commit's
@@ -829,6 +831,7 @@ static int on_data(Run *r, const StreamData *data)
             r->stage_decode_s = ((double)pgtime_now() - (double)m.u.commit.commit_time) / 1e6;
         }
         pace_reads(r, m.u.commit.commit_time);
+        commitpace_add(&r->pace, m.u.commit.commit_time, r->flush_interval_us);
         r->stats.transactions++;
         metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
         if (r->ncommit_times < COMMIT_SAMPLES)
@@ -1098,8 +1101,9 @@ static bool batch_overdue(Run *r)
     return true;
 }
 
-/* Flushes are spaced by --flush-interval (0.2 ms, or up to 1 ms under
- * CPU contention with the default auto). Flushing more
+/* While commits arrive faster than one per interval (commitpace.h) or a
+ * backlog is caught up, flushes are spaced by --flush-interval (0.2 ms, or
+ * up to 1 ms under CPU contention with the default auto). Flushing more
  * often than that buys no latency anyone could see, but each flush costs a
  * wakeup, a Redis round trip and the batch overhead: in a backlog drain
  * walbust outpaces the walsender and would flush every few changes.
@@ -1138,6 +1142,7 @@ static void start_flush_interval(Run *r)
     if (r->cfg->flush_interval_auto)
         r->flush_interval_us = RUN_AUTO_FLUSH_MIN_US;
     cpuwait_init(&r->cpuwait, RUN_AUTO_FLUSH_MIN_US, RUN_AUTO_FLUSH_MAX_US);
+    commitpace_init(&r->pace);
     metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
 }
 
@@ -1159,11 +1164,11 @@ static void retune_flush_interval(Run *r)
     }
 }
 
-/* When the last flush ended less than --flush-interval ago, sleep out the
- * rest (so more of the stream gathers) and return true: the caller reads
- * again before flushing. A bounded delay that only exists while flushes
- * come faster than one per interval (5,000/s by default); at ordinary
- * rates it never sleeps. */
+/* When the last flush ended less than --flush-interval ago and more than
+ * one commit arrives per interval (commitpace.h) or a backlog is being
+ * caught up, sleep out the rest (so more of the stream gathers) and return
+ * true: the caller reads again before flushing. At ordinary rates, where
+ * holding a batch would gather nothing, it never sleeps. */
 static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
@@ -1173,6 +1178,8 @@ static bool hold_flush(Run *r)
 
     /* A commit without queued work costs no round trip: never held. */
     if (since < 0 || since >= interval || !sinks_have_ops(r))
+        return false;
+    if (!r->catching_up && !commitpace_busy(&r->pace, interval))
         return false;
     ts.tv_sec = (time_t)((interval - since) / 1000000);
     ts.tv_nsec = (long)((interval - since) % 1000000) * 1000;

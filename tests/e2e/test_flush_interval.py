@@ -1,11 +1,17 @@
-"""--flush-interval: walbust gathers commits that arrive within the interval
-into one Redis write. The same 40 one-row commits, 10 ms apart, go through
-walbust with --flush-interval 0.2 (about one batch per commit) and with
---flush-interval 50 (one batch per ~50 ms); the batches acknowledged are
-counted from walbust_batch_stage_seconds, and every key must be gone in both
-runs. Counting batches, not timing them, keeps the test stable on a loaded
-machine. Then the default, auto: walbust_flush_interval_seconds follows real
-CPU contention (busy processes) up and back down."""
+"""--flush-interval: while commits arrive faster than one per interval,
+walbust gathers those that arrive within the interval into one Redis write.
+The same 80 one-row commits, 10 ms apart, go through walbust with
+--flush-interval 0.2 (about one batch per commit) and with
+--flush-interval 50 (one batch per ~50 ms once walbust has their pace); the
+batches acknowledged are counted from walbust_batch_stage_seconds, and
+every key must be gone in both runs. Counting batches, not timing them,
+keeps that test stable on a loaded machine. Commits 20 and 180 ms apart in
+turn with --flush-interval 60 come slower than one per interval: none is
+held, where holding every commit that comes soon after a write would delay
+every second one by ~40 ms (counted from walbust_commit_to_ack_seconds,
+with a 25 ms margin). Then the default, auto:
+walbust_flush_interval_seconds follows real CPU contention (busy processes)
+up and back down."""
 import os
 import signal
 import subprocess
@@ -17,16 +23,21 @@ from harness import (BARRIER_RULE, BARRIER_SQL, REDIS_PORT, Runner, Walbust, bar
                      free_port, fresh_db, redis_client, scrape, sql, wait_until, write_rules)
 
 DB = "flush_interval"
-COMMITS = 40
+COMMITS = 80
+# commits before walbust has the pace of a burst that follows a pause
+# (commitpace.h: the smoothed gap falls from four intervals under one)
+PACE_WARMUP = 12
 SPACING = 0.01
 HOG_SECONDS = 40
 HOGS_PER_CPU = 8  # enough runnable processes that a wakeup waits (3 per CPU: ~0.1 ms)
 
 
-def batches_and_keys(extra, slot):
+def batches_and_keys(extra, slot, spacing=(SPACING,), within=None):
     """Run walbust with `extra` options on its own slot, commit COMMITS
-    one-row updates SPACING apart, and return (batches acknowledged, keys
-    left in Redis)."""
+    one-row updates `spacing` seconds apart (taken in turn), and return
+    (batches acknowledged, keys left in Redis, seconds the commits took),
+    and with `within` (a bucket of walbust_commit_to_ack_seconds) how many
+    commits were acknowledged within that many seconds."""
     r = redis_client(4)
     mport = free_port()
     rules = write_rules({"rules": [{"table": "items", "keys": ["fi:{id}"]}, BARRIER_RULE]})
@@ -44,7 +55,7 @@ def batches_and_keys(extra, slot):
         with conn.cursor() as cur:
             for i in range(1, COMMITS + 1):
                 cur.execute("UPDATE items SET v = v + 1 WHERE id = %s", (i,))
-                time.sleep(SPACING)
+                time.sleep(spacing[i % len(spacing)])
         elapsed = time.monotonic() - t0
         conn.close()
         barrier(DB, r)
@@ -59,7 +70,10 @@ def batches_and_keys(extra, slot):
         want = float(extra[extra.index("--flush-interval") + 1]) / 1000
         assert abs(m1["walbust_flush_interval_seconds"] - want) < 1e-9, \
             (m1["walbust_flush_interval_seconds"], want)
-        return int(m1[count] - m0[count]), left, elapsed
+        if within is None:
+            return int(m1[count] - m0[count]), left, elapsed
+        le = f'walbust_commit_to_ack_seconds_bucket{{le="{within:g}"}}'
+        return int(m1[count] - m0[count]), left, elapsed, int(m1[le] - m0[le])
     finally:
         if wb.alive():
             wb.proc.send_signal(signal.SIGTERM)
@@ -83,15 +97,34 @@ def test_flush_interval_gathers_commits():
     spaced, left, elapsed = batches_and_keys(["--flush-interval", "50"], "fi_spaced")
     assert left == [], f"keys not invalidated with --flush-interval 50: {left}"
     # With 0.2 ms nearly one batch per commit (10 ms apart); with 50 ms
-    # between writes at most one per 50 ms of the commits' span (+ the
-    # first commit's, the barrier's and one of slack), so several commits share each.
+    # between writes at most one per 50 ms of the commits' span once walbust
+    # has their pace (+ the first PACE_WARMUP commits', the barrier's and
+    # one of slack), so several commits share each.
     assert fast >= COMMITS // 2, f"--flush-interval 0.2: {fast} batches for {COMMITS} commits"
-    most = int(elapsed / 0.05) + 4
+    most = int(elapsed / 0.05) + 4 + PACE_WARMUP
     print(f"# {COMMITS} commits in {elapsed:.2f} s: {fast} batches with "
           f"--flush-interval 0.2, {spaced} with --flush-interval 50 (at most {most})")
     assert 2 <= spaced <= most, \
         f"--flush-interval 50: {spaced} batches for {COMMITS} commits in {elapsed:.2f} s"
     assert spaced * 2 < fast, (spaced, fast)
+
+
+def test_commits_at_ordinary_rates_are_not_held():
+    """Commits at a slower pace than one per interval are never held, even
+    one that comes soon after the previous write: 80 commits alternately
+    20 ms and 180 ms apart (one per 100 ms on average) with a 60 ms
+    interval. A plain spacing would hold every second commit ~40 ms for
+    nothing; here each is acknowledged well within 25 ms (read from
+    walbust_commit_to_ack_seconds, which counts every commit)."""
+    make_db()
+    batches, left, elapsed, fast = batches_and_keys(["--flush-interval", "60"], "fi_ordinary",
+                                                    spacing=[0.02, 0.18], within=0.025)
+    assert left == [], f"keys not invalidated with --flush-interval 60: {left}"
+    print(f"# {COMMITS} commits 20/180 ms apart in {elapsed:.2f} s: {fast} acknowledged "
+          f"within 25 ms, {batches} batches, with --flush-interval 60")
+    # the barrier is among them too; slack for a loaded machine
+    assert fast >= COMMITS - 4, \
+        f"only {fast} of {COMMITS + 1} commits acknowledged within 25 ms: some were held"
 
 
 HOG = "import time\nt = time.monotonic() + {secs}\nwhile time.monotonic() < t:\n    pass\n"
@@ -163,5 +196,6 @@ def test_auto_follows_cpu_contention():
 if __name__ == "__main__":
     t = Runner("test_flush_interval")
     t.run(test_flush_interval_gathers_commits)
+    t.run(test_commits_at_ordinary_rates_are_not_held)
     t.run(test_auto_follows_cpu_contention)
     t.done()
