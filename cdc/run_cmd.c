@@ -1143,6 +1143,9 @@ static void start_flush_interval(Run *r)
         r->flush_interval_us = RUN_AUTO_FLUSH_MIN_US;
     cpuwait_init(&r->cpuwait, RUN_AUTO_FLUSH_MIN_US, RUN_AUTO_FLUSH_MAX_US);
     commitpace_init(&r->pace);
+    /* The holds above are a fraction of a millisecond: let them end on
+     * time (the streaming thread only; nothing to do when refused). */
+    (void)runtime_precise_sleeps();
     metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
 }
 

@@ -4,6 +4,7 @@
 #include "runtime.h"
 
 #include <fcntl.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +87,11 @@ bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices)
     *delay_ns = wait_ns;
     *slices = n;
     return true;
+}
+
+bool runtime_precise_sleeps(void)
+{
+    return prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL) == 0;
 }
 
 int backoff_next(Backoff *b)

@@ -76,4 +76,10 @@ int64_t runtime_now_us(void);
  * times it was given one. false when the kernel does not report them. */
 bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices);
 
+/* Let the calling thread's short sleeps (the flush interval's 0.2 ms, the
+ * visibility check's 50 µs) end when asked: Linux lets a timer fire up to
+ * its thread's "timer slack" late, 50 µs by default, a quarter of a 0.2 ms
+ * hold. Sets it to 1 µs (PR_SET_TIMERSLACK); false when refused. */
+bool runtime_precise_sleeps(void);
+
 #endif
