@@ -405,15 +405,55 @@ void rconn_append_raw(Rconn *c, const char *cmd, size_t len)
     c->out_len += len;
 }
 
+/* "<prefix><n>\r\n" at p; returns the end. */
+static char *put_header(char *p, char prefix, size_t n)
+{
+    char digits[24];
+    int nd = 0;
+
+    do {
+        digits[nd++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n > 0);
+    *p++ = prefix;
+    while (nd > 0)
+        *p++ = digits[--nd];
+    *p++ = '\r';
+    *p++ = '\n';
+    return p;
+}
+
+size_t rconn_format_max(int argc, const size_t *lens)
+{
+    size_t need = 1 + 20 + 2;
+
+    for (int i = 0; i < argc; i++)
+        need += 1 + 20 + 2 + lens[i] + 2;
+    return need;
+}
+
+size_t rconn_format(char *out, int argc, const char **argv, const size_t *lens)
+{
+    char *p = put_header(out, '*', (size_t)argc);
+
+    for (int i = 0; i < argc; i++) {
+        p = put_header(p, '$', lens[i]);
+        if (lens[i] > 0)
+            memcpy(p, argv[i], lens[i]);
+        p += lens[i];
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+    return (size_t)(p - out);
+}
+
+/* Straight into the output buffer: no allocation and no sprintf() per
+ * argument, as redisFormatCommandArgv() has (1.6 % of walbust's CPU in a
+ * drain, with the copy and the free after it). */
 void rconn_append(Rconn *c, int argc, const char **argv, const size_t *lens)
 {
-    char *cmd = NULL;
-    int len = redisFormatCommandArgv(&cmd, argc, argv, lens);
-
-    if (len < 0 || cmd == NULL)
-        mem_oom();
-    rconn_append_raw(c, cmd, (size_t)len);
-    redisFreeCommand(cmd);
+    c->out = xgrow(c->out, &c->out_cap, c->out_len + rconn_format_max(argc, lens), 1);
+    c->out_len += rconn_format(c->out + c->out_len, argc, argv, lens);
 }
 
 int rconn_flush(Rconn *c)

@@ -73,6 +73,11 @@ const char *rconn_addr(const Rconn *c);
 /* Append a command to the output buffer (not sent yet). */
 void rconn_append(Rconn *c, int argc, const char **argv, const size_t *lens);
 
+/* A command in RESP form, as redisFormatCommandArgv() writes it: at most
+ * rconn_format_max() bytes written to out; returns how many. */
+size_t rconn_format_max(int argc, const size_t *lens);
+size_t rconn_format(char *out, int argc, const char **argv, const size_t *lens);
+
 /* Append a command already in RESP form. */
 void rconn_append_raw(Rconn *c, const char *cmd, size_t len);
 

@@ -1112,6 +1112,31 @@ static int check_silence(Stream *s)
     return due <= 0 ? 0 : (int)((due + 999) / 1000);
 }
 
+int stream_next_buffered(Stream *s, StreamData *out)
+{
+    if (s->copybuf != NULL) {
+        PQfreemem(s->copybuf);
+        s->copybuf = NULL;
+    }
+    if (s->conn == NULL || !s->streaming) {
+        snprintf(s->errstr, sizeof s->errstr, "not streaming");
+        return -1;
+    }
+    while (!s->keepalive_moved) {
+        int len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
+        int rc;
+
+        if (len == 0)
+            return 0;
+        if (len < 0)
+            return stream_ended(s);
+        rc = dispatch(s, len, out);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
 int stream_next(Stream *s, int timeout_ms, StreamData *out)
 {
     int64_t deadline = 0; /* read from the clock only once nothing is buffered */

@@ -108,6 +108,13 @@ StreamStatus stream_start(Stream *s, uint64_t start_lsn) __attribute__((warn_unu
  * (stream_errstr() says why; call stream_close()). */
 int stream_next(Stream *s, int timeout_ms, StreamData *out) __attribute__((warn_unused_result));
 
+/* stream_next() for what is already buffered: never reads the socket or
+ * the clock. Returns 1 with *out filled, 0 when no complete message is
+ * buffered or a keepalive moved stream_confirmed() (stream_next() then
+ * returns 0 at once), -1 when the connection failed. Lets the caller work
+ * out how long to wait only when it will wait. */
+int stream_next_buffered(Stream *s, StreamData *out) __attribute__((warn_unused_result));
+
 /* Record that everything up to flush_lsn is durably applied. Sends a status
  * update when force is true or the status interval has elapsed (also with an
  * unchanged position: this keeps the walsender from timing out while Redis

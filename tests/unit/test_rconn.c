@@ -137,6 +137,37 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/* rconn_format writes what hiredis' redisFormatCommandArgv writes, for
+ * empty, binary and long arguments and argument counts past 9. */
+static void test_format_matches_hiredis(void **state)
+{
+    static char big[100000];
+    const char *argv[12];
+    size_t lens[12];
+    (void)state;
+
+    for (size_t i = 0; i < sizeof big; i++)
+        big[i] = (char)(i * 7);
+    for (int argc = 1; argc <= 12; argc++) {
+        for (int i = 0; i < argc; i++) {
+            argv[i] = i % 3 == 0 ? "" : i % 3 == 1 ? "UNLINK" : big;
+            lens[i] = i % 3 == 0 ? 0 : i % 3 == 1 ? 6 : (size_t)(i * 9973) % sizeof big;
+        }
+        char *want = NULL;
+        int wlen = redisFormatCommandArgv(&want, argc, argv, lens);
+        size_t max = rconn_format_max(argc, lens);
+        char *got = malloc(max);
+
+        assert_non_null(got);
+        size_t glen = rconn_format(got, argc, argv, lens);
+        assert_true(glen <= max);
+        assert_int_equal(glen, (size_t)wlen);
+        assert_memory_equal(got, want, glen);
+        free(got);
+        redisFreeCommand(want);
+    }
+}
+
 static void test_refused(void **state)
 {
     char err[512];
@@ -430,6 +461,7 @@ int main(void)
         cmocka_unit_test(test_is_ip),
         cmocka_unit_test(test_verify_hint),
         cmocka_unit_test(test_tls_files),
+        cmocka_unit_test(test_format_matches_hiredis),
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_silent_server),
         cmocka_unit_test(test_pipeline),
