@@ -1142,32 +1142,17 @@ int stream_next(Stream *s, int timeout_ms, StreamData *out)
     int64_t deadline = 0; /* read from the clock only once nothing is buffered */
     bool drained = false;
 
-    if (s->copybuf != NULL) {
-        PQfreemem(s->copybuf);
-        s->copybuf = NULL;
-    }
-    if (s->conn == NULL || !s->streaming) {
-        snprintf(s->errstr, sizeof s->errstr, "not streaming");
-        return -1;
-    }
     for (;;) {
-        int len;
         int64_t left_ms;
         int wait;
+        int rc = stream_next_buffered(s, out);
 
+        if (rc != 0)
+            return rc;
         if (s->keepalive_moved) { /* the caller may now record it (the watermark) */
             s->keepalive_moved = false;
             return 0;
         }
-        len = PQgetCopyData(s->conn, &s->copybuf, /* async= */ 1);
-        if (len > 0) {
-            int rc = dispatch(s, len, out);
-            if (rc != 0)
-                return rc;
-            continue;
-        }
-        if (len < 0)
-            return stream_ended(s);
         /* Nothing complete is buffered. */
         if (status_due_ms(s) == 0 && send_status(s, false) < 0)
             return -1;
