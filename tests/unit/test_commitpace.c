@@ -37,19 +37,29 @@ static void test_nothing_seen_is_not_busy(void **state)
     assert_false(commitpace_busy(&p, T)); /* one commit: no pace yet */
 }
 
+/* n commits with exponential gaps of mean_us after *t: how many times
+ * commitpace_busy() said yes after one. */
+static int poisson_commits(CommitPace *p, int64_t *t, double mean_us, int n)
+{
+    int busy = 0;
+
+    for (int i = 0; i < n; i++) {
+        *t += exp_gap(mean_us);
+        commitpace_add(p, *t, T);
+        busy += commitpace_busy(p, T);
+    }
+    return busy;
+}
+
 static void test_ordinary_rate_is_not_busy(void **state)
 {
     CommitPace p;
     int64_t t = 0;
-    int busy = 0;
+    int busy;
     (void)state;
 
     commitpace_init(&p);
-    for (int i = 0; i < 200000; i++) {
-        t += exp_gap(700.0);
-        commitpace_add(&p, t, T);
-        busy += commitpace_busy(&p, T);
-    }
+    busy = poisson_commits(&p, &t, 700.0, 200000);
     /* simulated: 0.002 % */
     assert_true(busy < 20);
     /* a few close commits among them change nothing */
@@ -68,16 +78,11 @@ static void test_high_rate_is_busy(void **state)
 {
     CommitPace p;
     int64_t t = 0;
-    int busy = 0;
     (void)state;
 
     commitpace_init(&p);
-    for (int i = 0; i < 200000; i++) {
-        t += exp_gap(100.0); /* ~10k commits/s */
-        commitpace_add(&p, t, T);
-        busy += commitpace_busy(&p, T);
-    }
-    assert_true(busy > 190000);
+    /* ~10k commits/s */
+    assert_true(poisson_commits(&p, &t, 100.0, 200000) > 190000);
 }
 
 static void test_burst_is_seen_and_ends(void **state)
