@@ -82,17 +82,17 @@ $(BUILD)/obj/redis_scripts.o: $(BUILD)/gen/redis_scripts.c
 # One cmocka binary per pure module, linked against the same objects.
 $(BUILD)/tests/test_pgo: $(BUILD)/obj/pgo.o
 $(BUILD)/tests/test_rules: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o \
-                         $(BUILD)/obj/rules_audit.o
+                         $(BUILD)/obj/rules_audit.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_audit: $(BUILD)/obj/audit.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
-                         $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o
+                         $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_audit_match: $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
-                               $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o
+                               $(BUILD)/obj/rules_audit.o $(BUILD)/obj/jsonpos.o $(BUILD)/obj/lsn.o
 # It counts allocations: malloc/calloc/realloc wrapped at link time (on
 # CMOCKA_LIBS because the asan build sets LDFLAGS on the command line).
 $(BUILD)/tests/test_audit_match: CMOCKA_LIBS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc
 $(BUILD)/tests/test_redisurl: $(BUILD)/obj/redisurl.o
 $(BUILD)/tests/test_lookup: $(BUILD)/obj/lookup.o $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
-                          $(BUILD)/obj/jsonpos.o
+                          $(BUILD)/obj/jsonpos.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_change: $(BUILD)/obj/change.o $(BUILD)/obj/pgo.o $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_lsn: $(BUILD)/obj/lsn.o
 $(BUILD)/tests/test_relmap: $(BUILD)/obj/relmap.o

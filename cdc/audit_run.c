@@ -106,6 +106,8 @@ void audit_run_note(AuditRun *a, const Rules *rules, const char *key, size_t len
 {
     size_t ri;
     Sampled *s;
+    char lbuf[LSN_TEXT_MAX], tbuf[PGTIME_TEXT_MAX];
+    const char *lsn, *when;
 
     if (a == NULL || a->cfg.rate <= 0)
         return;
@@ -127,9 +129,11 @@ void audit_run_note(AuditRun *a, const Rules *rules, const char *key, size_t len
     s->key = xstrndup(key, len);
     s->len = len;
     snprintf(s->table, sizeof s->table, "%s", chg->table ? chg->table : "");
-    snprintf(s->lsn, sizeof s->lsn, "%s", chg->lsn ? chg->lsn : "");
+    lsn = rules_change_lsn(chg, lbuf);
+    when = rules_change_time(chg, tbuf);
+    snprintf(s->lsn, sizeof s->lsn, "%s", lsn ? lsn : "");
     s->xid = chg->xid;
-    snprintf(s->commit_time, sizeof s->commit_time, "%s", chg->commit_time ? chg->commit_time : "");
+    snprintf(s->commit_time, sizeof s->commit_time, "%s", when ? when : "");
     s->due_us = runtime_now_us() + (int64_t)a->cfg.delay_ms * 1000;
     pthread_mutex_unlock(&a->lock);
 }

@@ -30,8 +30,16 @@ void change_txn_begin(ChangeTxn *txn, const PgoMsg *begin)
     txn->final_lsn = begin->u.begin.final_lsn;
     txn->xid = begin->u.begin.xid;
     txn->commit_time = begin->u.begin.commit_time;
+    txn->texts = false;
+}
+
+void change_txn_texts(ChangeTxn *txn)
+{
+    if (txn->texts)
+        return;
     lsn_format(txn->final_lsn, txn->lsn_text);
     pgtime_format(txn->commit_time, txn->time_text);
+    txn->texts = true;
 }
 
 static RulesValue from_wire(const PgoValue *v)
@@ -71,9 +79,12 @@ static void fill_common(const ChangeTxn *txn, const PgoRelation *rel, RulesChang
     out->table = rel->qualname;
     out->ncols = rel->ncols;
     out->colnames = rel->colnames;
-    out->lsn = txn->lsn_text;
+    out->lsn = txn->texts ? txn->lsn_text : NULL;
     out->xid = txn->xid;
-    out->commit_time = txn->time_text;
+    out->commit_time = txn->texts ? txn->time_text : NULL;
+    out->has_commit = true;
+    out->commit_lsn = txn->final_lsn;
+    out->commit_ts = txn->commit_time;
 }
 
 void change_from_pgo(ChangeBuf *buf, const ChangeTxn *txn, const PgoMsg *msg, RulesChange *out)

@@ -174,8 +174,14 @@ static void eval_routed(Decode *d, const PgoRelation *rel, const RulesChange *ch
         c.table = rr.targets[i].table;
         c.partition_row = rr.partition_row && chg->op != RULES_TRUNCATE;
         if (rr.targets[i].widen) {
-            c = (RulesChange){.table = c.table, .op = RULES_TRUNCATE, .lsn = chg->lsn,
-                              .xid = chg->xid, .commit_time = chg->commit_time};
+            c = (RulesChange){.table = c.table,
+                              .op = RULES_TRUNCATE,
+                              .lsn = chg->lsn,
+                              .xid = chg->xid,
+                              .commit_time = chg->commit_time,
+                              .has_commit = chg->has_commit,
+                              .commit_lsn = chg->commit_lsn,
+                              .commit_ts = chg->commit_ts};
         }
         rules_eval(d->rules, &c, collect, d, st);
         add_lookups(d, &c);
@@ -365,6 +371,7 @@ static int on_data(Decode *d, const StreamData *data)
     switch (m.kind) {
     case PGO_BEGIN:
         change_txn_begin(&d->txn, &m);
+        change_txn_texts(&d->txn); /* every line prints them */
         d->in_txn = true;
         break;
     case PGO_COMMIT:

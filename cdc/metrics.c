@@ -238,10 +238,15 @@ void metrics_invalidations(Metrics *m, MetricsAction a, uint64_t n)
 
 void metrics_change(Metrics *m, const char *table, const char *op)
 {
-    if (m == NULL || table == NULL || op == NULL)
+    metrics_change_n(m, table, op, 1);
+}
+
+void metrics_change_n(Metrics *m, const char *table, const char *op, uint64_t n)
+{
+    if (m == NULL || table == NULL || op == NULL || n == 0)
         return;
     pthread_mutex_lock(&m->lock);
-    labelmap_add(&m->changes, table, op, 1);
+    labelmap_add(&m->changes, table, op, n);
     pthread_mutex_unlock(&m->lock);
 }
 

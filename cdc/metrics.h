@@ -88,6 +88,8 @@ int metrics_listen(Metrics *m, const char *addr, char *err, size_t errlen)
 
 void metrics_inc(Metrics *m, MetricsCounter c, uint64_t n);
 void metrics_change(Metrics *m, const char *table, const char *op); /* +1 */
+/* +n (n changes counted by the caller; 0 adds nothing) */
+void metrics_change_n(Metrics *m, const char *table, const char *op, uint64_t n);
 void metrics_widened(Metrics *m, const char *table, uint64_t n);
 /* One audit check of a key whose audit is declared on table (docs/audit.md):
  * walbust_audit_checked_total{table} +1, walbust_audit_stale_total{table}

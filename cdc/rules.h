@@ -34,6 +34,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lsn.h"
+
 typedef enum RulesOp {
     RULES_INSERT = 1 << 0,
     RULES_UPDATE = 1 << 1,
@@ -82,7 +84,10 @@ typedef struct RulesChange {
     const char *const *colnames; /* ncols names, in column order */
     const RulesValue *old_vals;  /* ncols values, or NULL: no old image */
     const RulesValue *new_vals;  /* ncols values, or NULL (delete) */
-    /* Publish payload fields. */
+    /* Publish payload fields. The texts may be NULL while has_commit is
+     * set (below): rules_change_lsn() and rules_change_time() then format
+     * them from the numbers, only for the changes that need them (payloads,
+     * refresh fences, audit samples). */
     const char *lsn;             /* commit LSN as "X/X" */
     uint32_t xid;
     const char *commit_time;     /* RFC 3339 UTC */
@@ -92,7 +97,28 @@ typedef struct RulesChange {
      * fire too, rendering from the one image present; `changed` counts as
      * changed. */
     bool partition_row;
+    /* The commit's numbers (see lsn and commit_time above). */
+    bool has_commit; /* commit_lsn and commit_ts are set */
+    uint64_t commit_lsn;
+    int64_t commit_ts; /* PostgreSQL's microseconds since 2000-01-01 UTC */
 } RulesChange;
+
+/* The change's commit LSN as text: chg->lsn, or formatted into buf
+ * (LSN_TEXT_MAX bytes) from the number; NULL when it has neither. */
+static inline const char *rules_change_lsn(const RulesChange *chg, char *buf)
+{
+    if (chg->lsn != NULL || !chg->has_commit)
+        return chg->lsn;
+    return lsn_format(chg->commit_lsn, buf);
+}
+
+/* The same for the commit time (buf: PGTIME_TEXT_MAX bytes). */
+static inline const char *rules_change_time(const RulesChange *chg, char *buf)
+{
+    if (chg->commit_time != NULL || !chg->has_commit)
+        return chg->commit_time;
+    return pgtime_format(chg->commit_ts, buf);
+}
 
 /* Receives each invalidation. `s` is NUL-terminated and valid only during the
  * call; for RULES_INV_PUBLISH, payload/payload_len is the JSON message, else

@@ -184,6 +184,28 @@ static void render_one(Eval *ev, size_t ri, const Template *t, int kind, bool an
     push_item(ev, action_for(kind, wide), ri, off, skip, wide && !trunc);
 }
 
+/* Would the template render the same from the old image as from the new?
+ * True when every {col} placeholder has the same value (kind and bytes) in
+ * both, as for an update that did not touch the key's columns: the old
+ * rendering would only be deduplicated away (emit_items). */
+static bool same_both_images(const Eval *ev, size_t ri, const Template *t)
+{
+    const Rule *rule = &ev->r->rules[ri];
+
+    for (size_t i = 0; i < t->nsegs; i++) {
+        const Seg *s = &t->segs[i];
+        if (s->kind != SEG_ANY)
+            continue;
+        const RulesValue *o = seg_value(ev, rule, s, /* any_old= */ true);
+        const RulesValue *n = seg_value(ev, rule, s, /* any_old= */ false);
+        if (o->kind != n->kind ||
+            (o->kind == RULES_VAL_TEXT &&
+             (o->len != n->len || (o->len > 0 && memcmp(o->data, n->data, o->len) != 0))))
+            return false;
+    }
+    return true;
+}
+
 /* Render a template for the change's event: from the images it has. */
 static void render_template(Eval *ev, size_t ri, const Template *t, int kind)
 {
@@ -197,7 +219,7 @@ static void render_template(Eval *ev, size_t ri, const Template *t, int kind)
             render_one(ev, ri, t, kind, /* any_old= */ true);
         break;
     case RULES_UPDATE:
-        if (t->uses & USES_ANY)
+        if ((t->uses & USES_ANY) && !same_both_images(ev, ri, t))
             render_one(ev, ri, t, kind, /* any_old= */ true);
         render_one(ev, ri, t, kind, /* any_old= */ false);
         break;
@@ -288,6 +310,27 @@ static bool set_add(Scratch *sc, size_t i)
             memcmp(sc->strs.data + o->off, s, it->len) == 0)
             return false;
     }
+}
+
+/* Up to this many items a change's renderings are deduplicated by comparing
+ * each with the ones before it: cheaper than hashing every string for the
+ * two or three keys a change usually renders. */
+#define DEDUP_LINEAR_MAX 16
+
+/* Is item i a repeat of an earlier item (same action, same string)? Equal
+ * actions share a phase, so an earlier index is the one emitted first. */
+static bool seen_before(const Scratch *sc, size_t i)
+{
+    const Item *it = &sc->items[i];
+    const char *s = sc->strs.data + it->off;
+
+    for (size_t j = 0; j < i; j++) {
+        const Item *o = &sc->items[j];
+        if (o->action == it->action && o->len == it->len &&
+            memcmp(sc->strs.data + o->off, s, it->len) == 0)
+            return true;
+    }
+    return false;
 }
 
 /* ---- evaluation: publish payloads ------------------------------------------------ */
@@ -387,7 +430,7 @@ static void build_payload(Eval *ev, size_t ch)
     static const char *const opname[] = {"insert", "update", "delete", "truncate"};
     const RulesChange *chg = ev->chg;
     Buf *b = &ev->sc->payload;
-    char xid[32];
+    char xid[32], lsn[LSN_TEXT_MAX], when[PGTIME_TEXT_MAX];
     int op = chg->op == RULES_INSERT   ? 0
              : chg->op == RULES_UPDATE ? 1
              : chg->op == RULES_DELETE ? 2
@@ -404,11 +447,11 @@ static void build_payload(Eval *ev, size_t ch)
     payload_list(ev, ch, "tags", RULES_INV_TAG, /* omit_empty= */ false);
     payload_list(ev, ch, "tag_patterns", RULES_INV_TAG_PATTERN, /* omit_empty= */ true);
     buf_puts(b, ",\"lsn\":");
-    opt_str(b, chg->lsn);
+    opt_str(b, rules_change_lsn(chg, lsn));
     snprintf(xid, sizeof xid, ",\"xid\":%lu", (unsigned long)chg->xid);
     buf_puts(b, xid);
     buf_puts(b, ",\"commit_time\":");
-    opt_str(b, chg->commit_time);
+    opt_str(b, rules_change_time(chg, when));
     buf_puts(b, "}");
 }
 
@@ -441,7 +484,8 @@ static void refresh_payload(Eval *ev, const Item *it)
 {
     const Rule *rule = &ev->r->rules[it->rule];
     Buf *b = &ev->sc->payload;
-    char num[32];
+    char num[32], lsn[LSN_TEXT_MAX];
+    const char *lsn_text;
 
     b->len = 0;
     if (it->action == RULES_INV_STALE) {
@@ -452,8 +496,10 @@ static void refresh_payload(Eval *ev, const Item *it)
     }
     snprintf(num, sizeof num, "%ld", rule->refresh[it->aux].ttl);
     buf_put(b, rule->refresh[it->aux].hash ? "hash" : "json", 5);
-    buf_put(b, ev->chg->lsn ? ev->chg->lsn : "0/0",
-            strlen(ev->chg->lsn ? ev->chg->lsn : "0/0") + 1);
+    lsn_text = rules_change_lsn(ev->chg, lsn);
+    if (lsn_text == NULL)
+        lsn_text = "0/0";
+    buf_put(b, lsn_text, strlen(lsn_text) + 1);
     buf_put(b, num, strlen(num) + 1);
     row_json(b, ev->chg);
 }
@@ -463,12 +509,14 @@ static void refresh_payload(Eval *ev, const Item *it)
 static void emit_items(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats *st)
 {
     Scratch *sc = ev->sc;
+    bool linear = sc->nitems <= DEDUP_LINEAR_MAX;
 
-    set_clear(sc);
+    if (!linear)
+        set_clear(sc);
     for (unsigned phase = 0; phase < 5; phase++) {
         for (size_t i = 0; i < sc->nitems; i++) {
             const Item *it = &sc->items[i];
-            if (it->phase != phase || !set_add(sc, i))
+            if (it->phase != phase || (linear ? seen_before(sc, i) : !set_add(sc, i)))
                 continue;
             if (phase == 4) {
                 refresh_payload(ev, it);
@@ -697,16 +745,12 @@ void rules_render_lookup(const Rules *r, const RulesLookupCall *call, size_t nfi
 {
     const Rule *rule = &r->rules[call->rule];
     const RulesValue **lk = xcalloc(rule->ncols + 1, sizeof *lk);
-    RulesChange fake = {rule->table,
-                        call->op,
-                        rule->ncols,
-                        (const char *const *)rule->cols,
-                        call->old_vals,
-                        call->new_vals,
-                        NULL,
-                        0,
-                        NULL,
-                        false};
+    RulesChange fake = {.table = rule->table,
+                        .op = call->op,
+                        .ncols = rule->ncols,
+                        .colnames = (const char *const *)rule->cols,
+                        .old_vals = call->old_vals,
+                        .new_vals = call->new_vals};
     Eval ev = {r, &fake, r->scratch, NULL};
     RulesEvalStats st = {0};
 

@@ -79,6 +79,8 @@ typedef struct Run {
     int64_t batch_since_us;    /* when the unflushed batch was first seen; 0: none */
     int64_t last_flush_us;     /* when the last flush on an empty stream ended */
     bool catching_up;          /* the last commit decoded was old (pace_reads) */
+    int64_t last_commit_time;  /* PostgreSQL's timestamp of the last commit decoded */
+    bool pace_due;             /* ... not yet looked at by pace_reads */
     int64_t flush_interval_us; /* --flush-interval now (retune_flush_interval) */
     CpuWait cpuwait;           /* --flush-interval auto: where it comes from */
     CommitPace pace;           /* hold a batch only while commits come fast (hold_flush) */
@@ -123,6 +125,16 @@ typedef struct Run {
     char mark_key[128];
     SlotWatch sw;
     bool slot_fatal; /* stopping because of a slot problem: exit 1 */
+    /* Changes decoded but not yet added to walbust_changes_total: one
+     * metrics update per run of changes of one table and kind, not one per
+     * change (count_change). table is the decoder's string, compared by
+     * address and forgotten at each Relation message (the decoder may free
+     * it then); name is a copy. */
+    struct {
+        const char *table, *op;
+        char *name;
+        uint64_t n;
+    } counted;
 } Run;
 
 /* Enough commit timestamps to time every transaction of a normal batch; a
@@ -601,6 +613,7 @@ static void defer_lookup(void *arg, const RulesLookupCall *call)
 static void eval_change(Run *r, const RulesChange *chg)
 {
     RulesEvalStats st = {0};
+    char lsn[LSN_TEXT_MAX];
 
     r->chg_now = chg;
     rules_eval(r->rules, chg, emit_to_sinks, r, &st);
@@ -612,7 +625,7 @@ static void eval_change(Run *r, const RulesChange *chg)
     if (st.widened > 0) {
         r->stats.widened += st.widened;
         metrics_widened(r->metrics, chg->table, st.widened);
-        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, chg->table,
+        log_event(LOG_LEVEL_WARN, lsn_format(r->txn.final_lsn, lsn), chg->table,
                   "%u invalidation(s) widened to patterns: the change does not carry a value "
                   "a template needs (replica identity changed, a column the template names was "
                   "dropped or renamed, or an unchanged TOASTed value without old image)",
@@ -645,17 +658,17 @@ static bool trunc_seen(TruncSeen *seen, const char *table)
 static int eval_routed(Run *r, const PgoRelation *rel, RulesChange *chg, TruncSeen *seen)
 {
     RouteResult rr;
-    char err[512];
+    char err[512], lsn[LSN_TEXT_MAX];
 
     if (route_change(r->route, r->rules, rel, &rr, err, sizeof err) != 0) {
-        log_event(LOG_LEVEL_ERROR, r->txn.lsn_text, rel->qualname,
+        log_event(LOG_LEVEL_ERROR, lsn_format(r->txn.final_lsn, lsn), rel->qualname,
                   "could not look up the partitions and parents of this table: %s; reconnecting "
                   "to replay from the confirmed position",
                   err);
         return -1;
     }
     if (rr.orphan)
-        log_event(LOG_LEVEL_WARN, r->txn.lsn_text, rel->qualname,
+        log_event(LOG_LEVEL_WARN, lsn_format(r->txn.final_lsn, lsn), rel->qualname,
                   "changes of a table that is neither published nor under a rules table any "
                   "more (detached or dropped since): invalidating everything the rules of the "
                   "%zu partitioned or parent table(s) cover",
@@ -678,6 +691,29 @@ static int eval_routed(Run *r, const PgoRelation *rel, RulesChange *chg, TruncSe
     return 0;
 }
 
+/* Add the changes counted so far to the metrics (count_change). */
+static void count_flush(Run *r)
+{
+    metrics_change_n(r->metrics, r->counted.name, r->counted.op, r->counted.n);
+    r->counted.n = 0;
+    r->counted.table = NULL;
+}
+
+/* Count one change of table (the decoder's string) and op (a literal). */
+static void count_change(Run *r, const char *table, const char *op)
+{
+    if (table != r->counted.table || op != r->counted.op) {
+        count_flush(r);
+        if (r->counted.name == NULL || strcmp(r->counted.name, table) != 0) {
+            free(r->counted.name);
+            r->counted.name = xstrdup(table);
+        }
+        r->counted.table = table;
+        r->counted.op = op;
+    }
+    r->counted.n++;
+}
+
 static int apply_change(Run *r, const PgoMsg *m)
 {
     RulesChange chg;
@@ -686,10 +722,10 @@ static int apply_change(Run *r, const PgoMsg *m)
 
     change_from_pgo(&r->cbuf, &r->txn, m, &chg);
     r->stats.changes++;
-    metrics_change(r->metrics, chg.table,
-                   chg.op == RULES_INSERT   ? "insert"
-                   : chg.op == RULES_UPDATE ? "update"
-                                            : "delete");
+    count_change(r, chg.table,
+                 chg.op == RULES_INSERT   ? "insert"
+                 : chg.op == RULES_UPDATE ? "update"
+                                          : "delete");
     rc = eval_routed(r, m->u.change.rel, &chg, &seen);
     free(seen.tables);
     return rc;
@@ -704,7 +740,7 @@ static int apply_truncate(Run *r, const PgoMsg *m)
         RulesChange chg;
         change_truncate(&r->txn, m->u.truncate.rels[i], &chg);
         r->stats.changes++;
-        metrics_change(r->metrics, chg.table, "truncate");
+        count_change(r, chg.table, "truncate");
         rc = eval_routed(r, m->u.truncate.rels[i], &chg, &seen);
     }
     free(seen.tables);
@@ -740,11 +776,17 @@ static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
  * (stream_set_pace, hold_flush). Uses PostgreSQL's commit timestamps: with
  * a clock skew of more than 5 ms (database host behind walbust's) live
  * changes would be paced too, costing at most RUN_BACKLOG_FLUSH_INTERVAL_US
- * of latency; skew the other way only costs CPU. */
-static void pace_reads(Run *r, int64_t commit_time)
+ * of latency; skew the other way only costs CPU. Called before the socket
+ * is read, with the last commit decoded until then: one clock read per
+ * read rather than one per commit. */
+static void pace_reads(Run *r)
 {
-    int64_t age = pgtime_now() - commit_time;
+    int64_t age;
 
+    if (!r->pace_due)
+        return;
+    r->pace_due = false;
+    age = pgtime_now() - r->last_commit_time;
     r->catching_up = age > RUN_BACKLOG_AGE_US;
     stream_set_pace(r->stream, r->catching_up ? RUN_BACKLOG_READ_PACE_US : 0);
 }
@@ -830,7 +872,8 @@ static int on_data(Run *r, const StreamData *data)
             r->stage_decoded_us = runtime_now_us();
             r->stage_decode_s = ((double)pgtime_now() - (double)m.u.commit.commit_time) / 1e6;
         }
-        pace_reads(r, m.u.commit.commit_time);
+        r->last_commit_time = m.u.commit.commit_time; /* pace_reads, before the next read */
+        r->pace_due = true;
         commitpace_add(&r->pace, m.u.commit.commit_time, r->flush_interval_us);
         r->stats.transactions++;
         metrics_inc(r->metrics, METRICS_TRANSACTIONS, 1);
@@ -858,6 +901,7 @@ static int on_data(Run *r, const StreamData *data)
             return -1;
         break;
     case PGO_RELATION:
+        count_flush(r); /* the decoder may have freed the counted table's name */
         schema_on_relation(r->schema, m.u.relation.rel);
         break;
     case PGO_MESSAGE:
@@ -1063,6 +1107,7 @@ static void report(Run *r, bool force)
     int64_t now = runtime_now_us();
     char lsn[LSN_TEXT_MAX];
 
+    count_flush(r);
     if (!force && now - r->last_report_us < 60 * 1000000LL)
         return;
     r->last_report_us = now;
@@ -1241,6 +1286,7 @@ static void stream_loop(Run *r)
              * until the next change arrives. */
             int wait_ms, hold_ms;
 
+            pace_reads(r);
             dirty = sinks_dirty(r) || (!r->in_txn && apply_pending_lsn(r->ap) > apply_acked(r->ap));
             wait_ms = dirty ? flush_wait_ms(r, 1000) : 1000;
             hold_ms = dirty ? watermark_hold_ms(r) : 0;
@@ -1261,6 +1307,7 @@ static void stream_loop(Run *r)
             }
             if ((r->since_tick & 31) != 0)
                 continue;
+            count_flush(r);
             retune_flush_interval(r);
             if (batch_overdue(r) &&
                 (r->nsinks == 1 ? flush_batch(r) != 0 : flush_wait(r, false) != 0))
@@ -1276,6 +1323,7 @@ static void stream_loop(Run *r)
          * Several: a failing target keeps its batch (bounded by sink_full)
          * and is retried on its own backoff while the others keep
          * applying; confirmation waits for all of them. */
+        count_flush(r);
         retune_flush_interval(r);
         if (dirty && flush_wait_ms(r, 1000) == 0) {
             if (hold_flush(r))
@@ -1466,6 +1514,7 @@ static void run_free(Run *r)
     lookup_exec_free(r->lkx);
     lookup_batch_free(r->lk);
     free(r->commit_times);
+    free(r->counted.name);
     for (int i = 0; i < r->nsinks; i++)
         sink_free(r->sinks[i]);
     apply_free(r->ap);
@@ -1605,6 +1654,7 @@ int cmd_run(const Config *cfg)
         if (sinks_dirty(&r))
             (void)flush_batch(&r);
         stream_close(r.stream);
+        count_flush(&r);
         pgo_reset(r.dec);
         r.in_txn = false;
         r.stage_decoded_us = 0; /* the replay times its batches afresh */

@@ -49,6 +49,9 @@ static void test_txn_text(void **state)
 {
     ChangeTxn t = txn();
     (void)state;
+    assert_false(t.texts);
+    change_txn_texts(&t);
+    assert_true(t.texts);
     assert_string_equal(t.lsn_text, "0/16B3748");
     assert_string_equal(t.time_text, "2000-01-01T00:00:00.000000Z");
     assert_int_equal(t.xid, 1234);
@@ -70,7 +73,15 @@ static void test_insert(void **state)
     assert_null(c.old_vals);
     assert_text(&c.new_vals[0], "1");
     assert_int_equal(c.new_vals[1].kind, RULES_VAL_NULL);
-    assert_string_equal(c.lsn, "0/16B3748");
+    /* The texts are formatted only on demand, from the numbers. */
+    assert_null(c.lsn);
+    assert_true(c.has_commit);
+    assert_int_equal(c.commit_lsn, 0x16B3748);
+    {
+        char lsn[LSN_TEXT_MAX], when[PGTIME_TEXT_MAX];
+        assert_string_equal(rules_change_lsn(&c, lsn), "0/16B3748");
+        assert_string_equal(rules_change_time(&c, when), "2000-01-01T00:00:00.000000Z");
+    }
     change_buf_release(&buf);
 }
 

@@ -260,7 +260,8 @@ static void test_label_escaping(void **state)
     metrics_change(m, "public.\"quoted\"", "insert");
     metrics_change(m, "public.back\\slash", "update");
     metrics_change(m, "public.new\nline", "delete");
-    metrics_change(m, "public.new\nline", "delete");
+    metrics_change_n(m, "public.new\nline", "delete", 3);
+    metrics_change_n(m, "public.new\nline", "insert", 0); /* no series */
     metrics_widened(m, "s.\"a\\b\nc\"", 3);
     metrics_redis_up(m, 0, "redis://10.0.0.1:6379/\"0\"", true);
     char *text = metrics_render(m);
@@ -271,7 +272,8 @@ static void test_label_escaping(void **state)
     assert_true(
         sample(text, "walbust_changes_total{table=\"public.back\\\\slash\",op=\"update\"}") == 1);
     assert_true(sample(text, "walbust_changes_total{table=\"public.new\\nline\",op=\"delete\"}") ==
-                2);
+                4);
+    assert_null(strstr(text, "table=\"public.new\\nline\",op=\"insert\""));
     assert_true(sample(text, "walbust_widened_total{table=\"s.\\\"a\\\\b\\nc\\\"\"}") == 3);
     assert_true(
         sample(text, "walbust_redis_target_up{target=\"redis://10.0.0.1:6379/\\\"0\\\"\"}") == 1);

@@ -497,7 +497,10 @@ static void run_change(const Rules *r, Section *chg, Section *exp, Section *st, 
                      cs.has_lsn ? cs.lsn : NULL,
                      cs.xid,
                      cs.has_time ? cs.time : NULL,
-                     cs.partition_row};
+                     cs.partition_row,
+                     false,
+                     0,
+                     0};
     matched = rules_eval(r, &c, collect, &got, &stats);
     cur = exp->body;
     while ((line = next_line(&cur, buf, sizeof buf)) != NULL) {
@@ -950,7 +953,7 @@ static void test_random_glob_escape(void **state)
         char v[40], v2[40], probe[128];
         size_t vl = random_value(v, sizeof v), v2l = random_value(v2, sizeof v2);
         RulesValue vals[2] = {{RULES_VAL_TEXT, v, vl}, {RULES_VAL_MISSING, NULL, 0}};
-        RulesChange c = {"public.t", RULES_INSERT, 2, cols, NULL, vals, "0/1", 1, "t", false};
+        RulesChange c = {"public.t", RULES_INSERT, 2, cols, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
         Collector got = {.n = 0};
 
         assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
@@ -989,7 +992,7 @@ static void test_column_cache(void **state)
     static const char json[] = "{\"rules\": [{\"table\": \"public.t\", \"keys\": [\"k:{b}\"]}]}";
     const char *names[2] = {"a", "b"};
     RulesValue vals[2] = {{RULES_VAL_TEXT, "1", 1}, {RULES_VAL_TEXT, "2", 1}};
-    RulesChange c = {"public.t", RULES_INSERT, 2, names, NULL, vals, "0/1", 1, "t", false};
+    RulesChange c = {"public.t", RULES_INSERT, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
     Collector got = {.n = 0};
     Rules *r;
 
@@ -1018,7 +1021,7 @@ static void test_stats_accumulate(void **state)
     static const char json[] = "{\"rules\": [{\"table\": \"t\", \"keys\": [\"k:{a}\"]}]}";
     const char *names[1] = {"a"};
     RulesValue vals[1] = {{RULES_VAL_MISSING, NULL, 0}};
-    RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL, false};
+    RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL, false, false, 0, 0};
     RulesEvalStats st = {0};
     Collector got = {.n = 0};
     Rules *r;
@@ -1069,9 +1072,9 @@ static void test_eval_ignores_other_tables(void **state)
 {
     const char *names[2] = {"id", "v"};
     RulesValue vals[2] = {{RULES_VAL_TEXT, "7", 1}, {RULES_VAL_TEXT, "1", 1}};
-    RulesChange hot = {"public.hot", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false};
-    RulesChange other = {"public.t4321", RULES_UPDATE, 2, names, vals, vals, "0/1", 1, "t", false};
-    RulesChange none = {"public.nope", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false};
+    RulesChange hot = {"public.hot", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
+    RulesChange other = {"public.t4321", RULES_UPDATE, 2, names, vals, vals, "0/1", 1, "t", false, false, 0, 0};
+    RulesChange none = {"public.nope", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
     char *big_json = many_rules_json(10, true), *small_json = many_rules_json(10, false);
     Rules *big = parse_or_fail(big_json, strlen(big_json), "10,010 rules");
     Rules *small = parse_or_fail(small_json, strlen(small_json), "10 rules");
