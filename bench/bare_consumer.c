@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -297,10 +298,15 @@ int main(int argc, char **argv)
     int rc = stream(&b, timeout);
     if (rc == 0)
         (void)send_status(&b);
+    /* Its own CPU: the floor for a consumer's CPU per change (bench/run). */
+    struct rusage ru;
+    (void)getrusage(RUSAGE_SELF, &ru);
     printf("{\"seconds\":%.6f,\"messages\":%llu,\"changes\":%llu,\"commits\":%llu,"
-           "\"bytes\":%llu}\n",
+           "\"bytes\":%llu,\"cpu_user\":%.6f,\"cpu_sys\":%.6f}\n",
            b.last_commit - b.start, (unsigned long long)b.messages, (unsigned long long)b.changes,
-           (unsigned long long)b.commits, (unsigned long long)b.bytes);
+           (unsigned long long)b.commits, (unsigned long long)b.bytes,
+           (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6,
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6);
     PQfinish(b.conn);
     return rc == 0 ? 0 : 1;
 }

@@ -25,12 +25,12 @@ static uint64_t op_hash(RulesInvAction action, const char *p, size_t n)
     return h;
 }
 
-/* Insert op index i into the set (the caller ensured room). */
-static void set_insert(Batch *b, size_t i)
+/* Insert op index i, whose op_hash() is h, into the set (the caller
+ * ensured room). */
+static void set_insert(Batch *b, size_t i, uint64_t h)
 {
-    const BatchOp *op = &b->ops[i];
     size_t mask = b->set_cap - 1;
-    size_t j = (size_t)op_hash(op->action, b->arena + op->off, op->len) & mask;
+    size_t j = (size_t)h & mask;
 
     while (b->set[j] != 0)
         j = (j + 1) & mask;
@@ -44,9 +44,11 @@ static void set_rebuild(Batch *b)
     b->set_used = 0;
     if (b->set_cap > 0)
         memset(b->set, 0, b->set_cap * sizeof *b->set);
-    for (size_t i = 0; i < b->nops; i++)
-        if (!keeps_order(b->ops[i].action))
-            set_insert(b, i);
+    for (size_t i = 0; i < b->nops; i++) {
+        const BatchOp *op = &b->ops[i];
+        if (!keeps_order(op->action))
+            set_insert(b, i, op_hash(op->action, b->arena + op->off, op->len));
+    }
 }
 
 /* Keep the load factor under 1/2, rehashing every deduplicated op. */
@@ -64,14 +66,15 @@ static void set_reserve(Batch *b)
     set_rebuild(b);
 }
 
-static bool set_contains(const Batch *b, RulesInvAction action, const char *p, size_t n)
+static bool set_contains(const Batch *b, uint64_t h, RulesInvAction action, const char *p,
+                         size_t n)
 {
     size_t mask, j;
 
     if (b->set_cap == 0)
         return false;
     mask = b->set_cap - 1;
-    j = (size_t)op_hash(action, p, n) & mask;
+    j = (size_t)h & mask;
     for (; b->set[j] != 0; j = (j + 1) & mask) {
         const BatchOp *op = &b->ops[b->set[j] - 1];
         if (b->set[j] - 1 < b->dedup_floor)
@@ -99,9 +102,11 @@ bool batch_add(Batch *b, RulesInvAction action, const char *str, size_t len, con
                size_t payload_len)
 {
     BatchOp op = {.action = action};
+    uint64_t h = 0;
 
     if (!keeps_order(action)) {
-        if (set_contains(b, action, str, len))
+        h = op_hash(action, str, len); /* once: looked up, then inserted */
+        if (set_contains(b, h, action, str, len))
             return false;
         set_reserve(b); /* before the op is pushed: a rehash must not see it */
     }
@@ -114,7 +119,7 @@ bool batch_add(Batch *b, RulesInvAction action, const char *str, size_t len, con
     b->ops = xgrow(b->ops, &b->ops_cap, b->nops + 1, sizeof *b->ops);
     b->ops[b->nops++] = op;
     if (!keeps_order(action))
-        set_insert(b, b->nops - 1);
+        set_insert(b, b->nops - 1, h);
     else if (action != RULES_INV_PUBLISH)
         b->dedup_floor = b->nops; /* a later delete of a stored key is not a duplicate */
     return true;

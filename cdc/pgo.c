@@ -49,7 +49,9 @@ typedef struct Reader {
 
 /* ---- errors and reading ---------------------------------------------- */
 
-static int fail(PgoDecoder *dec, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Errors are rare: kept out of line (cold) so the readers below inline. */
+static int fail(PgoDecoder *dec, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3), cold, noinline));
 
 static int fail(PgoDecoder *dec, const char *fmt, ...)
 {
@@ -65,16 +67,23 @@ static size_t rd_left(const Reader *r)
     return r->len - r->off;
 }
 
-/* Check that n more bytes are present. */
-static int rd_need(Reader *r, size_t n)
+static int rd_short(Reader *r, size_t n) __attribute__((cold, noinline));
+
+static int rd_short(Reader *r, size_t n)
 {
-    if (rd_left(r) < n)
-        return fail(r->dec, "truncated %s message: need %zu bytes at offset %zu, have %zu", r->what,
-                    n, r->off, rd_left(r));
+    return fail(r->dec, "truncated %s message: need %zu bytes at offset %zu, have %zu", r->what, n,
+                r->off, rd_left(r));
+}
+
+/* Check that n more bytes are present. */
+static inline int rd_need(Reader *r, size_t n)
+{
+    if (__builtin_expect(rd_left(r) < n, 0))
+        return rd_short(r, n);
     return 0;
 }
 
-static int rd_u8(Reader *r, uint8_t *out)
+static inline int rd_u8(Reader *r, uint8_t *out)
 {
     if (rd_need(r, 1) < 0)
         return -1;
@@ -82,7 +91,7 @@ static int rd_u8(Reader *r, uint8_t *out)
     return 0;
 }
 
-static int rd_u16(Reader *r, uint16_t *out)
+static inline int rd_u16(Reader *r, uint16_t *out)
 {
     if (rd_need(r, 2) < 0)
         return -1;
@@ -91,7 +100,7 @@ static int rd_u16(Reader *r, uint16_t *out)
     return 0;
 }
 
-static int rd_u32(Reader *r, uint32_t *out)
+static inline int rd_u32(Reader *r, uint32_t *out)
 {
     const unsigned char *p;
     if (rd_need(r, 4) < 0)
@@ -102,7 +111,7 @@ static int rd_u32(Reader *r, uint32_t *out)
     return 0;
 }
 
-static int rd_u64(Reader *r, uint64_t *out)
+static inline int rd_u64(Reader *r, uint64_t *out)
 {
     uint32_t hi, lo;
     if (rd_need(r, 8) < 0 || rd_u32(r, &hi) < 0 || rd_u32(r, &lo) < 0)
