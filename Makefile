@@ -149,8 +149,16 @@ asan:
 demo: deps $(BUILD)/walbust
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust scripts/demo
 
-bench: deps $(BUILD)/walbust
+bench: deps $(BUILD)/walbust $(BUILD)/bench/eval_bench
 	$(Q)WALBUST_BIN=$(CURDIR)/$(BUILD)/walbust bench/run
+
+# The rules engine's cost per change, in process (bench/run, rules10k).
+$(BUILD)/bench/eval_bench: bench/eval_bench.c $(BUILD)/obj/rules.o $(BUILD)/obj/rules_eval.o \
+                           $(BUILD)/obj/jsonpos.o $(BUILD)/obj/rules_audit.o $(BUILD)/obj/lsn.o \
+                           $(BUILD)/obj/mem.o
+	@mkdir -p $(dir $@)
+	@echo "  CC      $@"
+	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 # libFuzzer targets (clang): FUZZ_SECONDS per target, default 60; see tests/fuzz/run.
 .PHONY: fuzz

@@ -83,6 +83,7 @@ static void fill_common(const ChangeTxn *txn, const PgoRelation *rel, RulesChang
     out->xid = txn->xid;
     out->commit_time = txn->texts ? txn->time_text : NULL;
     out->has_commit = true;
+    out->shape = rel->generation;
     out->commit_lsn = txn->final_lsn;
     out->commit_ts = txn->commit_time;
 }

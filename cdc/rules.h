@@ -101,6 +101,11 @@ typedef struct RulesChange {
     bool has_commit; /* commit_lsn and commit_ts are set */
     uint64_t commit_lsn;
     int64_t commit_ts; /* PostgreSQL's microseconds since 2000-01-01 UTC */
+    /* Nonzero: names this colnames array (and ncols) for as long as it
+     * lives, never reused for another (the decoder's relation generation).
+     * Rules then map their columns once per shape instead of checking the
+     * names on every change. 0: unknown, checked every time. */
+    uint32_t shape;
 } RulesChange;
 
 /* The change's commit LSN as text: chg->lsn, or formatted into buf

@@ -82,6 +82,7 @@ typedef struct ColCache {
     bool valid;
     const char *const *names;
     size_t ncols;
+    uint32_t shape; /* RulesChange.shape it was resolved for (0: none) */
     long *idx; /* per Rule.cols entry: the change's column index or -1 */
 } ColCache;
 

@@ -685,6 +685,7 @@ static int eval_routed(Run *r, const PgoRelation *rel, RulesChange *chg, TruncSe
             c.colnames = NULL;
             c.old_vals = c.new_vals = NULL;
             c.partition_row = false;
+            c.shape = 0;
         }
         eval_change(r, &c);
     }

@@ -398,6 +398,7 @@ static void run_file(const char *name)
                              false,
                              false,
                              0,
+                             0,
                              0};
             /* Lookup rules never render at decode time for row changes. */
             size_t before = o.n;
@@ -405,7 +406,7 @@ static void run_file(const char *name)
             (void)rules_eval_lookups(r, &c, on_call, &o);
             (void)before;
         } else if (strcmp(s->name, "truncate") == 0) {
-            RulesChange c = {s->arg, RULES_TRUNCATE, 0, NULL, NULL, NULL, "0/1", 7, NULL, false, false, 0, 0};
+            RulesChange c = {s->arg, RULES_TRUNCATE, 0, NULL, NULL, NULL, "0/1", 7, NULL, false, false, 0, 0, 0};
             assert_int_equal(rules_eval_lookups(r, &c, on_call, &o), 0);
             (void)rules_eval(r, &c, collect, &o, NULL);
         } else if (strcmp(s->name, "calls") == 0) {

@@ -500,6 +500,7 @@ static void run_change(const Rules *r, Section *chg, Section *exp, Section *st, 
                      cs.partition_row,
                      false,
                      0,
+                     0,
                      0};
     matched = rules_eval(r, &c, collect, &got, &stats);
     cur = exp->body;
@@ -953,7 +954,8 @@ static void test_random_glob_escape(void **state)
         char v[40], v2[40], probe[128];
         size_t vl = random_value(v, sizeof v), v2l = random_value(v2, sizeof v2);
         RulesValue vals[2] = {{RULES_VAL_TEXT, v, vl}, {RULES_VAL_MISSING, NULL, 0}};
-        RulesChange c = {"public.t", RULES_INSERT, 2, cols, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
+        RulesChange c = {"public.t", RULES_INSERT, 2,     cols,  NULL, vals, "0/1",
+                         1,          "t",          false, false, 0,    0,    0};
         Collector got = {.n = 0};
 
         assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
@@ -992,7 +994,8 @@ static void test_column_cache(void **state)
     static const char json[] = "{\"rules\": [{\"table\": \"public.t\", \"keys\": [\"k:{b}\"]}]}";
     const char *names[2] = {"a", "b"};
     RulesValue vals[2] = {{RULES_VAL_TEXT, "1", 1}, {RULES_VAL_TEXT, "2", 1}};
-    RulesChange c = {"public.t", RULES_INSERT, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
+    RulesChange c = {"public.t", RULES_INSERT, 2,     names, NULL, vals, "0/1",
+                     1,          "t",          false, false, 0,    0,    0};
     Collector got = {.n = 0};
     Rules *r;
 
@@ -1016,12 +1019,52 @@ static void test_column_cache(void **state)
     rules_free(r);
 }
 
+/* With RulesChange.shape set, the mapping of a shape is reused without
+ * checking names; a new shape on the same recycled array is re-resolved. */
+static void test_column_cache_shape(void **state)
+{
+    static const char json[] = "{\"rules\": [{\"table\": \"public.t\", \"keys\": [\"k:{b}\"]}]}";
+    const char *names[2] = {"a", "b"};
+    RulesValue vals[2] = {{RULES_VAL_TEXT, "1", 1}, {RULES_VAL_TEXT, "2", 1}};
+    RulesChange c = {.table = "public.t",
+                     .op = RULES_INSERT,
+                     .ncols = 2,
+                     .colnames = names,
+                     .new_vals = vals,
+                     .shape = 7};
+    Collector got = {.n = 0};
+    Rules *r;
+
+    (void)state;
+    r = parse_or_fail(json, strlen(json), "cache");
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+    assert_string_equal(got.e[0].s, "k:2");
+    got.n = 0;
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1); /* cached */
+    assert_string_equal(got.e[0].s, "k:2");
+    names[0] = "b"; /* the array recycled for another relation: a new shape */
+    names[1] = "a";
+    c.shape = 8;
+    got.n = 0;
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+    assert_string_equal(got.e[0].s, "k:1");
+    /* Shape 0 (unknown) is checked by name every time, as before. */
+    names[0] = "a";
+    names[1] = "b";
+    c.shape = 0;
+    got.n = 0;
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+    assert_string_equal(got.e[0].s, "k:2");
+    rules_free(r);
+}
+
 static void test_stats_accumulate(void **state)
 {
     static const char json[] = "{\"rules\": [{\"table\": \"t\", \"keys\": [\"k:{a}\"]}]}";
     const char *names[1] = {"a"};
     RulesValue vals[1] = {{RULES_VAL_MISSING, NULL, 0}};
-    RulesChange c = {"public.t", RULES_INSERT, 1, names, NULL, vals, NULL, 0, NULL, false, false, 0, 0};
+    RulesChange c = {"public.t", RULES_INSERT, 1,     names, NULL, vals, NULL,
+                     0,          NULL,         false, false, 0,    0,    0};
     RulesEvalStats st = {0};
     Collector got = {.n = 0};
     Rules *r;
@@ -1072,9 +1115,12 @@ static void test_eval_ignores_other_tables(void **state)
 {
     const char *names[2] = {"id", "v"};
     RulesValue vals[2] = {{RULES_VAL_TEXT, "7", 1}, {RULES_VAL_TEXT, "1", 1}};
-    RulesChange hot = {"public.hot", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
-    RulesChange other = {"public.t4321", RULES_UPDATE, 2, names, vals, vals, "0/1", 1, "t", false, false, 0, 0};
-    RulesChange none = {"public.nope", RULES_UPDATE, 2, names, NULL, vals, "0/1", 1, "t", false, false, 0, 0};
+    RulesChange hot = {"public.hot", RULES_UPDATE, 2,     names, NULL, vals, "0/1", 1,
+                       "t",          false,        false, 0,     0,    0};
+    RulesChange other = {"public.t4321", RULES_UPDATE, 2, names, vals, vals, "0/1", 1, "t",
+                         false,          false,        0, 0,     0};
+    RulesChange none = {"public.nope", RULES_UPDATE, 2,     names, NULL, vals, "0/1", 1,
+                        "t",           false,        false, 0,     0,    0};
     char *big_json = many_rules_json(10, true), *small_json = many_rules_json(10, false);
     Rules *big = parse_or_fail(big_json, strlen(big_json), "10,010 rules");
     Rules *small = parse_or_fail(small_json, strlen(small_json), "10 rules");
@@ -1361,19 +1407,13 @@ static void test_jsonpos_check(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_eval_cases),
-        cmocka_unit_test(test_bad_files),
-        cmocka_unit_test(test_catalog_cases),
-        cmocka_unit_test(test_glob_escape),
-        cmocka_unit_test(test_random_glob_escape),
-        cmocka_unit_test(test_column_cache),
-        cmocka_unit_test(test_stats_accumulate),
-        cmocka_unit_test(test_example_file),
-        cmocka_unit_test(test_eval_ignores_other_tables),
-        cmocka_unit_test(test_parse_edges),
-        cmocka_unit_test(test_jsonpos_find),
-        cmocka_unit_test(test_jsonpos_finder),
-        cmocka_unit_test(test_rules_many_locate),
+        cmocka_unit_test(test_eval_cases),         cmocka_unit_test(test_bad_files),
+        cmocka_unit_test(test_catalog_cases),      cmocka_unit_test(test_glob_escape),
+        cmocka_unit_test(test_random_glob_escape), cmocka_unit_test(test_column_cache),
+        cmocka_unit_test(test_column_cache_shape), cmocka_unit_test(test_stats_accumulate),
+        cmocka_unit_test(test_example_file),       cmocka_unit_test(test_eval_ignores_other_tables),
+        cmocka_unit_test(test_parse_edges),        cmocka_unit_test(test_jsonpos_find),
+        cmocka_unit_test(test_jsonpos_finder),     cmocka_unit_test(test_rules_many_locate),
         cmocka_unit_test(test_jsonpos_check),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
