@@ -66,8 +66,7 @@ static void set_reserve(Batch *b)
     set_rebuild(b);
 }
 
-static bool set_contains(const Batch *b, uint64_t h, RulesInvAction action, const char *p,
-                         size_t n)
+static bool set_contains(const Batch *b, uint64_t h, RulesInvAction action, const char *p, size_t n)
 {
     size_t mask, j;
 

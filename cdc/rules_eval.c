@@ -36,6 +36,13 @@ static inline bool bytes_equal(const char *a, const char *b, size_t n)
     return true;
 }
 
+/* Same kind and, for text, the same bytes. */
+static inline bool values_equal(const RulesValue *a, const RulesValue *b)
+{
+    return a->kind == b->kind && (a->kind != RULES_VAL_TEXT ||
+                                  (a->len == b->len && bytes_equal(a->data, b->data, a->len)));
+}
+
 static long find_col(const RulesChange *chg, const char *name)
 {
     for (size_t i = 0; i < chg->ncols; i++)
@@ -100,10 +107,7 @@ static bool changed_hit(const Rule *rule, const RulesChange *chg, bool *missing)
             *missing = true;
             return true;
         }
-        if (o->kind == RULES_VAL_MISSING || o->kind != n->kind)
-            return true;
-        if (o->kind == RULES_VAL_TEXT &&
-            (o->len != n->len || !bytes_equal(o->data, n->data, o->len)))
+        if (o->kind == RULES_VAL_MISSING || !values_equal(o, n))
             return true;
     }
     return false;
@@ -218,9 +222,7 @@ static bool same_both_images(const Eval *ev, size_t ri, const Template *t)
             continue;
         const RulesValue *o = seg_value(ev, rule, s, /* any_old= */ true);
         const RulesValue *n = seg_value(ev, rule, s, /* any_old= */ false);
-        if (o->kind != n->kind ||
-            (o->kind == RULES_VAL_TEXT &&
-             (o->len != n->len || !bytes_equal(o->data, n->data, o->len))))
+        if (!values_equal(o, n))
             return false;
     }
     return true;
