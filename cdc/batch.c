@@ -14,15 +14,33 @@ static bool keeps_order(RulesInvAction a)
     return a == RULES_INV_PUBLISH || a == RULES_INV_REFRESH || a == RULES_INV_STALE;
 }
 
+/* Multiply and fold: mixes a word's bits into all of the result's. */
+static uint64_t mix(uint64_t h, uint64_t w)
+{
+    h = (h ^ w) * UINT64_C(0x9E3779B97F4A7C15);
+    return h ^ (h >> 29);
+}
+
+/* The set's hash of (action, bytes): eight bytes at a time (a byte-wise
+ * hash was 6 % of walbust's CPU in a drain), finished so that the low
+ * bits the set uses depend on every input byte. Equality is always
+ * checked on the bytes, so the hash only decides speed. */
 static uint64_t op_hash(RulesInvAction action, const char *p, size_t n)
 {
-    uint64_t h = UINT64_C(1469598103934665603) ^ (uint64_t)action;
+    uint64_t h =
+        mix(UINT64_C(0x243F6A8885A308D3), (uint64_t)action << 32 | (uint64_t)(n & 0xffffffff));
+    uint64_t w;
 
-    for (size_t i = 0; i < n; i++) {
-        h ^= (unsigned char)p[i];
-        h *= UINT64_C(1099511628211);
+    for (; n >= 8; p += 8, n -= 8) {
+        memcpy(&w, p, 8);
+        h = mix(h, w);
     }
-    return h;
+    if (n > 0) {
+        w = 0;
+        memcpy(&w, p, n);
+        h = mix(h, w);
+    }
+    return mix(h, h >> 32);
 }
 
 /* Insert op index i, whose op_hash() is h, into the set (the caller

@@ -304,22 +304,38 @@ static size_t bucket_of(const double *bounds, size_t n, double v)
     return b;
 }
 
-void metrics_commit_to_ack(Metrics *m, double seconds)
+/* One commit-to-ack observation; the caller holds m->lock. */
+static void observe_ack(Metrics *m, double seconds)
 {
-    size_t b;
-
-    if (m == NULL || isnan(seconds))
+    if (isnan(seconds))
         return;
     /* A commit stamped ahead of our clock (skew between hosts) counts as 0:
      * a negative observation would make _sum decrease, which Prometheus
      * reads as a counter reset. */
     if (seconds < 0)
         seconds = 0;
-    b = bucket_of(ack_buckets, ACK_NBUCKETS, seconds);
-    pthread_mutex_lock(&m->lock);
-    m->ack_counts[b]++;
+    m->ack_counts[bucket_of(ack_buckets, ACK_NBUCKETS, seconds)]++;
     m->ack_sum += isinf(seconds) ? 0 : seconds;
     m->ack_count++;
+}
+
+void metrics_commit_to_ack(Metrics *m, double seconds)
+{
+    if (m == NULL)
+        return;
+    pthread_mutex_lock(&m->lock);
+    observe_ack(m, seconds);
+    pthread_mutex_unlock(&m->lock);
+}
+
+void metrics_commits_acked(Metrics *m, int64_t now, const int64_t *commit_us, size_t n)
+{
+    if (m == NULL || n == 0)
+        return;
+    pthread_mutex_lock(&m->lock);
+    /* In doubles: commit times come off the wire and must not overflow. */
+    for (size_t i = 0; i < n; i++)
+        observe_ack(m, ((double)now - (double)commit_us[i]) / 1e6);
     pthread_mutex_unlock(&m->lock);
 }
 

@@ -109,6 +109,9 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
 
 /* One transaction acknowledged by Redis `seconds` after its commit. */
 void metrics_commit_to_ack(Metrics *m, double seconds);
+/* The same for n commits acknowledged at now: commit_us[i] and now are
+ * PostgreSQL timestamps (microseconds); one lock for all of them. */
+void metrics_commits_acked(Metrics *m, int64_t now, const int64_t *commit_us, size_t n);
 
 /* Where one acknowledged batch spent its time (seconds), for
  * walbust_batch_stage_seconds{stage}; see MetricsStage. Negative values

@@ -592,10 +592,28 @@ static bool valid_op(RulesOp op)
     return op == RULES_INSERT || op == RULES_UPDATE || op == RULES_DELETE || op == RULES_TRUNCATE;
 }
 
+/* rules_table_find() for the streaming thread, remembering the last table
+ * with rules (Scratch.last_table): a string comparison instead of hashing
+ * the name for every change. */
+static const TableEnt *table_of(const Rules *r, const char *name)
+{
+    Scratch *sc = r->scratch;
+    const TableEnt *te;
+
+    if (name != NULL && name == sc->last_name && strcmp(sc->last_table->name, name) == 0)
+        return sc->last_table;
+    te = rules_table_find(r, name);
+    if (te != NULL) {
+        sc->last_name = name;
+        sc->last_table = te;
+    }
+    return te;
+}
+
 unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, void *arg,
                     RulesEvalStats *stats)
 {
-    const TableEnt *te = rules_table_find(r, chg->table);
+    const TableEnt *te = table_of(r, chg->table);
     RulesEvalStats st = {0};
     Eval ev = {r, chg, NULL, NULL};
 

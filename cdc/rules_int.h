@@ -173,6 +173,11 @@ typedef struct Scratch {
     size_t *chans, nchans; /* distinct channels to publish; capacity Rules.nchannels */
     Buf payload;
     unsigned refresh_deletes; /* this eval's refresh entries that fell back to deleting */
+    /* The table rules_eval() found last, by the address of the name it
+     * was given (checked by name before reuse): consecutive changes mostly
+     * come from one table. */
+    const char *last_name;
+    const TableEnt *last_table;
 } Scratch;
 
 struct Rules {

@@ -198,10 +198,7 @@ static void record_ack(Run *r)
     metrics_invalidations(r->metrics, METRICS_ACTION_PUBLISH, st->publishes - r->applied.publishes);
     metrics_inc(r->metrics, METRICS_REFRESH_FENCED, st->refresh_fenced - r->applied.refresh_fenced);
     r->applied = *st;
-    /* In doubles: commit times come off the wire and must not overflow;
-     * clock skew (negative) counts as 0 in the histogram. */
-    for (size_t i = 0; i < r->ncommit_times; i++)
-        metrics_commit_to_ack(r->metrics, ((double)now - (double)r->commit_times[i]) / 1e6);
+    metrics_commits_acked(r->metrics, now, r->commit_times, r->ncommit_times);
     r->ncommit_times = 0;
     metrics_positions(r->metrics, stream_confirmed(r->stream), stream_received(r->stream),
                       stream_server_end(r->stream));

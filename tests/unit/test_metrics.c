@@ -434,10 +434,20 @@ static void test_histogram(void **state)
     Metrics *m = metrics_new();
     double sum = 0;
 
+    const int64_t now = INT64_C(850000000000000); /* PostgreSQL µs: in 2026 */
+    int64_t commits[8];
+    size_t n = 0;
+
+    /* The first half one by one, the rest as commit timestamps acked at
+     * once (metrics_commits_acked): the same histogram either way. */
     for (size_t i = 0; i < sizeof obs / sizeof obs[0]; i++) {
-        metrics_commit_to_ack(m, obs[i]);
+        if (i < 4)
+            metrics_commit_to_ack(m, obs[i]);
+        else
+            commits[n++] = now - (int64_t)(obs[i] * 1e6);
         sum += obs[i] > 0 ? obs[i] : 0;
     }
+    metrics_commits_acked(m, now, commits, n);
     metrics_commit_to_ack(m, NAN); /* ignored */
     char *text = metrics_render(m);
     assert_valid_exposition(text);
