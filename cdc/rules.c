@@ -1310,6 +1310,44 @@ static size_t table_slot(const Rules *r, const char *name)
     return h;
 }
 
+/* TableEnt.chcols/chmask: the distinct `changed` columns of the table's
+ * rules and, per rule, the bits of those it names. Left NULL (rule by
+ * rule) when no rule filters or more than CHANGED_MASK_MAX columns are
+ * named. */
+static void build_changed_masks(Rules *r, TableEnt *te)
+{
+    char *cols[CHANGED_MASK_MAX];
+    uint64_t *masks = xcalloc(te->nrules, sizeof *masks);
+    size_t n = 0;
+
+    for (size_t i = 0; i < te->nrules; i++) {
+        const Rule *rule = &r->rules[te->rules[i]];
+        for (size_t k = 0; k < rule->nchanged; k++) {
+            char *name = rule->cols[rule->changed[k]];
+            size_t j = 0;
+            while (j < n && strcmp(cols[j], name) != 0)
+                j++;
+            if (j == n && n == CHANGED_MASK_MAX) {
+                free(masks);
+                return; /* too many columns: filters run rule by rule */
+            }
+            if (j == n)
+                cols[n++] = name;
+            masks[i] |= UINT64_C(1) << j;
+        }
+    }
+    if (n == 0) {
+        free(masks);
+        return;
+    }
+    te->chcols = xcalloc(n, sizeof *te->chcols);
+    memcpy(te->chcols, cols, n * sizeof *cols);
+    te->nchcols = n;
+    te->chmask = masks;
+    te->chcache = xcalloc(1, sizeof *te->chcache);
+    te->chcache->idx = xcalloc(n, sizeof *te->chcache->idx);
+}
+
 static void build_index(Rules *r)
 {
     r->thashcap = 16;
@@ -1322,15 +1360,21 @@ static void build_index(Rules *r)
         TableEnt *te;
         if (r->thash[h] == 0) {
             r->tables = xgrow(r->tables, &r->tablecap, r->ntables + 1, sizeof *r->tables);
-            r->tables[r->ntables] = (TableEnt){xstrdup(rule->table), NULL, 0};
+            r->tables[r->ntables] = (TableEnt){.name = xstrdup(rule->table)};
             r->thash[h] = ++r->ntables;
         }
         te = &r->tables[r->thash[h] - 1];
         te->rules = xrealloc(te->rules, (te->nrules + 1) * sizeof *te->rules);
+        te->ons = xrealloc(te->ons, (te->nrules + 1) * sizeof *te->ons);
+        te->ons[te->nrules] =
+            (unsigned char)((rule->on & 0x0fu) | (rule->lookup != NULL ? TABLE_ON_LOOKUP : 0u) |
+                            (rule->nchanged > 0 ? TABLE_ON_FILTER : 0u));
         te->rules[te->nrules++] = i;
         rule->cache = xcalloc(1, sizeof *rule->cache);
         rule->cache->idx = xcalloc(rule->ncols, sizeof *rule->cache->idx);
     }
+    for (size_t t = 0; t < r->ntables; t++)
+        build_changed_masks(r, &r->tables[t]);
     r->scratch = xcalloc(1, sizeof *r->scratch);
     r->scratch->fired = xcalloc(r->nrules, sizeof *r->scratch->fired);
     r->scratch->chans = xcalloc(r->nchannels, sizeof *r->scratch->chans);
@@ -1438,6 +1482,12 @@ void rules_free(Rules *r)
     for (size_t i = 0; i < r->ntables; i++) {
         free(r->tables[i].name);
         free(r->tables[i].rules);
+        free(r->tables[i].ons);
+        free(r->tables[i].chcols);
+        free(r->tables[i].chmask);
+        if (r->tables[i].chcache != NULL)
+            free(r->tables[i].chcache->idx);
+        free(r->tables[i].chcache);
     }
     for (size_t i = 0; i < r->nchannels; i++)
         free(r->channels[i]);

@@ -58,26 +58,30 @@ static long find_col(const RulesChange *chg, const char *name)
  * column fires on every update, so a stale miss must not linger). A change
  * whose shape (RulesChange.shape) is the one last resolved skips the name
  * checks: with 50 rules on a table they were most of its evaluation. */
-static void resolve_cols(const Rule *rule, const RulesChange *chg)
+static void resolve(ColCache *cc, char *const *cols, size_t ncols, const RulesChange *chg)
 {
-    ColCache *cc = rule->cache;
     bool same = cc->valid && cc->names == chg->colnames && cc->ncols == chg->ncols;
 
     if (same && chg->shape != 0 && cc->shape == chg->shape)
         return; /* the very array it was resolved for (RulesChange.shape) */
-    for (size_t k = 0; same && k < rule->ncols; k++)
-        same = cc->idx[k] < 0 ? find_col(chg, rule->cols[k]) < 0
-                              : strcmp(chg->colnames[cc->idx[k]], rule->cols[k]) == 0;
+    for (size_t k = 0; same && k < ncols; k++)
+        same = cc->idx[k] < 0 ? find_col(chg, cols[k]) < 0
+                              : strcmp(chg->colnames[cc->idx[k]], cols[k]) == 0;
     if (same) {
         cc->shape = chg->shape;
         return;
     }
-    for (size_t k = 0; k < rule->ncols; k++)
-        cc->idx[k] = chg->colnames != NULL ? find_col(chg, rule->cols[k]) : -1;
+    for (size_t k = 0; k < ncols; k++)
+        cc->idx[k] = chg->colnames != NULL ? find_col(chg, cols[k]) : -1;
     cc->names = chg->colnames;
     cc->ncols = chg->ncols;
     cc->shape = chg->shape;
     cc->valid = true;
+}
+
+static void resolve_cols(const Rule *rule, const RulesChange *chg)
+{
+    resolve(rule->cache, rule->cols, rule->ncols, chg);
 }
 
 static const RulesValue missing_value = {RULES_VAL_MISSING, NULL, 0};
@@ -111,6 +115,53 @@ static bool changed_hit(const Rule *rule, const RulesChange *chg, bool *missing)
             return true;
     }
     return false;
+}
+
+/* An update's `changed` columns of table te, as bits over te->chcols:
+ * *changed, the columns whose value changed or is not carried; *missing,
+ * the columns the table lacks. */
+static void changed_columns(const TableEnt *te, const RulesChange *chg, uint64_t *changed,
+                            uint64_t *missing)
+{
+    const ColCache *cc = te->chcache;
+
+    resolve(te->chcache, te->chcols, te->nchcols, chg);
+    *changed = *missing = 0;
+    for (size_t j = 0; j < te->nchcols; j++) {
+        long i = cc->idx[j];
+        const RulesValue *o, *n;
+        if (i < 0) {
+            *missing |= UINT64_C(1) << j;
+            continue;
+        }
+        o = chg->old_vals != NULL ? &chg->old_vals[i] : &missing_value;
+        n = chg->new_vals != NULL ? &chg->new_vals[i] : &missing_value;
+        if (o->kind == RULES_VAL_MISSING || !values_equal(o, n))
+            *changed |= UINT64_C(1) << j;
+    }
+}
+
+/* The `changed` filter of te's i-th rule for an update (see changed_hit).
+ * With the table's bitmasks one AND decides; *cols says whether the
+ * change's columns were compared already (changed_columns, once per
+ * change). A rule naming a column the table lacks goes through
+ * changed_hit(), which says so in *missing. */
+static bool filter_passes(const TableEnt *te, size_t i, const Rule *rule, const RulesChange *chg,
+                          uint64_t cols[3], bool *missing)
+{
+    if (te->chmask == NULL) {
+        resolve_cols(rule, chg);
+        return changed_hit(rule, chg, missing);
+    }
+    if (cols[2] == 0) {
+        changed_columns(te, chg, &cols[0], &cols[1]);
+        cols[2] = 1;
+    }
+    if ((te->chmask[i] & cols[1]) != 0) {
+        resolve_cols(rule, chg);
+        return changed_hit(rule, chg, missing);
+    }
+    return (te->chmask[i] & cols[0]) != 0;
 }
 
 /* ---- evaluation: rendering -------------------------------------------------------- */
@@ -580,11 +631,10 @@ static void emit_publishes(Eval *ev, RulesEmitFn emit, void *arg, RulesEvalStats
 
 /* Does the rule fire on the change's event? A partition_row insert or
  * delete may be half of an update that moved the row (rules.h). */
-static bool rule_fires(const Rule *rule, const RulesChange *chg)
+static bool fires_on(unsigned on, const RulesChange *chg)
 {
-    return (rule->on & chg->op) ||
-           (chg->partition_row && (rule->on & RULES_UPDATE) &&
-            (chg->op == RULES_INSERT || chg->op == RULES_DELETE));
+    return (on & chg->op) || (chg->partition_row && (on & RULES_UPDATE) &&
+                              (chg->op == RULES_INSERT || chg->op == RULES_DELETE));
 }
 
 static bool valid_op(RulesOp op)
@@ -616,6 +666,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     const TableEnt *te = table_of(r, chg->table);
     RulesEvalStats st = {0};
     Eval ev = {r, chg, NULL, NULL};
+    uint64_t cols[3] = {0, 0, 0}; /* filter_passes(): changed, missing, computed */
 
     if (te == NULL || !valid_op(chg->op))
         return 0;
@@ -625,17 +676,18 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     ev.sc->nfired = 0;
     ev.sc->refresh_deletes = 0;
     for (size_t i = 0; i < te->nrules; i++) {
+        unsigned on = te->ons[i];
+        if (!fires_on(on, chg) || ((on & TABLE_ON_LOOKUP) && chg->op != RULES_TRUNCATE))
+            continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
-        if (!rule_fires(rule, chg) || (rule->lookup != NULL && chg->op != RULES_TRUNCATE))
-            continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
-        resolve_cols(rule, chg);
-        if (chg->op == RULES_UPDATE && rule->nchanged > 0) {
+        if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
             bool missing = false;
-            if (!changed_hit(rule, chg, &missing))
+            if (!filter_passes(te, i, rule, chg, cols, &missing))
                 continue;
             st.changed_missing += missing;
         }
+        resolve_cols(rule, chg);
         ev.sc->fired[ev.sc->nfired++] = ri;
         for (int k = 0; k < TPL_NKINDS; k++)
             for (size_t t = 0; t < rule->ntpl[k]; t++)
@@ -759,20 +811,22 @@ unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupC
     const TableEnt *te = rules_table_find(r, chg->table);
     Eval ev = {r, chg, NULL, NULL};
     unsigned fired = 0;
+    uint64_t cols[3] = {0, 0, 0}; /* filter_passes() */
 
     if (te == NULL || !(chg->op & ROW_OPS))
         return 0;
     for (size_t i = 0; i < te->nrules; i++) {
+        unsigned on = te->ons[i];
+        if (!(on & TABLE_ON_LOOKUP) || !fires_on(on, chg))
+            continue;
         size_t ri = te->rules[i];
         const Rule *rule = &r->rules[ri];
-        if (rule->lookup == NULL || !rule_fires(rule, chg))
-            continue;
-        resolve_cols(rule, chg);
-        if (chg->op == RULES_UPDATE && rule->nchanged > 0) {
+        if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
             bool missing = false; /* counted by rules_eval() for the same change */
-            if (!changed_hit(rule, chg, &missing))
+            if (!filter_passes(te, i, rule, chg, cols, &missing))
                 continue;
         }
+        resolve_cols(rule, chg);
         fired++;
         lookup_rule_calls(&ev, ri, fn, arg);
     }

@@ -83,7 +83,7 @@ typedef struct ColCache {
     const char *const *names;
     size_t ncols;
     uint32_t shape; /* RulesChange.shape it was resolved for (0: none) */
-    long *idx; /* per Rule.cols entry: the change's column index or -1 */
+    long *idx;      /* per Rule.cols entry: the change's column index or -1 */
 } ColCache;
 
 /* A rule's lookup (docs/rules.md "Lookups"): a read-only query whose
@@ -140,9 +140,28 @@ typedef struct Rule {
     Audit *audit;     /* NULL: none */
 } Rule;
 
+/* At most this many distinct `changed` columns per table take the
+ * bitmask path (TableEnt.chmask); a table naming more filters rule by rule. */
+#define CHANGED_MASK_MAX 64
+#define TABLE_ON_LOOKUP 0x80u /* TableEnt.ons: the rule has a lookup */
+#define TABLE_ON_FILTER 0x40u /* ... a `changed` filter */
+
 typedef struct TableEnt {
     char *name;
     size_t *rules, nrules;
+    /* The `changed` filters of its rules as bitmasks over the distinct
+     * columns they name (chcols: the rules' own strings), so that an
+     * update's changed columns are found once and each rule's filter is
+     * one AND (rules_eval). chmask is per entry of rules (0: no filter);
+     * NULL when the table names more than CHANGED_MASK_MAX columns. */
+    char **chcols;
+    size_t nchcols;
+    uint64_t *chmask;
+    /* Per entry of rules: the rule's RulesOp bits, TABLE_ON_LOOKUP and
+     * TABLE_ON_FILTER, side by side so that the rules that do not fire
+     * are passed over without touching their Rule. */
+    unsigned char *ons;
+    ColCache *chcache; /* chcols → the change's column indexes */
 } TableEnt;
 
 /* One rendered invalidation waiting in the scratch area. */

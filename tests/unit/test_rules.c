@@ -1058,6 +1058,75 @@ static void test_column_cache_shape(void **state)
     rules_free(r);
 }
 
+/* `changed` filters are decided by bitmasks over a table's distinct
+ * filter columns (at most 64); a table whose rules name more filters rule
+ * by rule. Both must fire exactly the rules whose columns changed. */
+static void check_changed_columns(size_t ncols)
+{
+    size_t cap = 96 * ncols + 32, len = 0;
+    char *json = malloc(cap);
+    const char **names = calloc(ncols + 1, sizeof *names);
+    RulesValue *oldv = calloc(ncols + 1, sizeof *oldv), *newv = calloc(ncols + 1, sizeof *newv);
+    char(*colname)[16] = calloc(ncols, sizeof *colname);
+    RulesChange c = {.table = "public.w",
+                     .op = RULES_UPDATE,
+                     .ncols = ncols + 1,
+                     .colnames = names,
+                     .old_vals = oldv,
+                     .new_vals = newv,
+                     .shape = 3};
+    Collector got = {.n = 0};
+    RulesEvalStats st = {0};
+    Rules *r;
+
+    assert_non_null(json);
+    len += (size_t)snprintf(json + len, cap - len, "{\"rules\": [");
+    for (size_t i = 0; i < ncols; i++)
+        len += (size_t)snprintf(
+            json + len, cap - len,
+            "%s{\"table\": \"w\", \"changed\": [\"c%zu\"], \"keys\": [\"k%zu:{id}\"]}",
+            i ? ", " : "", i, i);
+    len += (size_t)snprintf(json + len, cap - len, "]}");
+    assert_true(len < cap);
+    r = parse_or_fail(json, len, "changed_columns");
+    names[0] = "id";
+    oldv[0] = newv[0] = (RulesValue){RULES_VAL_TEXT, "1", 1};
+    for (size_t i = 0; i < ncols; i++) {
+        snprintf(colname[i], sizeof colname[i], "c%zu", i);
+        names[i + 1] = colname[i];
+        oldv[i + 1] = (RulesValue){RULES_VAL_TEXT, "0", 1};
+        newv[i + 1] = (RulesValue){RULES_VAL_TEXT, i == 3 || i == ncols - 2 ? "1" : "0", 1};
+    }
+    assert_int_equal(rules_eval(r, &c, collect, &got, &st), 2);
+    assert_int_equal(got.n, 2);
+    assert_string_equal(got.e[0].s, "k3:1");
+    char want[32];
+    snprintf(want, sizeof want, "k%zu:1", ncols - 2);
+    assert_string_equal(got.e[1].s, want);
+    assert_int_equal(st.changed_missing, 0);
+    /* Again (the cached mapping of the shape), now without c3's value in the
+     * old image: not carried counts as changed. */
+    got.n = 0;
+    oldv[4] = (RulesValue){RULES_VAL_MISSING, NULL, 0};
+    newv[ncols - 1] = (RulesValue){RULES_VAL_TEXT, "0", 1};
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+    assert_string_equal(got.e[0].s, "k3:1");
+    rules_free(r);
+    free(json);
+    free(names);
+    free(oldv);
+    free(newv);
+    free(colname);
+}
+
+static void test_changed_columns(void **state)
+{
+    (void)state;
+    check_changed_columns(10); /* bitmasks */
+    check_changed_columns(64); /* bitmasks, every bit */
+    check_changed_columns(70); /* rule by rule */
+}
+
 static void test_stats_accumulate(void **state)
 {
     static const char json[] = "{\"rules\": [{\"table\": \"t\", \"keys\": [\"k:{a}\"]}]}";
@@ -1407,13 +1476,21 @@ static void test_jsonpos_check(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_eval_cases),         cmocka_unit_test(test_bad_files),
-        cmocka_unit_test(test_catalog_cases),      cmocka_unit_test(test_glob_escape),
-        cmocka_unit_test(test_random_glob_escape), cmocka_unit_test(test_column_cache),
-        cmocka_unit_test(test_column_cache_shape), cmocka_unit_test(test_stats_accumulate),
-        cmocka_unit_test(test_example_file),       cmocka_unit_test(test_eval_ignores_other_tables),
-        cmocka_unit_test(test_parse_edges),        cmocka_unit_test(test_jsonpos_find),
-        cmocka_unit_test(test_jsonpos_finder),     cmocka_unit_test(test_rules_many_locate),
+        cmocka_unit_test(test_eval_cases),
+        cmocka_unit_test(test_bad_files),
+        cmocka_unit_test(test_catalog_cases),
+        cmocka_unit_test(test_glob_escape),
+        cmocka_unit_test(test_random_glob_escape),
+        cmocka_unit_test(test_column_cache),
+        cmocka_unit_test(test_column_cache_shape),
+        cmocka_unit_test(test_changed_columns),
+        cmocka_unit_test(test_stats_accumulate),
+        cmocka_unit_test(test_example_file),
+        cmocka_unit_test(test_eval_ignores_other_tables),
+        cmocka_unit_test(test_parse_edges),
+        cmocka_unit_test(test_jsonpos_find),
+        cmocka_unit_test(test_jsonpos_finder),
+        cmocka_unit_test(test_rules_many_locate),
         cmocka_unit_test(test_jsonpos_check),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
