@@ -141,27 +141,32 @@ static void changed_columns(const TableEnt *te, const RulesChange *chg, uint64_t
     }
 }
 
+/* One change's `changed` columns (changed_columns), found on first use. */
+typedef struct ChangedCols {
+    bool found;
+    uint64_t changed, missing;
+} ChangedCols;
+
 /* The `changed` filter of te's i-th rule for an update (see changed_hit).
- * With the table's bitmasks one AND decides; *cols says whether the
- * change's columns were compared already (changed_columns, once per
- * change). A rule naming a column the table lacks goes through
- * changed_hit(), which says so in *missing. */
+ * With the table's bitmasks one AND decides, the change's columns compared
+ * once for all its rules (*cols). A rule naming a column the table lacks
+ * goes through changed_hit(), which says so in *missing. */
 static bool filter_passes(const TableEnt *te, size_t i, const Rule *rule, const RulesChange *chg,
-                          uint64_t cols[3], bool *missing)
+                          ChangedCols *cols, bool *missing)
 {
     if (te->chmask == NULL) {
         resolve_cols(rule, chg);
         return changed_hit(rule, chg, missing);
     }
-    if (cols[2] == 0) {
-        changed_columns(te, chg, &cols[0], &cols[1]);
-        cols[2] = 1;
+    if (!cols->found) {
+        changed_columns(te, chg, &cols->changed, &cols->missing);
+        cols->found = true;
     }
-    if ((te->chmask[i] & cols[1]) != 0) {
+    if ((te->chmask[i] & cols->missing) != 0) {
         resolve_cols(rule, chg);
         return changed_hit(rule, chg, missing);
     }
-    return (te->chmask[i] & cols[0]) != 0;
+    return (te->chmask[i] & cols->changed) != 0;
 }
 
 /* ---- evaluation: rendering -------------------------------------------------------- */
@@ -666,7 +671,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     const TableEnt *te = table_of(r, chg->table);
     RulesEvalStats st = {0};
     Eval ev = {r, chg, NULL, NULL};
-    uint64_t cols[3] = {0, 0, 0}; /* filter_passes(): changed, missing, computed */
+    ChangedCols cols = {0};
 
     if (te == NULL || !valid_op(chg->op))
         return 0;
@@ -683,7 +688,7 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
         const Rule *rule = &r->rules[ri];
         if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
             bool missing = false;
-            if (!filter_passes(te, i, rule, chg, cols, &missing))
+            if (!filter_passes(te, i, rule, chg, &cols, &missing))
                 continue;
             st.changed_missing += missing;
         }
@@ -811,7 +816,7 @@ unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupC
     const TableEnt *te = rules_table_find(r, chg->table);
     Eval ev = {r, chg, NULL, NULL};
     unsigned fired = 0;
-    uint64_t cols[3] = {0, 0, 0}; /* filter_passes() */
+    ChangedCols cols = {0};
 
     if (te == NULL || !(chg->op & ROW_OPS))
         return 0;
@@ -823,7 +828,7 @@ unsigned rules_eval_lookups(const Rules *r, const RulesChange *chg, RulesLookupC
         const Rule *rule = &r->rules[ri];
         if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
             bool missing = false; /* counted by rules_eval() for the same change */
-            if (!filter_passes(te, i, rule, chg, cols, &missing))
+            if (!filter_passes(te, i, rule, chg, &cols, &missing))
                 continue;
         }
         resolve_cols(rule, chg);
