@@ -10,9 +10,11 @@
  * (bench/run passes the LSN of a marker message inside the last
  * transaction), and prints one JSON line:
  *
- *   {"seconds":..., "messages":..., "changes":..., "commits":..., "bytes":...}
+ *   {"seconds":..., "messages":..., "changes":..., "commits":..., "bytes":...,
+ *    "cpu_user":..., "cpu_sys":...}
  *
- * seconds runs from just before START_REPLICATION to the last Commit.
+ * seconds runs from just before START_REPLICATION to the last Commit;
+ * cpu_user/cpu_sys are the process's own CPU seconds (getrusage).
  *
  * usage: bare_consumer --pg CONNINFO --slot S --publication P --until X/X
  *        [--binary] [--timeout SECONDS] [--status-ms MS] [--pace-us N] [--rcvbuf BYTES]
