@@ -77,12 +77,14 @@ static void check_payload(const RulesChange *chg, const char *payload, size_t le
     const cJSON *op = cJSON_GetObjectItemCaseSensitive(root, "op");
     const cJSON *lsn = cJSON_GetObjectItemCaseSensitive(root, "lsn");
     const cJSON *xid = cJSON_GetObjectItemCaseSensitive(root, "xid");
+    char buf[LSN_TEXT_MAX];
+    const char *want = rules_change_lsn(chg, buf); /* formatted on demand */
 
     CHECK(cJSON_IsObject(root), "payload is not a JSON object: %.*s", (int)len, payload);
     CHECK(cJSON_IsString(t) && cJSON_IsString(op) && cJSON_IsString(lsn) && cJSON_IsNumber(xid),
           "payload fields: %.*s", (int)len, payload);
-    CHECK(strcmp(op->valuestring, op_name(chg->op)) == 0 && strcmp(lsn->valuestring, chg->lsn) == 0 &&
-              xid->valuedouble == (double)chg->xid,
+    CHECK(want != NULL && strcmp(op->valuestring, op_name(chg->op)) == 0 &&
+              strcmp(lsn->valuestring, want) == 0 && xid->valuedouble == (double)chg->xid,
           "payload values: %.*s", (int)len, payload);
     cJSON_Delete(root);
 }
@@ -184,6 +186,8 @@ static void handle(Loop *lp, const char *buf, size_t len)
     switch (m.kind) {
     case PGO_BEGIN:
         change_txn_begin(&lp->txn, &m);
+        CHECK(!lp->txn.texts, "the texts are formatted before anyone asks for them");
+        change_txn_texts(&lp->txn);
         CHECK(lsn_parse(lp->txn.lsn_text, &lsn) && lsn == m.u.begin.final_lsn,
               "lsn text \"%s\" does not parse back", lp->txn.lsn_text);
         CHECK(memchr(lp->txn.time_text, '\0', sizeof lp->txn.time_text) != NULL, "time text");
@@ -193,6 +197,13 @@ static void handle(Loop *lp, const char *buf, size_t len)
     case PGO_DELETE:
         change_from_pgo(&lp->cbuf, &lp->txn, &m, &chg);
         check_change(m.u.change.rel, &chg, buf, len);
+        {
+            char text[LSN_TEXT_MAX];
+            const char *got = rules_change_lsn(&chg, text);
+            CHECK(chg.has_commit && chg.commit_lsn == lp->txn.final_lsn && got != NULL &&
+                      lsn_parse(got, &lsn) && lsn == lp->txn.final_lsn,
+                  "the change's commit LSN \"%s\" is not its transaction's", got ? got : "");
+        }
         eval(&chg);
         break;
     case PGO_TRUNCATE:
