@@ -141,6 +141,18 @@ void change_truncate(const ChangeTxn *txn, const PgoRelation *rel, RulesChange *
     out->op = RULES_TRUNCATE;
 }
 
+void change_widen(const RulesChange *chg, const char *table, RulesChange *out)
+{
+    *out = (RulesChange){.table = table,
+                         .op = RULES_TRUNCATE,
+                         .lsn = chg->lsn,
+                         .xid = chg->xid,
+                         .commit_time = chg->commit_time,
+                         .has_commit = chg->has_commit,
+                         .commit_lsn = chg->commit_lsn,
+                         .commit_ts = chg->commit_ts};
+}
+
 int change_walbust_message(const char *content, size_t len, const char *tag_prefix,
                            RulesEmitFn emit, void *arg, char *err, size_t errlen)
 {

@@ -54,6 +54,11 @@ void change_from_pgo(ChangeBuf *buf, const ChangeTxn *txn, const PgoMsg *msg, Ru
 /* Build *out for a truncate of rel (no images). */
 void change_truncate(const ChangeTxn *txn, const PgoRelation *rel, RulesChange *out);
 
+/* Build *out as chg widened to everything table's rules cover: a truncate
+ * without columns or images, keeping chg's commit facts (a change of a
+ * table that left the rules' partition or inheritance tree). */
+void change_widen(const RulesChange *chg, const char *table, RulesChange *out);
+
 /* Free the arrays. */
 void change_buf_release(ChangeBuf *buf);
 

@@ -4,7 +4,7 @@
  * Nodes live in an array that only grows, so a node id stays valid for the
  * life of the Cluster; the slot map is a table of 16384 node ids (-1 where
  * no master serves the slot). Queued commands are kept in RESP form
- * (redisFormatCommandArgv) together with their slot or fixed node, so a
+ * (rconn_format) together with their slot or fixed node, so a
  * redirected or failed command can be sent again without the caller.
  *
  * cluster_exec() runs rounds: each round appends every unanswered command
@@ -40,7 +40,7 @@ typedef struct ClusterNode {
 } ClusterNode;
 
 typedef struct ClusterCmd {
-    char *fmt; /* RESP text (redisFormatCommandArgv) */
+    char *fmt; /* RESP text (rconn_format) */
     size_t len;
     int slot;      /* -1: a node command */
     int node;      /* the fixed node, or the -ASK target */
@@ -349,7 +349,7 @@ Cluster *cluster_new(const ClusterConfig *cfg)
 void cluster_reset(Cluster *c)
 {
     for (size_t i = 0; i < c->ncmds; i++) {
-        redisFreeCommand(c->cmds[i].fmt);
+        free(c->cmds[i].fmt);
         if (c->cmds[i].reply != NULL)
             freeReplyObject(c->cmds[i].reply);
     }
@@ -520,16 +520,14 @@ static size_t append(Cluster *c, int slot, int node, int argc, const char **argv
                      const size_t *lens)
 {
     ClusterCmd *cmd;
-    char *fmt = NULL;
-    int len = redisFormatCommandArgv(&fmt, argc, argv, lens);
+    char *fmt = xmalloc(rconn_format_max(argc, lens));
+    size_t len = rconn_format(fmt, argc, argv, lens);
 
-    if (len < 0 || fmt == NULL)
-        mem_oom();
     c->cmds = xgrow(c->cmds, &c->cmds_cap, c->ncmds + 1, sizeof *c->cmds);
     cmd = &c->cmds[c->ncmds];
     memset(cmd, 0, sizeof *cmd);
     cmd->fmt = fmt;
-    cmd->len = (size_t)len;
+    cmd->len = len;
     cmd->slot = slot;
     cmd->node = node;
     cmd->sent_to = CLUSTER_NO_NODE;

@@ -173,16 +173,8 @@ static void eval_routed(Decode *d, const PgoRelation *rel, const RulesChange *ch
         RulesChange c = *chg;
         c.table = rr.targets[i].table;
         c.partition_row = rr.partition_row && chg->op != RULES_TRUNCATE;
-        if (rr.targets[i].widen) {
-            c = (RulesChange){.table = c.table,
-                              .op = RULES_TRUNCATE,
-                              .lsn = chg->lsn,
-                              .xid = chg->xid,
-                              .commit_time = chg->commit_time,
-                              .has_commit = chg->has_commit,
-                              .commit_lsn = chg->commit_lsn,
-                              .commit_ts = chg->commit_ts};
-        }
+        if (rr.targets[i].widen)
+            change_widen(chg, rr.targets[i].table, &c);
         rules_eval(d->rules, &c, collect, d, st);
         add_lookups(d, &c);
     }

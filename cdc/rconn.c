@@ -449,7 +449,8 @@ size_t rconn_format(char *out, int argc, const char **argv, const size_t *lens)
 
 /* Straight into the output buffer: no allocation and no sprintf() per
  * argument, as redisFormatCommandArgv() has (1.6 % of walbust's CPU in a
- * drain, with the copy and the free after it). */
+ * drain, with the copy and the free after it). cluster.c keeps its queued
+ * commands in the same form (rconn_format). */
 void rconn_append(Rconn *c, int argc, const char **argv, const size_t *lens)
 {
     c->out = xgrow(c->out, &c->out_cap, c->out_len + rconn_format_max(argc, lens), 1);

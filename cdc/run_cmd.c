@@ -676,14 +676,8 @@ static int eval_routed(Run *r, const PgoRelation *rel, RulesChange *chg, TruncSe
         c.table = rr.targets[i].table;
         if ((chg->op == RULES_TRUNCATE || rr.targets[i].widen) && trunc_seen(seen, c.table))
             continue;
-        if (rr.targets[i].widen) {
-            c.op = RULES_TRUNCATE;
-            c.ncols = 0;
-            c.colnames = NULL;
-            c.old_vals = c.new_vals = NULL;
-            c.partition_row = false;
-            c.shape = 0;
-        }
+        if (rr.targets[i].widen)
+            change_widen(chg, rr.targets[i].table, &c);
         eval_change(r, &c);
     }
     return 0;
