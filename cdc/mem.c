@@ -58,7 +58,7 @@ void *mem_check(void *p)
     return p;
 }
 
-void *xgrow(void *arr, size_t *cap, size_t need, size_t elem)
+void *xgrow_slow(void *arr, size_t *cap, size_t need, size_t elem)
 {
     size_t n = *cap ? *cap : 8;
 

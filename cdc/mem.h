@@ -38,7 +38,14 @@ typedef struct MemText {
 void mem_text_add(MemText *t, const char *s);
 
 /* Grow arr (elements of elem bytes, *cap of them) to hold at least need,
- * doubling; returns the possibly moved array and updates *cap. */
-void *xgrow(void *arr, size_t *cap, size_t need, size_t elem);
+ * doubling; returns the possibly moved array and updates *cap. Inline for
+ * the common case, room already there (it runs several times per change:
+ * a call each was 3 % of walbust's instructions in a drain). */
+void *xgrow_slow(void *arr, size_t *cap, size_t need, size_t elem);
+
+static inline void *xgrow(void *arr, size_t *cap, size_t need, size_t elem)
+{
+    return need <= *cap ? arr : xgrow_slow(arr, cap, need, elem);
+}
 
 #endif

@@ -9,6 +9,7 @@
  */
 #include "stream.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -66,20 +67,20 @@ static int64_t mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* Big-endian 64-bit integers of the replication protocol. One load and a
+ * byte swap: gcc 12 left a byte loop as a loop, 6 % of walbust's
+ * instructions in a drain (three per XLogData message). */
 static uint64_t get_u64(const char *p)
 {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v = (v << 8) | (unsigned char)p[i];
-    return v;
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return be64toh(v);
 }
 
 static void put_u64(char *p, uint64_t v)
 {
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (char)(v & 0xff);
-        v >>= 8;
-    }
+    v = htobe64(v);
+    memcpy(p, &v, sizeof v);
 }
 
 Stream *stream_new(const StreamConfig *cfg)
