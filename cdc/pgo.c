@@ -145,7 +145,7 @@ static int rd_str(Reader *r, const char *field, const char **out)
 }
 
 /* An Int32 length followed by that many bytes. */
-static int rd_bytes(Reader *r, const char *field, uint32_t *len, const char **data)
+static inline int rd_bytes(Reader *r, const char *field, uint32_t *len, const char **data)
 {
     uint32_t raw;
     int32_t n;
@@ -516,17 +516,18 @@ typedef struct MsgType {
     int (*read)(Reader *r, PgoMsg *out);
 } MsgType;
 
+/* The most frequent first: every message is looked up here. */
 static const MsgType msg_types[] = {
     {PGO_BEGIN, "Begin", read_begin},
     {PGO_COMMIT, "Commit", read_commit},
-    {PGO_ORIGIN, "Origin", read_origin},
-    {PGO_RELATION, "Relation", read_relation},
-    {PGO_TYPE, "Type", read_type},
-    {PGO_INSERT, "Insert", read_insert},
     {PGO_UPDATE, "Update", read_update},
+    {PGO_INSERT, "Insert", read_insert},
     {PGO_DELETE, "Delete", read_delete},
-    {PGO_TRUNCATE, "Truncate", read_truncate},
+    {PGO_RELATION, "Relation", read_relation},
     {PGO_MESSAGE, "Message", read_message},
+    {PGO_TRUNCATE, "Truncate", read_truncate},
+    {PGO_TYPE, "Type", read_type},
+    {PGO_ORIGIN, "Origin", read_origin},
 };
 
 int pgo_decode(PgoDecoder *dec, const char *buf, size_t len, PgoMsg *out)
