@@ -106,21 +106,17 @@ void change_from_pgo(ChangeBuf *buf, const ChangeTxn *txn, const PgoMsg *msg, Ru
         break;
     case PGO_UPDATE:
         out->op = RULES_UPDATE;
-        for (uint16_t i = 0; i < rel->ncols; i++)
-            buf->new_vals[i] = from_wire(&msg->u.change.new_tuple.values[i]);
-        if (old_kind != 0) {
+        if (old_kind != 0)
             old_from_tuple(rel, old_kind, &msg->u.change.old_tuple, buf->old_vals);
-        } else {
+        for (uint16_t i = 0; i < rel->ncols; i++) {
+            const PgoValue *w = &msg->u.change.new_tuple.values[i];
+            RulesValue v = from_wire(w);
             /* No old tuple: the identity did not change. */
-            for (uint16_t i = 0; i < rel->ncols; i++)
-                buf->old_vals[i] = rel->cols[i].key
-                                       ? buf->new_vals[i]
-                                       : (RulesValue){RULES_VAL_MISSING, NULL, 0};
+            if (old_kind == 0)
+                buf->old_vals[i] = rel->cols[i].key ? v : (RulesValue){RULES_VAL_MISSING, NULL, 0};
+            /* Unchanged TOAST in the new row equals the old value when known. */
+            buf->new_vals[i] = w->kind == PGO_VAL_UNCHANGED ? buf->old_vals[i] : v;
         }
-        /* Unchanged TOAST in the new row equals the old value when known. */
-        for (uint16_t i = 0; i < rel->ncols; i++)
-            if (msg->u.change.new_tuple.values[i].kind == PGO_VAL_UNCHANGED)
-                buf->new_vals[i] = buf->old_vals[i];
         out->old_vals = buf->old_vals;
         out->new_vals = buf->new_vals;
         break;

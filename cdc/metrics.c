@@ -295,13 +295,20 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
 }
 
 /* Index of the bucket that holds v among n upper bounds (n: +Inf). */
+/* The first bucket whose bound is >= v (n: +Inf). A binary search: in a
+ * drain every commit is seconds old and a linear scan read every bound. */
 static size_t bucket_of(const double *bounds, size_t n, double v)
 {
-    size_t b = 0;
+    size_t lo = 0, hi = n;
 
-    while (b < n && v > bounds[b])
-        b++;
-    return b;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v > bounds[mid])
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 /* One commit-to-ack observation; the caller holds m->lock. */
