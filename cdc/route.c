@@ -13,6 +13,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Recent answers, one slot per relid modulo ROUTE_MEMO, for the same
+ * relation (relid and decoder generation) under the same rules: a change
+ * then costs no hashing of names (4 % of walbust's instructions in a
+ * one-table drain; in pgbench's four tables, a one-entry memo missed every
+ * time). Its strings are the relation's qualname and the relmap's and
+ * hier's, which live as long as that generation and those rules
+ * (route_rules_changed() forgets the memo). An answer with more than
+ * ROUTE_MEMO_TARGETS tables is not kept. */
+#define ROUTE_MEMO 16
+#define ROUTE_MEMO_TARGETS 4
+
+typedef struct RouteMemo {
+    bool valid, partition_row;
+    uint32_t relid, generation;
+    const Rules *rules;
+    size_t n;
+    RouteTarget targets[ROUTE_MEMO_TARGETS];
+} RouteMemo;
+
 struct Route {
     const char *conninfo, *publication;
     PGconn *conn;
@@ -21,16 +40,7 @@ struct Route {
     size_t cap;
     char **hier; /* rules tables with partitions or children; NULL: not loaded */
     size_t nhier;
-    /* The last answer, for the same relation (relid and decoder generation)
-     * under the same rules: consecutive changes of one table skip the two
-     * hash lookups (4 % of walbust's instructions in a drain). Nothing
-     * else changes the relmap or hier between two route_change() calls. */
-    struct {
-        bool valid;
-        uint32_t relid, generation;
-        const Rules *rules;
-        RouteResult result;
-    } last;
+    RouteMemo memo[ROUTE_MEMO];
 };
 
 Route *route_new(const char *conninfo, const char *publication)
@@ -45,7 +55,7 @@ Route *route_new(const char *conninfo, const char *publication)
 
 void route_rules_changed(Route *rt)
 {
-    rt->last.valid = false;
+    memset(rt->memo, 0, sizeof rt->memo);
     for (size_t i = 0; i < rt->nhier; i++)
         free(rt->hier[i]);
     free(rt->hier);
@@ -146,15 +156,16 @@ static void add_target(Route *rt, RouteResult *out, const char *table, bool wide
 int route_change(Route *rt, const Rules *rules, const PgoRelation *rel, RouteResult *out, char *err,
                  size_t errlen)
 {
+    RouteMemo *m = &rt->memo[rel->relid % ROUTE_MEMO];
     bool fresh, named;
     const RelMapEntry *e;
 
-    if (rt->last.valid && rt->last.relid == rel->relid && rt->last.generation == rel->generation &&
-        rt->last.rules == rules) {
-        *out = rt->last.result;
+    if (m->valid && m->relid == rel->relid && m->generation == rel->generation &&
+        m->rules == rules) {
+        *out = (RouteResult){.partition_row = m->partition_row, .n = m->n, .targets = m->targets};
         return 0;
     }
-    rt->last.valid = false;
+    m->valid = false;
     named = rules_has_table(rules, rel->qualname);
     e = lookup(rt, rel, &fresh, err, errlen);
     memset(out, 0, sizeof *out);
@@ -174,11 +185,14 @@ int route_change(Route *rt, const Rules *rules, const PgoRelation *rel, RouteRes
         out->orphan = fresh && rt->nhier > 0;
     }
     out->targets = rt->targets;
-    rt->last.valid = true;
-    rt->last.relid = rel->relid;
-    rt->last.generation = rel->generation;
-    rt->last.rules = rules;
-    rt->last.result = *out;
-    rt->last.result.orphan = false; /* logged once, on first sight */
+    if (out->n <= ROUTE_MEMO_TARGETS) { /* orphan: logged once, on first sight */
+        *m = (RouteMemo){.valid = true,
+                         .partition_row = out->partition_row,
+                         .relid = rel->relid,
+                         .generation = rel->generation,
+                         .rules = rules,
+                         .n = out->n};
+        memcpy(m->targets, out->targets, out->n * sizeof *out->targets);
+    }
     return 0;
 }

@@ -647,21 +647,26 @@ static bool valid_op(RulesOp op)
     return op == RULES_INSERT || op == RULES_UPDATE || op == RULES_DELETE || op == RULES_TRUNCATE;
 }
 
-/* rules_table_find() for the streaming thread, remembering the last table
- * with rules (Scratch.last_table): a string comparison instead of hashing
- * the name for every change. */
+/* rules_table_find() for the streaming thread, remembering recent tables
+ * with rules by the address of the change's name (Scratch.recent, one slot
+ * per address hash): a string comparison instead of hashing the name for
+ * every change, also when a transaction's changes alternate between tables
+ * (pgbench's three). The comparison guards against an address reused for
+ * another name. */
 static const TableEnt *table_of(const Rules *r, const char *name)
 {
     Scratch *sc = r->scratch;
+    RecentTable *rt;
     const TableEnt *te;
 
-    if (name != NULL && name == sc->last_name && strcmp(sc->last_table->name, name) == 0)
-        return sc->last_table;
+    if (name == NULL)
+        return NULL;
+    rt = &sc->recent[((uintptr_t)name >> 4) % RULES_RECENT_TABLES];
+    if (name == rt->name && strcmp(rt->te->name, name) == 0)
+        return rt->te;
     te = rules_table_find(r, name);
-    if (te != NULL) {
-        sc->last_name = name;
-        sc->last_table = te;
-    }
+    if (te != NULL)
+        *rt = (RecentTable){name, te};
     return te;
 }
 

@@ -181,6 +181,13 @@ typedef struct Slot {
 } Slot;
 
 /* Per-eval working memory, reused across calls. */
+#define RULES_RECENT_TABLES 16
+
+typedef struct RecentTable {
+    const char *name;
+    const TableEnt *te;
+} RecentTable;
+
 typedef struct Scratch {
     Buf strs; /* rendered strings, each NUL-terminated */
     Item *items;
@@ -192,11 +199,9 @@ typedef struct Scratch {
     size_t *chans, nchans; /* distinct channels to publish; capacity Rules.nchannels */
     Buf payload;
     unsigned refresh_deletes; /* this eval's refresh entries that fell back to deleting */
-    /* The table rules_eval() found last, by the address of the name it
-     * was given (checked by name before reuse): consecutive changes mostly
-     * come from one table. */
-    const char *last_name;
-    const TableEnt *last_table;
+    /* Tables rules_eval() found recently, by the address of the name it
+     * was given (checked by name before reuse; rules_eval.c table_of). */
+    RecentTable recent[RULES_RECENT_TABLES];
 } Scratch;
 
 struct Rules {
