@@ -1058,6 +1058,44 @@ static void test_column_cache_shape(void **state)
     rules_free(r);
 }
 
+/* rules_eval() remembers tables by the address of the change's name: changes
+ * alternating between tables get each table's rules, and an address reused
+ * for another table's name (the decoder freed one relation and allocated
+ * the next there) gets the new table's rules, not the remembered ones. */
+static void test_recent_tables(void **state)
+{
+    static const char json[] = "{\"rules\": [{\"table\": \"public.a\", \"keys\": [\"a:{id}\"]},"
+                               " {\"table\": \"public.b\", \"keys\": [\"b:{id}\"]}]}";
+    const char *names[1] = {"id"};
+    RulesValue vals[1] = {{RULES_VAL_TEXT, "5", 1}};
+    char a[16] = "public.a", b[16] = "public.b", other[16] = "public.zz";
+    RulesChange c = {.op = RULES_INSERT, .ncols = 1, .colnames = names, .new_vals = vals};
+    Collector got = {.n = 0};
+    Rules *r = parse_or_fail(json, strlen(json), "recent");
+
+    (void)state;
+    for (int round = 0; round < 3; round++) {
+        c.table = a;
+        got.n = 0;
+        assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+        assert_string_equal(got.e[0].s, "a:5");
+        c.table = b;
+        got.n = 0;
+        assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+        assert_string_equal(got.e[0].s, "b:5");
+    }
+    strcpy(a, "public.b"); /* the same address, now another table's name */
+    c.table = a;
+    got.n = 0;
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 1);
+    assert_string_equal(got.e[0].s, "b:5");
+    strcpy(a, other); /* and now a table without rules */
+    got.n = 0;
+    assert_int_equal(rules_eval(r, &c, collect, &got, NULL), 0);
+    assert_int_equal(got.n, 0);
+    rules_free(r);
+}
+
 /* `changed` filters are decided by bitmasks over a table's distinct
  * filter columns (at most 64); a table whose rules name more filters rule
  * by rule. Both must fire exactly the rules whose columns changed. */
@@ -1483,6 +1521,7 @@ int main(void)
         cmocka_unit_test(test_random_glob_escape),
         cmocka_unit_test(test_column_cache),
         cmocka_unit_test(test_column_cache_shape),
+        cmocka_unit_test(test_recent_tables),
         cmocka_unit_test(test_changed_columns),
         cmocka_unit_test(test_stats_accumulate),
         cmocka_unit_test(test_example_file),
