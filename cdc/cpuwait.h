@@ -18,7 +18,18 @@
  * near 100 µs (the interval stays at its minimum), 150-280 µs under
  * pgbench or 10k commits/s (0.5 to 1 ms).
  *
- * Pure: the caller reads the counters (runtime_sched_wait) and the clock.
+ * That wait alone misses a saturated host on which the scheduler serves a
+ * thread that mostly sleeps at once (Linux favours woken sleepers): under
+ * pgbench on the Xeon VM of docs/performance.md walbust waited too little
+ * to leave 0.2 ms while PostgreSQL had no idle CPU left, and its
+ * flushes cost pgbench 11-17 % of its TPS. So the host's CPU time is a
+ * second signal: the share of all CPUs' time that was not idle
+ * (/proc/stat), smoothed alike; above CPUWAIT_HOST_FREE the interval rises
+ * linearly to max at CPUWAIT_HOST_FULL. The interval is the larger of the
+ * two.
+ *
+ * Pure: the caller reads the counters (runtime_sched_wait, runtime_host_cpu)
+ * and the clock.
  */
 #ifndef WALBUST_CPUWAIT_H
 #define WALBUST_CPUWAIT_H
@@ -38,12 +49,26 @@
  * the wait counts as 0 */
 #define CPUWAIT_IDLE_WINDOW_US 1000000
 
+/* The host's share of CPU time not idle: from CPUWAIT_HOST_FREE the
+ * interval rises, at CPUWAIT_HOST_FULL it is max. */
+#define CPUWAIT_HOST_FREE 0.80
+#define CPUWAIT_HOST_FULL 0.95
+
+/* The host's cumulative CPU time (any unit, e.g. /proc/stat's ticks): not
+ * idle (busy) and in all (total). */
+typedef struct CpuHost {
+    uint64_t busy, total;
+} CpuHost;
+
 typedef struct CpuWait {
     int64_t min_us, max_us; /* the interval's range */
     int64_t window_at_us;   /* when the current window began (0: not yet) */
     uint64_t delay_ns;      /* the thread's run_delay then */
     uint64_t slices;        /* ... and its timeslices */
+    bool host_known;        /* host was given then */
+    CpuHost host;           /* ... as it was */
     double wait_us;         /* smoothed wait for a CPU per wakeup */
+    double busy;            /* smoothed share of the host's CPU time not idle */
     int64_t interval_us;    /* what cpuwait_interval_us() returns */
 } CpuWait;
 
@@ -55,6 +80,11 @@ void cpuwait_init(CpuWait *w, int64_t min_us, int64_t max_us);
  * convenient; read the counters only when cpuwait_due()). Counters that go
  * backwards restart the window. Returns true when the interval changed. */
 bool cpuwait_sample(CpuWait *w, int64_t now_us, uint64_t delay_ns, uint64_t slices);
+
+/* cpuwait_sample() with the host's counters as read at now_us too (NULL:
+ * unknown; the host signal then counts as idle). */
+bool cpuwait_sample_host(CpuWait *w, int64_t now_us, uint64_t delay_ns, uint64_t slices,
+                         const CpuHost *host);
 
 /* Should the caller read the counters and call cpuwait_sample() now? */
 bool cpuwait_due(const CpuWait *w, int64_t now_us);

@@ -1203,19 +1203,22 @@ static void start_flush_interval(Run *r)
     metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
 }
 
-/* --flush-interval auto: follow the streaming thread's wait for a CPU
- * (cpuwait.h). A clock read per call; the counters every 100 ms. */
+/* --flush-interval auto: follow the streaming thread's wait for a CPU and
+ * how busy the host's CPUs are (cpuwait.h). A clock read per call; the
+ * counters every 100 ms. */
 static void retune_flush_interval(Run *r)
 {
     int64_t now;
     uint64_t delay_ns, slices;
+    CpuHost host;
 
     if (!r->auto_interval)
         return;
     now = runtime_now_us();
     if (!cpuwait_due(&r->cpuwait, now) || !runtime_sched_wait(&delay_ns, &slices))
         return;
-    if (cpuwait_sample(&r->cpuwait, now, delay_ns, slices)) {
+    if (cpuwait_sample_host(&r->cpuwait, now, delay_ns, slices,
+                            runtime_host_cpu(&host.busy, &host.total) ? &host : NULL)) {
         r->flush_interval_us = cpuwait_interval_us(&r->cpuwait);
         metrics_flush_interval(r->metrics, (double)r->flush_interval_us / 1e6);
     }

@@ -89,6 +89,28 @@ bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices)
     return true;
 }
 
+bool runtime_host_cpu(uint64_t *busy, uint64_t *total)
+{
+    char buf[256];
+    unsigned long long v[8] = {0}; /* user nice system idle iowait irq softirq steal */
+    ssize_t len;
+    int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
+
+    if (fd < 0)
+        return false;
+    len = read(fd, buf, sizeof buf - 1); /* the first line is enough */
+    close(fd);
+    if (len <= 0)
+        return false;
+    buf[len] = '\0';
+    if (sscanf(buf, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+               &v[4], &v[5], &v[6], &v[7]) < 5)
+        return false;
+    *busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    *total = *busy + v[3] + v[4];
+    return true;
+}
+
 bool runtime_precise_sleeps(void)
 {
     return prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL) == 0;

@@ -76,6 +76,11 @@ int64_t runtime_now_us(void);
  * times it was given one. false when the kernel does not report them. */
 bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices);
 
+/* The host's cumulative CPU time from /proc/stat's first line, in ticks:
+ * not idle (user, nice, system, irq, softirq, steal) and in all (those plus
+ * idle and iowait). False when it cannot be read. */
+bool runtime_host_cpu(uint64_t *busy, uint64_t *total);
+
 /* Let the calling thread's short sleeps (the flush interval's 0.2 ms, the
  * visibility check's 50 µs) end when asked: Linux lets a timer fire up to
  * its thread's "timer slack" late, 50 µs by default, a quarter of a 0.2 ms

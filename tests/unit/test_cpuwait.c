@@ -2,7 +2,9 @@
  * lightly loaded thread keeps the minimum; a thread that waits for a CPU
  * gets CPUWAIT_FACTOR x its wait, capped; the interval comes back down when
  * the contention ends, also when wakeups become too few to measure; short
- * windows and counters that go backwards change nothing. */
+ * windows and counters that go backwards change nothing; a host whose CPUs
+ * are nearly all busy raises the interval even when walbust itself is
+ * served at once. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -139,6 +141,73 @@ static void test_short_windows_and_resets(void **state)
     assert_int_equal(cpuwait_interval_us(&w), MIN_US);
 }
 
+/* Like windows(), with the host's CPUs busy `busy` of the time (NULL host
+ * when busy < 0: unknown). */
+static void host_windows(CpuWait *w, Thread *t, CpuHost *h, int n, uint64_t wakeups, double wait_us,
+                         double busy)
+{
+    for (int i = 0; i < n; i++) {
+        t->now_us += CPUWAIT_WINDOW_US;
+        t->slices += wakeups;
+        t->delay_ns += (uint64_t)(wait_us * 1000.0 * (double)wakeups);
+        h->total += 2000; /* two CPUs, 100 ms, in µs */
+        h->busy += (uint64_t)(2000 * (busy < 0 ? 0 : busy));
+        cpuwait_sample_host(w, t->now_us, t->delay_ns, t->slices, busy < 0 ? NULL : h);
+    }
+}
+
+static void test_busy_host_raises(void **state)
+{
+    CpuWait w;
+    Thread t;
+    CpuHost h = {.busy = 123456, .total = 987654};
+    (void)state;
+
+    /* walbust is served at once (35 µs per wakeup), but the host's CPUs
+     * are 97 % busy (pgbench): after ~2 s the interval is the maximum. */
+    start(&w, &t);
+    host_windows(&w, &t, &h, 20, 300, 35.0, 0.97);
+    assert_int_equal(cpuwait_interval_us(&w), MAX_US);
+    /* The load ends: back to the minimum within ~2 s. */
+    host_windows(&w, &t, &h, 20, 300, 35.0, 0.30);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    /* Half way between CPUWAIT_HOST_FREE and _FULL: about half way. */
+    host_windows(&w, &t, &h, 40, 300, 35.0, (CPUWAIT_HOST_FREE + CPUWAIT_HOST_FULL) / 2);
+    assert_in_range(cpuwait_interval_us(&w), MIN_US + (MAX_US - MIN_US) / 2 - 50,
+                    MIN_US + (MAX_US - MIN_US) / 2 + 50);
+    /* Busy, but under CPUWAIT_HOST_FREE: the minimum. */
+    host_windows(&w, &t, &h, 40, 300, 35.0, CPUWAIT_HOST_FREE - 0.05);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    /* The larger signal wins: a long wait on a host that is not busy. */
+    host_windows(&w, &t, &h, 20, 250, 250.0, 0.10);
+    assert_in_range(cpuwait_interval_us(&w), 1000, CPUWAIT_FACTOR * (250 - CPUWAIT_FREE_US));
+}
+
+static void test_host_unknown_or_backwards(void **state)
+{
+    CpuWait w;
+    Thread t;
+    CpuHost h = {.busy = 1000, .total = 2000};
+    (void)state;
+
+    /* No host counters (no /proc/stat): only the wait counts. */
+    start(&w, &t);
+    host_windows(&w, &t, &h, 20, 300, 35.0, -1);
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+    /* Counters that go backwards, or more busy time than time: no sample
+     * (idle), never a jump. */
+    start(&w, &t);
+    host_windows(&w, &t, &h, 1, 300, 35.0, 0.97);
+    for (int i = 0; i < 20; i++) {
+        CpuHost back = {.busy = h.busy + 5000, .total = h.total + 10};
+        t.now_us += CPUWAIT_WINDOW_US;
+        t.slices += 300;
+        t.delay_ns += 300 * 35000;
+        cpuwait_sample_host(&w, t.now_us, t.delay_ns, t.slices, i % 2 ? &back : &h);
+    }
+    assert_int_equal(cpuwait_interval_us(&w), MIN_US);
+}
+
 static void test_fixed_range(void **state)
 {
     CpuWait w;
@@ -162,6 +231,8 @@ int main(void)
         cmocka_unit_test(test_contended_follows_wait_and_caps),
         cmocka_unit_test(test_comes_back_down),
         cmocka_unit_test(test_short_windows_and_resets),
+        cmocka_unit_test(test_busy_host_raises),
+        cmocka_unit_test(test_host_unknown_or_backwards),
         cmocka_unit_test(test_fixed_range),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
