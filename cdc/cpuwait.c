@@ -1,6 +1,6 @@
 /*
  * cpuwait.c — the automatic flush interval from walbust's wait for a CPU
- * (cpuwait.h).
+ * and the host's busy CPU time (cpuwait.h).
  */
 #include "cpuwait.h"
 

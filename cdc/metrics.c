@@ -294,9 +294,9 @@ void metrics_positions(Metrics *m, uint64_t confirmed, uint64_t received, uint64
     atomic_store_explicit(&m->server_end, server_end, memory_order_relaxed);
 }
 
-/* Index of the bucket that holds v among n upper bounds (n: +Inf). */
-/* The first bucket whose bound is >= v (n: +Inf). A binary search: in a
- * drain every commit is seconds old and a linear scan read every bound. */
+/* Index of the bucket that holds v among n upper bounds: the first bound
+ * >= v (n: +Inf). A binary search: in a drain every commit is seconds old
+ * and a linear scan read every bound. */
 static size_t bucket_of(const double *bounds, size_t n, double v)
 {
     size_t lo = 0, hi = n;
