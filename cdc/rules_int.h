@@ -180,7 +180,7 @@ typedef struct Slot {
     size_t item;
 } Slot;
 
-/* Per-eval working memory, reused across calls. */
+/* A table rules_eval() found, by the address of the change's name. */
 #define RULES_RECENT_TABLES 16
 
 typedef struct RecentTable {
@@ -188,6 +188,7 @@ typedef struct RecentTable {
     const TableEnt *te;
 } RecentTable;
 
+/* Per-eval working memory, reused across calls. */
 typedef struct Scratch {
     Buf strs; /* rendered strings, each NUL-terminated */
     Item *items;
