@@ -192,7 +192,8 @@ int route_change(Route *rt, const Rules *rules, const PgoRelation *rel, RouteRes
                          .generation = rel->generation,
                          .rules = rules,
                          .n = out->n};
-        memcpy(m->targets, out->targets, out->n * sizeof *out->targets);
+        if (out->n > 0) /* rt->targets is NULL until a first target */
+            memcpy(m->targets, out->targets, out->n * sizeof *out->targets);
     }
     return 0;
 }
