@@ -67,20 +67,30 @@ int64_t runtime_now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices)
+/* The first cap - 1 bytes of a /proc file, NUL-terminated; false when it
+ * cannot be read or is empty. */
+static bool read_head(const char *path, char *buf, size_t cap)
 {
-    char buf[128];
-    unsigned long long run_ns, wait_ns, n;
     ssize_t len;
-    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
 
     if (fd < 0)
         return false;
-    len = read(fd, buf, sizeof buf - 1);
+    len = read(fd, buf, cap - 1);
     close(fd);
     if (len <= 0)
         return false;
     buf[len] = '\0';
+    return true;
+}
+
+bool runtime_sched_wait(uint64_t *delay_ns, uint64_t *slices)
+{
+    char buf[128];
+    unsigned long long run_ns, wait_ns, n;
+
+    if (!read_head("/proc/thread-self/schedstat", buf, sizeof buf))
+        return false;
     /* "<ns on a CPU> <ns waiting for one> <timeslices>" */
     if (sscanf(buf, "%llu %llu %llu", &run_ns, &wait_ns, &n) != 3)
         return false;
@@ -93,16 +103,9 @@ bool runtime_host_cpu(uint64_t *busy, uint64_t *total)
 {
     char buf[256];
     unsigned long long v[8] = {0}; /* user nice system idle iowait irq softirq steal */
-    ssize_t len;
-    int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
 
-    if (fd < 0)
+    if (!read_head("/proc/stat", buf, sizeof buf)) /* the first line is enough */
         return false;
-    len = read(fd, buf, sizeof buf - 1); /* the first line is enough */
-    close(fd);
-    if (len <= 0)
-        return false;
-    buf[len] = '\0';
     if (sscanf(buf, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
                &v[4], &v[5], &v[6], &v[7]) < 5)
         return false;
