@@ -1344,6 +1344,17 @@ static void build_changed_masks(Rules *r, TableEnt *te)
     memcpy(te->chcols, cols, n * sizeof *cols);
     te->nchcols = n;
     te->chmask = masks;
+    te->nwords = (te->nrules + 63) / 64;
+    te->unfiltered = xcalloc(te->nwords, sizeof *te->unfiltered);
+    te->colrules = xcalloc(n * te->nwords, sizeof *te->colrules);
+    for (size_t i = 0; i < te->nrules; i++) {
+        uint64_t bit = UINT64_C(1) << (i % 64);
+        if (masks[i] == 0)
+            te->unfiltered[i / 64] |= bit;
+        for (size_t j = 0; j < n; j++)
+            if (masks[i] & (UINT64_C(1) << j))
+                te->colrules[j * te->nwords + i / 64] |= bit;
+    }
     te->chcache = xcalloc(1, sizeof *te->chcache);
     te->chcache->idx = xcalloc(n, sizeof *te->chcache->idx);
 }
@@ -1373,9 +1384,14 @@ static void build_index(Rules *r)
         rule->cache = xcalloc(1, sizeof *rule->cache);
         rule->cache->idx = xcalloc(rule->ncols, sizeof *rule->cache->idx);
     }
-    for (size_t t = 0; t < r->ntables; t++)
+    size_t maxwords = 1;
+    for (size_t t = 0; t < r->ntables; t++) {
         build_changed_masks(r, &r->tables[t]);
+        if (r->tables[t].nwords > maxwords)
+            maxwords = r->tables[t].nwords;
+    }
     r->scratch = xcalloc(1, sizeof *r->scratch);
+    r->scratch->cand = xcalloc(maxwords, sizeof *r->scratch->cand);
     r->scratch->fired = xcalloc(r->nrules, sizeof *r->scratch->fired);
     r->scratch->chans = xcalloc(r->nchannels, sizeof *r->scratch->chans);
 }
@@ -1485,6 +1501,8 @@ void rules_free(Rules *r)
         free(r->tables[i].ons);
         free(r->tables[i].chcols);
         free(r->tables[i].chmask);
+        free(r->tables[i].unfiltered);
+        free(r->tables[i].colrules);
         if (r->tables[i].chcache != NULL)
             free(r->tables[i].chcache->idx);
         free(r->tables[i].chcache);
@@ -1496,6 +1514,7 @@ void rules_free(Rules *r)
         free(r->scratch->items);
         free(r->scratch->set);
         free(r->scratch->fired);
+        free(r->scratch->cand);
         free(r->scratch->chans);
         free(r->scratch->payload.data);
         free(r->scratch);

@@ -670,6 +670,57 @@ static const TableEnt *table_of(const Rules *r, const char *name)
     return te;
 }
 
+/* te's i-th rule against the change: render what it names when it fires. */
+static void eval_rule(Eval *ev, const TableEnt *te, size_t i, ChangedCols *cols, RulesEvalStats *st)
+{
+    const RulesChange *chg = ev->chg;
+    unsigned on = te->ons[i];
+    size_t ri;
+    const Rule *rule;
+
+    if (!fires_on(on, chg) || ((on & TABLE_ON_LOOKUP) && chg->op != RULES_TRUNCATE))
+        return; /* lookups: rules_eval_lookups(); a truncate widens without one */
+    ri = te->rules[i];
+    rule = &ev->r->rules[ri];
+    if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
+        bool missing = false;
+        if (!filter_passes(te, i, rule, chg, cols, &missing))
+            return;
+        st->changed_missing += missing;
+    }
+    resolve_cols(rule, chg);
+    ev->sc->fired[ev->sc->nfired++] = ri;
+    for (int k = 0; k < TPL_NKINDS; k++)
+        for (size_t t = 0; t < rule->ntpl[k]; t++)
+            render_template(ev, ri, &rule->tpl[k][t], k);
+    for (size_t t = 0; t < rule->nrefresh; t++)
+        render_refresh(ev, ri, t);
+    for (size_t t = 0; t < rule->nstale; t++)
+        render_template(ev, ri, &rule->stale[t], TPL_STALE);
+}
+
+/* An update of a table with filter bitmaps: only the rules without a
+ * filter and those naming a column that changed (or that the table lacks)
+ * can fire; the others are not looked at. In the rules' order, as
+ * eval_rule() over every rule would give. */
+static void eval_update(Eval *ev, const TableEnt *te, ChangedCols *cols, RulesEvalStats *st)
+{
+    uint64_t *cand = ev->sc->cand, hit;
+
+    changed_columns(te, ev->chg, &cols->changed, &cols->missing);
+    cols->found = true;
+    hit = cols->changed | cols->missing;
+    memcpy(cand, te->unfiltered, te->nwords * sizeof *cand);
+    for (; hit != 0; hit &= hit - 1) {
+        const uint64_t *row = te->colrules + (size_t)__builtin_ctzll(hit) * te->nwords;
+        for (size_t w = 0; w < te->nwords; w++)
+            cand[w] |= row[w];
+    }
+    for (size_t w = 0; w < te->nwords; w++)
+        for (uint64_t bits = cand[w]; bits != 0; bits &= bits - 1)
+            eval_rule(ev, te, w * 64 + (size_t)__builtin_ctzll(bits), cols, st);
+}
+
 unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, void *arg,
                     RulesEvalStats *stats)
 {
@@ -685,28 +736,11 @@ unsigned rules_eval(const Rules *r, const RulesChange *chg, RulesEmitFn emit, vo
     ev.sc->nitems = 0;
     ev.sc->nfired = 0;
     ev.sc->refresh_deletes = 0;
-    for (size_t i = 0; i < te->nrules; i++) {
-        unsigned on = te->ons[i];
-        if (!fires_on(on, chg) || ((on & TABLE_ON_LOOKUP) && chg->op != RULES_TRUNCATE))
-            continue; /* lookups: rules_eval_lookups(); a truncate widens without one */
-        size_t ri = te->rules[i];
-        const Rule *rule = &r->rules[ri];
-        if (chg->op == RULES_UPDATE && (on & TABLE_ON_FILTER)) {
-            bool missing = false;
-            if (!filter_passes(te, i, rule, chg, &cols, &missing))
-                continue;
-            st.changed_missing += missing;
-        }
-        resolve_cols(rule, chg);
-        ev.sc->fired[ev.sc->nfired++] = ri;
-        for (int k = 0; k < TPL_NKINDS; k++)
-            for (size_t t = 0; t < rule->ntpl[k]; t++)
-                render_template(&ev, ri, &rule->tpl[k][t], k);
-        for (size_t t = 0; t < rule->nrefresh; t++)
-            render_refresh(&ev, ri, t);
-        for (size_t t = 0; t < rule->nstale; t++)
-            render_template(&ev, ri, &rule->stale[t], TPL_STALE);
-    }
+    if (chg->op == RULES_UPDATE && te->chmask != NULL)
+        eval_update(&ev, te, &cols, &st);
+    else
+        for (size_t i = 0; i < te->nrules; i++)
+            eval_rule(&ev, te, i, &cols, &st);
     emit_items(&ev, emit, arg, &st);
     emit_publishes(&ev, emit, arg, &st);
     st.matched = (unsigned)ev.sc->nfired;

@@ -157,6 +157,13 @@ typedef struct TableEnt {
     char **chcols;
     size_t nchcols;
     uint64_t *chmask;
+    /* With chmask, the update candidates as bitmaps over the entries of
+     * rules, nwords words each: unfiltered, the rules without a filter;
+     * colrules + j * nwords, the rules naming chcols[j]. An update looks
+     * only at unfiltered | the rows of its changed (or lacking) columns,
+     * so rules whose filter cannot pass cost nothing (rules_eval). */
+    uint64_t *unfiltered, *colrules;
+    size_t nwords;
     /* Per entry of rules: the rule's RulesOp bits, TABLE_ON_LOOKUP and
      * TABLE_ON_FILTER, side by side so that the rules that do not fire
      * are passed over without touching their Rule. */
@@ -197,6 +204,7 @@ typedef struct Scratch {
     size_t setcap;
     unsigned gen;
     size_t *fired, nfired; /* rules that fired; capacity Rules.nrules */
+    uint64_t *cand;        /* an update's candidates; capacity the largest TableEnt.nwords */
     size_t *chans, nchans; /* distinct channels to publish; capacity Rules.nchannels */
     Buf payload;
     unsigned refresh_deletes; /* this eval's refresh entries that fell back to deleting */

@@ -1165,6 +1165,97 @@ static void test_changed_columns(void **state)
     check_changed_columns(70); /* rule by rule */
 }
 
+/* Rule numbers of the keys "k<n>:..." an evaluation emitted, in order. */
+typedef struct Fired {
+    size_t n[256], count;
+} Fired;
+
+static void collect_rule_numbers(void *arg, RulesInvAction action, const char *s, size_t len,
+                                 const char *payload, size_t payload_len)
+{
+    Fired *f = arg;
+
+    (void)action, (void)len, (void)payload, (void)payload_len;
+    assert_true(f->count < 256 && s[0] == 'k');
+    f->n[f->count++] = strtoul(s + 1, NULL, 10);
+}
+
+/* An update looks only at the rules without a filter and those naming a
+ * column that changed or that the table lacks (per-column bitmaps over
+ * the table's rules, three words here). Every combination of changed
+ * columns must fire exactly what a rule-by-rule reading of the filters
+ * fires, in the rules' order. */
+static void test_changed_index(void **state)
+{
+    enum { NRULES = 150, NCOLS = 5 };
+    char *json = malloc(NRULES * 96 + 32);
+    size_t len = 0;
+    const char *names[NCOLS + 1] = {"id", "c0", "c1", "c2", "c3", "c4"};
+    RulesValue oldv[NCOLS + 1], newv[NCOLS + 1];
+    unsigned named[NRULES] = {0};
+    Rules *r;
+
+    (void)state;
+    assert_non_null(json);
+    len += (size_t)sprintf(json + len, "{\"rules\": [");
+    for (size_t i = 0; i < NRULES; i++) {
+        len += (size_t)sprintf(json + len, "%s{\"table\": \"w\", \"keys\": [\"k%zu:{id}\"]",
+                               i ? ", " : "", i);
+        if (i % 4 != 0) {
+            named[i] = 1u << (i % 5);
+            if (i % 3 == 0)
+                named[i] |= 1u << ((i + 2) % 5);
+            len += (size_t)sprintf(json + len, ", \"changed\": [\"c%zu\"", i % 5);
+            if (i % 3 == 0)
+                len += (size_t)sprintf(json + len, ", \"c%zu\"", (i + 2) % 5);
+            len += (size_t)sprintf(json + len, "]");
+        }
+        len += (size_t)sprintf(json + len, "}");
+    }
+    len += (size_t)sprintf(json + len, "]}");
+    r = parse_or_fail(json, len, "changed_index");
+    /* Every subset of changed columns; then the same with c4 not in the
+     * table (a column a migration dropped counts as changed). */
+    for (unsigned lacks = 0; lacks < 2; lacks++) {
+        for (unsigned changed = 0; changed < (1u << NCOLS); changed++) {
+            RulesChange c = {.table = "public.w",
+                             .op = RULES_UPDATE,
+                             .ncols = NCOLS + 1 - lacks,
+                             .colnames = names,
+                             .old_vals = oldv,
+                             .new_vals = newv,
+                             .shape = 10 + lacks};
+            Fired got = {.count = 0};
+            RulesEvalStats st = {0};
+            size_t want = 0, want_missing = 0;
+            unsigned hit = changed | (lacks ? 1u << 4 : 0u);
+            oldv[0] = newv[0] = (RulesValue){RULES_VAL_TEXT, "1", 1};
+            for (size_t k = 0; k < NCOLS; k++) {
+                oldv[k + 1] = (RulesValue){RULES_VAL_TEXT, "0", 1};
+                newv[k + 1] = (RulesValue){RULES_VAL_TEXT, changed & (1u << k) ? "1" : "0", 1};
+            }
+            rules_eval(r, &c, collect_rule_numbers, &got, &st);
+            for (size_t i = 0; i < NRULES; i++) {
+                if (named[i] != 0 && (named[i] & hit) == 0)
+                    continue;
+                assert_true(want < got.count);
+                assert_int_equal(got.n[want], i);
+                want++;
+                /* Counted when the filter, read in its order, reaches the
+                 * lacking c4 before a column that changed. */
+                if (lacks && named[i] != 0 &&
+                    (i % 5 == 4 ||
+                     (!(changed & (1u << (i % 5))) && i % 3 == 0 && (i + 2) % 5 == 4)))
+                    want_missing++;
+            }
+            assert_int_equal(got.count, want);
+            assert_int_equal(st.changed_missing, want_missing);
+        }
+    }
+    rules_free(r);
+    free(json);
+}
+
 static void test_stats_accumulate(void **state)
 {
     static const char json[] = "{\"rules\": [{\"table\": \"t\", \"keys\": [\"k:{a}\"]}]}";
@@ -1523,6 +1614,7 @@ int main(void)
         cmocka_unit_test(test_column_cache_shape),
         cmocka_unit_test(test_recent_tables),
         cmocka_unit_test(test_changed_columns),
+        cmocka_unit_test(test_changed_index),
         cmocka_unit_test(test_stats_accumulate),
         cmocka_unit_test(test_example_file),
         cmocka_unit_test(test_eval_ignores_other_tables),
