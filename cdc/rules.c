@@ -1361,6 +1361,8 @@ static void build_changed_masks(Rules *r, TableEnt *te)
 
 static void build_index(Rules *r)
 {
+    size_t maxwords = 1; /* the candidates' scratch (rules_eval), in words */
+
     r->thashcap = 16;
     while (r->thashcap < r->nrules * 2)
         r->thashcap *= 2;
@@ -1384,7 +1386,6 @@ static void build_index(Rules *r)
         rule->cache = xcalloc(1, sizeof *rule->cache);
         rule->cache->idx = xcalloc(rule->ncols, sizeof *rule->cache->idx);
     }
-    size_t maxwords = 1;
     for (size_t t = 0; t < r->ntables; t++) {
         build_changed_masks(r, &r->tables[t]);
         if (r->tables[t].nwords > maxwords)
