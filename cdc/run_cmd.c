@@ -848,6 +848,8 @@ static int on_schema_change(Run *r)
     return -1;
 }
 
+static bool hold_likely(const Run *r);
+
 /* Returns 0, or -1 when the message could not be decoded (reconnect and
  * replay: nothing is confirmed past it). */
 static int on_data(Run *r, const StreamData *data)
@@ -868,8 +870,9 @@ static int on_data(Run *r, const StreamData *data)
         r->in_txn = true;
         r->xid = m.u.begin.xid;
         /* The first transaction of a batch: start the visibility query now,
-         * so its round trip overlaps the rest of the batch. */
-        if (visible_pending(r->vis) == 0 && !sinks_have_ops(r))
+         * so its round trip overlaps the rest of the batch, unless the
+         * batch will be held (its reply would predate what gathers). */
+        if (visible_pending(r->vis) == 0 && !sinks_have_ops(r) && !hold_likely(r))
             visible_prefetch(r->vis, r->xid);
         break;
     case PGO_COMMIT:
@@ -1224,6 +1227,21 @@ static void retune_flush_interval(Run *r)
     }
 }
 
+static int64_t hold_interval(const Run *r)
+{
+    return r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US)
+                          : r->flush_interval_us;
+}
+
+/* Would a batch starting now be held (hold_flush)? */
+static bool hold_likely(const Run *r)
+{
+    int64_t interval = hold_interval(r), since = runtime_now_us() - r->last_flush_us;
+
+    return since >= 0 && since < interval &&
+           (r->catching_up || commitpace_busy(&r->pace, interval));
+}
+
 /* When the last flush ended less than --flush-interval ago and more than
  * one commit arrives per interval (commitpace.h) or a backlog is being
  * caught up, sleep out the rest (so more of the stream gathers) and return
@@ -1232,8 +1250,7 @@ static void retune_flush_interval(Run *r)
 static bool hold_flush(Run *r)
 {
     int64_t since = runtime_now_us() - r->last_flush_us;
-    int64_t interval =
-        r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US) : r->flush_interval_us;
+    int64_t interval = hold_interval(r);
     struct timespec ts = {0, 0};
 
     /* A commit without queued work costs no round trip: never held. */

@@ -13,6 +13,7 @@ with a 25 ms margin). Then the default, auto:
 walbust_flush_interval_seconds follows real CPU contention (busy processes)
 up and back down; walbust's streaming thread runs with 1 µs of timer slack
 so that those sub-millisecond holds end on time."""
+import collections
 import os
 import signal
 import subprocess
@@ -33,12 +34,17 @@ HOG_SECONDS = 40
 HOGS_PER_CPU = 8  # enough runnable processes that a wakeup waits (3 per CPU: ~0.1 ms)
 
 
+Run = collections.namedtuple("Run", "batches left elapsed queries fast")
+QUERIES = "walbust_visibility_queries_total"
+
+
 def batches_and_keys(extra, slot, spacing=(SPACING,), within=None):
     """Run walbust with `extra` options on its own slot, commit COMMITS
     one-row updates `spacing` seconds apart (taken in turn), and return
-    (batches acknowledged, keys left in Redis, seconds the commits took),
-    and with `within` (a bucket of walbust_commit_to_ack_seconds) how many
-    commits were acknowledged within that many seconds."""
+    a Run: batches acknowledged, keys left in Redis, seconds the commits
+    took, snapshot queries sent, and with `within` (a bucket of
+    walbust_commit_to_ack_seconds) how many commits were acknowledged
+    within that many seconds."""
     r = redis_client(4)
     mport = free_port()
     rules = write_rules({"rules": [{"table": "items", "keys": ["fi:{id}"]}, BARRIER_RULE]})
@@ -71,10 +77,11 @@ def batches_and_keys(extra, slot, spacing=(SPACING,), within=None):
         want = float(extra[extra.index("--flush-interval") + 1]) / 1000
         assert abs(m1["walbust_flush_interval_seconds"] - want) < 1e-9, \
             (m1["walbust_flush_interval_seconds"], want)
-        if within is None:
-            return int(m1[count] - m0[count]), left, elapsed
-        le = f'walbust_commit_to_ack_seconds_bucket{{le="{within:g}"}}'
-        return int(m1[count] - m0[count]), left, elapsed, int(m1[le] - m0[le])
+        le = (f'walbust_commit_to_ack_seconds_bucket{{le="{within:g}"}}'
+              if within is not None else None)
+        return Run(batches=int(m1[count] - m0[count]), left=left, elapsed=elapsed,
+                   queries=int(m1[QUERIES] - m0[QUERIES]),
+                   fast=int(m1[le] - m0[le]) if within is not None else None)
     finally:
         if wb.alive():
             wb.proc.send_signal(signal.SIGTERM)
@@ -93,10 +100,11 @@ def make_db():
 
 def test_flush_interval_gathers_commits():
     make_db()
-    fast, left, _ = batches_and_keys(["--flush-interval", "0.2"], "fi_default")
-    assert left == [], f"keys not invalidated with --flush-interval 0.2: {left}"
-    spaced, left, elapsed = batches_and_keys(["--flush-interval", "50"], "fi_spaced")
-    assert left == [], f"keys not invalidated with --flush-interval 50: {left}"
+    a = batches_and_keys(["--flush-interval", "0.2"], "fi_default")
+    assert a.left == [], f"keys not invalidated with --flush-interval 0.2: {a.left}"
+    b = batches_and_keys(["--flush-interval", "50"], "fi_spaced")
+    assert b.left == [], f"keys not invalidated with --flush-interval 50: {b.left}"
+    fast, spaced, elapsed = a.batches, b.batches, b.elapsed
     # With 0.2 ms nearly one batch per commit (10 ms apart); with 50 ms
     # between writes at most one per 50 ms of the commits' span once walbust
     # has their pace (+ the first PACE_WARMUP commits', the barrier's and
@@ -108,6 +116,14 @@ def test_flush_interval_gathers_commits():
     assert 2 <= spaced <= most, \
         f"--flush-interval 50: {spaced} batches for {COMMITS} commits in {elapsed:.2f} s"
     assert spaced * 2 < fast, (spaced, fast)
+    # One snapshot query per batch, held or not: a held batch does not
+    # start its query with its first commit (the reply would predate the
+    # commits the hold gathers and the query would go again). The slack:
+    # the barrier's batch, a batch ready as the pace changes.
+    print(f"# snapshot queries: {a.queries} for {fast} batches (0.2 ms), "
+          f"{b.queries} for {spaced} (50 ms)")
+    assert b.queries <= spaced + 3, \
+        f"--flush-interval 50: {b.queries} snapshot queries for {spaced} batches"
 
 
 def test_commits_at_ordinary_rates_are_not_held():
@@ -118,8 +134,9 @@ def test_commits_at_ordinary_rates_are_not_held():
     nothing; here each is acknowledged well within 25 ms (read from
     walbust_commit_to_ack_seconds, which counts every commit)."""
     make_db()
-    batches, left, elapsed, fast = batches_and_keys(["--flush-interval", "60"], "fi_ordinary",
-                                                    spacing=[0.02, 0.18], within=0.025)
+    run = batches_and_keys(["--flush-interval", "60"], "fi_ordinary", spacing=[0.02, 0.18],
+                           within=0.025)
+    batches, left, elapsed, fast = run.batches, run.left, run.elapsed, run.fast
     assert left == [], f"keys not invalidated with --flush-interval 60: {left}"
     print(f"# {COMMITS} commits 20/180 ms apart in {elapsed:.2f} s: {fast} acknowledged "
           f"within 25 ms, {batches} batches, with --flush-interval 60")
