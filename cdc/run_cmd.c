@@ -1249,17 +1249,17 @@ static bool hold_likely(const Run *r)
  * holding a batch would gather nothing, it never sleeps. */
 static bool hold_flush(Run *r)
 {
-    int64_t since = runtime_now_us() - r->last_flush_us;
-    int64_t interval = hold_interval(r);
+    int64_t left;
     struct timespec ts = {0, 0};
 
     /* A commit without queued work costs no round trip: never held. */
-    if (since < 0 || since >= interval || !sinks_have_ops(r))
+    if (!sinks_have_ops(r) || !hold_likely(r))
         return false;
-    if (!r->catching_up && !commitpace_busy(&r->pace, interval))
+    left = hold_interval(r) - (runtime_now_us() - r->last_flush_us);
+    if (left <= 0)
         return false;
-    ts.tv_sec = (time_t)((interval - since) / 1000000);
-    ts.tv_nsec = (long)((interval - since) % 1000000) * 1000;
+    ts.tv_sec = (time_t)(left / 1000000);
+    ts.tv_nsec = (long)(left % 1000000) * 1000;
     nanosleep(&ts, NULL);
     return true;
 }
