@@ -4,8 +4,10 @@ The same 80 one-row commits, 10 ms apart, go through walbust with
 --flush-interval 0.2 (about one batch per commit) and with
 --flush-interval 50 (one batch per ~50 ms once walbust has their pace); the
 batches acknowledged are counted from walbust_batch_stage_seconds, and
-every key must be gone in both runs. Counting batches, not timing them,
-keeps that test stable on a loaded machine. Commits 20 and 180 ms apart in
+every key must be gone in both runs, and a held batch must cost one
+snapshot query, not one started with its first commit and another after
+the hold (walbust_visibility_queries_total). Counting batches and
+queries, not timing them, keeps that test stable on a loaded machine. Commits 20 and 180 ms apart in
 turn with --flush-interval 60 come slower than one per interval: none is
 held, where holding every commit that comes soon after a write would delay
 every second one by ~40 ms (counted from walbust_commit_to_ack_seconds,
