@@ -848,7 +848,7 @@ static int on_schema_change(Run *r)
     return -1;
 }
 
-static bool hold_likely(const Run *r);
+static int64_t hold_left_us(const Run *r);
 
 /* Returns 0, or -1 when the message could not be decoded (reconnect and
  * replay: nothing is confirmed past it). */
@@ -872,7 +872,7 @@ static int on_data(Run *r, const StreamData *data)
         /* The first transaction of a batch: start the visibility query now,
          * so its round trip overlaps the rest of the batch, unless the
          * batch will be held (its reply would predate what gathers). */
-        if (visible_pending(r->vis) == 0 && !sinks_have_ops(r) && !hold_likely(r))
+        if (visible_pending(r->vis) == 0 && !sinks_have_ops(r) && hold_left_us(r) == 0)
             visible_prefetch(r->vis, r->xid);
         break;
     case PGO_COMMIT:
@@ -1227,19 +1227,18 @@ static void retune_flush_interval(Run *r)
     }
 }
 
-static int64_t hold_interval(const Run *r)
+/* How long a batch ready now would be held (hold_flush), in µs; 0: not. */
+static int64_t hold_left_us(const Run *r)
 {
-    return r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US)
-                          : r->flush_interval_us;
-}
+    int64_t interval =
+        r->catching_up ? interval_at_least(r, RUN_BACKLOG_FLUSH_INTERVAL_US) : r->flush_interval_us;
+    int64_t since = runtime_now_us() - r->last_flush_us;
 
-/* Would a batch starting now be held (hold_flush)? */
-static bool hold_likely(const Run *r)
-{
-    int64_t interval = hold_interval(r), since = runtime_now_us() - r->last_flush_us;
-
-    return since >= 0 && since < interval &&
-           (r->catching_up || commitpace_busy(&r->pace, interval));
+    if (since < 0 || since >= interval)
+        return 0;
+    if (!r->catching_up && !commitpace_busy(&r->pace, interval))
+        return 0;
+    return interval - since;
 }
 
 /* When the last flush ended less than --flush-interval ago and more than
@@ -1253,10 +1252,7 @@ static bool hold_flush(Run *r)
     struct timespec ts = {0, 0};
 
     /* A commit without queued work costs no round trip: never held. */
-    if (!sinks_have_ops(r) || !hold_likely(r))
-        return false;
-    left = hold_interval(r) - (runtime_now_us() - r->last_flush_us);
-    if (left <= 0)
+    if (!sinks_have_ops(r) || (left = hold_left_us(r)) == 0)
         return false;
     ts.tv_sec = (time_t)(left / 1000000);
     ts.tv_nsec = (long)(left % 1000000) * 1000;
