@@ -125,7 +125,8 @@ unit: $(UNIT_BINS)
 $(BUILD)/tests/sink_test: tests/e2e/sink_test.c $(BUILD)/obj/sink.o $(BUILD)/obj/sink_cluster.o \
                           $(BUILD)/obj/redisurl.o \
                           $(BUILD)/obj/cluster.o $(BUILD)/obj/redis_scripts.o $(BUILD)/obj/mem.o \
-                          $(BUILD)/obj/rconn.o $(BUILD)/obj/sentinel.o $(BUILD)/obj/batch.o
+                          $(BUILD)/obj/rconn.o $(BUILD)/obj/sentinel.o $(BUILD)/obj/batch.o \
+                          $(BUILD)/obj/lsn.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"
 	$(Q)$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) $(LDFLAGS) -MMD -MP -o $@ $^ $(CMOCKA_LIBS) $(LDLIBS)

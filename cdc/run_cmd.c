@@ -108,6 +108,7 @@ typedef struct Run {
     int64_t lk_retry_at;
 
     uint64_t oom_seen[OPTS_MAX_REDIS];        /* sink_stats().oom_refusals counted */
+    bool by_script_noted[OPTS_MAX_REDIS];     /* sink_watermark_by_script() logged */
     uint64_t shortfalls_seen[OPTS_MAX_REDIS]; /* ... .replica_shortfalls counted */
     int64_t soft_logged_us[OPTS_MAX_REDIS];   /* last OOM or replica shortfall log line */
     Route *route;                             /* partitions/children → the rules tables above */
@@ -411,6 +412,13 @@ static void on_target_result(Run *r, int i, const ApplyTargetResult *tr, uint64_
         metrics_inc(r->metrics, METRICS_RETRIES, 1);
         log_target_failure(r, i, tr, acked);
         notify_status("waiting for redis");
+    }
+    if (!r->by_script_noted[i] && sink_watermark_by_script(r->sinks[i])) {
+        r->by_script_noted[i] = true;
+        log_info("redis target %s: the user may not run WATCH, UNWATCH or MULTI (NOPERM), so "
+                 "every watermark goes by the compare-and-set script, which costs redis more per "
+                 "batch; grant +watch +unwatch +multi +exec on the watermark (docs/security.md)",
+                 r->targets[i]);
     }
     if (apply_attempts(r->ap, i) == 0)
         report_target(r, i);

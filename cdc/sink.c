@@ -4,7 +4,8 @@
  * The batch (queue order, deduplication) is batch.c's, which has no I/O.
  * sink_flush() walks its ops in order and appends commands to the
  * connection's output buffer (one pipeline): the watermark first (EVAL of
- * redis/watermark.lua, which only moves it forward), SCRIPT LOAD when
+ * redis/watermark.lua, which only moves it forward, or a WATCHed SET:
+ * pipe_watermark()), SCRIPT LOAD when
  * the batch has tags, then UNLINK/DEL (consecutive keys grouped, at most
  * SINK_KEYS_PER_CMD per command), EVALSHA of the tag script, INCR and
  * PUBLISH. Every appended command is remembered in a pending list so each
@@ -36,6 +37,7 @@
 
 #include "batch.h"
 #include "cluster.h"
+#include "lsn.h"
 #include "mem.h"
 #include "rconn.h"
 #include "sentinel.h"
@@ -106,6 +108,8 @@ static void disconnect(Sink *s)
     rconn_close(s->c);
     s->c = NULL;
     s->npend = 0;
+    free(s->wm_held); /* a WATCH lives as long as its connection */
+    s->wm_held = NULL;
 }
 
 void sink_free(Sink *s)
@@ -120,6 +124,7 @@ void sink_free(Sink *s)
     free(s->cl_owner);
     free(s->wm_key);
     free(s->wm_value);
+    free(s->wm_held);
     free(s->pend);
     free(s->argv);
     free(s->argvlen);
@@ -511,7 +516,6 @@ void sink_arg_str(Sink *s, size_t i, const char *p)
     sink_arg(s, i, p, strlen(p));
 }
 
-/* Put the watermark command into s->argv from index 0; returns argc. */
 size_t sink_publish_args(Sink *s, size_t op)
 {
     const BatchOp *o = &s->b.ops[op];
@@ -594,6 +598,20 @@ static void pipe_wait(Sink *s)
 static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char **why)
 {
     *why = "unexpected reply type";
+    /* The queued SET was refused for lack of memory (refuse()). */
+    if (p->kind == PEND_WM_EXEC && r->type == REDIS_REPLY_ERROR && s->wm_refused &&
+        strncmp(r->str, "EXECABORT", 9) == 0)
+        return true;
+    /* An ACL user granted only what older versions sent: the watermark
+     * goes by script from now on. Without a WATCH nothing is sent plain;
+     * a refused MULTI (its SET ran alone) fails the batch, and the retry
+     * goes by script. */
+    if (p->kind == PEND_WM_WATCH && r->type == REDIS_REPLY_ERROR &&
+        strncmp(r->str, "NOPERM", 6) == 0) {
+        s->wm_script_only = true;
+        if (p->nkeys == 0)
+            return true;
+    }
     if (r->type == REDIS_REPLY_ERROR) {
         *why = r->str;
         return false;
@@ -604,6 +622,24 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
     case PEND_INT:
     case PEND_WM:
         return r->type == REDIS_REPLY_INTEGER;
+    case PEND_WM_QUEUED:
+        return r->type == REDIS_REPLY_STATUS && strcmp(r->str, "QUEUED") == 0;
+    case PEND_WM_EXEC:
+        if (r->type == REDIS_REPLY_NIL) { /* another client wrote the key */
+            s->wm_retry = true;
+            return true;
+        }
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 1)
+            return false;
+        if (r->element[0]->type == REDIS_REPLY_ERROR)
+            *why = r->element[0]->str;
+        return r->element[0]->type == REDIS_REPLY_STATUS;
+    case PEND_WM_WATCH:
+        return r->type == REDIS_REPLY_STATUS;
+    case PEND_WM_GET:
+        s->wm_seen =
+            !s->wm_script_only && r->type == REDIS_REPLY_STRING && strcmp(r->str, s->wm_value) == 0;
+        return r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL;
     case PEND_SHA:
         *why = "SCRIPT LOAD returned an unexpected SHA1";
         return r->type == REDIS_REPLY_STRING &&
@@ -634,7 +670,9 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
  * False when p is not such a write. */
 static bool refuse(Sink *s, const Pending *p, const char *err)
 {
-    if (p->op == SINK_NO_OP && p->kind != PEND_WM)
+    bool wm = p->kind == PEND_WM || p->kind == PEND_WM_QUEUED;
+
+    if (p->op == SINK_NO_OP && !wm)
         return false; /* SCRIPT LOAD: the batch fails as usual */
     if (s->nrefused++ == 0) {
         char what[160];
@@ -876,14 +914,72 @@ static int learn_sha(Sink *s)
     return learn_script(s, redis_tag_invalidate_lua, s->sha);
 }
 
+/* Is the queued watermark past the one the key is known to hold? */
+static bool wm_ahead(const Sink *s)
+{
+    uint64_t held, next;
+
+    return s->wm_held != NULL && !s->wm_reset && !s->wm_script_only &&
+           lsn_parse(s->wm_held, &held) && lsn_parse(s->wm_value, &next) && next > held;
+}
+
+/* nkeys: for PEND_WM_WATCH, 1 when a NOPERM reply fails the batch (MULTI). */
+static void pipe_wm_cmd(Sink *s, size_t argc, PendKind kind, const char *what, size_t nkeys)
+{
+    pipe_cmd(s, argc, kind, SINK_NO_OP, nkeys, false);
+    s->pend[s->npend - 1].cmd = what;
+}
+
+/* Append the watermark. It must only move forward (docs/guarantees.md),
+ * which redis/watermark.lua checks in Redis, at a cost: under load the
+ * script was about half of Redis' CPU per batch (36 µs against 2.4 for
+ * the UNLINK; docs/performance.md). So the script runs only when the
+ * value the key holds is unknown, and is followed by WATCH and GET. While
+ * the GET saw this connection's own last value and no other client has
+ * written the key since (WATCH), the next, higher value is a plain SET in
+ * MULTI/EXEC; if another client did write it, EXEC does nothing (nil) and
+ * the flush sends the script after all (flush_batch). A WATCH is this
+ * connection's: a reconnect forgets it (disconnect()). */
+static void pipe_watermark(Sink *s, bool plain)
+{
+    free(s->wm_held);
+    s->wm_held = NULL;
+    s->wm_seen = s->wm_retry = false;
+    sink_argv_reserve(s, 6);
+    if (plain) {
+        sink_arg_str(s, 0, "MULTI");
+        pipe_wm_cmd(s, 1, PEND_WM_WATCH, "MULTI for the watermark SET", 1);
+        sink_arg_str(s, 0, "SET");
+        sink_arg_str(s, 1, s->wm_key);
+        sink_arg_str(s, 2, s->wm_value);
+        pipe_wm_cmd(s, 3, PEND_WM_QUEUED, "the watermark SET", 0);
+        sink_arg_str(s, 0, "EXEC");
+        pipe_wm_cmd(s, 1, PEND_WM_EXEC, "EXEC of the watermark SET", 0);
+    } else {
+        /* A WATCH from an earlier flush would see the script's own write
+         * (and the next EXEC abort): drop it first. */
+        if (!s->wm_script_only) {
+            sink_arg_str(s, 0, "UNWATCH");
+            pipe_wm_cmd(s, 1, PEND_WM_WATCH, "UNWATCH before the watermark script", 0);
+        }
+        pipe_wm_cmd(s, sink_watermark_args(s), PEND_WM, "the watermark SET", 0);
+    }
+    if (s->wm_script_only)
+        return;
+    sink_arg_str(s, 0, "WATCH");
+    sink_arg_str(s, 1, s->wm_key);
+    pipe_wm_cmd(s, 2, PEND_WM_WATCH, "WATCH of the watermark", 0);
+    sink_arg_str(s, 0, "GET");
+    sink_arg_str(s, 1, s->wm_key);
+    pipe_wm_cmd(s, 2, PEND_WM_GET, "GET of the watermark", 0);
+}
+
 /* Send the watermark and, when tags are queued, the script (so EVALSHA
  * cannot meet NOSCRIPT after a SCRIPT FLUSH or restart). */
 static void pipe_prologue(Sink *s, bool tags, bool refresh)
 {
-    if (s->wm_key != NULL) {
-        pipe_cmd(s, sink_watermark_args(s), PEND_WM, SINK_NO_OP, 0, false);
-        s->pend[s->npend - 1].cmd = "the watermark SET";
-    }
+    if (s->wm_key != NULL)
+        pipe_watermark(s, wm_ahead(s));
     sink_argv_reserve(s, 3);
     if (tags) {
         sink_arg_str(s, 0, "SCRIPT");
@@ -970,6 +1066,7 @@ static int flush_batch(Sink *s)
     s->nrefused = 0;
     s->fenced = 0;
     s->wm_refused = false;
+    s->wm_seen = s->wm_retry = false;
     batch_unmark_all(&s->b);
 
     bool refresh = batch_has_refresh(&s->b);
@@ -1010,7 +1107,17 @@ static int flush_batch(Sink *s)
         i++;
     }
     pipe_wait(s);
-    return drain(s, NULL);
+    if (drain(s, NULL) < 0)
+        return -1;
+    if (s->wm_retry) { /* another client wrote the key: let the script compare */
+        pipe_watermark(s, false);
+        pipe_wait(s);
+        if (drain(s, NULL) < 0)
+            return -1;
+    }
+    if (s->wm_key != NULL && s->wm_seen)
+        s->wm_held = xstrdup(s->wm_value);
+    return 0;
 }
 
 /* After a flush whose only failures were OOM refusals: count what was
@@ -1056,6 +1163,11 @@ static int oom_fail(Sink *s)
                  "maxmemory-policy (allkeys-lru) on a cache",
                  target(s, t, sizeof t), s->oom_first, more);
     return -1;
+}
+
+bool sink_watermark_by_script(const Sink *s)
+{
+    return s->wm_script_only;
 }
 
 bool sink_oom(const Sink *s)

@@ -81,9 +81,17 @@ void sink_add(Sink *s, RulesInvAction action, const char *str, size_t len, const
 /* Queue the confirmed-LSN watermark (docs/freshness.md) to run first in
  * the next flush: key is set to value, an LSN "X/X", only when it holds no
  * LSN or an older one (redis/watermark.lua: an older instance or a replay
- * never moves it back), or in any case with reset (a new slot after a lost
- * one). Replaces a previously queued watermark. */
+ * never moves it back; or a plain SET in MULTI/EXEC while this connection
+ * WATCHes the key and knows it holds an older value of its own), or in any
+ * case with reset (a new slot after a lost one). Replaces a previously
+ * queued watermark. */
 void sink_set_watermark(Sink *s, const char *key, const char *value, bool reset);
+
+/* True once Redis refused UNWATCH, WATCH or MULTI with NOPERM (an ACL
+ * user granted only what earlier versions sent, docs/security.md): every
+ * watermark then goes by the compare-and-set script, which costs Redis
+ * more per batch. */
+bool sink_watermark_by_script(const Sink *s);
 
 /* Queued invalidations (after deduplication), not counting the watermark. */
 size_t sink_pending(const Sink *s);

@@ -24,12 +24,16 @@
 
 /* What reply a pipelined command expects. */
 typedef enum PendKind {
-    PEND_OK,   /* +OK (SET) */
-    PEND_INT,  /* an integer (UNLINK, DEL, INCR, EVALSHA, PUBLISH) */
-    PEND_SHA,  /* the script's SHA1 (SCRIPT LOAD) */
-    PEND_SCAN, /* [cursor, [keys...]] */
-    PEND_WAIT, /* WAIT: an integer >= the replicas asked for */
-    PEND_WM,   /* the watermark script: an integer (1 set, 0 already newer) */
+    PEND_OK,        /* +OK (SET) */
+    PEND_INT,       /* an integer (UNLINK, DEL, INCR, EVALSHA, PUBLISH) */
+    PEND_SHA,       /* the script's SHA1 (SCRIPT LOAD) */
+    PEND_SCAN,      /* [cursor, [keys...]] */
+    PEND_WAIT,      /* WAIT: an integer >= the replicas asked for */
+    PEND_WM,        /* the watermark script: an integer (1 set, 0 already newer) */
+    PEND_WM_QUEUED, /* the watermark SET inside MULTI: +QUEUED */
+    PEND_WM_EXEC,   /* its EXEC: [+OK], or nil when the WATCHed key changed */
+    PEND_WM_GET,    /* GET of the watermark right after WATCH: what it holds */
+    PEND_WM_WATCH,  /* UNWATCH, WATCH or MULTI: +OK; NOPERM makes wm_script_only */
 } PendKind;
 
 /* A command whose reply is outstanding, with enough to name it in errors. */
@@ -55,6 +59,14 @@ struct Sink {
     Batch b; /* the queued invalidations (batch.c) */
     char *wm_key, *wm_value;
     bool wm_reset; /* set the watermark even when it is lower */
+    /* The watermark this connection WATCHes and saw the key hold (GET
+     * after WATCH): while no other client writes the key, the next,
+     * higher one is a plain SET in MULTI/EXEC (sink.c pipe_watermark).
+     * NULL: unknown; the script compares. */
+    char *wm_held;
+    bool wm_seen;        /* this flush's GET returned the value it wrote */
+    bool wm_retry;       /* this flush's EXEC found the key changed: send by script */
+    bool wm_script_only; /* the ACL user may not WATCH/MULTI: always the script */
 
     Pending *pend;
     size_t npend, pend_cap;

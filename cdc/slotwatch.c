@@ -84,7 +84,8 @@ static bool evidence_denied(const SlotWatch *w, const char *err)
     if (strstr(err, "NOPERM") == NULL)
         return false;
     log_error("%s: walbust reads and writes %s and %s to tell whether the slot is the one it "
-              "streamed from; grant them, e.g. (+get +set +eval ~%s ~%s) in the user's ACL "
+              "streamed from; grant them, e.g. (+get +set +eval +watch +unwatch +multi +exec ~%s "
+              "~%s) in the user's ACL "
               "(docs/security.md)",
               err, w->cfg.wm_key, w->cfg.mark_key, w->cfg.wm_key, w->cfg.mark_key);
     return true;

@@ -851,6 +851,195 @@ static void test_watermark(void **state)
     sink_free(s);
 }
 
+/* calls=N of one command in c's INFO commandstats. */
+static long calls_on(redisContext *c, const char *name)
+{
+    redisReply *r = cmd_on(c, "INFO commandstats");
+    char needle[64];
+    const char *p;
+    long calls = 0;
+
+    snprintf(needle, sizeof needle, "cmdstat_%s:calls=", name);
+    p = strstr(r->str, needle);
+    if (p != NULL)
+        calls = strtol(p + strlen(needle), NULL, 10);
+    freeReplyObject(r);
+    return calls;
+}
+
+/* Flush watermark `value` and check how it travelled: by the
+ * compare-and-set script (EVAL) or as a WATCHed plain SET (EXEC; both in
+ * one flush: the EXEC found the key changed and the script followed), and
+ * what the key holds after. */
+static void wm_step(Sink *s, redisContext *c, const char *value, long evals, long execs,
+                    const char *holds)
+{
+    long e0 = calls_on(c, "eval"), x0 = calls_on(c, "exec");
+    redisReply *r;
+
+    sink_set_watermark(s, "walbust:confirmed:w", value, false);
+    must_flush(s);
+    e0 = calls_on(c, "eval") - e0;
+    x0 = calls_on(c, "exec") - x0;
+    if (e0 != evals || x0 != execs)
+        fail_msg("watermark %s: %ld EVAL and %ld EXEC, expected %ld and %ld", value, e0, x0, evals,
+                 execs);
+    r = cmd_on(c, "GET walbust:confirmed:w");
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, holds);
+    freeReplyObject(r);
+}
+
+/* The watermark by WATCH: the script runs when the key's value is not
+ * known (first write, after another client wrote it, after a reconnect);
+ * otherwise a plain SET in MULTI/EXEC, which does nothing when another
+ * client wrote the key since (the script then compares). It never moves
+ * back, whatever another client writes in between. */
+static void test_watermark_watched(void **state)
+{
+    char url[128];
+    redisContext *c;
+    Sink *s;
+    (void)state;
+
+    srv_start(&srv);
+    c = srv_connect(&srv);
+    assert_non_null(c);
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", srv.port);
+    s = new_sink_url(url, false, 0);
+
+    wm_step(s, c, "0/10", 1, 0, "0/10"); /* unknown: the script */
+    wm_step(s, c, "0/20", 0, 1, "0/20"); /* WATCHed: a plain SET */
+    /* A batch without a watermark keeps the WATCH. */
+    add(s, RULES_INV_KEY, "w:a");
+    must_flush(s);
+    wm_step(s, c, "0/30", 0, 1, "0/30");
+
+    /* Another client writes a newer position: EXEC finds the key changed,
+     * the script keeps the newer one, and the WATCH no longer vouches for
+     * the value (the next write is by script too, until it sets the key). */
+    freeReplyObject(cmd_on(c, "SET walbust:confirmed:w 5/0"));
+    wm_step(s, c, "0/40", 1, 1, "5/0");
+    wm_step(s, c, "0/50", 1, 0, "5/0");
+    wm_step(s, c, "6/0", 1, 0, "6/0");
+    wm_step(s, c, "6/10", 0, 1, "6/10");
+
+    /* Another client writes an older one, deletes the key, or writes a
+     * value that is no LSN: the next position is set by script. */
+    freeReplyObject(cmd_on(c, "SET walbust:confirmed:w 0/1"));
+    wm_step(s, c, "7/0", 1, 1, "7/0");
+    freeReplyObject(cmd_on(c, "DEL walbust:confirmed:w"));
+    wm_step(s, c, "7/10", 1, 1, "7/10");
+    freeReplyObject(cmd_on(c, "SET walbust:confirmed:w junk"));
+    wm_step(s, c, "7/20", 1, 1, "7/20");
+
+    /* An older position queued (a replay) is not sent as a plain SET. */
+    wm_step(s, c, "7/18", 1, 0, "7/20");
+    wm_step(s, c, "7/30", 1, 0, "7/30");
+    /* reset (a new slot after a lost one) always goes by script. */
+    sink_set_watermark(s, "walbust:confirmed:w", "0/5", true);
+    must_flush(s);
+    wm_step(s, c, "0/6", 0, 1, "0/6");
+
+    /* The connection dropped: a new one has no WATCH. */
+    freeReplyObject(cmd_on(c, "CLIENT KILL SKIPME yes"));
+    sink_set_watermark(s, "walbust:confirmed:w", "0/7", false);
+    assert_int_equal(sink_flush(s), -1); /* noticed on this write */
+    wm_step(s, c, "0/8", 1, 0, "0/8");
+    wm_step(s, c, "0/9", 0, 1, "0/9");
+
+    /* Out of memory on the plain SET: refused like the script's SET, kept,
+     * and sent again (by script: the WATCH did not see it land). */
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory-policy noeviction"));
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory 1"));
+    sink_set_watermark(s, "walbust:confirmed:w", "0/A", false);
+    add(s, RULES_INV_KEY, "w:b");
+    assert_int_equal(sink_flush(s), -1);
+    assert_true(sink_oom(s));
+    assert_non_null(strstr(sink_errstr(s), "refused the watermark SET"));
+    assert_true(sink_dirty(s));
+    freeReplyObject(cmd_on(c, "CONFIG SET maxmemory 0"));
+    long e0 = calls_on(c, "eval");
+    must_flush(s);
+    assert_int_equal(calls_on(c, "eval") - e0, 1);
+    redisReply *r = cmd_on(c, "GET walbust:confirmed:w");
+    assert_string_equal(r->str, "0/A");
+    freeReplyObject(r);
+    wm_step(s, c, "0/B", 0, 1, "0/B");
+
+    sink_free(s);
+    redisFree(c);
+}
+
+/* A sink for user w (password pw) on the private server, granted the
+ * commands in `grants` and the watermark selector `selector`. */
+static Sink *acl_sink(redisContext *c, const char *grants, const char *selector)
+{
+    char url[128], cmdline[512];
+
+    snprintf(cmdline, sizeof cmdline, "ACL SETUSER w reset on >pw ~w:* -@all %s %s", grants,
+             selector);
+    redisReply *r = redisCommand(c, cmdline);
+    assert_non_null(r);
+    if (r->type == REDIS_REPLY_ERROR)
+        fail_msg("%s: %s", cmdline, r->str);
+    freeReplyObject(r);
+    snprintf(url, sizeof url, "redis://w:pw@127.0.0.1:%d", srv.port);
+    return new_sink_url(url, false, 0);
+}
+
+/* An ACL user granted what earlier versions sent (no WATCH, UNWATCH,
+ * MULTI, EXEC) keeps working: every watermark goes by script. One granted
+ * WATCH but not MULTI gets one failed batch (its SET ran outside a
+ * transaction: still forward, the key was WATCHed and held an older
+ * value), and then the script too. */
+static void test_watermark_acl(void **state)
+{
+    const char *base = "+ping +select +unlink +scan +evalsha +script|load +type +sscan +incr "
+                       "+publish";
+    redisContext *c;
+    Sink *s;
+    (void)state;
+
+    srv_start(&srv);
+    c = srv_connect(&srv);
+    assert_non_null(c);
+
+    s = acl_sink(c, base, "(+get +set +eval ~walbust:confirmed:w ~walbust:slot:w)");
+    add(s, RULES_INV_KEY, "w:a");
+    wm_step(s, c, "0/10", 1, 0, "0/10");
+    assert_true(sink_watermark_by_script(s));
+    wm_step(s, c, "0/20", 1, 0, "0/20");
+    freeReplyObject(cmd_on(c, "SET walbust:confirmed:w 9/0"));
+    wm_step(s, c, "0/30", 1, 0, "9/0");
+    sink_free(s);
+
+    freeReplyObject(cmd_on(c, "SET walbust:confirmed:w 0/1"));
+    s = acl_sink(c, base, "(+get +set +eval +watch +unwatch ~walbust:confirmed:w ~walbust:slot:w)");
+    wm_step(s, c, "0/40", 1, 0, "0/40");
+    assert_false(sink_watermark_by_script(s));
+    sink_set_watermark(s, "walbust:confirmed:w", "0/50", false);
+    assert_int_equal(sink_flush(s), -1);
+    print_message("%s\n", sink_errstr(s));
+    assert_non_null(strstr(sink_errstr(s), "MULTI for the watermark SET: NOPERM"));
+    assert_true(sink_watermark_by_script(s));
+    long e0 = calls_on(c, "eval");
+    must_flush(s);
+    assert_int_equal(calls_on(c, "eval") - e0, 1);
+    wm_step(s, c, "0/60", 1, 0, "0/60");
+    sink_free(s);
+
+    /* Granted all of them: WATCHed plain SETs. */
+    s = acl_sink(c, base,
+                 "(+get +set +eval +watch +unwatch +multi +exec ~walbust:confirmed:w "
+                 "~walbust:slot:w)");
+    wm_step(s, c, "0/70", 1, 0, "0/70");
+    wm_step(s, c, "0/80", 0, 1, "0/80");
+    assert_false(sink_watermark_by_script(s));
+    sink_free(s);
+    redisFree(c);
+}
+
 /* ---- connections ------------------------------------------------------- */
 
 /* A cluster none of whose seeds answers: the error names the seeds, the
@@ -1238,6 +1427,8 @@ int main(void)
         cmocka_unit_test_teardown(test_auth_and_db, srv_teardown),
         cmocka_unit_test_teardown(test_redis_down_and_back, srv_teardown),
         cmocka_unit_test_teardown(test_oom, srv_teardown),
+        cmocka_unit_test_teardown(test_watermark_watched, srv_teardown),
+        cmocka_unit_test_teardown(test_watermark_acl, srv_teardown),
         cmocka_unit_test_teardown(test_replicas, srv_teardown),
         cmocka_unit_test_teardown(test_command_timeout, unpause),
     };

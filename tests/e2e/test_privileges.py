@@ -57,8 +57,11 @@ ACL_COMMANDS = ["+ping", "+select", "+unlink", "+scan", "+evalsha", "+script|loa
 ACL_KEYS = ["~priv:*"]
 # The watermark and the slot's mark: read at start, written while running
 # (docs/operations.md, runbook: lost slot); EVAL: the watermark moves forward only
-# (redis/watermark.lua).
-ACL_WATERMARK = f"(+get +set +eval ~walbust:confirmed:{SLOT} ~walbust:slot:{SLOT})"
+# (redis/watermark.lua), WATCH/UNWATCH/MULTI/EXEC: the plain SET that replaces the
+# script while the key holds walbust's own last value (without them walbust logs
+# NOPERM once and keeps to the script: tests/e2e/sink_test.c).
+ACL_WATERMARK = (f"(+get +set +eval +watch +unwatch +multi +exec ~walbust:confirmed:{SLOT} "
+                 f"~walbust:slot:{SLOT})")
 
 
 def pg_conninfo(role, password=PG_SECRET):

@@ -280,7 +280,7 @@ def test_evidence_not_readable_is_fatal():
         url = f"redis://{user}:{secret}@127.0.0.1:{REDIS_PORT}/{RDB}"
         rc, log = run_to_exit(walbust(rules, url=url))
         assert rc == 1, f"exit {rc}:\n{log}"
-        assert "NOPERM" in log and f"(+get +set +eval ~{WM} ~{MARK})" in log, log
+        assert "NOPERM" in log and f"(+get +set +eval +watch +unwatch +multi +exec ~{WM} ~{MARK})" in log, log
         assert "docs/security.md" in log, log
     finally:
         r.execute_command("ACL", "DELUSER", user)
