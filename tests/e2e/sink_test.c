@@ -115,10 +115,10 @@ static long count_prefix(const char *prefix)
     return n;
 }
 
-/* calls=N of one command in INFO commandstats (0 when never called). */
-static long cmdstat_calls(const char *name)
+/* calls=N of one command in c's INFO commandstats (0 when never called). */
+static long calls_on(redisContext *c, const char *name)
 {
-    redisReply *r = cmd("INFO commandstats");
+    redisReply *r = cmd_on(c, "INFO commandstats");
     char needle[64];
     const char *p;
     long calls = 0;
@@ -129,6 +129,11 @@ static long cmdstat_calls(const char *name)
         calls = strtol(p + strlen(needle), NULL, 10);
     freeReplyObject(r);
     return calls;
+}
+
+static long cmdstat_calls(const char *name)
+{
+    return calls_on(admin, name);
 }
 
 static void sadd_members(const char *set, const char *prefix, int n, bool create_keys);
@@ -849,22 +854,6 @@ static void test_watermark(void **state)
     must_flush(s);
     expect_get(k("confirmed:walbust"), "0/1");
     sink_free(s);
-}
-
-/* calls=N of one command in c's INFO commandstats. */
-static long calls_on(redisContext *c, const char *name)
-{
-    redisReply *r = cmd_on(c, "INFO commandstats");
-    char needle[64];
-    const char *p;
-    long calls = 0;
-
-    snprintf(needle, sizeof needle, "cmdstat_%s:calls=", name);
-    p = strstr(r->str, needle);
-    if (p != NULL)
-        calls = strtol(p + strlen(needle), NULL, 10);
-    freeReplyObject(r);
-    return calls;
 }
 
 /* Flush watermark `value` and check how it travelled: by the
