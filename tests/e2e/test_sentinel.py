@@ -249,12 +249,17 @@ def failover_round(d, w, how):
             # been seen to make the restarted node the master again, with
             # the other as its replica. Either way round is a healthy
             # deployment; it is restarted again only while the Sentinels
-            # name the other node and its own link stays down.
+            # name the other node and its own link stays down. It comes
+            # back with replica-priority 0: once, on a loaded host, the
+            # Sentinels failed over a second time to it while it was still
+            # empty, which wiped the other's keys too (every key gone, the
+            # check below could then see nothing).
             for attempt in range(3):
                 master = d.agreed_master() or d.master_port()
                 if master != old.port:
                     old.stop()
-                    d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(master)],
+                    d.nodes[old.port] = Node(["--replicaof", "127.0.0.1", str(master),
+                                              "--replica-priority", "0"],
                                              port=old.port).start()
                     old = d.nodes[old.port]
                 try:
