@@ -108,8 +108,7 @@ static void disconnect(Sink *s)
     rconn_close(s->c);
     s->c = NULL;
     s->npend = 0;
-    free(s->wm_held); /* a WATCH lives as long as its connection */
-    s->wm_held = NULL;
+    s->wm_held = 0; /* a WATCH lives as long as its connection */
 }
 
 void sink_free(Sink *s)
@@ -124,7 +123,6 @@ void sink_free(Sink *s)
     free(s->cl_owner);
     free(s->wm_key);
     free(s->wm_value);
-    free(s->wm_held);
     free(s->pend);
     free(s->argv);
     free(s->argvlen);
@@ -606,10 +604,10 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
      * goes by script from now on. Without a WATCH nothing is sent plain;
      * a refused MULTI (its SET ran alone) fails the batch, and the retry
      * goes by script. */
-    if (p->kind == PEND_WM_WATCH && r->type == REDIS_REPLY_ERROR &&
+    if ((p->kind == PEND_WM_WATCH || p->kind == PEND_WM_MULTI) && r->type == REDIS_REPLY_ERROR &&
         strncmp(r->str, "NOPERM", 6) == 0) {
         s->wm_script_only = true;
-        if (p->nkeys == 0)
+        if (p->kind == PEND_WM_WATCH)
             return true;
     }
     if (r->type == REDIS_REPLY_ERROR) {
@@ -635,6 +633,7 @@ static bool reply_ok(Sink *s, const Pending *p, const redisReply *r, const char 
             *why = r->element[0]->str;
         return r->element[0]->type == REDIS_REPLY_STATUS;
     case PEND_WM_WATCH:
+    case PEND_WM_MULTI:
         return r->type == REDIS_REPLY_STATUS;
     case PEND_WM_GET:
         s->wm_seen =
@@ -917,16 +916,15 @@ static int learn_sha(Sink *s)
 /* Is the queued watermark past the one the key is known to hold? */
 static bool wm_ahead(const Sink *s)
 {
-    uint64_t held, next;
+    uint64_t next;
 
-    return s->wm_held != NULL && !s->wm_reset && !s->wm_script_only &&
-           lsn_parse(s->wm_held, &held) && lsn_parse(s->wm_value, &next) && next > held;
+    return s->wm_held != 0 && !s->wm_reset && !s->wm_script_only && lsn_parse(s->wm_value, &next) &&
+           next > s->wm_held;
 }
 
-/* nkeys: for PEND_WM_WATCH, 1 when a NOPERM reply fails the batch (MULTI). */
-static void pipe_wm_cmd(Sink *s, size_t argc, PendKind kind, const char *what, size_t nkeys)
+static void pipe_wm_cmd(Sink *s, size_t argc, PendKind kind, const char *what)
 {
-    pipe_cmd(s, argc, kind, SINK_NO_OP, nkeys, false);
+    pipe_cmd(s, argc, kind, SINK_NO_OP, 0, false);
     s->pend[s->npend - 1].cmd = what;
 }
 
@@ -942,36 +940,35 @@ static void pipe_wm_cmd(Sink *s, size_t argc, PendKind kind, const char *what, s
  * connection's: a reconnect forgets it (disconnect()). */
 static void pipe_watermark(Sink *s, bool plain)
 {
-    free(s->wm_held);
-    s->wm_held = NULL;
+    s->wm_held = 0;
     s->wm_seen = s->wm_retry = false;
     sink_argv_reserve(s, 6);
     if (plain) {
         sink_arg_str(s, 0, "MULTI");
-        pipe_wm_cmd(s, 1, PEND_WM_WATCH, "MULTI for the watermark SET", 1);
+        pipe_wm_cmd(s, 1, PEND_WM_MULTI, "MULTI for the watermark SET");
         sink_arg_str(s, 0, "SET");
         sink_arg_str(s, 1, s->wm_key);
         sink_arg_str(s, 2, s->wm_value);
-        pipe_wm_cmd(s, 3, PEND_WM_QUEUED, "the watermark SET", 0);
+        pipe_wm_cmd(s, 3, PEND_WM_QUEUED, "the watermark SET");
         sink_arg_str(s, 0, "EXEC");
-        pipe_wm_cmd(s, 1, PEND_WM_EXEC, "EXEC of the watermark SET", 0);
+        pipe_wm_cmd(s, 1, PEND_WM_EXEC, "EXEC of the watermark SET");
     } else {
         /* A WATCH from an earlier flush would see the script's own write
          * (and the next EXEC abort): drop it first. */
         if (!s->wm_script_only) {
             sink_arg_str(s, 0, "UNWATCH");
-            pipe_wm_cmd(s, 1, PEND_WM_WATCH, "UNWATCH before the watermark script", 0);
+            pipe_wm_cmd(s, 1, PEND_WM_WATCH, "UNWATCH before the watermark script");
         }
-        pipe_wm_cmd(s, sink_watermark_args(s), PEND_WM, "the watermark SET", 0);
+        pipe_wm_cmd(s, sink_watermark_args(s), PEND_WM, "the watermark SET");
     }
     if (s->wm_script_only)
         return;
     sink_arg_str(s, 0, "WATCH");
     sink_arg_str(s, 1, s->wm_key);
-    pipe_wm_cmd(s, 2, PEND_WM_WATCH, "WATCH of the watermark", 0);
+    pipe_wm_cmd(s, 2, PEND_WM_WATCH, "WATCH of the watermark");
     sink_arg_str(s, 0, "GET");
     sink_arg_str(s, 1, s->wm_key);
-    pipe_wm_cmd(s, 2, PEND_WM_GET, "GET of the watermark", 0);
+    pipe_wm_cmd(s, 2, PEND_WM_GET, "GET of the watermark");
 }
 
 /* Send the watermark and, when tags are queued, the script (so EVALSHA
@@ -1115,8 +1112,8 @@ static int flush_batch(Sink *s)
         if (drain(s, NULL) < 0)
             return -1;
     }
-    if (s->wm_key != NULL && s->wm_seen)
-        s->wm_held = xstrdup(s->wm_value);
+    if (s->wm_key != NULL && s->wm_seen && !lsn_parse(s->wm_value, &s->wm_held))
+        s->wm_held = 0;
     return 0;
 }
 

@@ -33,7 +33,8 @@ typedef enum PendKind {
     PEND_WM_QUEUED, /* the watermark SET inside MULTI: +QUEUED */
     PEND_WM_EXEC,   /* its EXEC: [+OK], or nil when the WATCHed key changed */
     PEND_WM_GET,    /* GET of the watermark right after WATCH: what it holds */
-    PEND_WM_WATCH,  /* UNWATCH, WATCH or MULTI: +OK; NOPERM makes wm_script_only */
+    PEND_WM_WATCH,  /* UNWATCH or WATCH: +OK; NOPERM makes wm_script_only */
+    PEND_WM_MULTI,  /* MULTI: +OK; NOPERM also makes wm_script_only, and fails */
 } PendKind;
 
 /* A command whose reply is outstanding, with enough to name it in errors. */
@@ -59,11 +60,11 @@ struct Sink {
     Batch b; /* the queued invalidations (batch.c) */
     char *wm_key, *wm_value;
     bool wm_reset; /* set the watermark even when it is lower */
-    /* The watermark this connection WATCHes and saw the key hold (GET
-     * after WATCH): while no other client writes the key, the next,
-     * higher one is a plain SET in MULTI/EXEC (sink.c pipe_watermark).
-     * NULL: unknown; the script compares. */
-    char *wm_held;
+    /* The LSN of the watermark this connection WATCHes and saw the key
+     * hold (GET after WATCH): while no other client writes the key, the
+     * next, higher one is a plain SET in MULTI/EXEC (sink.c
+     * pipe_watermark). 0: unknown; the script compares. */
+    uint64_t wm_held;
     bool wm_seen;        /* this flush's GET returned the value it wrote */
     bool wm_retry;       /* this flush's EXEC found the key changed: send by script */
     bool wm_script_only; /* the ACL user may not WATCH/MULTI: always the script */
