@@ -32,7 +32,7 @@
  * message depends on whether its sends find the TCP window open.
  * --rcvlowat BYTES: wake only when this much is waiting (SO_RCVLOWAT; poll
  * still returns at the status interval), for the same study
- * (docs/performance.md, "What decides the drain's mode").
+ * (docs/performance-history.md, "What decides the drain's mode").
  *
  * --probe: for every transaction carrying a logical message with prefix
  * "probe", print "<message content> <CLOCK_MONOTONIC ns>" when its Commit

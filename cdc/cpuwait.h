@@ -14,13 +14,13 @@
  * /proc/thread-self/schedstat), smoothed over ~0.3 s. The interval is
  * CPUWAIT_FACTOR times the part of that wait above CPUWAIT_FREE_US (what
  * any wakeup costs), within [min, max]. Measured on the 2-core VM of
- * docs/performance.md: 30-40 µs per wakeup at ~1k commits/s, with moments
+ * docs/performance-history.md: 30-40 µs per wakeup at ~1k commits/s, with moments
  * near 100 µs (the interval stays at its minimum), 150-280 µs under
  * pgbench or 10k commits/s (0.5 to 1 ms).
  *
  * That wait alone misses a saturated host on which the scheduler serves a
  * thread that mostly sleeps at once (Linux favours woken sleepers): under
- * pgbench on the Xeon VM of docs/performance.md walbust waited too little
+ * pgbench on the Xeon VM of docs/performance-history.md walbust waited too little
  * to leave 0.2 ms while PostgreSQL had no idle CPU left, and its
  * flushes cost pgbench 11-17 % of its TPS. So the host's CPU time is a
  * second signal: the share of all CPUs' time that was not idle

@@ -1174,7 +1174,7 @@ static bool batch_overdue(Run *r)
  * walbust outpaces the walsender and would flush every few changes.
  * Measured: -35 % CPU per change in the drain, latency unchanged. A larger
  * interval trades latency for less CPU per change, on walbust, Redis and
- * PostgreSQL's snapshot session alike (docs/performance.md). The spacing
+ * PostgreSQL's snapshot session alike (docs/performance-history.md). The spacing
  * is at least this while catching up on a backlog (commits older than
  * RUN_BACKLOG_AGE_US), where a millisecond more on a commit already that
  * old changes nothing anyone sees, but fewer, larger batches cost fewer
@@ -1186,7 +1186,7 @@ static bool batch_overdue(Run *r)
  * latency it may add. Under pgbench on a saturated 2-core host, 1 ms cut
  * the CPU walbust, Redis and walbust's sessions take per transaction by
  * a fifth to a third; a 2 ms cap saved no more, for more latency
- * (docs/performance.md). */
+ * (docs/performance-history.md). */
 #define RUN_AUTO_FLUSH_MIN_US 200
 #define RUN_AUTO_FLUSH_MAX_US 1000
 

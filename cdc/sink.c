@@ -931,7 +931,7 @@ static void pipe_wm_cmd(Sink *s, size_t argc, PendKind kind, const char *what)
 /* Append the watermark. It must only move forward (docs/guarantees.md),
  * which redis/watermark.lua checks in Redis, at a cost: under load the
  * script was about half of Redis' CPU per batch (33-34 µs against 2.3 for
- * the UNLINK; docs/performance.md). So the script runs only when the
+ * the UNLINK; docs/performance-history.md). So the script runs only when the
  * value the key holds is unknown, and is followed by WATCH and GET. While
  * the GET saw this connection's own last value and no other client has
  * written the key since (WATCH), the next, higher value is a plain SET in
