@@ -21,7 +21,7 @@ VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 # Pure modules: no I/O, unit-tested with cmocka.
 PURE_SRCS = cdc/apply.c cdc/mem.c cdc/pgo.c cdc/rules.c cdc/rules_eval.c cdc/jsonpos.c cdc/redisurl.c cdc/change.c cdc/lsn.c \
             cdc/lookup.c cdc/relmap.c cdc/batch.c cdc/slotguard.c cdc/rules_audit.c cdc/audit.c \
-            cdc/cpuwait.c cdc/commitpace.c
+            cdc/cpuwait.c cdc/commitpace.c cdc/prio.c
 # Modules that talk to servers or the OS.
 IO_SRCS   = cdc/stream.c cdc/catalog.c cdc/schema.c cdc/sink.c cdc/log.c cdc/opts.c \
             cdc/runtime.c cdc/decode_cmd.c cdc/run_cmd.c cdc/check_cmd.c cdc/admin_cmd.c \
@@ -40,7 +40,7 @@ LIB_OBJS  = $(patsubst cdc/%.c,$(BUILD)/obj/%.o,$(PURE_SRCS) $(IO_SRCS)) \
 MAIN_OBJ  = $(BUILD)/obj/main.o
 
 UNIT_TESTS = pgo rules redisurl change lsn metrics notify cluster visible lookup rconn sentinel relmap \
-             schema batch slotguard apply audit audit_match cpuwait commitpace
+             schema batch slotguard apply audit audit_match cpuwait commitpace prio
 UNIT_BINS  = $(addprefix $(BUILD)/tests/test_,$(UNIT_TESTS))
 
 .PHONY: all deps test unit e2e sqltest asan demo clean format bench broken faults faults-cluster faults-broken
@@ -104,15 +104,17 @@ $(BUILD)/tests/test_rconn: $(BUILD)/obj/rconn.o
 $(BUILD)/tests/test_batch: $(BUILD)/obj/batch.o
 $(BUILD)/tests/test_cpuwait: $(BUILD)/obj/cpuwait.o
 $(BUILD)/tests/test_commitpace: $(BUILD)/obj/commitpace.o
+$(BUILD)/tests/test_prio: $(BUILD)/obj/prio.o
 $(BUILD)/tests/test_apply: $(BUILD)/obj/apply.o $(BUILD)/obj/mem.o
 $(BUILD)/tests/test_sentinel: $(BUILD)/obj/sentinel.o $(BUILD)/obj/rconn.o
-$(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/stream.o \
-                           $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
+$(BUILD)/tests/test_visible: $(BUILD)/obj/visible.o $(BUILD)/obj/runtime.o $(BUILD)/obj/prio.o \
+                           $(BUILD)/obj/stream.o $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o \
+                           $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_schema: $(BUILD)/obj/schema.o $(BUILD)/obj/catalog.o $(BUILD)/obj/pubplan.o \
                           $(BUILD)/obj/rules.o \
                           $(BUILD)/obj/rules_eval.o $(BUILD)/obj/jsonpos.o $(BUILD)/obj/runtime.o \
-                          $(BUILD)/obj/stream.o $(BUILD)/obj/log.o $(BUILD)/obj/lsn.o \
-                          $(BUILD)/obj/notify.o
+                          $(BUILD)/obj/prio.o $(BUILD)/obj/stream.o $(BUILD)/obj/log.o \
+                          $(BUILD)/obj/lsn.o $(BUILD)/obj/notify.o
 $(BUILD)/tests/test_%: tests/unit/test_%.c $(BUILD)/obj/mem.o
 	@mkdir -p $(dir $@)
 	@echo "  CC      $@"

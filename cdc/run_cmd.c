@@ -15,6 +15,7 @@
  * arrives never invalidates for aborted work (docs/guarantees.md guarantee 1); confirmation still
  * waits for the COMMIT.
  */
+#include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -82,6 +83,9 @@ typedef struct Run {
     int64_t batch_since_us;    /* when the unflushed batch was first seen; 0: none */
     int64_t last_flush_us;     /* when the last flush on an empty stream ended */
     bool catching_up;          /* the last commit decoded was old (pace_reads) */
+    int live_nice;             /* the nice value granted at start (< 0: yield_priority) */
+    bool yield_nice;           /* ... may be left while catching up and taken back */
+    bool nice_yielded;         /* ... and is left now (the streaming thread at 0) */
     int64_t last_commit_time;  /* PostgreSQL's timestamp of the last commit decoded */
     bool pace_due;             /* ... not yet looked at by pace_reads */
     int64_t flush_interval_us; /* --flush-interval now (retune_flush_interval) */
@@ -789,6 +793,52 @@ static void apply_message(Run *r, const PgoMsg *m, uint64_t wal_start)
  * the same rate. Live commits are never paced. */
 #define RUN_BACKLOG_READ_PACE_US 1000
 
+/* A negative nice value granted at start (systemd Nice=-5) shortens the
+ * latency tails on saturated CPUs, but while catching up on a backlog it
+ * takes the CPU from the backends and the walsender for nothing (prio.h):
+ * the streaming thread yields it then, when it may take it back. */
+static void start_priority(Run *r)
+{
+    int base;
+    bool can_return;
+
+    r->yield_nice = r->nice_yielded = false;
+    if (!runtime_nice_probe(&base, &can_return) || base >= 0)
+        return;
+    r->live_nice = base;
+    r->yield_nice = can_return;
+    if (can_return)
+        log_info("running at nice %d; the streaming thread goes to nice 0 while catching up on "
+                 "a backlog and back to %d once live",
+                 base, base);
+    else
+        log_info("running at nice %d, also while catching up on a backlog, where it takes CPU "
+                 "from PostgreSQL's backends; to yield it then, let walbust return to it "
+                 "(systemd LimitNICE=%d, or CAP_SYS_NICE; docs/operations.md, \"A CPU-bound "
+                 "database host\")",
+                 base, base);
+}
+
+/* Yield the granted nice value while catching up, take it back once live
+ * (start_priority). Called by pace_reads. */
+static void yield_priority(Run *r)
+{
+    int want;
+
+    if (!r->yield_nice || r->catching_up == r->nice_yielded)
+        return;
+    want = r->catching_up ? 0 : r->live_nice;
+    if (runtime_thread_nice(want) != 0) {
+        log_warn("could not set the streaming thread's nice value to %d (%s); it stays at %d", want,
+                 strerror(errno), r->nice_yielded ? 0 : r->live_nice);
+        r->yield_nice = false;
+        return;
+    }
+    r->nice_yielded = r->catching_up;
+    log_debug("streaming thread at nice %d (%s)", want,
+              r->catching_up ? "catching up on a backlog" : "live");
+}
+
 /* Pace socket reads and flushes while the decoded commits are old
  * (stream_set_pace, hold_flush). Uses PostgreSQL's commit timestamps: with
  * a clock skew of more than 5 ms (database host behind walbust's) live
@@ -806,6 +856,7 @@ static void pace_reads(Run *r)
     age = pgtime_now() - r->last_commit_time;
     r->catching_up = age > RUN_BACKLOG_AGE_US;
     stream_set_pace(r->stream, r->catching_up ? RUN_BACKLOG_READ_PACE_US : 0);
+    yield_priority(r);
 }
 
 /* /readyz: not ready while the rules do not validate against the schema,
@@ -1632,6 +1683,7 @@ int cmd_run(const Config *cfg)
     if (setup_sinks(&r) != 0)
         goto done;
     start_flush_interval(&r);
+    start_priority(&r);
     r.audit = audit_run_from_config(cfg, r.rules, r.metrics);
     slotwatch_init(&r.sw, &(SlotWatchConfig){.slot = cfg->slot,
                                              .conninfo = cfg->pg,

@@ -3,8 +3,10 @@
  */
 #include "runtime.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +15,7 @@
 
 #include "log.h"
 #include "notify.h"
+#include "prio.h"
 
 volatile sig_atomic_t runtime_stop = 0;
 volatile sig_atomic_t runtime_reload = 0;
@@ -117,6 +120,40 @@ bool runtime_host_cpu(uint64_t *busy, uint64_t *total)
 bool runtime_precise_sleeps(void)
 {
     return prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL) == 0;
+}
+
+bool runtime_nice_probe(int *base, bool *can_return)
+{
+    struct rlimit rl = {0, 0};
+    uint64_t limit;
+    char status[4096];
+    bool cap = false;
+    ssize_t n;
+    int fd;
+
+    errno = 0;
+    *base = getpriority(PRIO_PROCESS, 0);
+    if (*base == -1 && errno != 0)
+        return false;
+    if (getrlimit(RLIMIT_NICE, &rl) != 0)
+        rl.rlim_cur = 0;
+    fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        n = read(fd, status, sizeof status - 1);
+        if (n > 0) {
+            status[n] = '\0';
+            cap = prio_capeff_sys_nice(status);
+        }
+        close(fd);
+    }
+    limit = rl.rlim_cur == RLIM_INFINITY ? PRIO_RLIM_INFINITY : (uint64_t)rl.rlim_cur;
+    *can_return = prio_can_return(*base, limit, cap);
+    return true;
+}
+
+int runtime_thread_nice(int nice)
+{
+    return setpriority(PRIO_PROCESS, (id_t)gettid(), nice);
 }
 
 int backoff_next(Backoff *b)

@@ -87,4 +87,14 @@ bool runtime_host_cpu(uint64_t *busy, uint64_t *total);
  * hold. Sets it to 1 µs (PR_SET_TIMERSLACK); false when refused. */
 bool runtime_precise_sleeps(void);
 
+/* The process's nice value (*base) and whether a thread that yields it
+ * (nice 0) may return to it: prio_can_return() on RLIMIT_NICE and on
+ * CAP_SYS_NICE in /proc/self/status. False when the nice value cannot be
+ * read. */
+bool runtime_nice_probe(int *base, bool *can_return);
+
+/* Set the calling thread's nice value (setpriority on its thread id).
+ * Returns 0, or -1 with errno set. */
+int runtime_thread_nice(int nice);
+
 #endif
