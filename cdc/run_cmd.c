@@ -814,9 +814,9 @@ static void start_priority(Run *r)
     else
         log_info("running at nice %d, also while catching up on a backlog, where it takes CPU "
                  "from PostgreSQL's backends; to yield it then, let walbust return to it "
-                 "(systemd LimitNICE=%d, or CAP_SYS_NICE; docs/operations.md, \"A CPU-bound "
-                 "database host\")",
-                 base, base);
+                 "(systemd LimitNICE=%d, which allows nice values down to %d, or CAP_SYS_NICE; "
+                 "docs/operations.md, \"A CPU-bound database host\")",
+                 base, 20 - base, base);
 }
 
 /* Yield the granted nice value while catching up, take it back once live

@@ -159,7 +159,7 @@ def test_priority_kept_when_it_could_not_be_taken_back():
         assert set(seen) == {-5}, f"nice values seen: {sorted(set(seen))}"
         assert after == -5, after
         log = w.read_log()
-        assert "also while catching up on a backlog" in log and "LimitNICE=-5" in log, log[-2000:]
+        assert "also while catching up on a backlog" in log and "LimitNICE=25" in log, log[-2000:]
     finally:
         assert w.stop() == 0
 
