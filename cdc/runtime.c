@@ -127,9 +127,7 @@ bool runtime_nice_probe(int *base, bool *can_return)
     struct rlimit rl = {0, 0};
     uint64_t limit;
     char status[4096];
-    bool cap = false;
-    ssize_t n;
-    int fd;
+    bool cap;
 
     errno = 0;
     *base = getpriority(PRIO_PROCESS, 0);
@@ -137,15 +135,7 @@ bool runtime_nice_probe(int *base, bool *can_return)
         return false;
     if (getrlimit(RLIMIT_NICE, &rl) != 0)
         rl.rlim_cur = 0;
-    fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        n = read(fd, status, sizeof status - 1);
-        if (n > 0) {
-            status[n] = '\0';
-            cap = prio_capeff_sys_nice(status);
-        }
-        close(fd);
-    }
+    cap = read_head("/proc/self/status", status, sizeof status) && prio_capeff_sys_nice(status);
     limit = rl.rlim_cur == RLIM_INFINITY ? PRIO_RLIM_INFINITY : (uint64_t)rl.rlim_cur;
     *can_return = prio_can_return(*base, limit, cap);
     return true;
